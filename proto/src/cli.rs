@@ -1,0 +1,150 @@
+//! Command-line plumbing shared by `keyway-relay`, `keyway-hub` and `keyway`.
+//!
+//! Every flag can be given three ways, with this precedence: command line, then environment
+//! variable, then the TOML file named by `--config`. Rather than keep a second, hand-written
+//! struct in sync with each command's flags, [`apply_config_file`] maps each key of the file
+//! onto the environment variable of the flag with the same name (`keep_alive` or `keep-alive`
+//! → `--keep-alive` → `KEYWAY_HUB_KEEP_ALIVE`) unless that variable is already set, and clap
+//! then parses as usual. A key that names no flag is an error, so typos do not pass silently.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a config file could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: unknown option {key:?} (valid options: {valid})")]
+    UnknownKey { path: PathBuf, key: String, valid: String },
+    #[error("config file {path}: option {key:?} must be a string, number, boolean or list of strings")]
+    BadValue { path: PathBuf, key: String },
+}
+
+/// Finds `--config FILE` (or `--config=FILE`) in `args`, else the `env_var` variable.
+pub fn config_path(args: &[OsString], env_var: &str) -> Option<PathBuf> {
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let arg = arg.to_string_lossy();
+        if arg == "--config" {
+            return iter.next().map(PathBuf::from);
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(PathBuf::from(path));
+        }
+    }
+    std::env::var_os(env_var).map(PathBuf::from)
+}
+
+/// The environment assignments a config file implies for `command` (a subcommand's
+/// `clap::Command`): `(VARIABLE, value)` pairs. Pure, so it is testable without touching
+/// the process environment.
+pub fn config_env(command: &clap::Command, path: &Path, text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse { path: path.into(), message: e.message().to_owned() })?;
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let long = key.replace('_', "-");
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) && a.get_env().is_some() && long != "config");
+        let Some(env) = arg.and_then(|a| a.get_env()) else {
+            let valid: Vec<String> = command
+                .get_arguments()
+                .filter(|a| a.get_env().is_some())
+                .filter_map(|a| a.get_long().map(|l| l.replace('-', "_")))
+                .filter(|l| l != "config")
+                .collect();
+            return Err(ConfigError::UnknownKey { path: path.into(), key, valid: valid.join(", ") });
+        };
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => {
+                // Lists become comma-separated; flags that take lists use `value_delimiter = ','`.
+                let strings: Option<Vec<String>> = items.into_iter().map(|v| v.as_str().map(str::to_owned)).collect();
+                strings.ok_or_else(|| ConfigError::BadValue { path: path.into(), key: key.clone() })?.join(",")
+            }
+            _ => return Err(ConfigError::BadValue { path: path.into(), key }),
+        };
+        out.push((env.to_string_lossy().into_owned(), text));
+    }
+    Ok(out)
+}
+
+/// Reads the config file (if one is named) and exports its options as environment variables
+/// that are not already set. Call it before clap parses, while the process is single-threaded.
+pub fn apply_config_file(command: &clap::Command, args: &[OsString], env_var: &str) -> Result<(), ConfigError> {
+    let Some(path) = config_path(args, env_var) else { return Ok(()) };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+    // The subcommand whose flags the file configures is the first non-flag argument.
+    let sub = args.iter().skip(1).map(|a| a.to_string_lossy()).find(|a| !a.starts_with('-'));
+    let target = sub.as_deref().and_then(|name| command.find_subcommand(name)).unwrap_or(command);
+    for (var, value) in config_env(target, &path, &text)? {
+        if std::env::var_os(&var).is_none() {
+            // Safe here: called at start-up before any other thread exists.
+            std::env::set_var(var, value);
+        }
+    }
+    Ok(())
+}
+
+/// Parses durations such as `15s`, `500ms`, `2m` for flags and config files.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration like 15s or 500ms: {e}"))
+}
+
+/// Structured logs to stderr; the level comes from `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Arg, Command};
+
+    fn command() -> Command {
+        Command::new("t")
+            .arg(Arg::new("config").long("config").env("T_CONFIG"))
+            .arg(Arg::new("keep-alive").long("keep-alive").env("T_KEEP_ALIVE"))
+            .arg(Arg::new("relay").long("relay").env("T_RELAY"))
+    }
+
+    #[test]
+    fn keys_map_to_flag_environment_variables() {
+        let env = config_env(&command(), Path::new("x.toml"), "keep_alive = \"15s\"\nrelay = [\"a\", \"b\"]\n").unwrap();
+        assert_eq!(env, vec![("T_KEEP_ALIVE".into(), "15s".into()), ("T_RELAY".into(), "a,b".into())]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_toml_are_named() {
+        let err = config_env(&command(), Path::new("x.toml"), "keepalive = 1").unwrap_err();
+        assert!(err.to_string().contains("keepalive") && err.to_string().contains("keep_alive"), "{err}");
+        assert!(matches!(config_env(&command(), Path::new("x.toml"), "= ="), Err(ConfigError::Parse { .. })));
+        assert!(matches!(config_env(&command(), Path::new("x.toml"), "config = \"y\""), Err(ConfigError::UnknownKey { .. })));
+    }
+
+    #[test]
+    fn config_path_from_args_or_env() {
+        let args: Vec<OsString> = ["bin", "run", "--config", "a.toml"].iter().map(Into::into).collect();
+        assert_eq!(config_path(&args, "NOPE_UNSET_VAR"), Some(PathBuf::from("a.toml")));
+        let args: Vec<OsString> = ["bin", "--config=b.toml"].iter().map(Into::into).collect();
+        assert_eq!(config_path(&args, "NOPE_UNSET_VAR"), Some(PathBuf::from("b.toml")));
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("soon").is_err());
+    }
+}
