@@ -42,10 +42,15 @@ pub fn config_path(args: &[OsString], env_var: &str) -> Option<PathBuf> {
 /// The environment assignments a config file implies for `command` (a subcommand's
 /// `clap::Command`): `(VARIABLE, value)` pairs. Pure, so it is testable without touching
 /// the process environment.
-pub fn config_env(command: &clap::Command, path: &Path, text: &str) -> Result<Vec<(String, String)>, ConfigError> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| ConfigError::Parse { path: path.into(), message: e.message().to_owned() })?;
+pub fn config_env(
+    command: &clap::Command,
+    path: &Path,
+    text: &str,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+        path: path.into(),
+        message: e.message().to_owned(),
+    })?;
     let mut out = Vec::new();
     for (key, value) in table {
         let long = key.replace('_', "-");
@@ -68,8 +73,11 @@ pub fn config_env(command: &clap::Command, path: &Path, text: &str) -> Result<Ve
             toml::Value::Boolean(b) => b.to_string(),
             toml::Value::Array(items) => {
                 // Lists become comma-separated; flags that take lists use `value_delimiter = ','`.
-                let strings: Option<Vec<String>> = items.into_iter().map(|v| v.as_str().map(str::to_owned)).collect();
-                strings.ok_or_else(|| ConfigError::BadValue { path: path.into(), key: key.clone() })?.join(",")
+                let strings: Option<Vec<String>> =
+                    items.into_iter().map(|v| v.as_str().map(str::to_owned)).collect();
+                strings
+                    .ok_or_else(|| ConfigError::BadValue { path: path.into(), key: key.clone() })?
+                    .join(",")
             }
             _ => return Err(ConfigError::BadValue { path: path.into(), key }),
         };
@@ -80,9 +88,14 @@ pub fn config_env(command: &clap::Command, path: &Path, text: &str) -> Result<Ve
 
 /// Reads the config file (if one is named) and exports its options as environment variables
 /// that are not already set. Call it before clap parses, while the process is single-threaded.
-pub fn apply_config_file(command: &clap::Command, args: &[OsString], env_var: &str) -> Result<(), ConfigError> {
+pub fn apply_config_file(
+    command: &clap::Command,
+    args: &[OsString],
+    env_var: &str,
+) -> Result<(), ConfigError> {
     let Some(path) = config_path(args, env_var) else { return Ok(()) };
-    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
     // The subcommand whose flags the file configures is the first non-flag argument.
     let sub = args.iter().skip(1).map(|a| a.to_string_lossy()).find(|a| !a.starts_with('-'));
     let target = sub.as_deref().and_then(|name| command.find_subcommand(name)).unwrap_or(command);
@@ -121,7 +134,9 @@ mod tests {
 
     #[test]
     fn keys_map_to_flag_environment_variables() {
-        let env = config_env(&command(), Path::new("x.toml"), "keep_alive = \"15s\"\nrelay = [\"a\", \"b\"]\n").unwrap();
+        let env =
+            config_env(&command(), Path::new("x.toml"), "keep_alive = \"15s\"\nrelay = [\"a\", \"b\"]\n")
+                .unwrap();
         assert_eq!(env, vec![("T_KEEP_ALIVE".into(), "15s".into()), ("T_RELAY".into(), "a,b".into())]);
     }
 
@@ -130,7 +145,10 @@ mod tests {
         let err = config_env(&command(), Path::new("x.toml"), "keepalive = 1").unwrap_err();
         assert!(err.to_string().contains("keepalive") && err.to_string().contains("keep_alive"), "{err}");
         assert!(matches!(config_env(&command(), Path::new("x.toml"), "= ="), Err(ConfigError::Parse { .. })));
-        assert!(matches!(config_env(&command(), Path::new("x.toml"), "config = \"y\""), Err(ConfigError::UnknownKey { .. })));
+        assert!(matches!(
+            config_env(&command(), Path::new("x.toml"), "config = \"y\""),
+            Err(ConfigError::UnknownKey { .. })
+        ));
     }
 
     #[test]

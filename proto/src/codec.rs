@@ -142,11 +142,7 @@ impl RefusalReason {
     }
 
     pub fn from_code(code: u16) -> Self {
-        Self::KNOWN
-            .iter()
-            .copied()
-            .find(|r| r.code() == code)
-            .unwrap_or(Self::Other(code))
+        Self::KNOWN.iter().copied().find(|r| r.code() == code).unwrap_or(Self::Other(code))
     }
 
     /// A short, stable, lowercase label (used as the metrics label value).
@@ -245,24 +241,51 @@ impl std::str::FromStr for HubName {
 pub enum Frame {
     /// hub → relay, first frame on the control stream: claim `name` and publish the app keys
     /// the hub accepts (and whether its pairing window is open).
-    Register { name: HubName, allowed_apps: Vec<PublicKey>, pairing_open: bool },
+    Register {
+        name: HubName,
+        allowed_apps: Vec<PublicKey>,
+        pairing_open: bool,
+    },
     /// relay → hub: the name is yours. `replaced` says an older connection was displaced.
-    Registered { replaced: bool },
+    Registered {
+        replaced: bool,
+    },
     /// hub → relay on the control stream: the new allow-list (replaces the previous one).
-    AllowList { allowed_apps: Vec<PublicKey>, pairing_open: bool },
+    AllowList {
+        allowed_apps: Vec<PublicKey>,
+        pairing_open: bool,
+    },
     /// relay → anyone, or hub → relay on a session: a typed refusal with a human message.
-    Refused { reason: RefusalReason, message: String },
+    Refused {
+        reason: RefusalReason,
+        message: String,
+    },
     /// app → relay, first frame of a session stream.
-    SessionOpen { hub: HubName, hub_key: PublicKey, purpose: SessionPurpose },
+    SessionOpen {
+        hub: HubName,
+        hub_key: PublicKey,
+        purpose: SessionPurpose,
+    },
     /// relay → hub, first frame of a stream the relay opens on the hub's connection.
-    SessionAnnounce { app_key: PublicKey, observed: SocketAddr, purpose: SessionPurpose },
+    SessionAnnounce {
+        app_key: PublicKey,
+        observed: SocketAddr,
+        purpose: SessionPurpose,
+    },
     /// hub → relay → app: the session is spliced; end-to-end TLS starts with the next byte.
     SessionAccepted,
     /// Liveness probe on the control stream (either direction); answered by `Pong`.
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// relay → hub: the relay is going away; reconnect after `retry_after_ms` (± jitter).
-    GoAway { retry_after_ms: u32, message: String },
+    GoAway {
+        retry_after_ms: u32,
+        message: String,
+    },
 }
 
 mod kind {
@@ -399,19 +422,16 @@ impl Frame {
                 pairing_open: r.bool("pairing_open")?,
             },
             kind::REGISTERED => Frame::Registered { replaced: r.bool("replaced")? },
-            kind::ALLOW_LIST => Frame::AllowList {
-                allowed_apps: r.keys()?,
-                pairing_open: r.bool("pairing_open")?,
-            },
+            kind::ALLOW_LIST => {
+                Frame::AllowList { allowed_apps: r.keys()?, pairing_open: r.bool("pairing_open")? }
+            }
             kind::REFUSED => Frame::Refused {
                 reason: RefusalReason::from_code(r.u16("reason")?),
                 message: r.message("message")?,
             },
-            kind::SESSION_OPEN => Frame::SessionOpen {
-                hub: r.name()?,
-                hub_key: r.key("hub_key")?,
-                purpose: r.purpose()?,
-            },
+            kind::SESSION_OPEN => {
+                Frame::SessionOpen { hub: r.name()?, hub_key: r.key("hub_key")?, purpose: r.purpose()? }
+            }
             kind::SESSION_ANNOUNCE => Frame::SessionAnnounce {
                 app_key: r.key("app_key")?,
                 observed: r.addr()?,
@@ -420,10 +440,9 @@ impl Frame {
             kind::SESSION_ACCEPTED => Frame::SessionAccepted,
             kind::PING => Frame::Ping { nonce: r.u64("nonce")? },
             kind::PONG => Frame::Pong { nonce: r.u64("nonce")? },
-            kind::GO_AWAY => Frame::GoAway {
-                retry_after_ms: r.u32("retry_after_ms")?,
-                message: r.message("message")?,
-            },
+            kind::GO_AWAY => {
+                Frame::GoAway { retry_after_ms: r.u32("retry_after_ms")?, message: r.message("message")? }
+            }
             other => return Err(FrameError::UnknownType(other)),
         };
         if !r.0.is_empty() {
@@ -578,10 +597,7 @@ impl<'a> Reader<'a> {
             });
         }
         if self.0.len() < count * 32 {
-            return Err(FrameError::Truncated {
-                field: "allowed_apps",
-                needed: count * 32 - self.0.len(),
-            });
+            return Err(FrameError::Truncated { field: "allowed_apps", needed: count * 32 - self.0.len() });
         }
         (0..count).map(|_| self.key("allowed_apps")).collect()
     }
@@ -720,10 +736,7 @@ mod tests {
     fn truncated_field_inside_a_complete_frame_is_named() {
         // A Ping whose header says 4 bytes: the u64 nonce is cut.
         let bytes = [PROTOCOL_VERSION, kind::PING, 0, 0, 0, 4, 1, 2, 3, 4];
-        assert_eq!(
-            Frame::decode(&bytes),
-            Err(FrameError::Truncated { field: "nonce", needed: 4 })
-        );
+        assert_eq!(Frame::decode(&bytes), Err(FrameError::Truncated { field: "nonce", needed: 4 }));
     }
 
     fn frame_with_payload(kind: u8, payload: &[u8]) -> Vec<u8> {
@@ -862,21 +875,28 @@ mod tests {
     }
     fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (arb_name(), prop::collection::vec(arb_key(), 0..20), any::<bool>())
-                .prop_map(|(name, allowed_apps, pairing_open)| Frame::Register { name, allowed_apps, pairing_open }),
+            (arb_name(), prop::collection::vec(arb_key(), 0..20), any::<bool>()).prop_map(
+                |(name, allowed_apps, pairing_open)| Frame::Register { name, allowed_apps, pairing_open }
+            ),
             any::<bool>().prop_map(|replaced| Frame::Registered { replaced }),
             (prop::collection::vec(arb_key(), 0..20), any::<bool>())
                 .prop_map(|(allowed_apps, pairing_open)| Frame::AllowList { allowed_apps, pairing_open }),
             (any::<u16>(), ".{0,300}").prop_map(|(c, m)| Frame::refused(RefusalReason::from_code(c), m)),
-            (arb_name(), arb_key(), arb_purpose())
-                .prop_map(|(hub, hub_key, purpose)| Frame::SessionOpen { hub, hub_key, purpose }),
-            (arb_key(), any::<SocketAddr>(), arb_purpose())
-                .prop_map(|(app_key, observed, purpose)| Frame::SessionAnnounce { app_key, observed, purpose }),
+            (arb_name(), arb_key(), arb_purpose()).prop_map(|(hub, hub_key, purpose)| Frame::SessionOpen {
+                hub,
+                hub_key,
+                purpose
+            }),
+            (arb_key(), any::<SocketAddr>(), arb_purpose()).prop_map(|(app_key, observed, purpose)| {
+                Frame::SessionAnnounce { app_key, observed, purpose }
+            }),
             Just(Frame::SessionAccepted),
             any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
-            (any::<u32>(), ".{0,300}")
-                .prop_map(|(retry_after_ms, m)| Frame::GoAway { retry_after_ms, message: truncate_message(m) }),
+            (any::<u32>(), ".{0,300}").prop_map(|(retry_after_ms, m)| Frame::GoAway {
+                retry_after_ms,
+                message: truncate_message(m)
+            }),
         ]
     }
 

@@ -18,9 +18,8 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 /// Prefix of the text form: tells a Keyway key apart from any other base32 blob at a glance.
 const TEXT_PREFIX: &str = "kw";
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the 32 key bytes follow it.
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
+const ED25519_SPKI_PREFIX: [u8; 12] =
+    [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
 /// Length in bytes of an Ed25519 SubjectPublicKeyInfo, the "certificate" of RFC 7250.
 pub const SPKI_LEN: usize = 44;
 
@@ -38,15 +37,9 @@ pub enum IdentityError {
     #[error("not a Keyway public key: {0}")]
     BadPublicKey(String),
     #[error("cannot read key file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write key file {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error(
         "key file {path} is readable by group or others (mode {mode:o}); \
          refusing to use it. Fix with: chmod 600 {path}"
@@ -103,7 +96,6 @@ impl PublicKey {
         let short = digest.as_ref().get(..12).unwrap_or_default();
         format!("SHA256:{}", data_encoding::BASE64_NOPAD.encode(short))
     }
-
 }
 
 impl fmt::Display for PublicKey {
@@ -184,8 +176,8 @@ impl Identity {
         check_private_permissions(path)?;
         let pem = std::fs::read_to_string(path)
             .map_err(|source| IdentityError::Read { path: path.into(), source })?;
-        let signing = SigningKey::from_pkcs8_pem(&pem)
-            .map_err(|_| IdentityError::BadKeyFile { path: path.into() })?;
+        let signing =
+            SigningKey::from_pkcs8_pem(&pem).map_err(|_| IdentityError::BadKeyFile { path: path.into() })?;
         Ok(Self { signing })
     }
 
@@ -242,8 +234,7 @@ impl Identity {
 #[cfg(unix)]
 fn check_private_permissions(path: &Path) -> Result<(), IdentityError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|source| IdentityError::Read { path: path.into(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| IdentityError::Read { path: path.into(), source })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(IdentityError::InsecurePermissions { path: path.into(), mode });

@@ -42,7 +42,8 @@ pub fn parse_authorized_hubs(text: &str) -> Result<BTreeMap<HubName, PublicKey>,
             return Err(ListError { line, why: "expected \"NAME KEY\"".into() });
         };
         let name = HubName::new(name).map_err(|e| ListError { line, why: e.to_string() })?;
-        let key: PublicKey = key.parse().map_err(|e: crate::IdentityError| ListError { line, why: e.to_string() })?;
+        let key: PublicKey =
+            key.parse().map_err(|e: crate::IdentityError| ListError { line, why: e.to_string() })?;
         if hubs.insert(name.clone(), key).is_some() {
             return Err(ListError { line, why: format!("hub name {name} is listed twice") });
         }
@@ -62,7 +63,8 @@ pub fn parse_authorized_apps(text: &str) -> Result<Vec<AppEntry>, ListError> {
     let mut apps: Vec<AppEntry> = Vec::new();
     for (line, content) in content_lines(text) {
         let (key, label) = content.split_once(char::is_whitespace).unwrap_or((content, ""));
-        let key: PublicKey = key.parse().map_err(|e: crate::IdentityError| ListError { line, why: e.to_string() })?;
+        let key: PublicKey =
+            key.parse().map_err(|e: crate::IdentityError| ListError { line, why: e.to_string() })?;
         if !apps.iter().any(|a| a.key == key) {
             apps.push(AppEntry { key, label: label.trim().to_owned() });
         }

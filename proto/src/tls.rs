@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature_with_raw_key, CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime,
+};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
@@ -145,7 +147,10 @@ fn signature_algorithms() -> WebPkiSupportedAlgorithms {
 }
 
 /// The raw-public-key "certificate" plus signing key for `identity`.
-fn certified_key(identity: &Identity, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsConfigError> {
+fn certified_key(
+    identity: &Identity,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, TlsConfigError> {
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.to_pkcs8_der()?));
     let signing = provider.key_provider.load_private_key(der)?;
     let spki = CertificateDer::from(identity.public_key().to_spki());
@@ -173,9 +178,7 @@ fn verify_signature(
     dss: &DigitallySignedStruct,
 ) -> Result<HandshakeSignatureValid, rustls::Error> {
     if dss.scheme != SignatureScheme::ED25519 {
-        return Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::NoSignatureSchemesInCommon,
-        ));
+        return Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoSignatureSchemesInCommon));
     }
     let spki = SubjectPublicKeyInfoDer::from(cert.as_ref());
     verify_tls13_signature_with_raw_key(message, &spki, dss, &signature_algorithms())
@@ -186,7 +189,8 @@ fn bad_cert(err: impl std::error::Error + Send + Sync + 'static) -> rustls::Erro
 }
 
 fn parse_peer_key(cert: &CertificateDer<'_>) -> Result<PublicKey, rustls::Error> {
-    PublicKey::from_spki(cert.as_ref()).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))
+    PublicKey::from_spki(cert.as_ref())
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))
 }
 
 /// Client-side verifier: the server must present exactly the pinned key.
@@ -376,7 +380,12 @@ mod tests {
         server: std::io::Result<Option<PublicKey>>,
     }
 
-    async fn handshake(client_id: &Identity, pinned: PublicKey, server_id: &Identity, allow: AllowList) -> (Outcome, MismatchSlot) {
+    async fn handshake(
+        client_id: &Identity,
+        pinned: PublicKey,
+        server_id: &Identity,
+        allow: AllowList,
+    ) -> (Outcome, MismatchSlot) {
         let (client_cfg, slot) = client_config(client_id, pinned, crate::ALPN_E2E).unwrap();
         let server_cfg = server_config(server_id, Arc::new(allow), crate::ALPN_E2E).unwrap();
         let (a, b) = tokio::io::duplex(64 * 1024);
@@ -419,13 +428,17 @@ mod tests {
         let app = Identity::from_seed([1; 32]);
         let hub = Identity::from_seed([2; 32]);
         let impostor = Identity::from_seed([3; 32]);
-        let (out, slot) = handshake(&app, hub.public_key(), &impostor, AllowList::new([app.public_key()])).await;
+        let (out, slot) =
+            handshake(&app, hub.public_key(), &impostor, AllowList::new([app.public_key()])).await;
         assert!(out.client.is_err());
         assert!(out.server.is_err());
         let mismatch = slot.take().expect("mismatch recorded");
         assert_eq!(mismatch, KeyMismatch { expected: hub.public_key(), seen: impostor.public_key() });
         let text = mismatch.to_string();
-        assert!(text.contains(&hub.public_key().fingerprint()) && text.contains(&impostor.public_key().fingerprint()));
+        assert!(
+            text.contains(&hub.public_key().fingerprint())
+                && text.contains(&impostor.public_key().fingerprint())
+        );
     }
 
     #[tokio::test]
