@@ -1,1 +1,292 @@
-//! Test-only crate; see `tests/`.
+//! Shared harness for Keyway's end-to-end tests.
+//!
+//! Everything here is real: a [`keyway_relay`] relay on a loopback UDP port, [`keyway_hub`]
+//! connectors and [`keyway_client`] clients speaking QUIC to it, and plain TCP services behind
+//! the hubs. [`Bin`] runs the shipped binaries as child processes for the CLI-level tests.
+//! Waiting is done by polling a condition with a generous deadline; tests never assert how
+//! long something took.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use keyway_client::{Client, ClientConfig};
+use keyway_hub::{HubConfig, HubHandle};
+use keyway_proto::{HubName, Identity, PublicKey};
+use keyway_relay::{NamePolicy, Relay, RelayConfig, RelayHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// How long any wait in these tests may take before the test fails. Generous on purpose:
+/// this bounds a hang, it does not measure speed.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+static SEED: AtomicU8 = AtomicU8::new(1);
+
+/// A fresh deterministic identity per call (distinct keys within one test process).
+pub fn identity() -> Identity {
+    let n = SEED.fetch_add(1, Ordering::Relaxed);
+    let mut seed = [n; 32];
+    seed[0] = 0xe2;
+    Identity::from_seed(seed)
+}
+
+pub fn name(s: &str) -> HubName {
+    HubName::new(s).expect("valid test hub name")
+}
+
+/// Polls `check` until it returns `Some`, or fails the test after [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("gave up waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A relay with a closed name policy in its own temporary directory.
+pub struct TestRelay {
+    pub dir: tempfile::TempDir,
+    pub handle: RelayHandle,
+    pub hubs_file: PathBuf,
+    pub seed: [u8; 32],
+}
+
+impl TestRelay {
+    pub async fn start(hubs: &[(&str, PublicKey)]) -> Self {
+        Self::start_with(hubs, |_| {}).await
+    }
+
+    pub async fn start_with(hubs: &[(&str, PublicKey)], tweak: impl FnOnce(&mut RelayConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hubs_file = dir.path().join("authorized_hubs");
+        write_hubs(&hubs_file, hubs);
+        let seed = [SEED.fetch_add(1, Ordering::Relaxed); 32];
+        let handle = start_relay("127.0.0.1:0".parse().unwrap(), seed, &hubs_file, tweak).await;
+        Self { dir, handle, hubs_file, seed }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    pub fn key(&self) -> PublicKey {
+        self.handle.public_key()
+    }
+
+    /// Stops this relay and starts a new one with the same key, address and hubs file,
+    /// as a process restart would.
+    pub async fn restart(self) -> Self {
+        let addr = self.addr();
+        let Self { dir, handle, hubs_file, seed } = self;
+        handle.shutdown().await;
+        let handle = start_relay(addr, seed, &hubs_file, |_| {}).await;
+        Self { dir, handle, hubs_file, seed }
+    }
+}
+
+async fn start_relay(
+    listen: SocketAddr,
+    seed: [u8; 32],
+    hubs_file: &Path,
+    tweak: impl FnOnce(&mut RelayConfig),
+) -> RelayHandle {
+    let policy = NamePolicy::Closed { hubs_file: hubs_file.to_path_buf() };
+    let mut config = RelayConfig::new(listen, Identity::from_seed(seed), policy);
+    tweak(&mut config);
+    Relay::start(config).await.expect("relay starts")
+}
+
+pub fn write_hubs(path: &Path, hubs: &[(&str, PublicKey)]) {
+    let text: String = hubs.iter().map(|(n, k)| format!("{n} {k}\n")).collect();
+    std::fs::write(path, text).expect("write authorized_hubs");
+}
+
+pub fn write_apps(path: &Path, apps: &[PublicKey]) {
+    let text: String = apps.iter().map(|k| format!("{k} test app\n")).collect();
+    std::fs::write(path, text).expect("write authorized_apps");
+}
+
+/// Starts a hub connector for `name` that forwards to `service`, allowing `apps`.
+pub async fn start_hub(
+    relay: &TestRelay,
+    name_: &str,
+    id: Identity,
+    apps: &[PublicKey],
+    service: SocketAddr,
+) -> (HubHandle, PathBuf) {
+    let apps_file = relay.dir.path().join(format!("authorized_apps.{name_}"));
+    write_apps(&apps_file, apps);
+    let mut config = HubConfig::new(relay.addr(), relay.key(), name(name_), id, apps_file.clone(), service);
+    config.backoff_max = Duration::from_millis(500);
+    let hub = keyway_hub::start(config).await.expect("hub starts");
+    (hub, apps_file)
+}
+
+pub fn client(relay: &TestRelay, id: Identity) -> Client {
+    Client::new(ClientConfig::new(id, relay.addr(), relay.key())).expect("client")
+}
+
+/// A TCP service that writes `banner` and then echoes everything back, honouring half-close.
+pub async fn echo_service(banner: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let (mut r, mut w) = stream.into_split();
+                if w.write_all(banner).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A minimal HTTP/1.1 server answering every request with `body`.
+pub async fn http_service(body: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(resp.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so payloads do not compress or repeat.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// Sends `data` over `stream`, closes the write side, and returns everything read back.
+pub async fn round_trip<S>(stream: S, data: Vec<u8>) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut r, mut w) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        for chunk in data.chunks(256 * 1024) {
+            w.write_all(chunk).await?;
+        }
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await?;
+    let _w = writer.await.map_err(std::io::Error::other)??;
+    Ok(back)
+}
+
+/// A shipped binary run as a child process; killed when dropped.
+pub struct Bin {
+    pub child: Child,
+}
+
+impl Bin {
+    /// Path of a workspace binary. `cargo test --workspace` builds every binary before any test
+    /// runs; when this crate is tested alone the binaries are built here.
+    pub fn path(name: &str) -> PathBuf {
+        let exe = std::env::current_exe().expect("test exe path");
+        let dir = exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf();
+        let path = dir.join(name);
+        if !path.exists() {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--bins", "-p", "keyway-relay", "-p", "keyway-hub", "-p", "keyway-client"])
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building the binaries failed");
+        }
+        path
+    }
+
+    pub fn spawn(name: &str, args: &[&str], cwd: &Path) -> Self {
+        let child = Command::new(Self::path(name))
+            .args(args)
+            .current_dir(cwd)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self { child }
+    }
+
+    /// Runs a binary to completion and returns (success, stdout, stderr).
+    pub fn run(name: &str, args: &[&str], cwd: &Path) -> (bool, String, String) {
+        let out = Command::new(Self::path(name))
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .unwrap_or_else(|e| panic!("run {name}: {e}"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Bin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback UDP port (bound and released; good enough for tests on one machine).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port()
+}
+
+/// A free loopback TCP port.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port()
+}
