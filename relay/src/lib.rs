@@ -1,1 +1,82 @@
-//! placeholder
+//! The Keyway relay: a blind-forwarding QUIC relay that hubs dial out to and apps reach by name.
+//!
+//! Hubs hold an outbound QUIC connection and register a name on a control stream; apps open a
+//! session stream naming the hub and the hub key they pin. The relay checks the name policy
+//! and the hub's published allow-list *before* the hub hears anything, announces the session
+//! to the hub, and then splices the two streams byte for byte. It never sees plaintext: app
+//! and hub run TLS end to end inside the spliced stream. See `docs/protocol.md`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), keyway_relay::RelayError> {
+//! use keyway_relay::{NamePolicy, Relay, RelayConfig};
+//! let identity = keyway_proto::Identity::generate()?;
+//! let policy = NamePolicy::Closed { hubs_file: "authorized_hubs".into() };
+//! let relay = Relay::start(RelayConfig::new("0.0.0.0:4433".parse().unwrap(), identity, policy)).await?;
+//! println!("relay key {}", relay.public_key());
+//! relay.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+
+pub mod cli;
+mod config;
+mod error;
+mod hub;
+mod policy;
+mod registry;
+mod server;
+mod session;
+mod splice;
+mod stats;
+
+pub use config::{
+    Direction, ForwardTap, NamePolicy, RelayConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_SESSION_OPEN_TIMEOUT,
+};
+pub use error::RelayError;
+pub use server::{Relay, RelayHandle};
+pub use stats::RelayStats;
+
+/// QUIC application error codes, for connection closes and stream resets (`docs/protocol.md`).
+pub mod codes {
+    use quinn::VarInt;
+
+    /// Normal close.
+    pub const NORMAL: VarInt = VarInt::from_u32(0);
+    /// A newer connection registered the same hub.
+    pub const REPLACED: VarInt = VarInt::from_u32(1);
+    /// The relay is going away.
+    pub const SHUTTING_DOWN: VarInt = VarInt::from_u32(2);
+    /// The peer violated the protocol.
+    pub const PROTOCOL: VarInt = VarInt::from_u32(3);
+    /// The key was removed from an allow-list.
+    pub const REVOKED: VarInt = VarInt::from_u32(4);
+}
+
+/// Loopback endpoints for unit tests that need real QUIC connections.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use keyway_proto::{Identity, ALPN_RELAY};
+
+    use crate::{NamePolicy, RelayConfig};
+
+    /// A server endpoint configured like the relay's, and a client endpoint that pins it.
+    pub async fn endpoint_pair() -> (quinn::Endpoint, quinn::Endpoint) {
+        let server_id = Identity::from_seed([200; 32]);
+        let server_key = server_id.public_key();
+        let config = RelayConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            server_id,
+            NamePolicy::Open { state_file: None },
+        );
+        let server_config = crate::server::server_config(&config).unwrap();
+        let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let (crypto, _) =
+            keyway_proto::tls::quic_client_crypto(&Identity::from_seed([201; 32]), server_key, ALPN_RELAY)
+                .unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(quinn::ClientConfig::new(crypto as Arc<_>));
+        (server, client)
+    }
+}

@@ -1,0 +1,85 @@
+//! What a relay is started with: [`RelayConfig`], the [`NamePolicy`] and their defaults.
+//!
+//! The library takes a fully built configuration; flags, environment variables and config
+//! files are the binary's business (`cli`), so tests and embedders start a relay without them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyway_proto::Identity;
+
+/// Default QUIC idle timeout. Hubs keep their tunnel alive well inside it (about every 15 s),
+/// so only truly dead peers are timed out.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time allowed for a stream's first frame and for a hub's answer to an announce.
+pub const DEFAULT_SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which hub keys may register which names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamePolicy {
+    /// Only `NAME KEY` pairs listed in `hubs_file` (the `authorized_hubs` file) may register.
+    /// The file is re-read when it changes and on [`RelayHandle::reload`](crate::RelayHandle::reload).
+    Closed { hubs_file: PathBuf },
+    /// The first key to register a free name keeps it. Bindings are persisted to `state_file`
+    /// (as `NAME KEY` lines) if one is given, and loaded from it at start.
+    Open { state_file: Option<PathBuf> },
+}
+
+/// Which way a forwarded chunk travelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    AppToHub,
+    HubToApp,
+}
+
+/// A test/debug hook that sees every chunk the relay forwards (to prove, for example, that only
+/// ciphertext crosses the relay). It runs inline on the forwarding path, so it must be cheap.
+pub type ForwardTap = Arc<dyn Fn(Direction, &[u8]) + Send + Sync>;
+
+/// Everything a relay needs to start.
+pub struct RelayConfig {
+    /// UDP address to listen on (`127.0.0.1:0` picks a free port; see
+    /// [`RelayHandle::local_addr`](crate::RelayHandle::local_addr)).
+    pub listen: SocketAddr,
+    /// The relay's own key, pinned by hubs and apps.
+    pub identity: Identity,
+    pub policy: NamePolicy,
+    /// QUIC idle timeout for every connection.
+    pub idle_timeout: Duration,
+    /// How long to wait for a stream's first frame (`Register` / `SessionOpen`) and for the
+    /// hub's answer to a `SessionAnnounce`.
+    pub session_open_timeout: Duration,
+    /// Sees every chunk the relay forwards; `None` in production.
+    pub tap: Option<ForwardTap>,
+}
+
+impl RelayConfig {
+    /// A configuration with the default timeouts and no tap.
+    pub fn new(listen: SocketAddr, identity: Identity, policy: NamePolicy) -> Self {
+        Self {
+            listen,
+            identity,
+            policy,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            session_open_timeout: DEFAULT_SESSION_OPEN_TIMEOUT,
+            tap: None,
+        }
+    }
+}
+
+impl fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `Identity`'s Debug shows only the public key; the tap is opaque.
+        f.debug_struct("RelayConfig")
+            .field("listen", &self.listen)
+            .field("identity", &self.identity)
+            .field("policy", &self.policy)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("session_open_timeout", &self.session_open_timeout)
+            .field("tap", &self.tap.as_ref().map(|_| "<tap>"))
+            .finish()
+    }
+}

@@ -1,0 +1,187 @@
+//! A hub's control stream: registration under the name policy, replacement of an older
+//! connection, `AllowList` and `Ping` handling, and the relay's own `GoAway` / revocation.
+//!
+//! The control task owns the stream's send half; anything else that needs to talk to the hub
+//! (shutdown, a reload that revokes the name) sends it a [`ControlCommand`]. Reading runs in a
+//! helper task because frame reads are not cancel-safe: a command arriving mid-frame must not
+//! lose half a frame.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyway_proto::io::{read_frame, write_frame, FrameIoError};
+use keyway_proto::{Frame, HubName, PublicKey, RefusalReason};
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use crate::codes;
+use crate::registry::{ControlCommand, Hub};
+use crate::server::{bad_frame_reason, claim_control, refuse, ConnCtx, Shared};
+
+/// How long the relay waits for a last control frame (GoAway, refusal) to be acknowledged
+/// before it closes the connection, which would otherwise discard it.
+const FLUSH_GRACE: Duration = Duration::from_secs(1);
+
+/// Finishes `send`, waits (bounded) until the peer has it all, then closes the connection.
+async fn flush_then_close(send: &mut SendStream, conn: &quinn::Connection, code: VarInt, reason: &[u8]) {
+    let _ = send.finish();
+    let _ = tokio::time::timeout(FLUSH_GRACE, send.stopped()).await;
+    conn.close(code, reason);
+}
+
+/// Handles a stream whose first frame was `Register`.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+    mut send: SendStream,
+    recv: RecvStream,
+    name: HubName,
+    allowed_apps: Vec<PublicKey>,
+    pairing_open: bool,
+) {
+    let peer = ctx.peer;
+    if shared.is_shutting_down() {
+        let message = "the relay is shutting down; register again in a moment".to_owned();
+        refuse(&shared, &mut send, &peer, RefusalReason::ShuttingDown, message).await;
+        return;
+    }
+    if !claim_control(&ctx) {
+        let message = "this connection already has a control stream; a hub registers once per connection";
+        refuse(&shared, &mut send, &peer, RefusalReason::ProtocolViolation, message.into()).await;
+        return;
+    }
+    let admission = match shared.names.admit(&name, &peer) {
+        Ok(admission) => admission,
+        Err(refusal) => {
+            refuse(&shared, &mut send, &peer, refusal.reason, refusal.message).await;
+            return;
+        }
+    };
+    let (commands_tx, commands) = mpsc::unbounded_channel();
+    let apps = allowed_apps.len();
+    let hub = Arc::new(Hub::new(
+        name.clone(),
+        peer,
+        ctx.conn.clone(),
+        ctx.conn_id,
+        allowed_apps,
+        pairing_open,
+        commands_tx,
+    ));
+    let old = shared.registry.insert(Arc::clone(&hub));
+    let replaced = old.is_some();
+    if let Some(old) = old {
+        // Newest connection wins, at once: a stale tunnel must never lock the hub out.
+        old.conn.close(codes::REPLACED, b"replaced by a newer connection of the same hub");
+    }
+    // A reload may have swept the table between our admission and the insert.
+    if shared.names.binding(&name) != Some(peer) {
+        shared.registry.remove_if_current(&name, ctx.conn_id);
+        let message = format!("hub name {name} is no longer authorized for this key at this relay");
+        refuse(&shared, &mut send, &peer, RefusalReason::NameNotAuthorized, message).await;
+        return;
+    }
+    shared.stats.registered(replaced);
+    info!(
+        hub = %name,
+        key = %peer.fingerprint(),
+        remote = %ctx.conn.remote_address(),
+        replaced,
+        apps,
+        pairing_open,
+        ?admission,
+        "hub registered"
+    );
+    if let Err(e) = write_frame(&mut send, &Frame::Registered { replaced }).await {
+        debug!(hub = %name, "could not confirm the registration: {e}");
+    } else {
+        control_loop(&shared, &hub, &mut send, recv, commands).await;
+    }
+    if shared.registry.remove_if_current(&name, ctx.conn_id).is_some() {
+        info!(hub = %name, key = %peer.fingerprint(), "hub disconnected");
+    }
+}
+
+/// Serves the control stream until it ends, errs, or the relay tells the hub to go.
+async fn control_loop(
+    shared: &Shared,
+    hub: &Hub,
+    send: &mut SendStream,
+    recv: RecvStream,
+    mut commands: mpsc::UnboundedReceiver<ControlCommand>,
+) {
+    let (frames_tx, mut frames) = mpsc::channel(4);
+    let reader = tokio::spawn(async move {
+        let mut recv = recv;
+        loop {
+            let frame = read_frame(&mut recv).await;
+            let last = frame.is_err();
+            if frames_tx.send(frame).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _reader = AbortOnDrop(reader);
+    let peer = hub.key;
+    loop {
+        tokio::select! {
+            frame = frames.recv() => match frame {
+                None | Some(Err(FrameIoError::Closed)) => {
+                    debug!(hub = %hub.name, "control stream ended");
+                    return;
+                }
+                Some(Err(FrameIoError::Io(e))) => {
+                    debug!(hub = %hub.name, "control stream failed: {e}");
+                    return;
+                }
+                Some(Err(FrameIoError::Frame(e))) => {
+                    let message = format!("malformed frame on the control stream: {e}");
+                    refuse(shared, send, &peer, bad_frame_reason(&e), message).await;
+                    flush_then_close(send, &hub.conn, codes::PROTOCOL, b"malformed control frame").await;
+                    return;
+                }
+                Some(Ok(Frame::AllowList { allowed_apps, pairing_open })) => {
+                    let apps = allowed_apps.len();
+                    let cut = hub.set_allow_list(allowed_apps, pairing_open);
+                    info!(hub = %hub.name, apps, pairing_open, sessions_cut = cut, "allow-list updated");
+                }
+                Some(Ok(Frame::Ping { nonce })) => {
+                    if let Err(e) = write_frame(send, &Frame::Pong { nonce }).await {
+                        debug!(hub = %hub.name, "could not answer a ping: {e}");
+                        return;
+                    }
+                }
+                Some(Ok(Frame::Pong { .. })) => {}
+                Some(Ok(other)) => {
+                    let message = format!("{} is not allowed on the control stream", other.name());
+                    refuse(shared, send, &peer, RefusalReason::ProtocolViolation, message).await;
+                    flush_then_close(send, &hub.conn, codes::PROTOCOL, b"protocol violation").await;
+                    return;
+                }
+            },
+            Some(command) = commands.recv() => match command {
+                ControlCommand::GoAway { retry_after_ms, message, done } => {
+                    let frame = Frame::GoAway { retry_after_ms, message };
+                    if write_frame(send, &frame).await.is_ok() {
+                        let _ = send.finish();
+                        let _ = tokio::time::timeout(FLUSH_GRACE, send.stopped()).await;
+                    }
+                    let _ = done.send(());
+                    return;
+                }
+                ControlCommand::Revoke { message } => {
+                    refuse(shared, send, &peer, RefusalReason::NameNotAuthorized, message).await;
+                    flush_then_close(send, &hub.conn, codes::REVOKED, b"hub name no longer authorized").await;
+                    return;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The QUIC endpoint: start-up, the accept loop, per-connection stream dispatch, reload and
+//! graceful shutdown ([`Relay`], [`RelayHandle`]).
+//!
+//! Every `Incoming` gets its own task so that one slow handshake never stalls the others, and
+//! every stream gets its own task. A stream's first frame decides what it is: `Register` makes
+//! it the hub's control stream ([`crate::hub`]), `SessionOpen` an app session
+//! ([`crate::session`]). TLS admits any valid key; authorization happens per frame, against
+//! the current state, so TLS session resumption can never bypass it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyway_proto::io::{read_frame, write_frame, FrameIoError};
+use keyway_proto::tls::{quic_peer_key, quic_server_crypto, AnyKey};
+use keyway_proto::{Frame, FrameError, PublicKey, RefusalReason, ALPN_RELAY};
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::policy::NameBook;
+use crate::registry::{ControlCommand, Registry};
+use crate::stats::RelayStats;
+use crate::{codes, ForwardTap, NamePolicy, RelayConfig, RelayError};
+
+/// UDP socket buffer size asked for: the default (~208 KiB) drops packets in handshake bursts.
+const UDP_BUFFER: usize = 4 * 1024 * 1024;
+/// Concurrent bidirectional streams a peer may open (sessions per app connection).
+const MAX_BIDI_STREAMS: u32 = 1024;
+/// How often the hubs file is checked for changes.
+const HUBS_FILE_POLL: Duration = Duration::from_secs(1);
+/// How long shutdown waits for hubs to receive their `GoAway`.
+const GOAWAY_GRACE: Duration = Duration::from_secs(2);
+/// How long shutdown waits for connections to close cleanly.
+const DRAIN_GRACE: Duration = Duration::from_secs(3);
+/// Base of the reconnect delay hinted in `GoAway`; each hub gets up to one second more, so a
+/// relay restart does not bring every hub back in the same instant.
+const GOAWAY_RETRY_MS: u32 = 1000;
+/// How long a restarted relay retries binding a port its predecessor is still releasing.
+const BIND_RETRY: Duration = Duration::from_secs(2);
+
+/// State shared by every task of one relay.
+pub(crate) struct Shared {
+    pub stats: Arc<RelayStats>,
+    pub registry: Registry,
+    pub names: NameBook,
+    pub tap: Option<ForwardTap>,
+    pub session_open_timeout: Duration,
+    /// `true` once the relay is shutting down: no new registrations or sessions.
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Disconnects registered hubs that the (just reloaded) name book no longer allows.
+    fn sweep(&self) {
+        for hub in self.registry.all() {
+            if self.names.binding(&hub.name) == Some(hub.key) {
+                continue;
+            }
+            if self.registry.remove_if_current(&hub.name, hub.conn_id).is_none() {
+                continue;
+            }
+            info!(hub = %hub.name, key = %hub.key.fingerprint(), "hub no longer authorized; disconnecting it");
+            let message = format!(
+                "hub name {} is no longer authorized for key {} at this relay",
+                hub.name,
+                hub.key.fingerprint()
+            );
+            if hub.control.send(ControlCommand::Revoke { message }).is_err() {
+                hub.conn.close(codes::REVOKED, b"hub name no longer authorized");
+            }
+        }
+    }
+}
+
+/// What one accepted connection is: its authenticated key and whether it registered a hub.
+pub(crate) struct ConnCtx {
+    pub conn: quinn::Connection,
+    pub peer: PublicKey,
+    pub conn_id: u64,
+    /// Set by the first `Register`; a connection carries at most one control stream.
+    pub has_control: AtomicBool,
+}
+
+/// Starts relays. See [`Relay::start`].
+#[derive(Debug)]
+pub struct Relay;
+
+impl Relay {
+    /// Binds the UDP socket, loads the name policy and starts serving in the background.
+    /// Must be called inside a tokio runtime.
+    pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
+        if config.idle_timeout.is_zero() || config.session_open_timeout.is_zero() {
+            return Err(RelayError::Config(
+                "idle_timeout and session_open_timeout must be above zero".into(),
+            ));
+        }
+        let names = NameBook::load(&config.policy)?;
+        let server_config = server_config(&config)?;
+        let socket = bind_socket(config.listen).await?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let local_addr = endpoint.local_addr()?;
+        let public_key = config.identity.public_key();
+        let stats = Arc::new(RelayStats::default());
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            registry: Registry::new(Arc::clone(&stats)),
+            stats,
+            names,
+            tap: config.tap,
+            session_open_timeout: config.session_open_timeout,
+            shutdown,
+        });
+        let policy = match &config.policy {
+            NamePolicy::Closed { hubs_file } => format!("closed ({})", hubs_file.display()),
+            NamePolicy::Open { state_file: Some(f) } => format!("open ({})", f.display()),
+            NamePolicy::Open { state_file: None } => "open (bindings in memory only)".into(),
+        };
+        info!(
+            addr = %local_addr,
+            key = %public_key,
+            fingerprint = %public_key.fingerprint(),
+            policy = %policy,
+            names = shared.names.len(),
+            "relay listening"
+        );
+        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), Arc::clone(&shared)));
+        let watch_task = matches!(config.policy, NamePolicy::Closed { .. })
+            .then(|| tokio::spawn(watch_hubs_file(Arc::clone(&shared))));
+        Ok(RelayHandle {
+            endpoint,
+            local_addr,
+            public_key,
+            shared,
+            accept_task: Some(accept_task),
+            watch_task,
+        })
+    }
+}
+
+/// A running relay. Dropping it closes the endpoint abruptly; [`RelayHandle::shutdown`] is
+/// the graceful way.
+pub struct RelayHandle {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    public_key: PublicKey,
+    shared: Arc<Shared>,
+    accept_task: Option<JoinHandle<()>>,
+    watch_task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle")
+            .field("local_addr", &self.local_addr)
+            .field("public_key", &self.public_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayHandle {
+    /// The UDP address the relay listens on (with the real port if `:0` was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The relay's public key, which hubs and apps pin.
+    pub fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+
+    /// Live counters and gauges.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        Arc::clone(&self.shared.stats)
+    }
+
+    /// Re-reads `authorized_hubs` now and disconnects registered hubs it no longer allows. On
+    /// a read or parse error the previous list stays in force and the error is returned. A
+    /// no-op under the open policy.
+    pub fn reload(&self) -> Result<(), RelayError> {
+        self.shared.names.reload()?;
+        info!(names = self.shared.names.len(), "name policy reloaded");
+        self.shared.sweep();
+        Ok(())
+    }
+
+    /// Graceful shutdown: stops accepting, sends `GoAway` to every registered hub (and waits,
+    /// bounded, for it to arrive), closes every connection with `SHUTTING_DOWN` and waits,
+    /// bounded, for the endpoint to go idle.
+    pub async fn shutdown(mut self) {
+        info!("relay shutting down");
+        self.shared.shutdown.send_replace(true);
+        if let Some(task) = self.watch_task.take() {
+            task.abort();
+        }
+        let mut delivered = Vec::new();
+        for hub in self.shared.registry.all() {
+            let (done, rx) = oneshot::channel();
+            let retry_after_ms = GOAWAY_RETRY_MS + spread(hub.conn_id, 1000);
+            let message = "the relay is restarting or shutting down; reconnect after the delay".to_owned();
+            if hub.control.send(ControlCommand::GoAway { retry_after_ms, message, done }).is_ok() {
+                delivered.push(rx);
+            }
+        }
+        let _ = tokio::time::timeout(GOAWAY_GRACE, async {
+            for rx in delivered {
+                let _ = rx.await;
+            }
+        })
+        .await;
+        self.endpoint.close(codes::SHUTTING_DOWN, b"relay shutting down");
+        if tokio::time::timeout(DRAIN_GRACE, self.endpoint.wait_idle()).await.is_err() {
+            warn!("some connections did not close within {DRAIN_GRACE:?}");
+        }
+        if let Some(task) = self.accept_task.take() {
+            // It exits on the shutdown signal; wait so its endpoint handle (and with it the
+            // socket) is released before we return and a successor binds the same port.
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+        info!("relay stopped");
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.shared.shutdown.send_replace(true);
+        if let Some(task) = self.watch_task.take() {
+            task.abort();
+        }
+        self.endpoint.close(codes::SHUTTING_DOWN, b"relay shutting down");
+    }
+}
+
+/// A number in `0..range` that differs per hub (not cryptographic: it only spreads reconnects).
+fn spread(seed: u64, range: u32) -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(seed);
+    (h.finish() % u64::from(range.max(1))) as u32
+}
+
+pub(crate) fn server_config(config: &RelayConfig) -> Result<quinn::ServerConfig, RelayError> {
+    let crypto = quic_server_crypto(&config.identity, Arc::new(AnyKey), ALPN_RELAY)?;
+    let mut server = quinn::ServerConfig::with_crypto(crypto);
+    let mut transport = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
+        .map_err(|_| RelayError::Config(format!("idle timeout {:?} is too large", config.idle_timeout)))?;
+    transport
+        .max_idle_timeout(Some(idle))
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // Hubs keep their NAT binding alive; the relay only answers.
+        .keep_alive_interval(None);
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// Binds the UDP socket through socket2 so its buffers can be enlarged first (best effort: the
+/// kernel caps them at `net.core.rmem_max` / `wmem_max`).
+async fn bind_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, RelayError> {
+    let deadline = tokio::time::Instant::now() + BIND_RETRY;
+    loop {
+        match try_bind(addr) {
+            Ok(socket) => return Ok(socket),
+            // A relay restarted in-process may find its predecessor's socket not yet released.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(source) => return Err(RelayError::Bind { addr, source }),
+        }
+    }
+}
+
+fn try_bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Serve IPv4 too on `[::]` where the system allows it.
+        let _ = socket.set_only_v6(false);
+    }
+    if let Err(e) = socket.set_recv_buffer_size(UDP_BUFFER) {
+        debug!("cannot enlarge the UDP receive buffer: {e}");
+    }
+    if let Err(e) = socket.set_send_buffer_size(UDP_BUFFER) {
+        debug!("cannot enlarge the UDP send buffer: {e}");
+    }
+    match socket.recv_buffer_size() {
+        // Linux reports twice the usable size; below the request means the sysctl capped it.
+        Ok(size) if size < UDP_BUFFER => info!(
+            bytes = size,
+            "UDP receive buffer is smaller than the {UDP_BUFFER} bytes asked for; \
+             raise net.core.rmem_max for handshake bursts"
+        ),
+        _ => {}
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Waits until `rx` says the relay is shutting down (or its sender is gone).
+async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+    loop {
+        let down = *rx.borrow_and_update();
+        if down || rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let incoming = tokio::select! {
+            () = shutting_down(&mut shutdown) => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        tokio::spawn(handle_incoming(incoming, Arc::clone(&shared)));
+    }
+    debug!("accept loop ended");
+}
+
+/// Polls the hubs file for changes (mtime/size) and applies them like `reload()`.
+async fn watch_hubs_file(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(HUBS_FILE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match shared.names.reload_if_changed() {
+            Ok(true) => {
+                info!(names = shared.names.len(), "hubs file changed; reloaded");
+                shared.sweep();
+            }
+            Ok(false) => {}
+            Err(e) => error!("{e}"),
+        }
+    }
+}
+
+async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    let Some(peer) = quic_peer_key(&conn) else {
+        // Cannot happen with our verifier, but never serve an unidentified peer.
+        conn.close(codes::PROTOCOL, b"no Ed25519 raw public key presented");
+        return;
+    };
+    let ctx = Arc::new(ConnCtx {
+        conn: conn.clone(),
+        peer,
+        conn_id: shared.registry.next_id(),
+        has_control: AtomicBool::new(false),
+    });
+    debug!(%remote, peer = %peer.fingerprint(), "connection established");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(handle_stream(Arc::clone(&ctx), Arc::clone(&shared), send, recv));
+            }
+            Err(e) => {
+                debug!(%remote, peer = %peer.fingerprint(), "connection ended: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// The refusal reason for a frame that failed to decode.
+pub(crate) fn bad_frame_reason(e: &FrameError) -> RefusalReason {
+    match e {
+        FrameError::UnsupportedVersion { .. } => RefusalReason::UnsupportedVersion,
+        _ => RefusalReason::BadFrame,
+    }
+}
+
+/// Sends a typed refusal, finishes the stream and counts it. Failing to deliver it is not an
+/// error worth more than a debug line: the peer is gone.
+pub(crate) async fn refuse(
+    shared: &Shared,
+    send: &mut SendStream,
+    peer: &PublicKey,
+    reason: RefusalReason,
+    message: String,
+) {
+    shared.stats.refused(reason);
+    info!(peer = %peer.fingerprint(), %reason, "refused: {message}");
+    let frame = Frame::refused(reason, message);
+    match tokio::time::timeout(shared.session_open_timeout, write_frame(send, &frame)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!("could not deliver a refusal: {e}"),
+        Err(_) => debug!("could not deliver a refusal in time"),
+    }
+    let _ = send.finish();
+}
+
+async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+    let first = match tokio::time::timeout(shared.session_open_timeout, read_frame(&mut recv)).await {
+        Ok(first) => first,
+        Err(_) => {
+            let message =
+                format!("no Register or SessionOpen frame within {:?}", shared.session_open_timeout);
+            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
+            return;
+        }
+    };
+    match first {
+        Ok(Frame::Register { name, allowed_apps, pairing_open }) => {
+            crate::hub::run(shared, ctx, send, recv, name, allowed_apps, pairing_open).await;
+        }
+        Ok(Frame::SessionOpen { hub, hub_key, purpose }) => {
+            crate::session::run(shared, ctx, send, recv, hub, hub_key, purpose).await;
+        }
+        Ok(other) => {
+            let message =
+                format!("a new stream must start with Register or SessionOpen, not {}", other.name());
+            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
+        }
+        Err(FrameIoError::Frame(e)) => {
+            refuse(&shared, &mut send, &ctx.peer, bad_frame_reason(&e), format!("malformed frame: {e}"))
+                .await;
+        }
+        Err(FrameIoError::Closed) => {
+            debug!(peer = %ctx.peer.fingerprint(), "stream closed before its first frame")
+        }
+        Err(FrameIoError::Io(e)) => {
+            debug!(peer = %ctx.peer.fingerprint(), "stream failed before its first frame: {e}")
+        }
+    }
+}
+
+/// Marks the connection as a hub's (one control stream per connection).
+pub(crate) fn claim_control(ctx: &ConnCtx) -> bool {
+    !ctx.has_control.swap(true, Ordering::AcqRel)
+}
