@@ -1,1 +1,4 @@
-fn main() {}
+//! The `keyway-hub` command line (see [`keyway_hub::cli`]).
+fn main() -> std::process::ExitCode {
+    keyway_hub::cli::main()
+}

@@ -1,0 +1,294 @@
+//! The `keyway` command line: `keygen`, `pubkey` and `forward`.
+//!
+//! Every flag of `forward` can also come from an environment variable (`KEYWAY_*`) or from a
+//! TOML file named by `--config` / `KEYWAY_CONFIG` (keys named like the flags), layered by
+//! [`keyway_proto::cli::apply_config_file`]. Output meant for scripts (public keys) goes to
+//! stdout; everything for humans goes to stderr.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand};
+use keyway_proto::cli::parse_duration;
+use keyway_proto::{HubName, Identity, PublicKey};
+
+use crate::{Client, ClientConfig};
+
+/// Reach a Keyway hub by name through a relay.
+#[derive(Debug, Parser)]
+#[command(name = "keyway", version, about)]
+pub struct Cli {
+    /// TOML file holding options of the subcommand (keys named like its flags).
+    #[arg(long, global = true, env = "KEYWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new app key (PKCS#8 PEM, mode 0600) and print its public key.
+    Keygen(KeygenArgs),
+    /// Print the public key of a key file.
+    Pubkey(PubkeyArgs),
+    /// Listen on a local TCP address and forward each connection to a hub's service.
+    Forward(ForwardArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Where to write the new key; an existing file is never overwritten.
+    #[arg(long, env = "KEYWAY_OUT")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PubkeyArgs {
+    /// The key file.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ForwardArgs {
+    /// Relay address (HOST:PORT, UDP).
+    #[arg(long, env = "KEYWAY_RELAY")]
+    pub relay: String,
+    /// The relay's public key (pinned).
+    #[arg(long, env = "KEYWAY_RELAY_KEY")]
+    pub relay_key: PublicKey,
+    /// Name of the hub to reach.
+    #[arg(long, env = "KEYWAY_HUB")]
+    pub hub: HubName,
+    /// The hub's public key (pinned).
+    #[arg(long, env = "KEYWAY_HUB_KEY")]
+    pub hub_key: PublicKey,
+    /// This app's key file (create one with `keyway keygen`).
+    #[arg(long, env = "KEYWAY_KEY")]
+    pub key: PathBuf,
+    /// Local TCP address to listen on, e.g. 127.0.0.1:8123.
+    #[arg(long, env = "KEYWAY_LISTEN")]
+    pub listen: SocketAddr,
+    /// Give up on a relay that does not answer within this time (UDP may be blocked).
+    #[arg(long, env = "KEYWAY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// QUIC keep-alive interval towards the relay.
+    #[arg(long, env = "KEYWAY_KEEP_ALIVE", default_value = "15s", value_parser = parse_duration)]
+    pub keep_alive: Duration,
+    /// QUIC idle timeout towards the relay.
+    #[arg(long, env = "KEYWAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+}
+
+/// Resolves `HOST:PORT` (or an address literal) to the first address it names.
+pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .with_context(|| format!("cannot resolve {addr:?} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("{addr:?} resolves to no address"))
+}
+
+/// Whether a config file should be layered in: always for `forward`, and for other
+/// subcommands only when `--config` is on the command line (so a `KEYWAY_CONFIG` meant for
+/// `forward` does not break `keyway keygen`).
+fn wants_config(args: &[OsString]) -> bool {
+    let sub = args.iter().skip(1).map(|a| a.to_string_lossy()).find(|a| !a.starts_with('-'));
+    sub.as_deref() == Some("forward")
+        || args
+            .iter()
+            .any(|a| a.to_string_lossy() == "--config" || a.to_string_lossy().starts_with("--config="))
+}
+
+/// Parses `args` after layering the config file. Exits on `--help` or a usage error.
+pub fn parse(args: Vec<OsString>) -> anyhow::Result<Cli> {
+    if wants_config(&args) {
+        keyway_proto::cli::apply_config_file(&Cli::command(), &args, "KEYWAY_CONFIG")?;
+    }
+    Ok(Cli::parse_from(args))
+}
+
+/// The `keyway` binary.
+pub fn main() -> ExitCode {
+    let cli = match parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("keyway: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    keyway_proto::cli::init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen(args) => keygen(&args.out),
+        Command::Pubkey(args) => {
+            let identity = Identity::load(&args.file)?;
+            println!("{}", identity.public_key());
+            Ok(())
+        }
+        Command::Forward(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(forward(args))
+        }
+    }
+}
+
+fn keygen(out: &Path) -> anyhow::Result<()> {
+    let identity = Identity::generate()?;
+    identity.save(out)?;
+    let key = identity.public_key();
+    eprintln!("wrote {} (fingerprint {}); public key:", out.display(), key.fingerprint());
+    println!("{key}");
+    Ok(())
+}
+
+async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
+    let identity = Identity::load(&args.key).with_context(|| {
+        format!("cannot load the app key (create one with: keyway keygen --out {})", args.key.display())
+    })?;
+    let relay = resolve(&args.relay)?;
+    let mut config = ClientConfig::new(identity, relay, args.relay_key);
+    config.connect_timeout = args.connect_timeout;
+    config.keep_alive = args.keep_alive;
+    config.idle_timeout = args.idle_timeout;
+    let client = Client::new(config)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        hub = %args.hub,
+        hub_key = %args.hub_key.fingerprint(),
+        relay = %relay,
+        app_key = %client.public_key(),
+        "forwarding"
+    );
+    crate::forward::run(client.clone(), args.hub, args.hub_key, listener, shutdown_signal()).await?;
+    client.close().await;
+    Ok(())
+}
+
+/// Completes on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> PublicKey {
+        Identity::from_seed([seed; 32]).public_key()
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn forward_flags_parse_with_defaults() {
+        let (rk, hk) = (key(1).to_string(), key(2).to_string());
+        let cli = Cli::try_parse_from([
+            "keyway",
+            "forward",
+            "--relay",
+            "127.0.0.1:4433",
+            "--relay-key",
+            &rk,
+            "--hub",
+            "home",
+            "--hub-key",
+            &hk,
+            "--key",
+            "app.key",
+            "--listen",
+            "127.0.0.1:8123",
+            "--keep-alive",
+            "10s",
+        ])
+        .unwrap();
+        let Command::Forward(f) = cli.command else { panic!("not forward") };
+        assert_eq!(f.relay_key, key(1));
+        assert_eq!(f.hub.as_str(), "home");
+        assert_eq!(f.keep_alive, Duration::from_secs(10));
+        assert_eq!(f.connect_timeout, Duration::from_secs(5));
+        assert_eq!(f.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_keys_and_names_are_usage_errors() {
+        let hk = key(2).to_string();
+        let base = ["keyway", "forward", "--relay", "r:1", "--key", "k", "--listen", "127.0.0.1:1"];
+        let with = |extra: &[&str]| {
+            let mut args: Vec<&str> = base.to_vec();
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        assert!(with(&["--relay-key", "nope", "--hub", "home", "--hub-key", &hk]).is_err());
+        assert!(with(&["--relay-key", &hk, "--hub", "Home!", "--hub-key", &hk]).is_err());
+        assert!(with(&["--relay-key", &hk, "--hub", "home", "--hub-key", &hk]).is_ok());
+    }
+
+    #[test]
+    fn config_file_keys_map_to_forward_flags() {
+        let cmd = Cli::command();
+        let forward = cmd.find_subcommand("forward").unwrap();
+        let env = keyway_proto::cli::config_env(
+            forward,
+            Path::new("k.toml"),
+            "relay = \"relay.example:443\"\nhub_key = \"x\"\nkeep_alive = \"20s\"\n",
+        )
+        .unwrap();
+        assert!(env.contains(&("KEYWAY_RELAY".into(), "relay.example:443".into())));
+        assert!(env.contains(&("KEYWAY_HUB_KEY".into(), "x".into())));
+        assert!(env.contains(&("KEYWAY_KEEP_ALIVE".into(), "20s".into())));
+        assert!(keyway_proto::cli::config_env(forward, Path::new("k.toml"), "relai = \"x\"").is_err());
+    }
+
+    #[test]
+    fn config_is_only_layered_for_forward_or_when_asked() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(wants_config(&args(&["keyway", "forward"])));
+        assert!(!wants_config(&args(&["keyway", "keygen", "--out", "x"])));
+        assert!(wants_config(&args(&["keyway", "--config=c.toml", "keygen"])));
+    }
+
+    #[test]
+    fn resolve_accepts_literals_and_names_failures() {
+        assert_eq!(resolve("127.0.0.1:4433").unwrap(), "127.0.0.1:4433".parse().unwrap());
+        assert!(resolve("no-port").is_err());
+    }
+}

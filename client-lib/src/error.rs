@@ -1,0 +1,100 @@
+//! [`ClientError`]: every way `connect` can fail, as a typed error with a human message.
+//!
+//! "Errors are answers": a refusal from the relay or the hub arrives as a typed
+//! [`RefusalReason`], a wrong pinned key names the fingerprints expected and seen, and a relay
+//! that never answers is reported as a possibly blocked UDP path rather than as quinn's
+//! generic timeout.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use keyway_proto::tls::KeyMismatch;
+use keyway_proto::RefusalReason;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The relay did not answer the QUIC handshake in time.
+    #[error(
+        "no answer from relay {addr} within {}: UDP to the relay may be blocked on this network, \
+         or the relay is down",
+        humantime::format_duration(*waited)
+    )]
+    RelayUnreachable { addr: SocketAddr, waited: Duration },
+    /// The relay presented another key than the pinned one.
+    #[error("the relay is not the pinned one: {0}")]
+    RelayKeyMismatch(KeyMismatch),
+    /// The relay or the hub refused the session.
+    #[error("refused ({reason}): {message}")]
+    Refused { reason: RefusalReason, message: String },
+    /// The end-to-end TLS handshake saw another hub key than the pinned one.
+    #[error("the hub is not the pinned one: {0}")]
+    HubKeyMismatch(KeyMismatch),
+    /// The end-to-end TLS handshake failed after the hub accepted the session.
+    #[error("end-to-end TLS with the hub failed (is this app key in the hub's authorized_apps?): {0}")]
+    HubRejected(String),
+    /// The QUIC connection to the relay failed or was closed.
+    #[error("relay connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The peer sent something the protocol does not allow here.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A TLS configuration or handshake problem not covered above.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// Local I/O failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The configuration cannot work (bad address family, bad timer, bad key).
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The typed refusal reason, if the relay or the hub refused.
+    pub fn refusal(&self) -> Option<RefusalReason> {
+        match self {
+            ClientError::Refused { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+}
+
+impl From<keyway_proto::tls::TlsConfigError> for ClientError {
+    fn from(e: keyway_proto::tls::TlsConfigError) -> Self {
+        ClientError::Tls(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyway_proto::Identity;
+
+    #[test]
+    fn messages_explain_what_to_check() {
+        let e = ClientError::RelayUnreachable {
+            addr: "192.0.2.1:443".parse().unwrap(),
+            waited: Duration::from_secs(5),
+        };
+        let text = e.to_string();
+        assert!(text.contains("UDP") && text.contains("blocked") && text.contains("5s"), "{text}");
+        assert_eq!(e.refusal(), None);
+
+        let expected = Identity::from_seed([1; 32]).public_key();
+        let seen = Identity::from_seed([2; 32]).public_key();
+        let e = ClientError::HubKeyMismatch(KeyMismatch { expected, seen });
+        let text = e.to_string();
+        assert!(text.contains(&expected.fingerprint()) && text.contains(&seen.fingerprint()), "{text}");
+        let e = ClientError::RelayKeyMismatch(KeyMismatch { expected, seen });
+        assert!(e.to_string().contains("relay"));
+    }
+
+    #[test]
+    fn refusals_are_typed() {
+        let e =
+            ClientError::Refused { reason: RefusalReason::HubOffline, message: "hub home is offline".into() };
+        assert_eq!(e.refusal(), Some(RefusalReason::HubOffline));
+        assert!(e.to_string().contains("hub_offline") && e.to_string().contains("offline"));
+    }
+}

@@ -1,0 +1,174 @@
+//! One session: `SessionOpen` on a fresh stream, the relay's (or hub's) answer, then the
+//! end-to-end TLS handshake that pins the hub key.
+//!
+//! The relay splices bytes after `SessionAccepted`, so everything from here on is TLS the relay
+//! cannot read. The pinned-key verifier records a mismatch in a
+//! [`MismatchSlot`](keyway_proto::tls::MismatchSlot) so a wrong hub key is reported as
+//! [`ClientError::HubKeyMismatch`] naming both fingerprints rather than a bare TLS alert.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use keyway_proto::io::{read_frame, write_frame, FrameIoError};
+use keyway_proto::tls::MismatchSlot;
+use keyway_proto::{Frame, HubName, PublicKey, SessionPurpose};
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::ClientError;
+
+/// The two halves of a QUIC bidirectional stream as one tokio byte stream (what TLS runs over).
+#[derive(Debug)]
+pub struct QuicBiStream {
+    pub send: SendStream,
+    pub recv: RecvStream,
+}
+
+impl AsyncRead for QuicBiStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicBiStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+    }
+}
+
+/// An end-to-end encrypted byte stream to a hub's service.
+///
+/// `shutdown` sends TLS `close_notify` and finishes the QUIC stream (a half-close: reading
+/// still works until the hub closes its side).
+#[derive(Debug)]
+pub struct HubStream {
+    inner: tokio_rustls::client::TlsStream<QuicBiStream>,
+    hub_key: PublicKey,
+}
+
+impl HubStream {
+    /// The hub key this stream was authenticated against.
+    pub fn hub_key(&self) -> PublicKey {
+        self.hub_key
+    }
+
+    /// Aborts the stream at once in both directions (QUIC reset and stop-sending).
+    pub fn abort(&mut self) {
+        let io = self.inner.get_mut().0;
+        let _ = io.send.reset(crate::relay_link::codes::NORMAL);
+        let _ = io.recv.stop(crate::relay_link::codes::NORMAL);
+    }
+}
+
+impl AsyncRead for HubStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for HubStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Maps a failure on a session stream: if the whole connection is gone, say so (the caller
+/// may redial), else report what went wrong on the stream.
+fn stream_failure(conn: &Connection, what: &str, err: FrameIoError) -> ClientError {
+    if let Some(reason) = conn.close_reason() {
+        return ClientError::Connection(reason);
+    }
+    match err {
+        FrameIoError::Closed => ClientError::Protocol(format!("the relay closed the session stream {what}")),
+        FrameIoError::Frame(e) => ClientError::Protocol(format!("bad frame {what}: {e}")),
+        FrameIoError::Io(e) => ClientError::Io(e),
+    }
+}
+
+/// Opens a session stream, asks for `hub`, and waits for `SessionAccepted`.
+pub(crate) async fn open(
+    conn: &Connection,
+    hub: &HubName,
+    hub_key: &PublicKey,
+    purpose: SessionPurpose,
+    answer_timeout: Duration,
+) -> Result<QuicBiStream, ClientError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let open = Frame::SessionOpen { hub: hub.clone(), hub_key: *hub_key, purpose };
+    write_frame(&mut send, &open).await.map_err(|e| stream_failure(conn, "while asking for the hub", e))?;
+    let answer = match tokio::time::timeout(answer_timeout, read_frame(&mut recv)).await {
+        Ok(answer) => answer.map_err(|e| stream_failure(conn, "before answering", e))?,
+        Err(_) => {
+            let _ = send.reset(crate::relay_link::codes::NORMAL);
+            let _ = recv.stop(crate::relay_link::codes::NORMAL);
+            return Err(ClientError::Protocol(format!(
+                "no answer to the session request for hub {hub} within {}",
+                humantime::format_duration(answer_timeout)
+            )));
+        }
+    };
+    match answer {
+        Frame::SessionAccepted => Ok(QuicBiStream { send, recv }),
+        Frame::Refused { reason, message } => Err(ClientError::Refused { reason, message }),
+        other => {
+            Err(ClientError::Protocol(format!("expected SessionAccepted or Refused, got {}", other.name())))
+        }
+    }
+}
+
+/// Runs the end-to-end TLS client over an accepted session stream.
+pub(crate) async fn handshake(
+    config: Arc<rustls::ClientConfig>,
+    mismatch: &MismatchSlot,
+    hub_key: PublicKey,
+    stream: QuicBiStream,
+    timeout: Duration,
+) -> Result<HubStream, ClientError> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    match tokio::time::timeout(timeout, connector.connect(keyway_proto::tls::server_name(), stream)).await {
+        Ok(Ok(inner)) => Ok(HubStream { inner, hub_key }),
+        Ok(Err(e)) => Err(match mismatch.take() {
+            // The slot is shared by all sessions to this hub key, so a hit means the far end
+            // presented another key than `hub_key`, whichever session recorded it.
+            Some(m) => ClientError::HubKeyMismatch(m),
+            None => ClientError::HubRejected(e.to_string()),
+        }),
+        Err(_) => Err(ClientError::HubRejected(format!(
+            "the end-to-end TLS handshake did not finish within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}

@@ -1,0 +1,242 @@
+//! The `authorized_apps` file: which app keys may reach this hub, live-reloaded.
+//!
+//! The file is polled (mtime, size, inode) every second rather than watched with inotify:
+//! editors replace files in many ways, some filesystems have no change notification, and a
+//! second is within the "revoked at once" budget. On a change the new list replaces the
+//! shared [`AllowList`] (which the end-to-end TLS verifier reads), sessions of removed keys are
+//! cut by the caller, and subscribers are woken so the tunnel publishes the new `AllowList`
+//! frame to the relay.
+//!
+//! A file that no longer parses keeps the previous list (a typo while editing must not lock
+//! out every phone); the error is logged with its line number. A missing file is an empty
+//! list, so deleting the file revokes everyone.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::SystemTime;
+
+use keyway_proto::lists::{parse_authorized_apps, AppEntry};
+use keyway_proto::tls::AllowList;
+use keyway_proto::PublicKey;
+use tokio::sync::watch;
+
+use crate::HubError;
+
+/// What identifies one version of the file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+/// The outcome of a reload that changed the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppsChange {
+    /// Keys that are no longer authorized (their sessions must be cut).
+    pub removed: Vec<PublicKey>,
+    /// Keys newly authorized.
+    pub added: Vec<PublicKey>,
+    /// Size of the new list.
+    pub total: usize,
+}
+
+/// The live allow-list and the labels of its keys.
+#[derive(Debug)]
+pub struct Apps {
+    path: PathBuf,
+    allow: AllowList,
+    labels: RwLock<HashMap<PublicKey, String>>,
+    stamp: Mutex<Option<Stamp>>,
+    version: watch::Sender<u64>,
+}
+
+fn stamp_of(path: &Path) -> Result<Option<Stamp>, HubError> {
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            #[cfg(unix)]
+            let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+            #[cfg(not(unix))]
+            let inode = 0;
+            Ok(Some(Stamp { modified: meta.modified().ok(), len: meta.len(), inode }))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(HubError::AppsRead { path: path.into(), source }),
+    }
+}
+
+fn read_entries(path: &Path) -> Result<Vec<AppEntry>, HubError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            parse_authorized_apps(&text).map_err(|source| HubError::Apps { path: path.into(), source })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(HubError::AppsRead { path: path.into(), source }),
+    }
+}
+
+impl Apps {
+    /// Loads the file. At start-up a file that does not parse is an error (the owner is
+    /// there to fix it); later reloads keep the old list instead.
+    pub fn load(path: &Path) -> Result<Self, HubError> {
+        let stamp = stamp_of(path)?;
+        let entries = read_entries(path)?;
+        let (version, _) = watch::channel(0);
+        Ok(Self {
+            path: path.into(),
+            allow: AllowList::new(entries.iter().map(|e| e.key)),
+            labels: RwLock::new(entries.into_iter().map(|e| (e.key, e.label)).collect()),
+            stamp: Mutex::new(stamp),
+            version,
+        })
+    }
+
+    /// The shared allow-list (clones see every later change).
+    pub fn allow_list(&self) -> AllowList {
+        self.allow.clone()
+    }
+
+    /// Whether `key` is authorized right now.
+    pub fn contains(&self, key: &PublicKey) -> bool {
+        self.allow.contains(key)
+    }
+
+    /// The owner's label for `key` (empty if none or unknown).
+    pub fn label(&self, key: &PublicKey) -> String {
+        self.labels.read().ok().and_then(|l| l.get(key).cloned()).unwrap_or_default()
+    }
+
+    /// The file being watched.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A receiver that is marked changed whenever the list changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Re-reads the file if its stamp changed. `Ok(None)`: nothing changed. An unreadable or
+    /// unparsable file is an error and leaves the current list in force.
+    pub fn reload_if_changed(&self) -> Result<Option<AppsChange>, HubError> {
+        let stamp = stamp_of(&self.path)?;
+        {
+            let Ok(mut seen) = self.stamp.lock() else { return Ok(None) };
+            if *seen == stamp {
+                return Ok(None);
+            }
+            // Record the stamp before parsing so a bad file is reported once, not every second.
+            *seen = stamp;
+        }
+        let entries = read_entries(&self.path)?;
+        let before = self.allow.snapshot();
+        let removed = self.allow.replace(entries.iter().map(|e| e.key));
+        let added: Vec<PublicKey> = entries.iter().map(|e| e.key).filter(|k| !before.contains(k)).collect();
+        let total = entries.len();
+        if let Ok(mut labels) = self.labels.write() {
+            *labels = entries.into_iter().map(|e| (e.key, e.label)).collect();
+        }
+        if removed.is_empty() && added.is_empty() {
+            return Ok(None);
+        }
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(Some(AppsChange { removed, added, total }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyway_proto::Identity;
+
+    fn key(seed: u8) -> PublicKey {
+        Identity::from_seed([seed; 32]).public_key()
+    }
+
+    /// Writes via a temp file and rename, as editors do, so the inode changes even when
+    /// mtime granularity is coarse.
+    fn write(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    #[test]
+    fn missing_file_is_an_empty_list_and_creation_is_picked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_apps");
+        let apps = Apps::load(&path).unwrap();
+        assert!(apps.allow_list().is_empty());
+        assert_eq!(apps.reload_if_changed().unwrap(), None);
+
+        let mut rx = apps.subscribe();
+        write(&path, &format!("{} Anna's phone\n", key(1)));
+        let change = apps.reload_if_changed().unwrap().unwrap();
+        assert_eq!(change, AppsChange { removed: vec![], added: vec![key(1)], total: 1 });
+        assert!(apps.contains(&key(1)));
+        assert_eq!(apps.label(&key(1)), "Anna's phone");
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        assert_eq!(apps.reload_if_changed().unwrap(), None, "unchanged file is not re-read");
+        assert!(!rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn removal_is_reported_and_shared_lists_see_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_apps");
+        write(&path, &format!("{}\n{} tablet\n", key(1), key(2)));
+        let apps = Apps::load(&path).unwrap();
+        let shared = apps.allow_list();
+        assert!(shared.contains(&key(1)) && shared.contains(&key(2)));
+
+        write(&path, &format!("# revoked the phone\n{} tablet\n", key(2)));
+        let change = apps.reload_if_changed().unwrap().unwrap();
+        assert_eq!(change.removed, vec![key(1)]);
+        assert!(change.added.is_empty());
+        assert!(!shared.contains(&key(1)) && shared.contains(&key(2)));
+
+        std::fs::remove_file(&path).unwrap();
+        let change = apps.reload_if_changed().unwrap().unwrap();
+        assert_eq!(change.removed, vec![key(2)]);
+        assert!(shared.is_empty(), "deleting the file revokes everyone");
+    }
+
+    #[test]
+    fn a_broken_file_keeps_the_old_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_apps");
+        write(&path, &format!("{}\n", key(1)));
+        let apps = Apps::load(&path).unwrap();
+        write(&path, &format!("{}\nnot-a-key oops\n", key(1)));
+        let err = apps.reload_if_changed().unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(apps.contains(&key(1)));
+        // Reported once, not on every poll.
+        assert_eq!(apps.reload_if_changed().unwrap(), None);
+        // Fixing the file applies it.
+        write(&path, &format!("{}\n", key(3)));
+        let change = apps.reload_if_changed().unwrap().unwrap();
+        assert_eq!((change.removed, change.added), (vec![key(1)], vec![key(3)]));
+    }
+
+    #[test]
+    fn a_broken_file_at_start_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_apps");
+        write(&path, "garbage\n");
+        assert!(matches!(Apps::load(&path), Err(HubError::Apps { .. })));
+    }
+
+    #[test]
+    fn label_only_edits_do_not_republish() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_apps");
+        write(&path, &format!("{} old\n", key(1)));
+        let apps = Apps::load(&path).unwrap();
+        write(&path, &format!("{} new label\n", key(1)));
+        assert_eq!(apps.reload_if_changed().unwrap(), None);
+        assert_eq!(apps.label(&key(1)), "new label");
+    }
+}
