@@ -93,8 +93,19 @@ fn a_plain_http_client_reaches_the_hub_through_keyway_forward() {
     let _hub = Bin::spawn(
         "keyway-hub",
         &[
-            "run", "--relay", &relay_addr, "--relay-key", &relay_key, "--name", "home", "--key", "hub.key",
-            "--apps", "authorized_apps", "--forward", &web_addr,
+            "run",
+            "--relay",
+            &relay_addr,
+            "--relay-key",
+            &relay_key,
+            "--name",
+            "home",
+            "--key",
+            "hub.key",
+            "--apps",
+            "authorized_apps",
+            "--forward",
+            &web_addr,
         ],
         path,
     );

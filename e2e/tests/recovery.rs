@@ -41,7 +41,8 @@ async fn the_hub_re_registers_by_itself_after_a_relay_restart() {
 
     let relay = relay.restart().await;
     eventually("hub registers again", || async {
-        (hub.stats().registrations() > registrations && relay.handle.stats().hubs_connected() == 1).then_some(())
+        (hub.stats().registrations() > registrations && relay.handle.stats().hubs_connected() == 1)
+            .then_some(())
     })
     .await;
     let app = client(&relay, app_id);

@@ -11,8 +11,9 @@ use keyway_proto::RefusalReason;
 async fn wrong_relay_key_names_both_fingerprints() {
     let relay = TestRelay::start(&[]).await;
     let wrong = identity().public_key();
-    let client = keyway_client::Client::new(keyway_client::ClientConfig::new(identity(), relay.addr(), wrong))
-        .unwrap();
+    let client =
+        keyway_client::Client::new(keyway_client::ClientConfig::new(identity(), relay.addr(), wrong))
+            .unwrap();
     let err = client.connect(&name("home"), &identity().public_key()).await.err().expect("must fail");
     match &err {
         ClientError::RelayKeyMismatch(m) => {
@@ -29,8 +30,7 @@ async fn wrong_relay_key_names_both_fingerprints() {
 async fn session_refusals_are_typed() {
     let (hub_id, app_id, stranger) = (identity(), identity(), identity());
     let offline_hub = identity();
-    let relay =
-        TestRelay::start(&[("home", hub_id.public_key()), ("cabin", offline_hub.public_key())]).await;
+    let relay = TestRelay::start(&[("home", hub_id.public_key()), ("cabin", offline_hub.public_key())]).await;
     let service = echo_service(b"").await;
     let (hub, _) = start_hub(&relay, "home", hub_id.duplicate(), &[app_id.public_key()], service).await;
     hub.wait_registered(PATIENCE).await.unwrap();
