@@ -83,14 +83,25 @@ impl Client {
         let timeout = self.inner.config.session_timeout();
         let (conn, fresh) = self.relay_connection(None).await?;
         let stream = match session::open(&conn, hub, hub_key, SessionPurpose::Connect, timeout).await {
+            Ok(stream) => stream,
             // The cached connection died since its last use (relay restart, network change):
             // redial once. A freshly dialed connection that fails is reported as is.
-            Err(ClientError::Connection(e)) if !fresh => {
-                tracing::debug!(error = %e, "relay connection was closed; redialing");
+            Err(f) if !fresh && matches!(f.error, ClientError::Connection(_)) => {
+                tracing::debug!(error = %f.error, "relay connection was closed; redialing");
                 let (conn, _) = self.relay_connection(Some(&conn)).await?;
-                session::open(&conn, hub, hub_key, SessionPurpose::Connect, timeout).await?
+                session::open(&conn, hub, hub_key, SessionPurpose::Connect, timeout)
+                    .await
+                    .map_err(|f| f.error)?
             }
-            other => other?,
+            Err(f) => {
+                if f.no_answer {
+                    // A relay that vanished without closing looks exactly like this. Do not
+                    // close the connection (other sessions may still be fine on it), but let
+                    // the next `connect` dial a fresh one instead of waiting on it again.
+                    self.forget(&conn).await;
+                }
+                return Err(f.error);
+            }
         };
         let (tls, mismatch) = self.e2e_config(hub_key)?;
         session::handshake(tls, &mismatch, *hub_key, stream, timeout).await
@@ -131,6 +142,14 @@ impl Client {
         tracing::debug!(relay = %self.inner.config.relay_addr, "connected to relay");
         *slot = Some(conn.clone());
         Ok((conn, true))
+    }
+
+    /// Drops `conn` from the cache if it is still the cached connection.
+    async fn forget(&self, conn: &Connection) {
+        let mut slot = self.inner.conn.lock().await;
+        if slot.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            *slot = None;
+        }
     }
 
     fn e2e_config(

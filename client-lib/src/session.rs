@@ -3,7 +3,7 @@
 //!
 //! The relay splices bytes after `SessionAccepted`, so everything from here on is TLS the relay
 //! cannot read. The pinned-key verifier records a mismatch in a
-//! [`MismatchSlot`](keyway_proto::tls::MismatchSlot) so a wrong hub key is reported as
+//! [`MismatchSlot`] so a wrong hub key is reported as
 //! [`ClientError::HubKeyMismatch`] naming both fingerprints rather than a bare TLS alert.
 
 use std::io;
@@ -118,6 +118,20 @@ fn stream_failure(conn: &Connection, what: &str, err: FrameIoError) -> ClientErr
     }
 }
 
+/// Why [`open`] failed, and whether the relay simply never answered (which, on a connection
+/// that looked healthy, suggests the relay is gone without having closed it).
+#[derive(Debug)]
+pub(crate) struct OpenFailure {
+    pub(crate) error: ClientError,
+    pub(crate) no_answer: bool,
+}
+
+impl From<ClientError> for OpenFailure {
+    fn from(error: ClientError) -> Self {
+        Self { error, no_answer: false }
+    }
+}
+
 /// Opens a session stream, asks for `hub`, and waits for `SessionAccepted`.
 pub(crate) async fn open(
     conn: &Connection,
@@ -125,8 +139,8 @@ pub(crate) async fn open(
     hub_key: &PublicKey,
     purpose: SessionPurpose,
     answer_timeout: Duration,
-) -> Result<QuicBiStream, ClientError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
+) -> Result<QuicBiStream, OpenFailure> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(ClientError::from)?;
     let open = Frame::SessionOpen { hub: hub.clone(), hub_key: *hub_key, purpose };
     write_frame(&mut send, &open).await.map_err(|e| stream_failure(conn, "while asking for the hub", e))?;
     let answer = match tokio::time::timeout(answer_timeout, read_frame(&mut recv)).await {
@@ -134,17 +148,19 @@ pub(crate) async fn open(
         Err(_) => {
             let _ = send.reset(crate::relay_link::codes::NORMAL);
             let _ = recv.stop(crate::relay_link::codes::NORMAL);
-            return Err(ClientError::Protocol(format!(
+            let error = ClientError::Protocol(format!(
                 "no answer to the session request for hub {hub} within {}",
                 humantime::format_duration(answer_timeout)
-            )));
+            ));
+            return Err(OpenFailure { error, no_answer: true });
         }
     };
     match answer {
         Frame::SessionAccepted => Ok(QuicBiStream { send, recv }),
-        Frame::Refused { reason, message } => Err(ClientError::Refused { reason, message }),
+        Frame::Refused { reason, message } => Err(ClientError::Refused { reason, message }.into()),
         other => {
-            Err(ClientError::Protocol(format!("expected SessionAccepted or Refused, got {}", other.name())))
+            let what = format!("expected SessionAccepted or Refused, got {}", other.name());
+            Err(ClientError::Protocol(what).into())
         }
     }
 }

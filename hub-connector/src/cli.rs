@@ -51,7 +51,7 @@ pub struct RunArgs {
     /// The hub's key file (created with mode 0600 if missing).
     #[arg(long, env = "KEYWAY_HUB_KEY")]
     pub key: PathBuf,
-    /// The authorized_apps file ("KEY [LABEL]" lines; re-read on change; missing = none).
+    /// The authorized_apps file (`KEY [LABEL]` lines; re-read on change; missing = none).
     #[arg(long, env = "KEYWAY_HUB_APPS")]
     pub apps: PathBuf,
     /// The local TCP service to expose, e.g. 127.0.0.1:8123.

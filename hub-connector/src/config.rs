@@ -23,7 +23,7 @@ pub struct HubConfig {
     pub name: HubName,
     /// The hub's own key; apps pin its public half.
     pub identity: Identity,
-    /// `authorized_apps` ("KEY [LABEL]" lines). Re-read when it changes (polled every
+    /// `authorized_apps` (`KEY [LABEL]` lines). Re-read when it changes (polled every
     /// second); a missing file is an empty list.
     pub apps_file: PathBuf,
     /// The local TCP service every accepted session is bridged to.
