@@ -14,7 +14,7 @@ async fn wrong_relay_key_names_both_fingerprints() {
     let client =
         keyway_client::Client::new(keyway_client::ClientConfig::new(identity(), relay.addr(), wrong))
             .unwrap();
-    let err = client.connect(&name("home"), &identity().public_key()).await.err().expect("must fail");
+    let err = client.connect(&name("home"), &identity().public_key()).await.expect_err("must fail");
     match &err {
         ClientError::RelayKeyMismatch(m) => {
             assert_eq!(m.expected, wrong);
