@@ -1,4 +1,4 @@
-//! The `keyway` command line: `keygen`, `pubkey` and `forward`.
+//! The `keyway` command line: `keygen`, `pubkey`, `pair` and `forward`.
 //!
 //! Every flag of `forward` can also come from an environment variable (`KEYWAY_*`) or from a
 //! TOML file named by `--config` / `KEYWAY_CONFIG` (keys named like the flags), layered by
@@ -38,6 +38,18 @@ pub enum Command {
     Pubkey(PubkeyArgs),
     /// Listen on a local TCP address and forward each connection to a hub's service.
     Forward(ForwardArgs),
+    /// Pair this app key with a hub using the code `keyway-hub pair` printed, and remember
+    /// the hub (next to the key, in KEY.hubs.toml) so `forward --hub NAME` needs nothing else.
+    Pair(PairArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PairArgs {
+    /// The pairing code (a keyway://pair?... URI).
+    pub code: String,
+    /// This app's key file (created with mode 0600 if missing).
+    #[arg(long, env = "KEYWAY_KEY")]
+    pub key: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,18 +67,18 @@ pub struct PubkeyArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ForwardArgs {
-    /// Relay address (HOST:PORT, UDP).
+    /// Relay address (HOST:PORT, UDP). Default: what pairing with the hub recorded.
     #[arg(long, env = "KEYWAY_RELAY")]
-    pub relay: String,
-    /// The relay's public key (pinned).
+    pub relay: Option<String>,
+    /// The relay's public key (pinned). Default: what pairing with the hub recorded.
     #[arg(long, env = "KEYWAY_RELAY_KEY")]
-    pub relay_key: PublicKey,
+    pub relay_key: Option<PublicKey>,
     /// Name of the hub to reach.
     #[arg(long, env = "KEYWAY_HUB")]
     pub hub: HubName,
-    /// The hub's public key (pinned).
+    /// The hub's public key (pinned). Default: what pairing with the hub recorded.
     #[arg(long, env = "KEYWAY_HUB_KEY")]
-    pub hub_key: PublicKey,
+    pub hub_key: Option<PublicKey>,
     /// This app's key file (create one with `keyway keygen`).
     #[arg(long, env = "KEYWAY_KEY")]
     pub key: PathBuf,
@@ -143,7 +155,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(forward(args))
         }
+        Command::Pair(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(pair(args))
+        }
     }
+}
+
+async fn pair(args: PairArgs) -> anyhow::Result<()> {
+    let code: crate::PairingCode = args.code.parse()?;
+    let (identity, created) = Identity::load_or_create(&args.key)?;
+    let key = identity.public_key();
+    if created {
+        eprintln!("created app key {} (mode 0600)", args.key.display());
+    }
+    eprintln!("pairing app key {} with hub {} via relay {}", key.fingerprint(), code.hub, code.relay);
+    let paired = crate::pair(&code, identity).await?;
+    let store_path = crate::known_hubs::path_for_key(&args.key);
+    let mut store = crate::known_hubs::KnownHubs::load(&store_path)?;
+    store.insert(paired.clone());
+    store.save()?;
+    eprintln!(
+        "paired with hub {} (key {}); recorded in {}\nnow run: keyway forward --hub {} --key {} --listen 127.0.0.1:PORT",
+        paired.hub,
+        paired.hub_key.fingerprint(),
+        store_path.display(),
+        paired.hub,
+        args.key.display()
+    );
+    Ok(())
+}
+
+/// Fills the relay and hub key of `args` from the app key's known hubs where not given.
+fn resolve_target(args: &ForwardArgs) -> anyhow::Result<(String, PublicKey, PublicKey)> {
+    if let (Some(relay), Some(relay_key), Some(hub_key)) = (&args.relay, args.relay_key, args.hub_key) {
+        return Ok((relay.clone(), relay_key, hub_key));
+    }
+    let store_path = crate::known_hubs::path_for_key(&args.key);
+    let store = crate::known_hubs::KnownHubs::load(&store_path)?;
+    let known = store.get(&args.hub).with_context(|| {
+        format!(
+            "hub {} is not in {}: pair with it first (keyway pair CODE --key {}) or pass \
+             --relay, --relay-key and --hub-key",
+            args.hub,
+            store_path.display(),
+            args.key.display()
+        )
+    })?;
+    Ok((
+        args.relay.clone().unwrap_or_else(|| known.relay.clone()),
+        args.relay_key.unwrap_or(known.relay_key),
+        args.hub_key.unwrap_or(known.hub_key),
+    ))
 }
 
 fn keygen(out: &Path) -> anyhow::Result<()> {
@@ -159,8 +222,9 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     let identity = Identity::load(&args.key).with_context(|| {
         format!("cannot load the app key (create one with: keyway keygen --out {})", args.key.display())
     })?;
-    let relay = resolve(&args.relay)?;
-    let mut config = ClientConfig::new(identity, relay, args.relay_key);
+    let (relay, relay_key, hub_key) = resolve_target(&args)?;
+    let relay = resolve(&relay)?;
+    let mut config = ClientConfig::new(identity, relay, relay_key);
     config.connect_timeout = args.connect_timeout;
     config.keep_alive = args.keep_alive;
     config.idle_timeout = args.idle_timeout;
@@ -171,12 +235,12 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     tracing::info!(
         listen = %listener.local_addr()?,
         hub = %args.hub,
-        hub_key = %args.hub_key.fingerprint(),
+        hub_key = %hub_key.fingerprint(),
         relay = %relay,
         app_key = %client.public_key(),
         "forwarding"
     );
-    crate::forward::run(client.clone(), args.hub, args.hub_key, listener, shutdown_signal()).await?;
+    crate::forward::run(client.clone(), args.hub, hub_key, listener, shutdown_signal()).await?;
     client.close().await;
     Ok(())
 }
@@ -241,7 +305,7 @@ mod tests {
         ])
         .unwrap();
         let Command::Forward(f) = cli.command else { panic!("not forward") };
-        assert_eq!(f.relay_key, key(1));
+        assert_eq!(f.relay_key, Some(key(1)));
         assert_eq!(f.hub.as_str(), "home");
         assert_eq!(f.keep_alive, Duration::from_secs(10));
         assert_eq!(f.connect_timeout, Duration::from_secs(5));
@@ -260,6 +324,35 @@ mod tests {
         assert!(with(&["--relay-key", "nope", "--hub", "home", "--hub-key", &hk]).is_err());
         assert!(with(&["--relay-key", &hk, "--hub", "Home!", "--hub-key", &hk]).is_err());
         assert!(with(&["--relay-key", &hk, "--hub", "home", "--hub-key", &hk]).is_ok());
+        assert!(with(&["--hub", "home"]).is_ok(), "relay and keys may come from pairing");
+    }
+
+    #[test]
+    fn forward_without_relay_needs_a_paired_hub() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("app.key");
+        let key_arg = key_file.to_str().unwrap();
+        let args = |extra: &[&str]| {
+            let mut a =
+                vec!["keyway", "forward", "--hub", "home", "--key", key_arg, "--listen", "127.0.0.1:1"];
+            a.extend_from_slice(extra);
+            let Command::Forward(f) = Cli::try_parse_from(a).unwrap().command else { panic!("not forward") };
+            f
+        };
+        let err = resolve_target(&args(&[])).unwrap_err().to_string();
+        assert!(err.contains("pair with it first"), "{err}");
+        let mut store =
+            crate::known_hubs::KnownHubs::load(&crate::known_hubs::path_for_key(&key_file)).unwrap();
+        store.insert(crate::PairedHub {
+            relay: "127.0.0.1:9".into(),
+            relay_key: key(1),
+            hub: "home".parse().unwrap(),
+            hub_key: key(2),
+        });
+        store.save().unwrap();
+        assert_eq!(resolve_target(&args(&[])).unwrap(), ("127.0.0.1:9".into(), key(1), key(2)));
+        let rk = key(3).to_string();
+        assert_eq!(resolve_target(&args(&["--relay-key", &rk])).unwrap().1, key(3), "flags win");
     }
 
     #[test]

@@ -42,6 +42,12 @@ pub enum ClientError {
     /// A TLS configuration or handshake problem not covered above.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The hub answered a pairing request with something other than success.
+    #[error("pairing refused by the hub ({status}): {message}")]
+    PairingRejected { status: crate::pairing::PairStatus, message: String },
+    /// A pairing code could not be understood.
+    #[error(transparent)]
+    BadPairingCode(#[from] crate::pairing::BadPairingCode),
     /// Local I/O failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

@@ -21,6 +21,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod known_hubs;
+pub mod pairing;
 pub mod relay_link;
 pub mod session;
 
@@ -33,6 +35,7 @@ use quinn::{Connection, Endpoint};
 
 pub use config::ClientConfig;
 pub use error::ClientError;
+pub use pairing::{pair, PairedHub, PairingCode};
 pub use session::HubStream;
 
 /// A handle on the app's relay link. Cheap to clone; clones share the endpoint and connection.
@@ -80,18 +83,28 @@ impl Client {
 
     /// Opens an end-to-end encrypted stream to the service behind hub `hub`, pinning `hub_key`.
     pub async fn connect(&self, hub: &HubName, hub_key: &PublicKey) -> Result<HubStream, ClientError> {
+        self.connect_for(hub, hub_key, SessionPurpose::Connect).await
+    }
+
+    /// [`connect`](Client::connect) with an explicit purpose. `Pair` sessions use a fresh TLS
+    /// config with resumption disabled: the hub accepts any app key on a pairing session, and
+    /// nothing learned there should be reused for (or confused with) authorized sessions.
+    pub async fn connect_for(
+        &self,
+        hub: &HubName,
+        hub_key: &PublicKey,
+        purpose: SessionPurpose,
+    ) -> Result<HubStream, ClientError> {
         let timeout = self.inner.config.session_timeout();
         let (conn, fresh) = self.relay_connection(None).await?;
-        let stream = match session::open(&conn, hub, hub_key, SessionPurpose::Connect, timeout).await {
+        let stream = match session::open(&conn, hub, hub_key, purpose, timeout).await {
             Ok(stream) => stream,
             // The cached connection died since its last use (relay restart, network change):
             // redial once. A freshly dialed connection that fails is reported as is.
             Err(f) if !fresh && matches!(f.error, ClientError::Connection(_)) => {
                 tracing::debug!(error = %f.error, "relay connection was closed; redialing");
                 let (conn, _) = self.relay_connection(Some(&conn)).await?;
-                session::open(&conn, hub, hub_key, SessionPurpose::Connect, timeout)
-                    .await
-                    .map_err(|f| f.error)?
+                session::open(&conn, hub, hub_key, purpose, timeout).await.map_err(|f| f.error)?
             }
             Err(f) => {
                 if f.no_answer {
@@ -103,7 +116,18 @@ impl Client {
                 return Err(f.error);
             }
         };
-        let (tls, mismatch) = self.e2e_config(hub_key)?;
+        let (tls, mismatch) = match purpose {
+            SessionPurpose::Connect => self.e2e_config(hub_key)?,
+            SessionPurpose::Pair => {
+                let (mut config, slot) = keyway_proto::tls::client_config(
+                    &self.inner.config.identity,
+                    *hub_key,
+                    keyway_proto::ALPN_E2E,
+                )?;
+                config.resumption = rustls::client::Resumption::disabled();
+                (Arc::new(config), slot)
+            }
+        };
         session::handshake(tls, &mismatch, *hub_key, stream, timeout).await
     }
 

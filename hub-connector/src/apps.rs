@@ -10,6 +10,10 @@
 //! A file that no longer parses keeps the previous list (a typo while editing must not lock
 //! out every phone); the error is logged with its line number. A missing file is an empty
 //! list, so deleting the file revokes everyone.
+//!
+//! [`add_app`] and [`revoke_apps`] edit the file for `keyway-hub pair` / `apps revoke`: line by
+//! line (comments and the owner's layout survive), written to a temporary file and renamed
+//! over the original (the watcher never sees half a file), keeping the original's mode.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -145,10 +149,178 @@ impl Apps {
     }
 }
 
+/// Which entries of `authorized_apps` a revocation names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppSelector {
+    Key(PublicKey),
+    Label(String),
+}
+
+impl AppSelector {
+    /// A `kw…` key if it parses as one, else a label.
+    pub fn parse(text: &str) -> Self {
+        match text.trim().parse::<PublicKey>() {
+            Ok(key) => AppSelector::Key(key),
+            Err(_) => AppSelector::Label(text.trim().to_owned()),
+        }
+    }
+}
+
+/// Why editing `authorized_apps` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error(transparent)]
+    Load(#[from] HubError),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("no authorized app matches {0}")]
+    NoMatch(String),
+    #[error("label {label:?} names {count} apps; revoke them by key (see `keyway-hub apps list`)")]
+    Ambiguous { label: String, count: usize },
+}
+
+/// The entries of `authorized_apps` (a missing file is empty).
+pub fn list_apps(path: &Path) -> Result<Vec<AppEntry>, HubError> {
+    read_entries(path)
+}
+
+/// A label as it can be stored on one line: no control characters, trimmed.
+pub fn clean_label(label: &str) -> String {
+    label.chars().filter(|c| !c.is_control()).collect::<String>().trim().to_owned()
+}
+
+/// Replaces `path` with `text` atomically, keeping its mode (0644 for a new file: it holds
+/// public keys only).
+fn write_atomically(path: &Path, text: &str) -> Result<(), EditError> {
+    use std::io::Write;
+    let err = |source| EditError::Write { path: path.into(), source };
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o644);
+        options.mode(mode);
+    }
+    let result = (|| {
+        let mut f = options.open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+/// Appends `KEY LABEL` to `path` unless the key is already there. Returns whether it was added.
+pub fn add_app(path: &Path, key: &PublicKey, label: &str) -> Result<bool, EditError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => return Err(HubError::AppsRead { path: path.into(), source }.into()),
+    };
+    let entries =
+        parse_authorized_apps(&text).map_err(|source| HubError::Apps { path: path.into(), source })?;
+    if entries.iter().any(|e| e.key == *key) {
+        return Ok(false);
+    }
+    let mut out = text;
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    let label = clean_label(label);
+    if label.is_empty() {
+        out.push_str(&format!("{key}\n"));
+    } else {
+        out.push_str(&format!("{key} {label}\n"));
+    }
+    write_atomically(path, &out)?;
+    Ok(true)
+}
+
+/// Removes the entries `selector` names; a label must name exactly one app (two phones both
+/// called "phone" are revoked by key, not guessed). Returns the removed entries.
+pub fn revoke_apps(path: &Path, selector: &AppSelector) -> Result<Vec<AppEntry>, EditError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => return Err(HubError::AppsRead { path: path.into(), source }.into()),
+    };
+    let entries =
+        parse_authorized_apps(&text).map_err(|source| HubError::Apps { path: path.into(), source })?;
+    let victims: Vec<AppEntry> = entries
+        .into_iter()
+        .filter(|e| match selector {
+            AppSelector::Key(k) => e.key == *k,
+            AppSelector::Label(l) => e.label == *l,
+        })
+        .collect();
+    match (selector, victims.len()) {
+        (AppSelector::Key(k), 0) => return Err(EditError::NoMatch(format!("key {}", k.fingerprint()))),
+        (AppSelector::Label(l), 0) => return Err(EditError::NoMatch(format!("label {l:?}"))),
+        (AppSelector::Label(l), n) if n > 1 => {
+            return Err(EditError::Ambiguous { label: l.clone(), count: n })
+        }
+        _ => {}
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        let revoked = !line.trim_start().starts_with('#')
+            && first.parse::<PublicKey>().is_ok_and(|k| victims.iter().any(|v| v.key == k));
+        if !revoked {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    write_atomically(path, &out)?;
+    Ok(victims)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use keyway_proto::Identity;
+
+    #[test]
+    fn add_and_revoke_edit_lines_and_keep_the_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_apps");
+        std::fs::write(&path, format!("# my apps\n{} laptop\n", key(1))).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        assert!(add_app(&path, &key(2), "Anna's\nphone").unwrap());
+        assert!(!add_app(&path, &key(2), "again").unwrap(), "no duplicates");
+        assert!(add_app(&path, &key(3), "phone").unwrap());
+        assert!(add_app(&path, &key(4), "phone").unwrap());
+        let apps = list_apps(&path).unwrap();
+        assert_eq!(apps.len(), 4);
+        assert_eq!(apps[1].label, "Anna'sphone", "control characters cannot inject lines");
+
+        let err = revoke_apps(&path, &AppSelector::parse("phone")).unwrap_err();
+        assert!(matches!(err, EditError::Ambiguous { count: 2, .. }), "{err}");
+        let gone = revoke_apps(&path, &AppSelector::parse("laptop")).unwrap();
+        assert_eq!(gone[0].key, key(1));
+        let gone = revoke_apps(&path, &AppSelector::parse(&key(3).to_string())).unwrap();
+        assert_eq!(gone[0].label, "phone");
+        assert!(matches!(revoke_apps(&path, &AppSelector::Key(key(3))), Err(EditError::NoMatch(_))));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# my apps\n"), "{text}");
+        assert_eq!(list_apps(&path).unwrap().iter().map(|e| e.key).collect::<Vec<_>>(), vec![key(2), key(4)]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
 
     fn key(seed: u8) -> PublicKey {
         Identity::from_seed([seed; 32]).public_key()

@@ -1,4 +1,10 @@
-//! The `keyway-hub` command line: `run` (the connector daemon) and `pubkey`.
+//! The `keyway-hub` command line: `run` (the connector daemon), `pair` (open a pairing
+//! window and print its one-time code), `apps list` / `apps revoke`, and `pubkey`.
+//!
+//! `pair` and `apps revoke` talk to a running `run` only through files next to
+//! `authorized_apps` (the window file, and `authorized_apps` itself), which the connector
+//! polls every 250 ms: no socket to secure, and they work the same whether or not the
+//! connector is running.
 //!
 //! Every flag of `run` can also come from an environment variable (`KEYWAY_HUB_*`) or from a
 //! TOML file named by `--config` / `KEYWAY_HUB_CONFIG`, layered by
@@ -35,6 +41,68 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the hub's public key.
     Pubkey(PubkeyArgs),
+    /// Open a pairing window and print a one-time pairing code (URI and QR code) for an app.
+    Pair(PairArgs),
+    /// List or revoke authorized apps.
+    #[command(subcommand)]
+    Apps(AppsCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PairArgs {
+    /// Relay address as apps should dial it (HOST:PORT, UDP).
+    #[arg(long, env = "KEYWAY_HUB_RELAY")]
+    pub relay: String,
+    /// The relay's public key.
+    #[arg(long, env = "KEYWAY_HUB_RELAY_KEY")]
+    pub relay_key: PublicKey,
+    /// The hub's name at the relay.
+    #[arg(long, env = "KEYWAY_HUB_NAME")]
+    pub name: HubName,
+    /// The hub's key file.
+    #[arg(long, env = "KEYWAY_HUB_KEY")]
+    pub key: PathBuf,
+    /// The authorized_apps file of the running connector (the window file goes next to it).
+    #[arg(long, env = "KEYWAY_HUB_APPS")]
+    pub apps: PathBuf,
+    /// Label of the new app in authorized_apps, e.g. "Anna's phone".
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// How long the code stays valid.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Print the code and return at once instead of waiting for the app to pair.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Do not print the QR code.
+    #[arg(long)]
+    pub no_qr: bool,
+}
+
+/// `keyway-hub apps …`
+#[derive(Debug, Subcommand)]
+pub enum AppsCommand {
+    /// List authorized apps (key, fingerprint, label).
+    List(AppsFileArg),
+    /// Revoke an app by key or label: the running connector drops its sessions (and the
+    /// relay's) within a poll interval, and every later attempt is refused.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AppsFileArg {
+    /// The authorized_apps file.
+    #[arg(long, env = "KEYWAY_HUB_APPS")]
+    pub apps: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RevokeArgs {
+    /// The authorized_apps file.
+    #[arg(long, env = "KEYWAY_HUB_APPS")]
+    pub apps: PathBuf,
+    /// The app's key (kw…) or its exact label.
+    pub app: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +143,10 @@ pub struct RunArgs {
     /// Largest reconnect delay.
     #[arg(long, env = "KEYWAY_HUB_BACKOFF_MAX", default_value = "30s", value_parser = parse_duration)]
     pub backoff_max: Duration,
+    /// Send a PROXY protocol v2 header (the app's observed address) to the local service
+    /// before each session's bytes. Only enable it if the service expects one.
+    #[arg(long, env = "KEYWAY_HUB_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -112,6 +184,7 @@ impl RunArgs {
         config.connect_timeout = self.connect_timeout;
         config.backoff_min = self.backoff_min;
         config.backoff_max = self.backoff_max;
+        config.proxy_protocol = self.proxy_protocol;
         Ok(config)
     }
 }
@@ -142,6 +215,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", identity.public_key());
             Ok(())
         }
+        Command::Pair(args) => pair(args),
+        Command::Apps(AppsCommand::List(args)) => {
+            let apps = crate::apps::list_apps(&args.apps)?;
+            if apps.is_empty() {
+                eprintln!("no authorized apps in {} (pair one with `keyway-hub pair`)", args.apps.display());
+            }
+            for app in apps {
+                println!("{}  {}  {}", app.key, app.key.fingerprint(), app.label);
+            }
+            Ok(())
+        }
+        Command::Apps(AppsCommand::Revoke(args)) => {
+            let selector = crate::apps::AppSelector::parse(&args.app);
+            for app in crate::apps::revoke_apps(&args.apps, &selector)? {
+                println!("revoked {} ({}) {}", app.key, app.key.fingerprint(), app.label);
+            }
+            eprintln!(
+                "a running connector cuts this app's sessions within {} ms and the relay refuses it from then on",
+                crate::tunnel::POLL_INTERVAL.as_millis()
+            );
+            Ok(())
+        }
         Command::Run(args) => {
             let (identity, created) = Identity::load_or_create(&args.key)?;
             let key = identity.public_key();
@@ -160,6 +255,71 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn pair(args: PairArgs) -> anyhow::Result<()> {
+    let identity = Identity::load(&args.key)?;
+    let relay_key = args.relay_key;
+    let before: Vec<PublicKey> = crate::apps::list_apps(&args.apps)?.into_iter().map(|a| a.key).collect();
+    let secret = crate::pairing::open_window(&args.apps, &args.label, args.ttl)?;
+    let code = keyway_client::PairingCode {
+        relay: args.relay.clone(),
+        relay_key,
+        hub: args.name.clone(),
+        hub_key: identity.public_key(),
+        secret,
+    };
+    let window = crate::pairing::window_path(&args.apps);
+    eprintln!(
+        "pairing window open for {} (label {:?}); on the app run: keyway pair CODE --key app.key",
+        humantime::format_duration(args.ttl),
+        args.label
+    );
+    // The code goes to stdout (and only there): it is the one place the secret exists.
+    println!("{code}");
+    if !args.no_qr {
+        match crate::pairing::render_qr(&code) {
+            Ok(qr) => eprintln!("{qr}"),
+            Err(e) => eprintln!("(no QR code: {e})"),
+        }
+    }
+    if args.no_wait {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let waited = async {
+            loop {
+                tokio::time::sleep(crate::tunnel::POLL_INTERVAL).await;
+                match crate::pairing::read_window(&window)? {
+                    Some(w) if w.is_open() => continue,
+                    Some(_) => {
+                        crate::pairing::close_window(&window)?;
+                        anyhow::bail!(
+                            "the pairing window closed without a pairing (expired or too many wrong secrets)"
+                        );
+                    }
+                    None => {
+                        let now = crate::apps::list_apps(&args.apps)?;
+                        match now.into_iter().find(|a| !before.contains(&a.key)) {
+                            Some(app) => {
+                                eprintln!("paired: {} ({}) {}", app.key, app.key.fingerprint(), app.label);
+                                return Ok(());
+                            }
+                            None => anyhow::bail!("the pairing window was closed without a pairing"),
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            result = waited => result,
+            _ = keyway_client::cli::shutdown_signal() => {
+                crate::pairing::close_window(&window)?;
+                anyhow::bail!("interrupted; pairing window closed")
+            }
+        }
+    })
 }
 
 #[cfg(test)]

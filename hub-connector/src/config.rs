@@ -43,6 +43,10 @@ pub struct HubConfig {
     /// Time allowed to connect to the local service before refusing a session as
     /// `ServiceUnavailable`.
     pub service_timeout: Duration,
+    /// Prefix each connection to the local service with a PROXY protocol v2 header carrying
+    /// the app's address as the relay observed it (so the service's logs and login bans see
+    /// the real caller instead of 127.0.0.1).
+    pub proxy_protocol: bool,
 }
 
 impl HubConfig {
@@ -69,6 +73,7 @@ impl HubConfig {
             backoff_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             service_timeout: Duration::from_secs(5),
+            proxy_protocol: false,
         }
     }
 

@@ -19,6 +19,8 @@ pub mod apps;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod pairing;
+pub mod proxy_protocol;
 pub mod session;
 pub mod tunnel;
 
@@ -38,6 +40,8 @@ pub struct HubStats {
     pub(crate) active: AtomicU64,
     pub(crate) registrations: AtomicU64,
     pub(crate) reconnects: AtomicU64,
+    pub(crate) paired: AtomicU64,
+    pub(crate) pairing_failures: AtomicU64,
 }
 
 impl HubStats {
@@ -61,6 +65,14 @@ impl HubStats {
     /// Successful registrations with the relay (the first one included).
     pub fn registrations(&self) -> u64 {
         self.registrations.load(Ordering::Relaxed)
+    }
+    /// Apps paired successfully.
+    pub fn paired(&self) -> u64 {
+        self.paired.load(Ordering::Relaxed)
+    }
+    /// Pairing attempts refused for a wrong secret (or a malformed request).
+    pub fn pairing_failures(&self) -> u64 {
+        self.pairing_failures.load(Ordering::Relaxed)
     }
     /// Times a registered tunnel was lost (or moved after `GoAway`) and reconnecting began.
     pub fn reconnects(&self) -> u64 {

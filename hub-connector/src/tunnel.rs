@@ -8,7 +8,8 @@
 //! * an application-level `Ping` every `ping_interval`: an unanswered ping by the next tick
 //!   means the tunnel is dead even if QUIC still thinks it is alive (liveness tests the path
 //!   through the relay, not a socket);
-//! * changes of `authorized_apps`, published to the relay as an `AllowList` frame.
+//! * changes of `authorized_apps` and of the pairing window, published to the relay as an
+//!   `AllowList` frame (with `pairing_open` set while a window is open).
 //!
 //! A refusal (`NameNotAuthorized`, `NameClaimed`, …) is shown in [`TunnelStatus::Refused`]
 //! but still retried with backoff: the relay owner may be about to add the hub to
@@ -66,10 +67,50 @@ pub(crate) struct Shared {
     /// One server config for the connector's lifetime, so rustls' session cache can let apps
     /// resume (the post-handshake re-check keeps resumption from bypassing revocation).
     pub(crate) tls: Arc<rustls::ServerConfig>,
+    /// The end-to-end TLS config of pairing sessions: admits any app key (the secret, checked
+    /// inside the session, is what authorizes it) and never resumes, so a pairing session
+    /// leaves nothing behind that an authorized session could reuse.
+    pub(crate) pair_tls: Arc<rustls::ServerConfig>,
+    /// The pairing window file (see [`crate::pairing`]).
+    pub(crate) window_file: std::path::PathBuf,
+    /// Whether a pairing window is open, as last published to the relay.
+    pub(crate) pairing_open: watch::Sender<bool>,
+    /// Serializes check-and-consume of the window, so a code cannot be used twice by two
+    /// concurrent sessions.
+    pub(crate) pair_lock: tokio::sync::Mutex<()>,
     status: watch::Sender<TunnelStatus>,
 }
 
 impl Shared {
+    /// Re-reads the pairing window file and updates `pairing_open` (waking the tunnel to
+    /// publish it). An expired or exhausted window's file is removed.
+    pub(crate) fn refresh_pairing(&self) -> bool {
+        let open = match crate::pairing::read_window(&self.window_file) {
+            Ok(Some(window)) if window.is_open() => true,
+            Ok(Some(_)) => {
+                tracing::info!("pairing window closed (expired or too many wrong secrets)");
+                if let Err(e) = crate::pairing::close_window(&self.window_file) {
+                    tracing::warn!(error = %e, "cannot remove the closed pairing window");
+                }
+                false
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the pairing window file");
+                false
+            }
+        };
+        self.pairing_open.send_if_modified(|current| {
+            let changed = *current != open;
+            if changed {
+                tracing::info!(open, "pairing window {}", if open { "opened" } else { "closed" });
+            }
+            *current = open;
+            changed
+        });
+        open
+    }
+
     fn set_status(&self, new: TunnelStatus) {
         self.status.send_if_modified(|current| {
             if *current == new {
@@ -82,7 +123,7 @@ impl Shared {
     }
 
     /// Re-reads `authorized_apps` if it changed and cuts the sessions of removed keys.
-    fn reload_apps(&self) -> Result<Option<AppsChange>, HubError> {
+    pub(crate) fn reload_apps(&self) -> Result<Option<AppsChange>, HubError> {
         match self.apps.reload_if_changed() {
             Ok(Some(change)) => {
                 let cut = self.sessions.revoke(&change.removed);
@@ -155,6 +196,12 @@ impl HubHandle {
         self.shared.reload_apps()
     }
 
+    /// Re-reads the pairing window file now instead of at the next poll; returns whether a
+    /// window is open.
+    pub fn refresh_pairing(&self) -> bool {
+        self.shared.refresh_pairing()
+    }
+
     /// Number of live sessions of `app_key`.
     pub fn live_sessions(&self, app_key: &PublicKey) -> usize {
         self.shared.sessions.count(app_key)
@@ -202,6 +249,14 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         Arc::new(apps.allow_list()),
         keyway_proto::ALPN_E2E,
     )?;
+    let mut pair_tls = keyway_proto::tls::server_config(
+        &config.identity,
+        Arc::new(keyway_proto::tls::AnyKey),
+        keyway_proto::ALPN_E2E,
+    )?;
+    pair_tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    pair_tls.send_tls13_tickets = 0;
+    let window_file = crate::pairing::window_path(&config.apps_file);
     let dialer = RelayDialer::new(
         &config.identity,
         config.relay_addr,
@@ -218,8 +273,13 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         apps,
         sessions: Arc::default(),
         tls: Arc::new(tls),
+        pair_tls: Arc::new(pair_tls),
+        window_file,
+        pairing_open: watch::channel(false).0,
+        pair_lock: tokio::sync::Mutex::new(()),
         status,
     });
+    shared.refresh_pairing();
     tracing::info!(
         name = %shared.config.name,
         hub_key = %shared.config.identity.public_key(),
@@ -238,12 +298,20 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// How often `authorized_apps` and the pairing window file are polled. Two `stat`s (and one
+/// small read while a window is open) per tick cost nothing, and this bounds how long a
+/// revocation by file edit (`keyway-hub apps revoke`) takes to cut live sessions.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
 async fn watch_apps(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = tick.tick() => { let _ = shared.reload_apps(); }
+            _ = tick.tick() => {
+                let _ = shared.reload_apps();
+                shared.refresh_pairing();
+            }
             _ = stopped(&mut stop) => break,
         }
     }
@@ -398,6 +466,8 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Outcome {
     // Subscribe before taking the snapshot, so a change in between is published afterwards.
     let mut apps_changed = shared.apps.subscribe();
     apps_changed.mark_unchanged();
+    let mut pairing_changed = shared.pairing_open.subscribe();
+    pairing_changed.mark_unchanged();
     let (mut ctl_send, mut ctl_recv) = match conn.open_bi().await {
         Ok(streams) => streams,
         Err(e) => return from_connection_error(false, e),
@@ -405,7 +475,7 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Outcome {
     let register = Frame::Register {
         name: config.name.clone(),
         allowed_apps: published_apps(&shared.apps),
-        pairing_open: false,
+        pairing_open: *shared.pairing_open.borrow(),
     };
     if let Err(e) = write_frame(&mut ctl_send, &register).await {
         return frame_error(conn, false, "sending Register", e);
@@ -491,11 +561,19 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Outcome {
                 }
                 outstanding = Some(nonce);
             }
-            changed = apps_changed.changed() => {
+            changed = async {
+                tokio::select! {
+                    c = apps_changed.changed() => c,
+                    c = pairing_changed.changed() => c,
+                }
+            } => {
                 if changed.is_err() {
                     return Outcome::lost(true, "apps watcher gone");
                 }
-                let frame = Frame::AllowList { allowed_apps: published_apps(&shared.apps), pairing_open: false };
+                apps_changed.mark_unchanged();
+                pairing_changed.mark_unchanged();
+                let pairing_open = *shared.pairing_open.borrow();
+                let frame = Frame::AllowList { allowed_apps: published_apps(&shared.apps), pairing_open };
                 if let Err(e) = write_frame(&mut ctl_send, &frame).await {
                     return frame_error(conn, true, "publishing AllowList", e);
                 }
