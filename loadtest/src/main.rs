@@ -1,1 +1,217 @@
-fn main() {}
+//! `keyway-loadtest`: flags in, JSON lines and SVG figures out. The scenarios live in the
+//! library (`keyway_loadtest::*`); this file only parses the command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use keyway_loadtest::bare::Knobs;
+use keyway_loadtest::{bulk, churn, common, idle, plot, report, storm, Record};
+use keyway_proto::cli::parse_duration;
+
+/// Keyway load generator: relayed vs direct throughput, idle hubs, reconnect storms, churn.
+#[derive(Debug, Parser)]
+#[command(name = "keyway-loadtest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every scenario takes.
+#[derive(Debug, Args)]
+struct Common {
+    /// The keyway-relay binary (default: next to this executable).
+    #[arg(long, value_name = "FILE")]
+    relay_bin: Option<PathBuf>,
+    /// Append JSON lines here instead of printing them.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Draw the scenario's figure into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Throughput app → relay → hub → back (E2E TLS) beside a direct quinn connection.
+    Bulk {
+        #[command(flatten)]
+        common: Common,
+        /// Bytes per run, e.g. 256 (MiB).
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Parallel stream counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        streams: Vec<usize>,
+        /// Runs per configuration (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+    /// Many idle registered hubs: server RSS per hub and idle CPU.
+    IdleHubs {
+        #[command(flatten)]
+        common: Common,
+        /// Hub counts to measure at (registration continues between steps).
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
+        counts: Vec<usize>,
+        /// Idle hold per step.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        hold: Duration,
+        /// Hubs sharing one client UDP endpoint.
+        #[arg(long, default_value_t = 2000)]
+        hubs_per_endpoint: usize,
+        /// Registrations in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Relay with the open name policy instead of a generated authorized_hubs.
+        #[arg(long)]
+        open: bool,
+        /// Register with a bare quinn server using these knobs instead of the relay.
+        #[arg(long, value_enum)]
+        bare: Option<Knobs>,
+        /// Extra environment for the server process, e.g. MALLOC_ARENA_MAX=1 (repeatable).
+        #[arg(long = "server-env", value_name = "K=V")]
+        env: Vec<String>,
+    },
+    /// Relay restart under N hub connectors: time until all are back, reconnect curve.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        hubs: usize,
+        /// TERM (graceful, GoAway) or KILL.
+        #[arg(long, default_value = "TERM")]
+        signal: String,
+        /// Hub liveness ping interval.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        ping_interval: Duration,
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        deadline: Duration,
+    },
+    /// Sessions opened and closed at a steady rate: set-up time and echo RTT, cold and warm.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Sessions per second.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Per mode.
+        #[arg(long, default_value = "15s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Echo round trips per session.
+        #[arg(long, default_value_t = 10)]
+        pings: usize,
+    },
+    /// Redraw a figure from a JSON-lines file.
+    Plot { input: PathBuf, output: PathBuf },
+    /// Regenerate the results table in a README from a results directory.
+    Report {
+        #[arg(long, default_value = "loadtest/results")]
+        results: PathBuf,
+        #[arg(long, default_value = "loadtest/README.md")]
+        readme: PathBuf,
+        /// The line above the table (machine, date, conditions).
+        #[arg(long, default_value = "")]
+        machine: String,
+    },
+    /// (internal) The bare quinn server of the idle-hubs experiment.
+    #[command(hide = true)]
+    BareServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long, value_enum, default_value = "relay")]
+        knobs: Knobs,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(cli.command))
+}
+
+fn finish(common: &Common, records: Vec<Record>) -> anyhow::Result<()> {
+    common::write_records(&records, common.out.as_deref())?;
+    if let Some(path) = &common.plot {
+        plot::scenario(path, &records)?;
+    }
+    Ok(())
+}
+
+fn relay_bin(common: &Common) -> anyhow::Result<PathBuf> {
+    common::relay_bin(common.relay_bin.as_deref())
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Bulk { common, mib, streams, repeat } => {
+            let opts = bulk::BulkOpts {
+                relay_bin: relay_bin(&common)?,
+                bytes: mib << 20,
+                streams,
+                repeat,
+                quiet: common.quiet,
+            };
+            finish(&common, bulk::run(&opts).await?)
+        }
+        Command::IdleHubs { common, counts, hold, hubs_per_endpoint, concurrency, open, bare, env } => {
+            let target = match bare {
+                Some(knobs) => idle::Target::Bare { loadtest_bin: std::env::current_exe()?, knobs },
+                None => idle::Target::Relay { bin: relay_bin(&common)?, open },
+            };
+            let env = env
+                .iter()
+                .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .collect::<Option<Vec<_>>>()
+                .context("--server-env takes KEY=VALUE")?;
+            let opts = idle::IdleOpts {
+                target,
+                counts,
+                hold,
+                hubs_per_endpoint,
+                concurrency,
+                env,
+                quiet: common.quiet,
+            };
+            finish(&common, idle::run(&opts).await?)
+        }
+        Command::Storm { common, hubs, signal, ping_interval, deadline } => {
+            let opts = storm::StormOpts {
+                relay_bin: relay_bin(&common)?,
+                hubs,
+                signal: signal.to_uppercase(),
+                ping_interval,
+                deadline,
+                quiet: common.quiet,
+            };
+            finish(&common, storm::run(&opts).await?)
+        }
+        Command::Churn { common, rate, duration, pings } => {
+            let opts = churn::ChurnOpts {
+                relay_bin: relay_bin(&common)?,
+                rate,
+                duration,
+                pings,
+                quiet: common.quiet,
+            };
+            finish(&common, churn::run(&opts).await?)
+        }
+        Command::Plot { input, output } => plot::scenario(&output, &common::read_records(&input)?),
+        Command::Report { results, readme, machine } => write_report(&results, &readme, &machine),
+        Command::BareServer { listen, key, knobs } => keyway_loadtest::bare::serve(listen, &key, knobs).await,
+    }
+}
+
+fn write_report(results: &Path, readme: &Path, machine: &str) -> anyhow::Result<()> {
+    let table = report::table(results, machine)?;
+    let text = std::fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
+    std::fs::write(readme, report::splice(&text, &table)?)?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Bulk throughput: app → relay → hub → local echo service → back, end-to-end TLS inside,
+//! beside a direct quinn connection that carries the same payload the same way (client writes,
+//! server echoes on the same stream) as the physical reference.
+//!
+//! The number reported is goodput in one direction (bytes echoed back per second) while both
+//! directions are loaded, for 1 stream and for N parallel streams. Everything except the relay
+//! runs in this process, so on a 2-core machine the app, hub, both TLS layers and the echo
+//! service share the cores with the relay process; the direct path only has quinn at both ends.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyway_client::{Client, ClientConfig};
+use keyway_hub::HubConfig;
+use keyway_proto::tls::{quic_client_crypto, quic_server_crypto, AnyKey};
+use keyway_proto::ALPN_RELAY;
+use serde_json::json;
+
+use crate::common::{echo_transfer, hub_name, identity, median, round, unix_time, Policy, RelayProc};
+use crate::Record;
+
+/// Options of the bulk scenario.
+#[derive(Debug, Clone)]
+pub struct BulkOpts {
+    pub relay_bin: PathBuf,
+    /// Bytes per run (split evenly over the streams).
+    pub bytes: u64,
+    /// Parallel stream counts to measure (e.g. 1 and 8).
+    pub streams: Vec<usize>,
+    /// Runs per configuration; the summary reports the median.
+    pub repeat: usize,
+    pub quiet: bool,
+}
+
+/// Runs the scenario: per repetition, direct and relayed for each stream count, interleaved so
+/// that background noise hits both paths alike.
+pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
+    let hub_id = identity(1, 0);
+    let app_id = identity(2, 0);
+    let name = hub_name(0);
+    let relay =
+        RelayProc::start(&opts.relay_bin, &Policy::Closed(vec![(name.clone(), hub_id.public_key())]), &[])
+            .await?;
+    let dir = tempfile::tempdir()?;
+    let apps_file = dir.path().join("authorized_apps");
+    std::fs::write(&apps_file, format!("{} loadtest app\n", app_id.public_key()))?;
+    let service = crate::common::echo_service().await?;
+    let hub = keyway_hub::start(HubConfig::new(
+        relay.addr,
+        relay.key,
+        name.clone(),
+        hub_id.duplicate(),
+        apps_file,
+        service,
+    ))
+    .await?;
+    hub.wait_registered(Duration::from_secs(20)).await?;
+    let client = Client::new(ClientConfig::new(app_id, relay.addr, relay.key))?;
+    let direct = DirectServer::start().await?;
+    let hub_key = hub_id.public_key();
+
+    let mut records = Vec::new();
+    let bar = crate::common::progress((opts.repeat * opts.streams.len() * 2) as u64, "bulk runs", opts.quiet);
+    for run in 0..opts.repeat {
+        for &streams in &opts.streams {
+            let streams = streams.max(1);
+            let per_stream = (opts.bytes / streams as u64).max(1);
+            for path in ["direct", "relayed"] {
+                // Open every stream first, then start all transfers together: the time is the
+                // wall time from the common start to the last echoed byte.
+                let slowest = if path == "direct" {
+                    let mut set = Vec::with_capacity(streams);
+                    for _ in 0..streams {
+                        let (send, recv) = direct.conn.open_bi().await?;
+                        set.push(tokio::io::join(recv, send));
+                    }
+                    transfer_all(set, per_stream).await?
+                } else {
+                    let mut set = Vec::with_capacity(streams);
+                    for _ in 0..streams {
+                        set.push(client.connect(&name, &hub_key).await?);
+                    }
+                    transfer_all(set, per_stream).await?
+                };
+                let total = per_stream * streams as u64;
+                let gbps = total as f64 * 8.0 / slowest.as_secs_f64() / 1e9;
+                records.push(json!({
+                    "scenario": "bulk", "kind": "run", "path": path, "streams": streams, "run": run,
+                    "bytes": total, "secs": round(slowest.as_secs_f64(), 4), "gbps": round(gbps, 3),
+                    "time": unix_time(),
+                }));
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+
+    for &streams in &opts.streams {
+        let streams = streams.max(1);
+        let pick = |path: &str| {
+            let mut v: Vec<f64> = records
+                .iter()
+                .filter(|r| r["kind"] == "run" && r["path"] == path && r["streams"] == streams)
+                .filter_map(|r| r["gbps"].as_f64())
+                .collect();
+            median(&mut v)
+        };
+        let (direct_gbps, relayed_gbps) = (pick("direct"), pick("relayed"));
+        records.push(json!({
+            "scenario": "bulk", "kind": "summary", "streams": streams, "repeat": opts.repeat,
+            "bytes": opts.bytes, "direct_gbps": round(direct_gbps, 3), "relayed_gbps": round(relayed_gbps, 3),
+            "ratio": round(relayed_gbps / direct_gbps, 3), "time": unix_time(),
+        }));
+    }
+    client.close().await;
+    hub.shutdown().await;
+    drop(relay);
+    Ok(records)
+}
+
+/// Runs [`echo_transfer`] on every stream at once; returns the wall time until all are done.
+async fn transfer_all<S>(streams: Vec<S>, bytes: u64) -> anyhow::Result<Duration>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let start = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in streams {
+        tasks.spawn(echo_transfer(stream, bytes));
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(start.elapsed())
+}
+
+/// A quinn server that echoes every bidirectional stream, with the relay's crypto (Ed25519
+/// raw keys, ring) and the relay's transport defaults, plus a connection to it.
+struct DirectServer {
+    _server: quinn::Endpoint,
+    _client: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl DirectServer {
+    async fn start() -> anyhow::Result<Self> {
+        let server_id = identity(3, 0);
+        let crypto = quic_server_crypto(&server_id, Arc::new(AnyKey), ALPN_RELAY)?;
+        let mut config = quinn::ServerConfig::with_crypto(crypto);
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(1024u32.into());
+        config.transport_config(Arc::new(transport));
+        let server = endpoint(Some(config))?;
+        let addr = server.local_addr()?;
+        let accept = server.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        tokio::spawn(async move {
+                            let _ = tokio::io::copy(&mut recv, &mut send).await;
+                            let _ = send.finish();
+                        });
+                    }
+                });
+            }
+        });
+        let (crypto, _) = quic_client_crypto(&identity(3, 1), server_id.public_key(), ALPN_RELAY)?;
+        let client = endpoint(None)?;
+        let connecting =
+            client.connect_with(quinn::ClientConfig::new(crypto), addr, keyway_proto::tls::SERVER_NAME)?;
+        let conn = connecting.await?;
+        Ok(Self { _server: server, _client: client, conn })
+    }
+}
+
+/// A loopback endpoint with 4 MiB socket buffers, like the relay's and the client's.
+pub fn endpoint(server: Option<quinn::ServerConfig>) -> anyhow::Result<quinn::Endpoint> {
+    endpoint_on(SocketAddr::from(([127, 0, 0, 1], 0)), server)
+}
+
+/// [`endpoint`] on a given IPv4 address.
+pub fn endpoint_on(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> anyhow::Result<quinn::Endpoint> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no tokio runtime"))?;
+    Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket.into(), runtime)?)
+}

@@ -1,0 +1,357 @@
+//! What every scenario shares: the relay child process, `/proc` readings, deterministic
+//! identities, a TCP echo service, percentiles, progress bars and JSON-lines output.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use keyway_proto::{HubName, Identity, PublicKey};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+use crate::Record;
+
+/// Where to find the relay binary: `explicit` if given, else next to the running executable
+/// (`target/<profile>/`), else one level up (test executables live in `target/<profile>/deps/`).
+pub fn relay_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent();
+    for _ in 0..2 {
+        let Some(d) = dir else { break };
+        let candidate = d.join("keyway-relay");
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+        dir = d.parent();
+    }
+    bail!(
+        "keyway-relay binary not found next to {}; build it (`cargo build --release -p keyway-relay`) \
+         or pass --relay-bin",
+        exe.display()
+    )
+}
+
+/// How the relay admits hub names.
+#[derive(Debug, Clone)]
+pub enum Policy {
+    /// A generated `authorized_hubs` listing these names and keys.
+    Closed(Vec<(HubName, PublicKey)>),
+    /// `--open`: first key to claim a name keeps it.
+    Open,
+}
+
+/// A `keyway-relay run` child process on a loopback port, with its key and files in a
+/// temporary directory. Killed when dropped.
+pub struct RelayProc {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    open: bool,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    /// The UDP address it listens on (kept across restarts).
+    pub addr: SocketAddr,
+    /// Its public key (kept across restarts: same key file).
+    pub key: PublicKey,
+}
+
+impl RelayProc {
+    /// Writes the key and hubs file, starts the relay and waits until it listens. `env` is
+    /// added to the child's environment (e.g. `MALLOC_ARENA_MAX` for allocator experiments).
+    pub async fn start(bin: &Path, policy: &Policy, env: &[(String, String)]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (identity, _) = Identity::load_or_create(&dir.path().join("relay.key"))?;
+        let open = match policy {
+            Policy::Open => true,
+            Policy::Closed(hubs) => {
+                let mut text = String::with_capacity(hubs.len() * 72);
+                for (name, key) in hubs {
+                    text.push_str(&format!("{name} {key}\n"));
+                }
+                std::fs::write(dir.path().join("authorized_hubs"), text)?;
+                false
+            }
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        let mut relay = Self {
+            bin: bin.to_path_buf(),
+            dir,
+            open,
+            env: env.to_vec(),
+            child: None,
+            addr,
+            key: identity.public_key(),
+        };
+        relay.spawn().await?;
+        Ok(relay)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--key")
+            .arg(d.join("relay.key"))
+            .arg("--hubs")
+            .arg(d.join("authorized_hubs"))
+            .arg("--state")
+            .arg(d.join("bindings"));
+        if self.open {
+            cmd.arg("--open");
+        }
+        // Info logs cost a line per registration; at 20 000 hubs that would be measured too.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join("relay.log"))?;
+        cmd.env("RUST_LOG", std::env::var("KEYWAY_LOADTEST_RELAY_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", self.bin.display()))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("relay stdout not piped"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await? {
+                if line.starts_with("keyway-relay listening on") {
+                    return Ok(());
+                }
+            }
+            Err(anyhow!("relay exited before listening"))
+        })
+        .await;
+        match ready {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("{e}; see {}", d.join("relay.log").display()),
+            Err(_) => bail!("relay did not start listening within 20 s"),
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child.as_ref().and_then(Child::id).ok_or_else(|| anyhow!("relay is not running"))
+    }
+
+    /// Stops the relay with `signal` (`TERM`: graceful, hubs get `GoAway`; `KILL`: abrupt) and
+    /// waits for it to exit.
+    pub async fn stop(&mut self, signal: &str) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let pid = child.id().ok_or_else(|| anyhow!("relay already exited"))?;
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().await?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .context("relay did not exit within 15 s")??;
+        Ok(())
+    }
+
+    /// Starts the relay again on the same address with the same key and files.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.spawn().await
+    }
+
+    /// Resident set size and CPU time of the relay process.
+    pub fn usage(&self) -> anyhow::Result<ProcUsage> {
+        ProcUsage::read(self.pid()?)
+    }
+}
+
+/// A free loopback UDP port (bound and released; fine on one machine).
+pub fn free_udp_port() -> std::io::Result<u16> {
+    std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr().map(|a| a.port())
+}
+
+/// Memory and CPU of a process from `/proc`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcUsage {
+    /// `VmRSS` in KiB.
+    pub rss_kib: u64,
+    /// `utime + stime` in seconds.
+    pub cpu_s: f64,
+}
+
+impl ProcUsage {
+    pub fn read(pid: u32) -> anyhow::Result<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name (which may contain spaces): field 3 is
+        // at index 0, so utime (14) and stime (15) are at 11 and 12.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| anyhow!("bad /proc stat"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // USER_HZ is 100 on every Linux ABI we run on.
+        let cpu_s = (ticks(11) + ticks(12)) as f64 / 100.0;
+        Ok(Self { rss_kib, cpu_s })
+    }
+}
+
+/// A deterministic identity per (purpose, index): reruns use the same keys, and distinct
+/// purposes never collide.
+pub fn identity(purpose: u8, index: u32) -> Identity {
+    let mut seed = [0u8; 32];
+    seed[0] = 0x10;
+    seed[1] = purpose;
+    seed[2..6].copy_from_slice(&index.to_le_bytes());
+    Identity::from_seed(seed)
+}
+
+/// The hub name of hub `index`.
+pub fn hub_name(index: u32) -> HubName {
+    #[allow(clippy::expect_used)] // `h` + digits is always a valid name
+    HubName::new(&format!("h{index}")).expect("valid hub name")
+}
+
+/// A TCP service that echoes everything back, honouring half-close, with `TCP_NODELAY` (as the
+/// hub's local service should have).
+pub async fn echo_service() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let (mut r, mut w) = stream.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Writes `bytes` into `stream` while reading the echo back; returns the time until the last
+/// byte came back. The payload is random so nothing downstream can compress it.
+pub async fn echo_transfer<S>(stream: S, bytes: u64) -> anyhow::Result<Duration>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    const CHUNK: usize = 256 * 1024;
+    let block: std::sync::Arc<[u8]> = random_bytes(CHUNK).into();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let start = Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(CHUNK as u64) as usize;
+            w.write_all(block.get(..n).unwrap_or_default()).await?;
+            left -= n as u64;
+        }
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    while got < bytes {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            bail!("echo ended after {got} of {bytes} bytes");
+        }
+        got += n as u64;
+    }
+    let elapsed = start.elapsed();
+    writer.await??;
+    Ok(elapsed)
+}
+
+/// Pseudo-random bytes (xorshift): incompressible enough, and no RNG dependency.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The `p`-th percentile (0..=100, nearest rank) of `values`, which it sorts.
+pub fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
+    values.get(rank.clamp(1, values.len()) - 1).copied().unwrap_or(f64::NAN)
+}
+
+/// The median of `values`.
+pub fn median(values: &mut [f64]) -> f64 {
+    percentile(values, 50.0)
+}
+
+/// A progress bar on stderr; hidden when `quiet` (tests) or when stderr is not a terminal.
+pub fn progress(len: u64, what: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>24} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec})")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Writes records as JSON lines to `out` (a file, appended to) or stdout.
+pub fn write_records(records: &[Record], out: Option<&Path>) -> anyhow::Result<()> {
+    let mut sink: Box<dyn Write> = match out {
+        Some(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    for record in records {
+        writeln!(sink, "{record}")?;
+    }
+    sink.flush()?;
+    Ok(())
+}
+
+/// Reads JSON lines (blank lines skipped).
+pub fn read_records(path: &Path) -> anyhow::Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line in {}", path.display())))
+        .collect()
+}
+
+/// Seconds since the Unix epoch, for stamping records.
+pub fn unix_time() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Rounds to `digits` decimals so the JSON stays readable.
+pub fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}

@@ -1,0 +1,221 @@
+//! Idle hubs: register N hubs (distinct keys) and hold them idle; report the server's RSS per
+//! hub and its CPU while idle, at several N in one run (registration continues from one step
+//! to the next).
+//!
+//! Hubs here are *raw*: a quinn connection plus a control stream carrying one `Register`
+//! frame, built from `keyway_proto` directly rather than a full `keyway_hub` connector. That is
+//! exactly what the relay sees of an idle hub (connection, control stream, QUIC keep-alive
+//! every 15 s), while the load generator stays cheap: many hubs dial from one quinn endpoint
+//! (one UDP socket), no per-hub timers, file watchers or TLS server configs. The target is the
+//! real relay process, or [`crate::bare`] to isolate quinn's own share.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use keyway_proto::io::{read_frame, write_frame};
+use keyway_proto::tls::quic_client_crypto;
+use keyway_proto::{Frame, PublicKey, ALPN_RELAY};
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::bare::{BareProc, Knobs};
+use crate::common::{hub_name, identity, round, unix_time, Policy, ProcUsage, RelayProc};
+use crate::Record;
+
+/// What the hubs register with.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The real relay binary.
+    Relay { bin: PathBuf, open: bool },
+    /// `keyway-loadtest bare-server` (this binary) with these transport knobs.
+    Bare { loadtest_bin: PathBuf, knobs: Knobs },
+}
+
+/// Options of the idle-hubs scenario.
+#[derive(Debug, Clone)]
+pub struct IdleOpts {
+    pub target: Target,
+    /// Hub counts to measure at, ascending.
+    pub counts: Vec<usize>,
+    /// How long to hold the hubs idle at each step (CPU is averaged over it).
+    pub hold: Duration,
+    /// Hubs that share one client endpoint (UDP socket).
+    pub hubs_per_endpoint: usize,
+    /// Registrations in flight at once.
+    pub concurrency: usize,
+    /// Extra environment for the server process (allocator experiments).
+    pub env: Vec<(String, String)>,
+    pub quiet: bool,
+}
+
+enum Server {
+    Relay(RelayProc),
+    Bare(BareProc),
+}
+
+impl Server {
+    fn usage(&self) -> anyhow::Result<ProcUsage> {
+        match self {
+            Server::Relay(r) => r.usage(),
+            Server::Bare(b) => b.usage(),
+        }
+    }
+    fn addr_key(&self) -> (SocketAddr, PublicKey) {
+        match self {
+            Server::Relay(r) => (r.addr, r.key),
+            Server::Bare(b) => (b.addr, b.key),
+        }
+    }
+}
+
+/// One registered idle hub: kept alive by holding its connection and control stream.
+struct Held {
+    _conn: quinn::Connection,
+    _send: quinn::SendStream,
+    _recv: quinn::RecvStream,
+}
+
+/// Runs the scenario.
+pub async fn run(opts: &IdleOpts) -> anyhow::Result<Vec<Record>> {
+    let max = opts.counts.iter().copied().max().unwrap_or(0);
+    let (server, label) = match &opts.target {
+        Target::Relay { bin, open } => {
+            let policy = if *open {
+                Policy::Open
+            } else {
+                let hubs = (0..max as u32).map(|i| (hub_name(i), identity(4, i).public_key())).collect();
+                Policy::Closed(hubs)
+            };
+            let label = if *open { "relay-open" } else { "relay" };
+            (Server::Relay(RelayProc::start(bin, &policy, &opts.env).await?), label.to_owned())
+        }
+        Target::Bare { loadtest_bin, knobs } => (
+            Server::Bare(BareProc::start(loadtest_bin, *knobs, &opts.env).await?),
+            format!("bare-quinn-{}", knobs.as_str()),
+        ),
+    };
+    let label = if opts.env.is_empty() {
+        label
+    } else {
+        let env: Vec<String> = opts.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{label} {}", env.join(" "))
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline = server.usage()?;
+    let (addr, key) = server.addr_key();
+
+    // Client side: lean windows keep the generator's own memory down (nothing is sent anyway);
+    // the keep-alive is the hub connector's default, so the server sees realistic idle traffic.
+    let mut transport = Knobs::Lean.transport();
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(15)))
+        .max_idle_timeout(Some(quinn::VarInt::from_u32(60_000).into()));
+    let transport = Arc::new(transport);
+    let n_endpoints = max.div_ceil(opts.hubs_per_endpoint.max(1)).max(1);
+    let endpoints: Vec<quinn::Endpoint> =
+        (0..n_endpoints).map(|_| crate::bulk::endpoint(None)).collect::<anyhow::Result<_>>()?;
+    let apps: Vec<PublicKey> = (0..2).map(|i| identity(5, i).public_key()).collect();
+
+    let mut held: Vec<Held> = Vec::with_capacity(max);
+    let mut failures = 0usize;
+    let mut records = Vec::new();
+    let bar = crate::common::progress(max as u64, "registering hubs", opts.quiet);
+    for &count in &opts.counts {
+        let start = Instant::now();
+        let first = held.len();
+        let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in first..count {
+            let permit = sem.clone().acquire_owned().await?;
+            let endpoint = endpoints[i % n_endpoints].clone();
+            let transport = transport.clone();
+            let apps = apps.clone();
+            tasks.spawn(async move {
+                let held = register(&endpoint, addr, key, i as u32, transport, apps).await;
+                drop(permit);
+                held
+            });
+            // Reap finished registrations as we go so the JoinSet does not hold them all.
+            while let Some(done) = tasks.try_join_next() {
+                collect(done, &mut held, &mut failures, &bar);
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            collect(done, &mut held, &mut failures, &bar);
+        }
+        let reg_secs = start.elapsed().as_secs_f64();
+        // Let the handshakes' garbage settle before reading RSS.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = server.usage()?;
+        tokio::time::sleep(opts.hold).await;
+        let after = server.usage()?;
+        let n = held.len().max(1) as f64;
+        let cpu = (after.cpu_s - before.cpu_s) / opts.hold.as_secs_f64() * 100.0;
+        records.push(json!({
+            "scenario": "idle-hubs", "server": label, "hubs": held.len(), "failures": failures,
+            "endpoints": n_endpoints, "baseline_rss_kib": baseline.rss_kib, "rss_kib": after.rss_kib,
+            "per_hub_kib": round((after.rss_kib.saturating_sub(baseline.rss_kib)) as f64 / n, 2),
+            "idle_cpu_pct": round(cpu, 2), "hold_s": opts.hold.as_secs_f64(),
+            "register_per_s": round((count - first) as f64 / reg_secs, 1), "time": unix_time(),
+        }));
+        bar.println(format!("{}", records.last().unwrap_or(&json!(null))));
+    }
+    bar.finish_and_clear();
+    drop(held);
+    for e in &endpoints {
+        e.close(0u32.into(), b"done");
+    }
+    drop(server);
+    Ok(records)
+}
+
+fn collect(
+    done: Result<anyhow::Result<Held>, tokio::task::JoinError>,
+    held: &mut Vec<Held>,
+    failures: &mut usize,
+    bar: &indicatif::ProgressBar,
+) {
+    match done.map_err(anyhow::Error::from).and_then(|r| r) {
+        Ok(h) => held.push(h),
+        Err(e) => {
+            *failures += 1;
+            if *failures <= 5 {
+                bar.println(format!("registration failed: {e:#}"));
+            }
+        }
+    }
+    bar.inc(1);
+}
+
+/// Dials, opens the control stream and registers hub `index` the way `keyway_hub` does.
+async fn register(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    relay_key: PublicKey,
+    index: u32,
+    transport: Arc<quinn::TransportConfig>,
+    allowed_apps: Vec<PublicKey>,
+) -> anyhow::Result<Held> {
+    let id = identity(4, index);
+    let (crypto, _) = quic_client_crypto(&id, relay_key, ALPN_RELAY)?;
+    let mut config = quinn::ClientConfig::new(crypto);
+    config.transport_config(transport);
+    let conn = tokio::time::timeout(
+        Duration::from_secs(30),
+        endpoint.connect_with(config, addr, keyway_proto::tls::SERVER_NAME)?,
+    )
+    .await
+    .map_err(|_| anyhow!("handshake timed out"))??;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let frame = Frame::Register { name: hub_name(index), allowed_apps, pairing_open: false };
+    write_frame(&mut send, &frame).await?;
+    match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv)).await {
+        Ok(Ok(Frame::Registered { .. })) => Ok(Held { _conn: conn, _send: send, _recv: recv }),
+        Ok(Ok(other)) => bail!("hub {index}: expected Registered, got {other:?}"),
+        Ok(Err(e)) => bail!("hub {index}: {e}"),
+        Err(_) => bail!("hub {index}: no answer to Register"),
+    }
+}

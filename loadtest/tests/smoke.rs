@@ -1,0 +1,116 @@
+//! Smoke runs of every scenario with tiny sizes, so the load generator never rots. They check
+//! that each scenario completes without failures and produces its records and figure; they
+//! assert nothing about speed (that is what the real runs in `run-all.sh` are for).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keyway_loadtest::{bare, bulk, churn, common, idle, plot, report, storm, Record};
+
+/// The relay binary: `cargo test --workspace` builds it before any test runs; when this crate
+/// is tested alone, build it here.
+fn relay_bin() -> PathBuf {
+    if let Ok(path) = common::relay_bin(None) {
+        return path;
+    }
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--bin", "keyway-relay", "-p", "keyway-relay"])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building keyway-relay failed");
+    common::relay_bin(None).expect("keyway-relay built")
+}
+
+fn plots(records: &[Record]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("figure.svg");
+    plot::scenario(&path, records).expect("plot");
+    let svg = std::fs::read_to_string(&path).unwrap();
+    assert!(svg.starts_with("<svg"), "not an SVG");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_runs() {
+    let opts = bulk::BulkOpts {
+        relay_bin: relay_bin(),
+        bytes: 1 << 20,
+        streams: vec![1, 2],
+        repeat: 1,
+        quiet: true,
+    };
+    let records = bulk::run(&opts).await.expect("bulk");
+    let summaries: Vec<_> = records.iter().filter(|r| r["kind"] == "summary").collect();
+    assert_eq!(summaries.len(), 2);
+    assert!(summaries.iter().all(|r| r["relayed_gbps"].as_f64().unwrap() > 0.0));
+    plots(&records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_hubs_run_against_relay_and_bare_server() {
+    let mut opts = idle::IdleOpts {
+        target: idle::Target::Relay { bin: relay_bin(), open: false },
+        counts: vec![5, 10],
+        hold: Duration::from_millis(200),
+        hubs_per_endpoint: 4,
+        concurrency: 4,
+        env: Vec::new(),
+        quiet: true,
+    };
+    let records = idle::run(&opts).await.expect("idle against relay");
+    assert_eq!(records.len(), 2);
+    assert!(records.iter().all(|r| r["failures"] == 0), "{records:?}");
+    assert_eq!(records[1]["hubs"], 10);
+    plots(&records);
+
+    opts.target = idle::Target::Relay { bin: relay_bin(), open: true };
+    let records = idle::run(&opts).await.expect("idle against open relay");
+    assert!(records.iter().all(|r| r["failures"] == 0), "{records:?}");
+
+    opts.target = idle::Target::Bare {
+        loadtest_bin: PathBuf::from(env!("CARGO_BIN_EXE_keyway-loadtest")),
+        knobs: bare::Knobs::Lean,
+    };
+    let records = idle::run(&opts).await.expect("idle against bare server");
+    assert!(records.iter().all(|r| r["failures"] == 0), "{records:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_brings_every_hub_back() {
+    let opts = storm::StormOpts {
+        relay_bin: relay_bin(),
+        hubs: 5,
+        signal: "TERM".into(),
+        ping_interval: Duration::from_secs(20),
+        deadline: Duration::from_secs(60),
+        quiet: true,
+    };
+    let records = storm::run(&opts).await.expect("storm");
+    assert_eq!(records[0]["failures"], 0, "{records:?}");
+    let back: u64 = records[0]["buckets"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).sum();
+    assert_eq!(back, 5);
+    plots(&records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_measures_cold_and_warm() {
+    let opts = churn::ChurnOpts {
+        relay_bin: relay_bin(),
+        rate: 10.0,
+        duration: Duration::from_millis(500),
+        pings: 2,
+        quiet: true,
+    };
+    let records = churn::run(&opts).await.expect("churn");
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        assert_eq!(r["failures"], 0, "{r}");
+        assert!(r["sessions"].as_u64().unwrap() >= 5);
+    }
+    plots(&records);
+
+    // The README table renders from these records.
+    let dir = tempfile::tempdir().unwrap();
+    common::write_records(&records, Some(&dir.path().join("churn.jsonl"))).unwrap();
+    let table = report::table(dir.path(), "test machine").unwrap();
+    assert!(table.contains("| churn | cold"), "{table}");
+}
