@@ -65,6 +65,12 @@ impl HubStream {
         self.hub_key
     }
 
+    /// Whether the end-to-end TLS session was resumed from a cached ticket (no certificate
+    /// verification ran; the hub re-checks the key after the handshake either way).
+    pub fn resumed(&self) -> bool {
+        self.inner.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     /// Aborts the stream at once in both directions (QUIC reset and stop-sending).
     pub fn abort(&mut self) {
         let io = self.inner.get_mut().0;

@@ -202,6 +202,11 @@ impl HubHandle {
         self.shared.refresh_pairing()
     }
 
+    /// The label of `app_key` in `authorized_apps` (empty if none or not authorized).
+    pub fn app_label(&self, app_key: &PublicKey) -> String {
+        self.shared.apps.label(app_key)
+    }
+
     /// Number of live sessions of `app_key`.
     pub fn live_sessions(&self, app_key: &PublicKey) -> usize {
         self.shared.sessions.count(app_key)
