@@ -24,7 +24,7 @@ pub struct HubConfig {
     /// The hub's own key; apps pin its public half.
     pub identity: Identity,
     /// `authorized_apps` (`KEY [LABEL]` lines). Re-read when it changes (polled every
-    /// second); a missing file is an empty list.
+    /// 250 ms); a missing file is an empty list. The pairing window file lives next to it.
     pub apps_file: PathBuf,
     /// The local TCP service every accepted session is bridged to.
     pub forward: SocketAddr,

@@ -5,7 +5,7 @@
 //! the announced key against its *current* allow-list before answering, and after the TLS
 //! handshake checks again that the key the app proved is the announced one and is still
 //! authorized (a resumed TLS session skips the verifier, so the verifier alone is not enough).
-//! Pairing sessions (purpose `Pair`) take another path, [`pair`]: no local service, a TLS
+//! Pairing sessions (purpose `Pair`) take another path: no local service, a TLS
 //! config that admits any app key, and the one-time secret checked inside the session.
 //!
 //! Live sessions are tracked per app key in a [`SessionRegistry`] so that removing a key from
