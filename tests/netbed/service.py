@@ -8,6 +8,8 @@ HTTP/1.1 on 127.0.0.1:PORT with keep-alive:
   GET /blob     -> the bytes of BLOB_FILE
   GET /ws.html  -> a page that opens a WebSocket to the same origin, sends a message and writes
                    the echo into the DOM (#result)
+  GET /wait     -> an empty answer once a page has reported its echo (at most 20 s), which holds
+                   the page's load event until the DOM holds the result
   GET /ws       -> WebSocket (RFC 6455) echo of text frames
 """
 import base64
@@ -16,7 +18,10 @@ import socket
 import socketserver
 import struct
 import sys
+import threading
 
+DONE = threading.Condition()
+DONE_COUNT = [0]
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 PAGE = b"""<!doctype html>
@@ -27,9 +32,16 @@ const out = document.getElementById('result');
 const msg = 'ping-through-keyway-' + location.port;
 const ws = new WebSocket('ws://' + location.host + '/ws');
 ws.onopen = () => ws.send(msg);
-ws.onmessage = (e) => { out.textContent = (e.data === 'echo:' + msg) ? 'WS-OK ' + e.data : 'WS-BAD ' + e.data; ws.close(); };
+ws.onmessage = (e) => {
+  if (e.data === 'echo:done') { ws.close(); return; }
+  out.textContent = (e.data === 'echo:' + msg) ? 'WS-OK ' + e.data : 'WS-BAD ' + e.data;
+  ws.send('done');
+};
 ws.onerror = () => { out.textContent = 'WS-ERROR'; };
-</script></body></html>
+</script>
+<!-- Holds the load event (and so --dump-dom) until the page has written the echo into the DOM. -->
+<img src="/wait" alt="">
+</body></html>
 """
 
 
@@ -74,6 +86,10 @@ def websocket(handler, headers):
         data = bytes(c ^ mask[i % 4] for i, c in enumerate(recv_exact(f, n)))
         if opcode == 1:
             ws_send(handler.request, 1, b"echo:" + data)
+            if data == b"done":
+                with DONE:
+                    DONE_COUNT[0] += 1
+                    DONE.notify_all()
         elif opcode == 9:
             ws_send(handler.request, 10, data)
         elif opcode == 8:
@@ -103,7 +119,11 @@ class Handler(socketserver.StreamRequestHandler):
                 if path == "/ws" and headers.get("upgrade", "").lower() == "websocket":
                     websocket(self, headers)
                     return
-                if path == "/hello":
+                if path == "/wait":
+                    with DONE:
+                        DONE.wait_for(lambda: DONE_COUNT[0] > 0, timeout=20)
+                    body, ctype = b"", "image/gif"
+                elif path == "/hello":
                     body, ctype = b"hello from the hub", "text/plain"
                 elif path == "/blob":
                     with open(BLOB, "rb") as fh:

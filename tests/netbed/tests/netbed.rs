@@ -16,6 +16,11 @@ fn reach_by_name(label: &str, flavour: Flavour, cgnat: bool) {
     assert!(mapping.starts_with(NAT_A_WAN), "hub not masqueraded behind NAT-A: {mapping}");
     // Nothing was let in unsolicited: the only tunnel is the hub's own outbound one.
     assert_eq!(bed.registrations(), 1, "{}", bed.log("hub"));
+    if cgnat {
+        // The app's packets crossed two NATs: the CGN saw them from home router B's address.
+        let cgn = bed.exec_ok("cgn", &["conntrack", "-L", "-p", "udp", "-s", "100.64.0.2"]);
+        assert!(cgn.contains("dport=4433"), "app traffic did not cross the carrier-grade NAT: {cgn}");
+    }
     report(label, format!("reached in {secs:.2}s; hub mapped to {mapping}"));
 }
 
@@ -238,4 +243,59 @@ fn relay_graceful_restart_hub_comes_back() {
 #[test]
 fn relay_crash_restart_hub_comes_back() {
     relay_restart("relay restart (SIGKILL)", "-KILL");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real browser in network B: the hub's page and a WebSocket echo through `keyway forward`.
+
+#[test]
+fn headless_chromium_loads_the_hub_page_and_a_websocket_echo() {
+    let label = "browser";
+    let Some(mut bed) = Bed::up(label, Flavour::Preserve, false, None) else { return };
+    let chromium = which("chromium");
+    if chromium.as_os_str().is_empty() {
+        assert!(!in_ci(), "chromium is not installed (CI must install it: .ci/run)");
+        eprintln!("SKIPPED {label}: chromium not installed");
+        return;
+    }
+    let keys = bed.start_keyway(&[]);
+    bed.start_forward(&keys, &[]);
+    bed.reach(30);
+    let url = format!("http://127.0.0.1:{FORWARD_PORT}/ws.html");
+    let expected = format!("WS-OK echo:ping-through-keyway-{FORWARD_PORT}");
+    let mut dom = String::new();
+    // Virtual time lets the page's asynchronous WebSocket finish before the DOM is dumped; a
+    // few bounded attempts absorb a slow start of the browser on a busy machine.
+    for attempt in 1..=3 {
+        let profile = bed.path().join(format!("chromium-profile-{attempt}"));
+        let out = bed
+            .netns_cmd("app", &chromium)
+            .env("HOME", bed.path())
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=10000",
+                "--timeout=30000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--dump-dom", &url])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .expect("run chromium");
+        dom = String::from_utf8_lossy(&out.stdout).into_owned();
+        if dom.contains(&expected) {
+            break;
+        }
+        eprintln!("[{label}] attempt {attempt}: DOM without the echo:\n{dom}");
+    }
+    assert!(dom.contains("<h1>hub page</h1>"), "the hub's page did not load through the tunnel:\n{dom}");
+    assert!(dom.contains(&expected), "no WebSocket echo in the DOM:\n{dom}");
+    // The hub saw the page load and the WebSocket as sessions of its own.
+    let sessions = bed.log("hub").matches("session accepted").count();
+    report(label, format!("page + WebSocket echo through the tunnel ({sessions} sessions at the hub)"));
 }
