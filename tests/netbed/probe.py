@@ -87,8 +87,18 @@ def main():
                 print(f"err {e!r}", flush=True)
     elif mode == "closes":
         timeout = float(sys.argv[3])
+        give_up = time.monotonic() + timeout
+        while True:  # the forwarder may not listen yet
+            try:
+                s = connect(port, timeout)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > give_up:
+                    print("never-listened", flush=True)
+                    return
+                time.sleep(0.1)
         start = time.monotonic()
-        with connect(port, timeout) as s:
+        with s:
             s.sendall(b"GET /hello HTTP/1.1\r\nHost: hub\r\n\r\n")
             got = 0
             try:
