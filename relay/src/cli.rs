@@ -5,18 +5,29 @@
 //! line. With no flags at all, `keyway-relay run` starts with embedded defaults, creating its
 //! key and an empty `authorized_hubs` in the working directory, and prints what a hub owner
 //! needs to connect.
+//!
+//! The config file is applied by turning its options into command-line arguments for the flags
+//! that neither the command line nor the environment set (not by exporting variables), so it
+//! can be re-read at run time: SIGHUP, or a change of the file, reloads `authorized_hubs` and
+//! the limits. Other options (addresses, key, policy) need a restart. SIGTERM or ctrl-c drains
+//! gracefully (see `RelayHandle::shutdown`).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use clap::{Args, CommandFactory, Parser, Subcommand};
-use keyway_proto::cli::{apply_config_file, init_logging, parse_duration};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use keyway_proto::cli::{config_env, config_path, init_logging, parse_duration, ConfigError};
 use keyway_proto::Identity;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use crate::{NamePolicy, Relay, RelayConfig, RelayHandle};
+use crate::{Limits, NamePolicy, Relay, RelayConfig, RelayHandle};
+
+/// How often the config file is checked for changes.
+const CONFIG_FILE_POLL: Duration = Duration::from_secs(1);
 
 /// Keyway relay: hubs dial out to it, apps reach them by name; it forwards bytes it cannot read.
 #[derive(Debug, Parser)]
@@ -29,7 +40,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the relay.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the relay's public key (the one hubs and apps pin).
     Pubkey(PubkeyArgs),
 }
@@ -61,6 +72,68 @@ pub struct RunArgs {
     /// How long to wait for a stream's first frame and for a hub to answer a session.
     #[arg(long, env = "KEYWAY_RELAY_SESSION_OPEN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub session_open_timeout: Duration,
+    /// TCP address of the HTTP listener for Prometheus `/metrics` and `/healthz`. Loopback by
+    /// default: expose it deliberately (e.g. `0.0.0.0:9464` inside a container).
+    #[arg(long, env = "KEYWAY_RELAY_METRICS_LISTEN", default_value = crate::DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: SocketAddr,
+    /// Do not start the metrics and health listener.
+    #[arg(long, env = "KEYWAY_RELAY_NO_METRICS")]
+    pub no_metrics: bool,
+    /// On SIGTERM, how long live sessions may continue before the relay closes them.
+    #[arg(long, env = "KEYWAY_RELAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// The limits (reloadable; `0` switches a limit off, except max_streams_per_connection).
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Hubs registered at once (re-registration of a registered hub always passes).
+    #[arg(long, env = "KEYWAY_RELAY_MAX_HUBS", default_value_t = crate::DEFAULT_MAX_HUBS)]
+    pub max_hubs: u32,
+    /// Sessions one hub carries at once.
+    #[arg(long, env = "KEYWAY_RELAY_MAX_SESSIONS_PER_HUB", default_value_t = crate::DEFAULT_MAX_SESSIONS_PER_HUB)]
+    pub max_sessions_per_hub: u32,
+    /// Bidirectional streams a peer may have open on one connection (at least 1).
+    #[arg(long, env = "KEYWAY_RELAY_MAX_STREAMS_PER_CONNECTION", default_value_t = crate::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    pub max_streams_per_connection: u32,
+    /// New connections per second from one source IP address.
+    #[arg(long, env = "KEYWAY_RELAY_NEW_CONNECTIONS_PER_IP", default_value_t = crate::DEFAULT_NEW_CONNECTIONS_PER_IP)]
+    pub new_connections_per_ip: f64,
+    /// Connections one source IP address may open back to back.
+    #[arg(long, env = "KEYWAY_RELAY_NEW_CONNECTIONS_BURST", default_value_t = crate::DEFAULT_NEW_CONNECTIONS_BURST)]
+    pub new_connections_burst: u32,
+    /// Payload bytes per second per key (app or hub), both directions and all sessions together.
+    #[arg(long, env = "KEYWAY_RELAY_BYTES_PER_SECOND_PER_KEY", default_value_t = crate::DEFAULT_BYTES_PER_SECOND_PER_KEY)]
+    pub bytes_per_second_per_key: u64,
+    /// Time a QUIC handshake may take.
+    #[arg(long, env = "KEYWAY_RELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// A session with no byte in either direction for this long is cut.
+    #[arg(long, env = "KEYWAY_RELAY_IDLE_SESSION_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub idle_session_timeout: Duration,
+    /// New connections per second (all sources) above which QUIC address validation (Retry) is
+    /// required.
+    #[arg(long, env = "KEYWAY_RELAY_RETRY_THRESHOLD", default_value_t = crate::DEFAULT_RETRY_THRESHOLD)]
+    pub retry_threshold: u32,
+}
+
+impl LimitArgs {
+    /// The library's [`Limits`] these flags describe.
+    pub fn to_limits(&self) -> Limits {
+        Limits {
+            max_hubs: self.max_hubs,
+            max_sessions_per_hub: self.max_sessions_per_hub,
+            max_streams_per_connection: self.max_streams_per_connection,
+            new_connections_per_ip: self.new_connections_per_ip,
+            new_connections_burst: self.new_connections_burst,
+            bytes_per_second_per_key: self.bytes_per_second_per_key,
+            handshake_timeout: self.handshake_timeout,
+            idle_session_timeout: self.idle_session_timeout,
+            retry_threshold: self.retry_threshold,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -84,22 +157,83 @@ const HUBS_HEADER: &str = "\
 # second of a change (and on SIGHUP); hubs no longer listed are disconnected.
 ";
 
+/// Why the command line and config file do not make a valid invocation.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Clap(#[from] clap::Error),
+}
+
+/// Parses `args` (with `args[0]` the program name) together with the config file they or
+/// `KEYWAY_RELAY_CONFIG` name. Precedence: command line, environment, file, defaults. Reads
+/// the environment but never changes it, so it can run again at reload time.
+pub fn parse_args(args: &[OsString]) -> Result<Cli, ArgsError> {
+    let command = Cli::command();
+    let matches = command.clone().try_get_matches_from(args)?;
+    let Some(path) = config_path(args, "KEYWAY_RELAY_CONFIG") else {
+        return Ok(Cli::from_arg_matches(&matches)?);
+    };
+    let Some((sub_name, sub_matches)) = matches.subcommand() else {
+        return Ok(Cli::from_arg_matches(&matches)?);
+    };
+    let Some(sub) = command.find_subcommand(sub_name) else {
+        return Ok(Cli::from_arg_matches(&matches)?);
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+    let mut extra: Vec<OsString> = Vec::new();
+    for (var, value) in config_env(sub, &path, &text)? {
+        let Some(arg) = sub.get_arguments().find(|a| a.get_env().is_some_and(|e| e == var.as_str())) else {
+            continue;
+        };
+        let given = matches!(
+            sub_matches.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        let Some(long) = arg.get_long() else { continue };
+        if given {
+            continue;
+        }
+        if arg.get_action().takes_values() {
+            extra.push(format!("--{long}={value}").into());
+        } else if value == "true" {
+            extra.push(format!("--{long}").into());
+        }
+    }
+    // The file's options go right after the subcommand, where its flags are accepted.
+    let at = args
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, a)| a.to_str() == Some(sub_name))
+        .map_or(args.len(), |(i, _)| i + 1);
+    let mut full: Vec<OsString> = args.get(..at).unwrap_or(args).to_vec();
+    full.extend(extra);
+    full.extend(args.get(at..).unwrap_or_default().iter().cloned());
+    Ok(Cli::try_parse_from(full)?)
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let Err(e) = apply_config_file(&Cli::command(), &args, "KEYWAY_RELAY_CONFIG") {
-        eprintln!("keyway-relay: {e}");
-        return ExitCode::from(2);
-    }
-    let cli = Cli::parse_from(args);
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let cli = match parse_args(&args) {
+        Ok(cli) => cli,
+        Err(ArgsError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("keyway-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging();
     let result = match cli.command {
         Command::Pubkey(args) => pubkey(&args),
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+        Command::Run(run_args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(run(args))),
+            .and_then(|rt| rt.block_on(run(*run_args, args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -132,7 +266,7 @@ fn ensure_hubs_file(path: &Path) -> anyhow::Result<bool> {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: RunArgs, argv: Vec<OsString>) -> anyhow::Result<()> {
     let (identity, created_key) = Identity::load_or_create(&args.key)?;
     if created_key {
         info!(path = %args.key.display(), "created a new relay key");
@@ -146,9 +280,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut config = RelayConfig::new(args.listen, identity, policy);
     config.idle_timeout = args.idle_timeout;
     config.session_open_timeout = args.session_open_timeout;
+    config.limits = args.limits.to_limits();
+    config.metrics_listen = (!args.no_metrics).then_some(args.metrics_listen);
+    config.drain_timeout = args.drain_timeout;
     let relay = Relay::start(config).await?;
     print_banner(&args, &relay, created_key, created_hubs);
-    serve(relay).await;
+    let config_file = config_path(&argv, "KEYWAY_RELAY_CONFIG");
+    serve(relay, argv, config_file).await;
     Ok(())
 }
 
@@ -159,6 +297,9 @@ fn print_banner(args: &RunArgs, relay: &RelayHandle, created_key: bool, created_
     let reachable =
         if addr.ip().is_unspecified() { format!("<relay-host>:{}", addr.port()) } else { addr.to_string() };
     println!("keyway-relay listening on {addr} (UDP)");
+    if let Some(metrics) = relay.metrics_addr() {
+        println!("metrics: http://{metrics}/metrics health: http://{metrics}/healthz");
+    }
     println!("relay public key: {key}");
     println!("relay fingerprint: {}", key.fingerprint());
     if created_key {
@@ -183,30 +324,67 @@ fn print_banner(args: &RunArgs, relay: &RelayHandle, created_key: bool, created_
     );
 }
 
-/// Serves until SIGTERM or ctrl-c (then shuts down gracefully); SIGHUP reloads the hubs file.
-async fn serve(relay: RelayHandle) {
+/// Re-reads the command line and config file and applies what can change at run time: the
+/// limits, and `authorized_hubs`. On any error the running configuration stays in force.
+fn reload(relay: &RelayHandle, argv: &[OsString], why: &str) {
+    match parse_args(argv) {
+        Ok(Cli { command: Command::Run(args) }) => match relay.set_limits(args.limits.to_limits()) {
+            Ok(()) => info!("limits reloaded ({why})"),
+            Err(e) => error!("limits not reloaded ({why}): {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => error!("config not reloaded ({why}); keeping the running one: {e}"),
+    }
+    match relay.reload() {
+        Ok(()) => info!("authorized hubs reloaded ({why})"),
+        Err(e) => error!("authorized hubs not reloaded ({why}): {e}"),
+    }
+}
+
+/// What a file looked like, to notice changes by polling.
+fn stamp(path: &Path) -> Option<(Option<SystemTime>, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok(), meta.len()))
+}
+
+/// Serves until SIGTERM or ctrl-c (then drains and shuts down gracefully); SIGHUP, or a change
+/// of the config file, reloads the limits and the hubs file.
+async fn serve(relay: RelayHandle, argv: Vec<OsString>, config_file: Option<PathBuf>) {
+    let mut last = config_file.as_deref().and_then(stamp);
+    let mut poll = tokio::time::interval(CONFIG_FILE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let config_changed = |last: &mut Option<(Option<SystemTime>, u64)>| {
+        let now = config_file.as_deref().and_then(stamp);
+        let changed = now != *last;
+        *last = now;
+        changed
+    };
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         match (signal(SignalKind::hangup()), signal(SignalKind::terminate())) {
             (Ok(mut hup), Ok(mut term)) => loop {
                 tokio::select! {
-                    _ = hup.recv() => match relay.reload() {
-                        Ok(()) => info!("reloaded on SIGHUP"),
-                        Err(e) => error!("reload on SIGHUP failed: {e}"),
+                    _ = hup.recv() => reload(&relay, &argv, "SIGHUP"),
+                    _ = poll.tick() => if config_changed(&mut last) {
+                        reload(&relay, &argv, "config file changed");
                     },
-                    _ = term.recv() => break,
+                    _ = term.recv() => {
+                        info!("SIGTERM: draining");
+                        break;
+                    }
                     _ = tokio::signal::ctrl_c() => break,
                 }
             },
             (Err(e), _) | (_, Err(e)) => {
-                error!("cannot install signal handlers: {e}; only ctrl-c stops the relay");
+                warn!("cannot install signal handlers: {e}; only ctrl-c stops the relay");
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = (&argv, &mut last, &mut poll, config_changed);
         let _ = tokio::signal::ctrl_c().await;
     }
     relay.shutdown().await;

@@ -11,11 +11,18 @@ use std::time::Duration;
 
 use keyway_proto::Identity;
 
+use crate::Limits;
+
 /// Default QUIC idle timeout. Hubs keep their tunnel alive well inside it (about every 15 s),
 /// so only truly dead peers are timed out.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time allowed for a stream's first frame and for a hub's answer to an announce.
 pub const DEFAULT_SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a graceful shutdown waits for live sessions to end.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default address of the metrics and health listener: loopback only, so it is not exposed
+/// unless an operator says so.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// Which hub keys may register which names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,10 +61,16 @@ pub struct RelayConfig {
     pub session_open_timeout: Duration,
     /// Sees every chunk the relay forwards; `None` in production.
     pub tap: Option<ForwardTap>,
+    /// Limits (changeable later with [`RelayHandle::set_limits`](crate::RelayHandle::set_limits)).
+    pub limits: Limits,
+    /// TCP address of the HTTP listener serving `/metrics` and `/healthz`; `None`: none.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long a graceful shutdown waits for live sessions to end before closing them.
+    pub drain_timeout: Duration,
 }
 
 impl RelayConfig {
-    /// A configuration with the default timeouts and no tap.
+    /// A configuration with the default timeouts and limits, no metrics listener and no tap.
     pub fn new(listen: SocketAddr, identity: Identity, policy: NamePolicy) -> Self {
         Self {
             listen,
@@ -66,6 +79,9 @@ impl RelayConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             session_open_timeout: DEFAULT_SESSION_OPEN_TIMEOUT,
             tap: None,
+            limits: Limits::default(),
+            metrics_listen: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -80,6 +96,9 @@ impl fmt::Debug for RelayConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("session_open_timeout", &self.session_open_timeout)
             .field("tap", &self.tap.as_ref().map(|_| "<tap>"))
+            .field("limits", &self.limits)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("drain_timeout", &self.drain_timeout)
             .finish()
     }
 }

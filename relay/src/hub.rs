@@ -18,6 +18,7 @@ use tracing::{debug, info};
 use crate::codes;
 use crate::registry::{ControlCommand, Hub};
 use crate::server::{bad_frame_reason, claim_control, refuse, ConnCtx, Shared};
+use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
 
 /// How long the relay waits for a last control frame (GoAway, refusal) to be acknowledged
 /// before it closes the connection, which would otherwise discard it.
@@ -41,23 +42,38 @@ pub(crate) async fn run(
     pairing_open: bool,
 ) {
     let peer = ctx.peer;
+    let refused = || shared.stats.handshake(HandshakeRole::Hub, HandshakeResult::Refused);
     if shared.is_shutting_down() {
+        refused();
         let message = "the relay is shutting down; register again in a moment".to_owned();
         refuse(&shared, &mut send, &peer, RefusalReason::ShuttingDown, message).await;
         return;
     }
     if !claim_control(&ctx) {
         let message = "this connection already has a control stream; a hub registers once per connection";
+        refused();
         refuse(&shared, &mut send, &peer, RefusalReason::ProtocolViolation, message.into()).await;
         return;
     }
     let admission = match shared.names.admit(&name, &peer) {
         Ok(admission) => admission,
         Err(refusal) => {
+            refused();
             refuse(&shared, &mut send, &peer, refusal.reason, refusal.message).await;
             return;
         }
     };
+    let max_hubs = shared.limits.get().max_hubs;
+    // A hub replacing its own registration never counts against the limit: it must always
+    // be able to come back. (Concurrent registrations may overshoot by a few; it is a guard
+    // against exhaustion, not an accounting rule.)
+    if max_hubs > 0 && shared.registry.get(&name).is_none() && shared.registry.len() >= max_hubs as usize {
+        shared.stats.limit_hit(LimitKind::MaxHubs);
+        refused();
+        let message = format!("this relay already has {max_hubs} hubs registered, its max_hubs limit");
+        refuse(&shared, &mut send, &peer, RefusalReason::OverLimit, message).await;
+        return;
+    }
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let apps = allowed_apps.len();
     let hub = Arc::new(Hub::new(
@@ -78,6 +94,7 @@ pub(crate) async fn run(
     // A reload may have swept the table between our admission and the insert.
     if shared.names.binding(&name) != Some(peer) {
         shared.registry.remove_if_current(&name, ctx.conn_id);
+        refused();
         let message = format!("hub name {name} is no longer authorized for this key at this relay");
         refuse(&shared, &mut send, &peer, RefusalReason::NameNotAuthorized, message).await;
         return;
@@ -94,8 +111,10 @@ pub(crate) async fn run(
         "hub registered"
     );
     if let Err(e) = write_frame(&mut send, &Frame::Registered { replaced }).await {
+        shared.stats.handshake(HandshakeRole::Hub, HandshakeResult::Failed);
         debug!(hub = %name, "could not confirm the registration: {e}");
     } else {
+        shared.stats.handshake(HandshakeRole::Hub, HandshakeResult::Ok);
         control_loop(&shared, &hub, &mut send, recv, commands).await;
     }
     if shared.registry.remove_if_current(&name, ctx.conn_id).is_some() {

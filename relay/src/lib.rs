@@ -22,6 +22,8 @@ pub mod cli;
 mod config;
 mod error;
 mod hub;
+mod limits;
+mod metrics;
 mod policy;
 mod registry;
 mod server;
@@ -30,11 +32,13 @@ mod splice;
 mod stats;
 
 pub use config::{
-    Direction, ForwardTap, NamePolicy, RelayConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_SESSION_OPEN_TIMEOUT,
+    Direction, ForwardTap, NamePolicy, RelayConfig, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_METRICS_LISTEN, DEFAULT_SESSION_OPEN_TIMEOUT,
 };
 pub use error::RelayError;
+pub use limits::*;
 pub use server::{Relay, RelayHandle};
-pub use stats::RelayStats;
+pub use stats::{LimitKind, RelayStats};
 
 /// QUIC application error codes, for connection closes and stream resets (`docs/protocol.md`).
 pub mod codes {
@@ -50,6 +54,8 @@ pub mod codes {
     pub const PROTOCOL: VarInt = VarInt::from_u32(3);
     /// The key was removed from an allow-list.
     pub const REVOKED: VarInt = VarInt::from_u32(4);
+    /// A relay limit cut the stream (a session idle for longer than `idle_session_timeout`).
+    pub const LIMIT: VarInt = VarInt::from_u32(5);
 }
 
 /// Loopback endpoints for unit tests that need real QUIC connections.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
-use keyway_proto::{HubName, PublicKey, SessionPurpose};
+use keyway_proto::{HubName, PublicKey, RefusalReason, SessionPurpose};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::policy::{decide_session, OnlineHub, Refusal};
@@ -91,6 +91,9 @@ impl Hub {
 
     /// Decides a session for `app_key` against this hub's current allow-list and, if it may
     /// proceed, enrols it (atomically, see the module docs).
+    /// `max_sessions` (0: no limit) is checked last, after every authorization check, so an
+    /// unauthorized app learns nothing about the hub's load.
+    #[allow(clippy::too_many_arguments)]
     pub fn enrol(
         self: &Arc<Self>,
         bound: Option<&PublicKey>,
@@ -98,10 +101,20 @@ impl Hub {
         app_key: &PublicKey,
         purpose: SessionPurpose,
         session_id: u64,
+        max_sessions: u32,
     ) -> Result<Enrolled, Refusal> {
         let mut inner = self.lock();
         let online = OnlineHub { key: &self.key, allowed: &inner.allowed, pairing_open: inner.pairing_open };
         decide_session(&self.name, bound, pinned, Some(online), app_key, purpose)?;
+        if max_sessions > 0 && inner.sessions.len() >= max_sessions as usize {
+            return Err(Refusal::new(
+                RefusalReason::OverLimit,
+                format!(
+                    "hub {} already carries {} sessions, this relay's max_sessions_per_hub limit",
+                    self.name, max_sessions
+                ),
+            ));
+        }
         let (tx, rx) = oneshot::channel();
         inner.sessions.insert(session_id, LiveSession { app_key: *app_key, revoke: Some(tx) });
         Ok(Enrolled { guard: SessionGuard { hub: Arc::clone(self), id: session_id }, revoked: rx })
@@ -173,6 +186,11 @@ impl Registry {
         self.hubs.get(name).map(|e| Arc::clone(e.value()))
     }
 
+    /// How many hubs are registered.
+    pub fn len(&self) -> usize {
+        self.hubs.len()
+    }
+
     /// A snapshot of every registered hub.
     pub fn all(&self) -> Vec<Arc<Hub>> {
         self.hubs.iter().map(|e| Arc::clone(e.value())).collect()
@@ -182,7 +200,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyway_proto::{Identity, RefusalReason};
+    use keyway_proto::Identity;
 
     fn key(seed: u8) -> PublicKey {
         Identity::from_seed([seed; 32]).public_key()
@@ -224,21 +242,31 @@ mod tests {
         let (tx, _rx) = mpsc::unbounded_channel();
         let (hub_key, a, b) = (key(1), key(2), key(3));
         let hub = Arc::new(Hub::new(name, hub_key, conn, 1, vec![a, b], false, tx));
-        let mut sa = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 10).unwrap();
-        let mut sb = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 11).unwrap();
+        let mut sa = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 10, 0).unwrap();
+        let mut sb = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 11, 0).unwrap();
         assert_eq!(hub.session_count(), 2);
 
         assert_eq!(hub.set_allow_list(vec![b], true), 1);
         assert!(sa.revoked.try_recv().is_ok());
         assert!(sb.revoked.try_recv().is_err());
         // Revoked key: new sessions are refused; pairing (now open) is allowed regardless.
-        let err = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 12).err().unwrap();
+        let err = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 12, 0).err().unwrap();
         assert_eq!(err.reason, RefusalReason::AppNotAuthorized);
-        assert!(hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Pair, 13).is_ok());
+        assert!(hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Pair, 13, 0).is_ok());
         assert_eq!(hub.session_count(), 2, "the pairing session's guard was dropped at once");
 
         drop(sa);
         drop(sb);
         assert_eq!(hub.session_count(), 0);
+
+        // The per-hub session limit comes after authorization and counts live sessions only.
+        let held = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 14, 1).unwrap();
+        let err = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 15, 1).err().unwrap();
+        assert_eq!(err.reason, RefusalReason::OverLimit);
+        assert!(err.message.contains("max_sessions_per_hub"), "{}", err.message);
+        let err = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 16, 1).err().unwrap();
+        assert_eq!(err.reason, RefusalReason::AppNotAuthorized, "authorization first");
+        drop(held);
+        assert!(hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 17, 1).is_ok());
     }
 }

@@ -20,21 +20,24 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
 use crate::registry::{ControlCommand, Registry};
-use crate::stats::RelayStats;
-use crate::{codes, ForwardTap, NamePolicy, RelayConfig, RelayError};
+use crate::stats::{HandshakeResult, HandshakeRole, LimitKind, RelayStats};
+use crate::{codes, ForwardTap, Limits, NamePolicy, RelayConfig, RelayError};
 
 /// UDP socket buffer size asked for: the default (~208 KiB) drops packets in handshake bursts.
 const UDP_BUFFER: usize = 4 * 1024 * 1024;
-/// Concurrent bidirectional streams a peer may open (sessions per app connection).
-const MAX_BIDI_STREAMS: u32 = 1024;
 /// How often the hubs file is checked for changes.
 const HUBS_FILE_POLL: Duration = Duration::from_secs(1);
 /// How long shutdown waits for hubs to receive their `GoAway`.
 const GOAWAY_GRACE: Duration = Duration::from_secs(2);
-/// How long shutdown waits for connections to close cleanly.
+/// How long shutdown waits for connections to close cleanly (after the drain).
 const DRAIN_GRACE: Duration = Duration::from_secs(3);
+/// How often a draining relay checks whether its last session ended.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// How often idle rate-limit buckets are forgotten.
+const BUCKET_SWEEP: Duration = Duration::from_secs(30);
 /// Base of the reconnect delay hinted in `GoAway`; each hub gets up to one second more, so a
 /// relay restart does not bring every hub back in the same instant.
 const GOAWAY_RETRY_MS: u32 = 1000;
@@ -50,6 +53,10 @@ pub(crate) struct Shared {
     pub session_open_timeout: Duration,
     /// `true` once the relay is shutting down: no new registrations or sessions.
     pub shutdown: watch::Sender<bool>,
+    /// The limits in force (replaced on reload).
+    pub limits: LimitsCell,
+    /// Rate-limit state per source address and per key.
+    pub buckets: Buckets,
 }
 
 impl Shared {
@@ -101,8 +108,11 @@ impl Relay {
                 "idle_timeout and session_open_timeout must be above zero".into(),
             ));
         }
+        config.limits.validate().map_err(RelayError::Config)?;
         let names = NameBook::load(&config.policy)?;
-        let server_config = server_config(&config)?;
+        let crypto: Arc<dyn quinn::crypto::ServerConfig> =
+            quic_server_crypto(&config.identity, Arc::new(AnyKey), ALPN_RELAY)?;
+        let server_config = build_server_config(Arc::clone(&crypto), config.idle_timeout, &config.limits)?;
         let socket = bind_socket(config.listen).await?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
@@ -121,6 +131,8 @@ impl Relay {
             tap: config.tap,
             session_open_timeout: config.session_open_timeout,
             shutdown,
+            limits: LimitsCell::new(config.limits),
+            buckets: Buckets::new(),
         });
         let policy = match &config.policy {
             NamePolicy::Closed { hubs_file } => format!("closed ({})", hubs_file.display()),
@@ -135,6 +147,31 @@ impl Relay {
             names = shared.names.len(),
             "relay listening"
         );
+        let mut background = Vec::new();
+        let metrics_addr = match config.metrics_listen {
+            None => None,
+            Some(addr) => {
+                let state = crate::metrics::MetricsState {
+                    stats: Arc::clone(&shared.stats),
+                    draining: shared.shutdown.subscribe(),
+                };
+                // Not fatal: forwarding matters more than observing it, and a second relay on
+                // the same host (tests, a blue/green upgrade) must not fail on the default port.
+                // A probe on /healthz notices the missing listener.
+                match crate::metrics::serve(addr, state).await {
+                    Ok((bound, task)) => {
+                        info!(addr = %bound, "metrics and health on http://{bound}/metrics and /healthz");
+                        background.push(task);
+                        Some(bound)
+                    }
+                    Err(e) => {
+                        error!(%addr, "cannot start the metrics listener: {e}; running without /metrics");
+                        None
+                    }
+                }
+            }
+        };
+        background.push(tokio::spawn(sweep_buckets(Arc::clone(&shared))));
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), Arc::clone(&shared)));
         let watch_task = matches!(config.policy, NamePolicy::Closed { .. })
             .then(|| tokio::spawn(watch_hubs_file(Arc::clone(&shared))));
@@ -142,9 +179,14 @@ impl Relay {
             endpoint,
             local_addr,
             public_key,
+            metrics_addr,
+            crypto,
+            idle_timeout: config.idle_timeout,
+            drain_timeout: config.drain_timeout,
             shared,
             accept_task: Some(accept_task),
             watch_task,
+            background,
         })
     }
 }
@@ -155,9 +197,16 @@ pub struct RelayHandle {
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
     public_key: PublicKey,
+    metrics_addr: Option<SocketAddr>,
+    /// Kept to rebuild the server config when limits change.
+    crypto: Arc<dyn quinn::crypto::ServerConfig>,
+    idle_timeout: Duration,
+    drain_timeout: Duration,
     shared: Arc<Shared>,
     accept_task: Option<JoinHandle<()>>,
     watch_task: Option<JoinHandle<()>>,
+    /// The metrics listener and the bucket sweeper: aborted when the relay stops.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -165,6 +214,7 @@ impl std::fmt::Debug for RelayHandle {
         f.debug_struct("RelayHandle")
             .field("local_addr", &self.local_addr)
             .field("public_key", &self.public_key)
+            .field("metrics_addr", &self.metrics_addr)
             .finish_non_exhaustive()
     }
 }
@@ -185,6 +235,31 @@ impl RelayHandle {
         Arc::clone(&self.shared.stats)
     }
 
+    /// The TCP address serving `/metrics` and `/healthz`, if the listener is up.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        Limits::clone(&self.shared.limits.get())
+    }
+
+    /// Replaces the limits at run time, without touching live sessions: rates apply to the
+    /// next token taken, counts to the next registration or session, timeouts to the next
+    /// check, and `max_streams_per_connection` to connections made from now on. Invalid
+    /// limits are refused and the old ones stay.
+    pub fn set_limits(&self, limits: Limits) -> Result<(), RelayError> {
+        limits.validate().map_err(RelayError::Config)?;
+        let server_config = build_server_config(Arc::clone(&self.crypto), self.idle_timeout, &limits)?;
+        if !self.shared.is_shutting_down() {
+            self.endpoint.set_server_config(Some(server_config));
+        }
+        info!(?limits, "limits changed");
+        self.shared.limits.set(limits);
+        Ok(())
+    }
+
     /// Re-reads `authorized_hubs` now and disconnects registered hubs it no longer allows. On
     /// a read or parse error the previous list stays in force and the error is returned. A
     /// no-op under the open policy.
@@ -195,12 +270,17 @@ impl RelayHandle {
         Ok(())
     }
 
-    /// Graceful shutdown: stops accepting, sends `GoAway` to every registered hub (and waits,
-    /// bounded, for it to arrive), closes every connection with `SHUTTING_DOWN` and waits,
-    /// bounded, for the endpoint to go idle.
+    /// Graceful shutdown: reports unhealthy (`/healthz` 503), stops accepting connections,
+    /// registrations and sessions, sends `GoAway` to every registered hub (and waits, bounded,
+    /// for it to arrive), lets live sessions finish for up to the drain timeout, then closes
+    /// every connection with `SHUTTING_DOWN` and waits, bounded, for the endpoint to go idle.
     pub async fn shutdown(mut self) {
-        info!("relay shutting down");
+        let sessions = self.shared.stats.sessions_active();
+        info!(sessions, drain_timeout = ?self.drain_timeout, "relay draining");
+        self.shared.stats.set_draining(true);
         self.shared.shutdown.send_replace(true);
+        // New connection attempts now fail at once instead of waiting for a handshake.
+        self.endpoint.set_server_config(None);
         if let Some(task) = self.watch_task.take() {
             task.abort();
         }
@@ -219,6 +299,20 @@ impl RelayHandle {
             }
         })
         .await;
+        let stats = Arc::clone(&self.shared.stats);
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            while stats.sessions_active() > 0 {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+        })
+        .await;
+        match drained {
+            Ok(()) => info!("all sessions ended"),
+            Err(_) => warn!(
+                sessions = stats.sessions_active(),
+                "drain timeout of {:?} reached; closing the remaining sessions", self.drain_timeout
+            ),
+        }
         self.endpoint.close(codes::SHUTTING_DOWN, b"relay shutting down");
         if tokio::time::timeout(DRAIN_GRACE, self.endpoint.wait_idle()).await.is_err() {
             warn!("some connections did not close within {DRAIN_GRACE:?}");
@@ -228,6 +322,9 @@ impl RelayHandle {
             // socket) is released before we return and a successor binds the same port.
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
+        for task in self.background.drain(..) {
+            task.abort();
+        }
         info!("relay stopped");
     }
 }
@@ -236,6 +333,9 @@ impl Drop for RelayHandle {
     fn drop(&mut self) {
         self.shared.shutdown.send_replace(true);
         if let Some(task) = self.watch_task.take() {
+            task.abort();
+        }
+        for task in self.background.drain(..) {
             task.abort();
         }
         self.endpoint.close(codes::SHUTTING_DOWN, b"relay shutting down");
@@ -250,15 +350,26 @@ fn spread(seed: u64, range: u32) -> u32 {
     (h.finish() % u64::from(range.max(1))) as u32
 }
 
+#[cfg(test)]
 pub(crate) fn server_config(config: &RelayConfig) -> Result<quinn::ServerConfig, RelayError> {
     let crypto = quic_server_crypto(&config.identity, Arc::new(AnyKey), ALPN_RELAY)?;
+    build_server_config(crypto, config.idle_timeout, &config.limits)
+}
+
+fn build_server_config(
+    crypto: Arc<dyn quinn::crypto::ServerConfig>,
+    idle_timeout: Duration,
+    limits: &Limits,
+) -> Result<quinn::ServerConfig, RelayError> {
     let mut server = quinn::ServerConfig::with_crypto(crypto);
+    // Retry tokens are only asked for under load (see `handle_incoming`); quinn's own
+    // always-on validation stays off.
     let mut transport = quinn::TransportConfig::default();
-    let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
-        .map_err(|_| RelayError::Config(format!("idle timeout {:?} is too large", config.idle_timeout)))?;
+    let idle = quinn::IdleTimeout::try_from(idle_timeout)
+        .map_err(|_| RelayError::Config(format!("idle timeout {idle_timeout:?} is too large")))?;
     transport
         .max_idle_timeout(Some(idle))
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS))
+        .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_streams_per_connection))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         // Hubs keep their NAT binding alive; the relay only answers.
         .keep_alive_interval(None);
@@ -334,6 +445,15 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     debug!("accept loop ended");
 }
 
+/// Forgets idle rate-limit buckets now and then.
+async fn sweep_buckets(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(BUCKET_SWEEP);
+    loop {
+        tick.tick().await;
+        shared.buckets.sweep(&shared.limits.get());
+    }
+}
+
 /// Polls the hubs file for changes (mtime/size) and applies them like `reload()`.
 async fn watch_hubs_file(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(HUBS_FILE_POLL);
@@ -351,15 +471,73 @@ async fn watch_hubs_file(shared: Arc<Shared>) {
     }
 }
 
+/// Decides what to do with a connection attempt before any handshake work: refuse it while
+/// draining or over the per-IP rate, ask for address validation (Retry) while attempts arrive
+/// faster than `retry_threshold`, else accept it, under the handshake timeout.
 async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
+    let stats = &shared.stats;
+    if shared.is_shutting_down() {
+        incoming.refuse();
+        return;
+    }
+    let limits = shared.limits.get();
+    if shared.buckets.over_retry_threshold(&limits)
+        && !incoming.remote_address_validated()
+        && incoming.may_retry()
+    {
+        // Stateless for us: a spoofed source never sees the token, so it costs it a round trip
+        // and us no handshake. quinn clients answer a Retry transparently.
+        stats.address_validation();
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().refuse();
+        }
+        return;
+    }
+    if !shared.buckets.admit_ip(remote.ip(), &limits) {
+        stats.limit_hit(LimitKind::NewConnectionsPerIp);
+        stats.handshake(HandshakeRole::Quic, HandshakeResult::Refused);
+        debug!(%remote, "refused a connection: over new_connections_per_ip");
+        incoming.refuse();
+        return;
+    }
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
         Err(e) => {
-            debug!(%remote, "handshake failed: {e}");
+            stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
+            debug!(%remote, "cannot accept a connection: {e}");
             return;
         }
     };
+    let handshake = if limits.handshake_timeout.is_zero() {
+        Ok(connecting.await)
+    } else {
+        tokio::time::timeout(limits.handshake_timeout, connecting).await
+    };
+    let conn = match handshake {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
+            debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            // Dropping the half-done connection abandons it.
+            stats.limit_hit(LimitKind::HandshakeTimeout);
+            stats.handshake(HandshakeRole::Quic, HandshakeResult::Timeout);
+            debug!(%remote, "handshake timed out after {:?}", limits.handshake_timeout);
+            return;
+        }
+    };
+    stats.handshake(HandshakeRole::Quic, HandshakeResult::Ok);
+    struct Counted<'a>(&'a RelayStats);
+    impl Drop for Counted<'_> {
+        fn drop(&mut self) {
+            self.0.connection_down();
+        }
+    }
+    stats.connection_up();
+    let _counted = Counted(stats);
     let Some(peer) = quic_peer_key(&conn) else {
         // Cannot happen with our verifier, but never serve an unidentified peer.
         conn.close(codes::PROTOCOL, b"no Ed25519 raw public key presented");

@@ -14,6 +14,7 @@ use crate::policy::{decide_session, Refusal};
 use crate::registry::Enrolled;
 use crate::server::{refuse, ConnCtx, Shared};
 use crate::splice::{splice, SpliceCtx};
+use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
 
 /// The app's address as the hub should see it: IPv4-mapped IPv6 (from a dual-stack socket)
 /// becomes plain IPv4.
@@ -27,8 +28,41 @@ enum AnnounceError {
     Bad(String),
 }
 
+/// How a session request ended, for `sessions_opened_total` and `handshakes_total{role="app"}`.
+enum Setup {
+    /// Spliced (counted when the splice started).
+    Spliced,
+    /// Answered with a typed refusal.
+    Refused,
+    /// A peer went away before the splice.
+    Failed,
+}
+
 /// Handles a stream whose first frame was `SessionOpen`.
 pub(crate) async fn run(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+    app_send: SendStream,
+    app_recv: RecvStream,
+    name: HubName,
+    pinned: PublicKey,
+    purpose: SessionPurpose,
+) {
+    let stats = Arc::clone(&shared.stats);
+    match setup_and_splice(shared, ctx, app_send, app_recv, name, pinned, purpose).await {
+        Setup::Spliced => {}
+        Setup::Refused => {
+            stats.session_not_opened(true);
+            stats.handshake(HandshakeRole::App, HandshakeResult::Refused);
+        }
+        Setup::Failed => {
+            stats.session_not_opened(false);
+            stats.handshake(HandshakeRole::App, HandshakeResult::Failed);
+        }
+    }
+}
+
+async fn setup_and_splice(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx>,
     mut app_send: SendStream,
@@ -36,19 +70,27 @@ pub(crate) async fn run(
     name: HubName,
     pinned: PublicKey,
     purpose: SessionPurpose,
-) {
+) -> Setup {
     let app = ctx.peer;
+    let started = tokio::time::Instant::now();
     if shared.is_shutting_down() {
         let message = "the relay is shutting down; try again in a moment".to_owned();
         refuse(&shared, &mut app_send, &app, RefusalReason::ShuttingDown, message).await;
-        return;
+        return Setup::Refused;
     }
     // Authorization against the current state (never what the handshake saw: resumption).
     let bound = shared.names.binding(&name);
     let session_id = shared.registry.next_id();
     let hub = shared.registry.get(&name);
     let decision = match &hub {
-        Some(hub) => hub.enrol(bound.as_ref(), &pinned, &app, purpose, session_id),
+        Some(hub) => hub.enrol(
+            bound.as_ref(),
+            &pinned,
+            &app,
+            purpose,
+            session_id,
+            shared.limits.get().max_sessions_per_hub,
+        ),
         None => {
             Err(decide_session(&name, bound.as_ref(), &pinned, None, &app, purpose).err().unwrap_or_else(
                 || Refusal::new(RefusalReason::HubOffline, format!("hub {name} is not connected")),
@@ -58,10 +100,14 @@ pub(crate) async fn run(
     let (hub, Enrolled { guard, revoked }) = match (hub, decision) {
         (Some(hub), Ok(enrolled)) => (hub, enrolled),
         (_, Err(refusal)) => {
+            if refusal.reason == RefusalReason::OverLimit {
+                // Only the per-hub session limit refuses with OverLimit at enrolment.
+                shared.stats.limit_hit(LimitKind::MaxSessionsPerHub);
+            }
             refuse(&shared, &mut app_send, &app, refusal.reason, refusal.message).await;
-            return;
+            return Setup::Refused;
         }
-        (None, Ok(_)) => return, // unreachable: no hub, no enrolment
+        (None, Ok(_)) => return Setup::Failed, // unreachable: no hub, no enrolment
     };
     // Fires only on an actual revocation, not when the hub entry (and its sender) goes away.
     let revoked = async move {
@@ -78,12 +124,12 @@ pub(crate) async fn run(
         Ok(Err(e)) => {
             let message = format!("hub {name} went offline: {e}");
             refuse(&shared, &mut app_send, &app, RefusalReason::HubOffline, message).await;
-            return;
+            return Setup::Refused;
         }
         Err(_) => {
             let message = format!("hub {name} has no stream free for a new session within {timeout:?}");
             refuse(&shared, &mut app_send, &app, RefusalReason::OverLimit, message).await;
-            return;
+            return Setup::Refused;
         }
     };
     let announce =
@@ -102,7 +148,7 @@ pub(crate) async fn run(
             let _ = hub_recv.stop(codes::REVOKED);
             let message = format!("hub {name} revoked app key {}", app.fingerprint());
             refuse(&shared, &mut app_send, &app, RefusalReason::AppNotAuthorized, message).await;
-            return;
+            return Setup::Refused;
         }
     };
     match answer {
@@ -115,41 +161,52 @@ pub(crate) async fn run(
                 debug!("could not pass the hub's refusal on: {e}");
             }
             let _ = app_send.finish();
-            return;
+            return Setup::Refused;
         }
         Ok(Ok(other)) => {
             let _ = hub_send.reset(codes::PROTOCOL);
             let message = format!("hub {name} answered the session announce with {}", other.name());
             refuse(&shared, &mut app_send, &app, RefusalReason::ProtocolViolation, message).await;
-            return;
+            return Setup::Refused;
         }
         Ok(Err(AnnounceError::Bad(e))) => {
             let _ = hub_send.reset(codes::PROTOCOL);
             let message = format!("hub {name} answered with a malformed frame: {e}");
             refuse(&shared, &mut app_send, &app, RefusalReason::ProtocolViolation, message).await;
-            return;
+            return Setup::Refused;
         }
         Ok(Err(AnnounceError::Io(e))) => {
             let message = format!("hub {name} went offline during the session announce: {e}");
             refuse(&shared, &mut app_send, &app, RefusalReason::HubOffline, message).await;
-            return;
+            return Setup::Refused;
         }
         Err(_) => {
             let _ = hub_send.reset(codes::NORMAL);
             let _ = hub_recv.stop(codes::NORMAL);
             let message = format!("hub {name} did not answer the session announce within {timeout:?}");
             refuse(&shared, &mut app_send, &app, RefusalReason::HubOffline, message).await;
-            return;
+            return Setup::Refused;
         }
     }
     if let Err(e) = write_frame(&mut app_send, &Frame::SessionAccepted).await {
         debug!("app went away before the session was spliced: {e}");
         let _ = hub_send.reset(codes::NORMAL);
-        return;
+        return Setup::Failed;
     }
+    shared.stats.setup_time(started.elapsed());
+    shared.stats.handshake(HandshakeRole::App, HandshakeResult::Ok);
     debug!(hub = %name, app = %app.fingerprint(), ?purpose, "session spliced");
-    let ctx = SpliceCtx { stats: &shared.stats, tap: shared.tap.as_ref() };
+    let limits = shared.limits.get();
+    let buckets = if limits.bytes_per_second_per_key > 0 {
+        // Both ends' keys pay for every byte: neither a greedy app nor a greedy hub can take
+        // more than its share of the relay, however many sessions it opens.
+        vec![shared.buckets.key_bucket(&app, &limits), shared.buckets.key_bucket(&hub.key, &limits)]
+    } else {
+        Vec::new()
+    };
+    let ctx = SpliceCtx { stats: &shared.stats, tap: shared.tap.as_ref(), limits: &shared.limits, buckets };
     let end = splice((app_send, app_recv), (hub_send, hub_recv), ctx, revoked).await;
     debug!(hub = %name, app = %app.fingerprint(), ?end, "session ended");
     drop(guard);
+    Setup::Spliced
 }

@@ -6,13 +6,27 @@
 //! backpressure. The two directions run concurrently and end independently, so a half-close
 //! (FIN on one side) is passed on as a FIN while the other direction keeps flowing. A reset is
 //! passed on as a reset, a STOP_SENDING as a STOP_SENDING, with the same error code.
+//!
+//! Two limits apply here, both read afresh from the live [`LimitsCell`] so a reload changes
+//! them for running sessions too: the per-key byte rate (each chunk pays into the app's and
+//! the hub's token buckets and waits off any debt before it is written, so backpressure again
+//! falls to QUIC flow control) and the idle session timeout (no byte either way for that long:
+//! both streams are reset with [`codes::LIMIT`]).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use quinn::{ReadError, RecvStream, SendStream, StoppedError, VarInt, WriteError};
+use tokio::time::Instant;
 
-use crate::stats::RelayStats;
+use crate::limits::{LimitsCell, TokenBucket};
+use crate::stats::{LimitKind, RelayStats};
 use crate::{codes, Direction, ForwardTap};
+
+/// Longest the idle watchdog sleeps before re-reading the limits (a reload may change them).
+const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
 /// Largest chunk taken from a stream at once.
 const CHUNK: usize = 64 * 1024;
@@ -35,12 +49,66 @@ pub(crate) enum SpliceEnd {
     Done { app_to_hub: PumpEnd, hub_to_app: PumpEnd },
     /// The session was cut by the relay (key revoked); every stream was reset/stopped with REVOKED.
     Revoked,
+    /// Nothing moved for `idle_session_timeout`; every stream was reset/stopped with LIMIT.
+    Idle,
 }
 
-/// What a splice reports to: the relay's counters and the optional tap.
+/// What a splice reports to and is limited by.
 pub(crate) struct SpliceCtx<'a> {
     pub stats: &'a RelayStats,
     pub tap: Option<&'a ForwardTap>,
+    pub limits: &'a LimitsCell,
+    /// The byte buckets every chunk pays into (app key's and hub key's); empty: no rate limit.
+    pub buckets: Vec<Arc<TokenBucket>>,
+}
+
+/// When the session last moved a byte, in milliseconds since it started.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Resolves once the session has been idle for the (current) idle session timeout.
+async fn idle_for_too_long(limits: &LimitsCell, activity: &Activity) {
+    loop {
+        let timeout = limits.get().idle_session_timeout;
+        let now = Instant::now();
+        if timeout.is_zero() {
+            tokio::time::sleep(IDLE_RECHECK).await;
+            continue;
+        }
+        let deadline = activity.last() + timeout;
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.min(now + IDLE_RECHECK)).await;
+    }
+}
+
+/// Charges `len` bytes to every bucket at the current rate and waits off the debt.
+async fn throttle(ctx: &SpliceCtx<'_>, len: usize) {
+    if ctx.buckets.is_empty() {
+        return;
+    }
+    let rate = ctx.limits.get().bytes_per_second_per_key as f64;
+    if rate <= 0.0 {
+        return;
+    }
+    let wait = ctx.buckets.iter().map(|b| b.take_debt(len as f64, rate, rate)).max().unwrap_or_default();
+    if !wait.is_zero() {
+        ctx.stats.limit_hit(LimitKind::BytesPerSecondPerKey);
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// The error code to pass on when a connection, not a stream, failed: the peer's application
@@ -59,6 +127,7 @@ async fn pump(
     to: &mut SendStream,
     direction: Direction,
     ctx: &SpliceCtx<'_>,
+    activity: &Activity,
 ) -> PumpEnd {
     // The receiver may stop reading while we wait for input; notice that too, not only on the
     // next write, so the source is told at once.
@@ -69,9 +138,11 @@ async fn pump(
             read = from.read_chunk(CHUNK, true) => match read {
                 Ok(Some(chunk)) => {
                     let len = chunk.bytes.len();
+                    activity.touch();
                     if let Some(tap) = ctx.tap {
                         tap(direction, &chunk.bytes);
                     }
+                    throttle(ctx, len).await;
                     match to.write_chunk(chunk.bytes).await {
                         Ok(()) => ctx.stats.forwarded(direction, len),
                         Err(e) => {
@@ -136,24 +207,28 @@ pub(crate) async fn splice(
 
     let (mut app_send, mut app_recv) = app;
     let (mut hub_send, mut hub_recv) = hub;
+    let activity = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
     let both = async {
         tokio::join!(
-            pump(&mut app_recv, &mut hub_send, Direction::AppToHub, &ctx),
-            pump(&mut hub_recv, &mut app_send, Direction::HubToApp, &ctx),
+            pump(&mut app_recv, &mut hub_send, Direction::AppToHub, &ctx, &activity),
+            pump(&mut hub_recv, &mut app_send, Direction::HubToApp, &ctx, &activity),
         )
     };
-    tokio::select! {
-        (app_to_hub, hub_to_app) = both => SpliceEnd::Done { app_to_hub, hub_to_app },
-        () = revoked => {
-            // The pumps are dropped here (both read_chunk and write_chunk are cancel-safe
-            // enough: whatever was mid-flight is being discarded by the resets anyway).
-            let _ = app_send.reset(codes::REVOKED);
-            let _ = hub_send.reset(codes::REVOKED);
-            let _ = app_recv.stop(codes::REVOKED);
-            let _ = hub_recv.stop(codes::REVOKED);
-            SpliceEnd::Revoked
+    let (end, code) = tokio::select! {
+        (app_to_hub, hub_to_app) = both => return SpliceEnd::Done { app_to_hub, hub_to_app },
+        () = revoked => (SpliceEnd::Revoked, codes::REVOKED),
+        () = idle_for_too_long(ctx.limits, &activity) => {
+            ctx.stats.limit_hit(LimitKind::IdleSessionTimeout);
+            (SpliceEnd::Idle, codes::LIMIT)
         }
-    }
+    };
+    // The pumps are dropped here (both read_chunk and write_chunk are cancel-safe enough:
+    // whatever was mid-flight is being discarded by the resets anyway).
+    let _ = app_send.reset(code);
+    let _ = hub_send.reset(code);
+    let _ = app_recv.stop(code);
+    let _ = hub_recv.stop(code);
+    end
 }
 
 #[cfg(test)]
@@ -202,6 +277,7 @@ mod tests {
     async fn bytes_flow_both_ways_and_half_close_is_honoured() {
         let Legs { _eps, app_peer, app_relay, hub_peer, hub_relay } = legs().await;
         let stats = RelayStats::default();
+        let unlimited = LimitsCell::new(crate::Limits::unlimited());
         let seen = Arc::new(Mutex::new((0usize, 0usize)));
         let seen2 = Arc::clone(&seen);
         let tap: ForwardTap = Arc::new(move |dir, bytes| {
@@ -227,7 +303,7 @@ mod tests {
             let back = app_recv.read_to_end(1 << 20).await.unwrap();
             assert_eq!(back, b"answer after the app's FIN");
         };
-        let ctx = SpliceCtx { stats: &stats, tap: Some(&tap) };
+        let ctx = SpliceCtx { stats: &stats, tap: Some(&tap), limits: &unlimited, buckets: Vec::new() };
         let (end, ()) = tokio::join!(splice(app_relay, hub_relay, ctx, std::future::pending()), peers);
         assert_eq!(end, SpliceEnd::Done { app_to_hub: PumpEnd::Finished, hub_to_app: PumpEnd::Finished });
         assert_eq!(stats.bytes_app_to_hub(), upload.len() as u64);
@@ -240,6 +316,7 @@ mod tests {
     async fn a_reset_becomes_a_reset_with_the_same_code() {
         let Legs { _eps, app_peer, app_relay, hub_peer, hub_relay } = legs().await;
         let stats = RelayStats::default();
+        let unlimited = LimitsCell::new(crate::Limits::unlimited());
         let (mut app_send, _app_recv) = app_peer;
         let (_hub_send, mut hub_recv) = hub_peer;
         let peers = async move {
@@ -252,7 +329,7 @@ mod tests {
             // Close the other direction too so the splice ends.
             drop(_hub_send);
         };
-        let ctx = SpliceCtx { stats: &stats, tap: None };
+        let ctx = SpliceCtx { stats: &stats, tap: None, limits: &unlimited, buckets: Vec::new() };
         let (end, ()) = tokio::join!(splice(app_relay, hub_relay, ctx, std::future::pending()), peers);
         let SpliceEnd::Done { app_to_hub, .. } = end else { panic!("{end:?}") };
         assert_eq!(app_to_hub, PumpEnd::Reset(VarInt::from_u32(77)));
@@ -262,6 +339,7 @@ mod tests {
     async fn revocation_resets_both_sides_with_revoked() {
         let Legs { _eps, app_peer, app_relay, hub_peer, hub_relay } = legs().await;
         let stats = RelayStats::default();
+        let unlimited = LimitsCell::new(crate::Limits::unlimited());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (mut app_send, mut app_recv) = app_peer;
         let (_hub_send, mut hub_recv) = hub_peer;
@@ -275,7 +353,7 @@ mod tests {
             let err = app_send.stopped().await.unwrap();
             assert_eq!(err, Some(codes::REVOKED));
         };
-        let ctx = SpliceCtx { stats: &stats, tap: None };
+        let ctx = SpliceCtx { stats: &stats, tap: None, limits: &unlimited, buckets: Vec::new() };
         let revoked = async move {
             let _ = rx.await;
         };

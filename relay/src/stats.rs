@@ -1,103 +1,380 @@
-//! [`RelayStats`]: live counters and gauges, lock-free so the forwarding path can bump them per
-//! chunk. No per-hub or per-key labels: cardinality stays bounded however many hubs connect.
+//! [`RelayStats`]: the relay's live counters, gauges and histogram, backed by Prometheus
+//! metrics in the relay's own [`prometheus::Registry`] (never the process-global default, so
+//! several relays in one process, as in tests, never mix their numbers).
+//!
+//! Every label has a small, fixed set of values: no per-hub, per-key or per-address labels, so
+//! cardinality stays bounded however many hubs connect. Each labelled child is resolved once
+//! at construction, so the forwarding path bumps a plain atomic per chunk, without a hash
+//! lookup.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use keyway_proto::RefusalReason;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
-/// One slot per known refusal reason plus one for reasons this build does not know.
-const REASON_SLOTS: usize = RefusalReason::KNOWN.len() + 1;
+/// Namespace of every metric name (`keyway_relay_...`).
+const NAMESPACE: &str = "keyway_relay";
 
-/// Counters and gauges of one relay. Read them through the accessor methods.
-#[derive(Debug, Default)]
+/// Which handshake a [`RelayStats::handshake`] observation is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandshakeRole {
+    /// The QUIC/TLS handshake of any connection (its role is not known yet).
+    Quic,
+    /// A hub's registration (`Register` → `Registered` / `Refused`).
+    Hub,
+    /// An app's session set-up (`SessionOpen` → `SessionAccepted` / `Refused`).
+    App,
+}
+
+impl HandshakeRole {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Hub => "hub",
+            Self::App => "app",
+        }
+    }
+}
+
+/// How a handshake ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandshakeResult {
+    Ok,
+    /// Answered with a typed refusal (or, for QUIC, refused before the handshake by a limit).
+    Refused,
+    /// The peer went away or broke the protocol.
+    Failed,
+    /// The handshake timeout ran out.
+    Timeout,
+}
+
+impl HandshakeResult {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// A relay limit, as the `limit` label of `keyway_relay_limit_hits_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    MaxHubs,
+    MaxSessionsPerHub,
+    NewConnectionsPerIp,
+    BytesPerSecondPerKey,
+    HandshakeTimeout,
+    IdleSessionTimeout,
+}
+
+impl LimitKind {
+    /// Every limit, in label order.
+    pub const ALL: [LimitKind; 6] = [
+        Self::MaxHubs,
+        Self::MaxSessionsPerHub,
+        Self::NewConnectionsPerIp,
+        Self::BytesPerSecondPerKey,
+        Self::HandshakeTimeout,
+        Self::IdleSessionTimeout,
+    ];
+
+    /// The label value, which is also the name of the limit's config key.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::MaxHubs => "max_hubs",
+            Self::MaxSessionsPerHub => "max_sessions_per_hub",
+            Self::NewConnectionsPerIp => "new_connections_per_ip",
+            Self::BytesPerSecondPerKey => "bytes_per_second_per_key",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::IdleSessionTimeout => "idle_session_timeout",
+        }
+    }
+}
+
+/// Counters and gauges of one relay. Read them through the accessor methods, or scrape them
+/// (`/metrics`, see [`RelayStats::encode`]).
+#[derive(Debug)]
 pub struct RelayStats {
-    hubs_connected: AtomicU64,
-    sessions_active: AtomicU64,
-    sessions_opened: AtomicU64,
-    refusals: [AtomicU64; REASON_SLOTS],
-    bytes_app_to_hub: AtomicU64,
-    bytes_hub_to_app: AtomicU64,
-    registrations: AtomicU64,
-    replacements: AtomicU64,
+    registry: Registry,
+    hubs_connected: IntGauge,
+    sessions_active: IntGauge,
+    connections_active: IntGauge,
+    draining: IntGauge,
+    sessions_accepted: IntCounter,
+    sessions_refused: IntCounter,
+    sessions_failed: IntCounter,
+    refusals: Vec<IntCounter>,
+    bytes_app_to_hub: IntCounter,
+    bytes_hub_to_app: IntCounter,
+    handshakes: IntCounterVec,
+    setup_seconds: Histogram,
+    registrations: IntCounter,
+    replacements: IntCounter,
+    limit_hits: Vec<IntCounter>,
+    address_validations: IntCounter,
+}
+
+impl Default for RelayStats {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn slot(reason: RefusalReason) -> usize {
     RefusalReason::KNOWN.iter().position(|r| *r == reason).unwrap_or(RefusalReason::KNOWN.len())
 }
 
-fn dec(gauge: &AtomicU64) {
-    // Saturating: a bookkeeping slip must never wrap a gauge to 2^64.
-    let _ = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+fn dec(gauge: &IntGauge) {
+    // Never below zero: a bookkeeping slip must not show a negative number of hubs.
+    if gauge.get() > 0 {
+        gauge.dec();
+    }
 }
 
+/// Registers metrics into one registry, with the relay's namespace.
+struct Builder(Registry);
+
+impl Builder {
+    fn register<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> prometheus::Result<C> {
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+    fn gauge(&self, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+        self.register(IntGauge::with_opts(Opts::new(name, help).namespace(NAMESPACE))?)
+    }
+    fn counter(&self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        self.register(IntCounter::with_opts(Opts::new(name, help).namespace(NAMESPACE))?)
+    }
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+        self.register(IntCounterVec::new(Opts::new(name, help).namespace(NAMESPACE), labels)?)
+    }
+}
+
+/// Buckets of the session set-up histogram, in seconds: 1 ms to about 16 s.
+const SETUP_BUCKETS: [f64; 15] =
+    [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0];
+
 impl RelayStats {
+    /// Fresh metrics in a fresh registry.
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        // Every name, help text and label set is a constant (and the unit tests build and
+        // scrape them), so this can only fail on a programming error, never on input.
+        Self::try_new().expect("constant metric definitions are valid")
+    }
+
+    fn try_new() -> prometheus::Result<Self> {
+        let b = Builder(Registry::new());
+        let hubs_connected = b.gauge("hubs_connected", "Hubs currently registered.")?;
+        let sessions_active = b.gauge("sessions_active", "Sessions currently being spliced.")?;
+        let connections_active =
+            b.gauge("connections_active", "QUIC connections currently established (hubs and apps).")?;
+        let draining = b.gauge("draining", "1 while the relay drains before shutting down, else 0.")?;
+        let sessions = b.counter_vec(
+            "sessions_opened_total",
+            "Session requests by result: accepted (spliced), refused (typed refusal), failed (peer gone).",
+            &["result"],
+        )?;
+        let refusals_vec = b.counter_vec(
+            "refusals_total",
+            "Typed refusals sent, by reason (the relay's own and hubs' forwarded ones).",
+            &["reason"],
+        )?;
+        let mut refusals: Vec<IntCounter> =
+            RefusalReason::KNOWN.iter().map(|r| refusals_vec.with_label_values(&[r.label()])).collect();
+        refusals.push(refusals_vec.with_label_values(&[RefusalReason::Other(0).label()]));
+        let bytes = b.counter_vec(
+            "bytes_forwarded_total",
+            "Payload bytes forwarded, by direction (counted chunk by chunk).",
+            &["direction"],
+        )?;
+        let handshakes = b.counter_vec(
+            "handshakes_total",
+            "Handshakes by role (quic: transport; hub: registration; app: session set-up) and result.",
+            &["role", "result"],
+        )?;
+        let setup_seconds = HistogramOpts::new(
+            "session_setup_seconds",
+            "Time from an app's SessionOpen to the splice start (includes the hub's answer).",
+        )
+        .namespace(NAMESPACE)
+        .buckets(SETUP_BUCKETS.to_vec());
+        let setup_seconds = b.register(Histogram::with_opts(setup_seconds)?)?;
+        let registrations =
+            b.counter("hub_registrations_total", "Successful hub registrations (replacements included).")?;
+        let replacements = b.counter(
+            "hub_replacements_total",
+            "Registrations that displaced an older connection of the same hub.",
+        )?;
+        let limits = b.counter_vec(
+            "limit_hits_total",
+            "Times a limit refused or cut something, by limit (see docs/operating.md).",
+            &["limit"],
+        )?;
+        let limit_hits = LimitKind::ALL.iter().map(|l| limits.with_label_values(&[l.label()])).collect();
+        let address_validations = b.counter(
+            "address_validations_total",
+            "QUIC Retry packets sent because new connections arrived faster than retry_threshold.",
+        )?;
+        for role in [HandshakeRole::Quic, HandshakeRole::Hub, HandshakeRole::App] {
+            for result in [
+                HandshakeResult::Ok,
+                HandshakeResult::Refused,
+                HandshakeResult::Failed,
+                HandshakeResult::Timeout,
+            ] {
+                // Touch every series so a scrape shows zeros rather than nothing.
+                let _ = handshakes.with_label_values(&[role.label(), result.label()]);
+            }
+        }
+        Ok(Self {
+            hubs_connected,
+            sessions_active,
+            connections_active,
+            draining,
+            sessions_accepted: sessions.with_label_values(&["accepted"]),
+            sessions_refused: sessions.with_label_values(&["refused"]),
+            sessions_failed: sessions.with_label_values(&["failed"]),
+            refusals,
+            bytes_app_to_hub: bytes.with_label_values(&["app_to_hub"]),
+            bytes_hub_to_app: bytes.with_label_values(&["hub_to_app"]),
+            handshakes,
+            setup_seconds,
+            registrations,
+            replacements,
+            limit_hits,
+            address_validations,
+            registry: b.0,
+        })
+    }
+
     /// Hubs currently registered (gauge).
     pub fn hubs_connected(&self) -> u64 {
-        self.hubs_connected.load(Ordering::Relaxed)
+        self.hubs_connected.get().max(0) as u64
     }
     /// Sessions currently being spliced (gauge).
     pub fn sessions_active(&self) -> u64 {
-        self.sessions_active.load(Ordering::Relaxed)
+        self.sessions_active.get().max(0) as u64
+    }
+    /// QUIC connections currently established (gauge).
+    pub fn connections_active(&self) -> u64 {
+        self.connections_active.get().max(0) as u64
     }
     /// Sessions the hub accepted and the relay spliced, since start.
     pub fn sessions_opened(&self) -> u64 {
-        self.sessions_opened.load(Ordering::Relaxed)
+        self.sessions_accepted.get()
     }
     /// Refusals sent with `reason` since start (relay's own and hubs' forwarded ones). Every
     /// unknown reason shares one counter.
     pub fn refusals(&self, reason: RefusalReason) -> u64 {
-        self.refusals.get(slot(reason)).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.refusals.get(slot(reason)).map_or(0, IntCounter::get)
     }
     /// Sum of all refusals.
     pub fn refusals_total(&self) -> u64 {
-        self.refusals.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.refusals.iter().map(IntCounter::get).sum()
     }
     /// Payload bytes forwarded from apps to hubs (counted live, chunk by chunk).
     pub fn bytes_app_to_hub(&self) -> u64 {
-        self.bytes_app_to_hub.load(Ordering::Relaxed)
+        self.bytes_app_to_hub.get()
     }
     /// Payload bytes forwarded from hubs to apps (counted live, chunk by chunk).
     pub fn bytes_hub_to_app(&self) -> u64 {
-        self.bytes_hub_to_app.load(Ordering::Relaxed)
+        self.bytes_hub_to_app.get()
     }
     /// Successful registrations since start (replacements included).
     pub fn registrations(&self) -> u64 {
-        self.registrations.load(Ordering::Relaxed)
+        self.registrations.get()
     }
     /// Registrations that displaced an older connection of the same hub.
     pub fn replacements(&self) -> u64 {
-        self.replacements.load(Ordering::Relaxed)
+        self.replacements.get()
+    }
+    /// Times `limit` refused or cut something since start.
+    pub fn limit_hits(&self, limit: LimitKind) -> u64 {
+        LimitKind::ALL
+            .iter()
+            .position(|l| *l == limit)
+            .and_then(|i| self.limit_hits.get(i))
+            .map_or(0, IntCounter::get)
+    }
+    /// QUIC Retry packets sent (address validation under load).
+    pub fn address_validations(&self) -> u64 {
+        self.address_validations.get()
+    }
+
+    /// Every metric in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        match prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()) {
+            Ok(text) => text,
+            Err(e) => format!("# cannot encode metrics: {e}\n"),
+        }
     }
 
     pub(crate) fn hub_up(&self) {
-        self.hubs_connected.fetch_add(1, Ordering::Relaxed);
+        self.hubs_connected.inc();
     }
     pub(crate) fn hub_down(&self) {
         dec(&self.hubs_connected);
     }
+    pub(crate) fn connection_up(&self) {
+        self.connections_active.inc();
+    }
+    pub(crate) fn connection_down(&self) {
+        dec(&self.connections_active);
+    }
+    pub(crate) fn set_draining(&self, draining: bool) {
+        self.draining.set(i64::from(draining));
+    }
     pub(crate) fn session_up(&self) {
-        self.sessions_opened.fetch_add(1, Ordering::Relaxed);
-        self.sessions_active.fetch_add(1, Ordering::Relaxed);
+        self.sessions_accepted.inc();
+        self.sessions_active.inc();
     }
     pub(crate) fn session_down(&self) {
         dec(&self.sessions_active);
     }
+    /// A session request that never reached the splice: `refused` with a typed refusal, or
+    /// failed because a peer went away.
+    pub(crate) fn session_not_opened(&self, refused: bool) {
+        if refused {
+            self.sessions_refused.inc();
+        } else {
+            self.sessions_failed.inc();
+        }
+    }
+    pub(crate) fn setup_time(&self, elapsed: Duration) {
+        self.setup_seconds.observe(elapsed.as_secs_f64());
+    }
+    pub(crate) fn handshake(&self, role: HandshakeRole, result: HandshakeResult) {
+        self.handshakes.with_label_values(&[role.label(), result.label()]).inc();
+    }
     pub(crate) fn refused(&self, reason: RefusalReason) {
         if let Some(c) = self.refusals.get(slot(reason)) {
-            c.fetch_add(1, Ordering::Relaxed);
+            c.inc();
         }
+    }
+    pub(crate) fn limit_hit(&self, limit: LimitKind) {
+        if let Some(c) = LimitKind::ALL.iter().position(|l| *l == limit).and_then(|i| self.limit_hits.get(i))
+        {
+            c.inc();
+        }
+    }
+    pub(crate) fn address_validation(&self) {
+        self.address_validations.inc();
     }
     pub(crate) fn forwarded(&self, direction: crate::Direction, bytes: usize) {
         let counter = match direction {
             crate::Direction::AppToHub => &self.bytes_app_to_hub,
             crate::Direction::HubToApp => &self.bytes_hub_to_app,
         };
-        counter.fetch_add(bytes as u64, Ordering::Relaxed);
+        counter.inc_by(bytes as u64);
     }
     pub(crate) fn registered(&self, replaced: bool) {
-        self.registrations.fetch_add(1, Ordering::Relaxed);
+        self.registrations.inc();
         if replaced {
-            self.replacements.fetch_add(1, Ordering::Relaxed);
+            self.replacements.inc();
         }
     }
 }
@@ -133,5 +410,34 @@ mod tests {
         assert_eq!((stats.sessions_active(), stats.sessions_opened()), (1, 1));
         stats.session_down();
         assert_eq!((stats.sessions_active(), stats.sessions_opened()), (0, 1));
+    }
+
+    #[test]
+    fn the_exposition_names_every_metric_with_bounded_labels() {
+        let stats = RelayStats::default();
+        stats.refused(RefusalReason::OverLimit);
+        stats.limit_hit(LimitKind::MaxHubs);
+        stats.setup_time(Duration::from_millis(3));
+        stats.forwarded(crate::Direction::AppToHub, 5);
+        let text = stats.encode();
+        for needle in [
+            "keyway_relay_hubs_connected 0",
+            "keyway_relay_sessions_active 0",
+            "keyway_relay_connections_active 0",
+            "keyway_relay_draining 0",
+            "keyway_relay_refusals_total{reason=\"over_limit\"} 1",
+            "keyway_relay_refusals_total{reason=\"other\"} 0",
+            "keyway_relay_limit_hits_total{limit=\"max_hubs\"} 1",
+            "keyway_relay_limit_hits_total{limit=\"idle_session_timeout\"} 0",
+            "keyway_relay_bytes_forwarded_total{direction=\"app_to_hub\"} 5",
+            "keyway_relay_handshakes_total{result=\"timeout\",role=\"quic\"} 0",
+            "keyway_relay_session_setup_seconds_count 1",
+            "keyway_relay_sessions_opened_total{result=\"accepted\"} 0",
+            "keyway_relay_hub_registrations_total 0",
+            "keyway_relay_hub_replacements_total 0",
+            "keyway_relay_address_validations_total 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
     }
 }

@@ -1,0 +1,279 @@
+//! [`Limits`]: what one relay allows, and the token buckets that enforce the rate limits.
+//!
+//! Every limit can be changed at run time ([`RelayHandle::set_limits`](crate::RelayHandle::set_limits),
+//! SIGHUP in the binary): the rates live here, not in the buckets, so a new rate applies to the
+//! next token taken. A value of `0` switches a limit off (except `max_streams_per_connection`,
+//! which QUIC needs to be at least 1).
+//!
+//! The buckets are the textbook kind: `rate` tokens per second up to `burst`. The byte bucket
+//! lets a chunk through at once and makes the *next* one wait off the debt, so a chunk larger
+//! than the burst never deadlocks and the long-run rate is still exact.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use keyway_proto::PublicKey;
+use tokio::time::Instant;
+
+/// The relay's limits. [`Limits::default`] suits a small self-hosted relay (a household or a
+/// club: tens of hubs, a handful of apps each); `docs/operating.md` explains each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Hubs registered at once (a replacement of a registered hub always passes). 0: no limit.
+    pub max_hubs: u32,
+    /// Sessions (connect or pair) one hub carries at once. 0: no limit.
+    pub max_sessions_per_hub: u32,
+    /// Bidirectional streams a peer may have open on one connection (QUIC flow control; the
+    /// peer simply cannot open more). Applies to connections made after a change.
+    pub max_streams_per_connection: u32,
+    /// New QUIC connections per second from one source IP address (token bucket rate); over
+    /// it, the connection is refused before any handshake work. 0: no limit.
+    pub new_connections_per_ip: f64,
+    /// Burst of the per-IP bucket: connections one address may open back to back.
+    pub new_connections_burst: u32,
+    /// Payload bytes per second one key (app or hub) may move through the relay, both
+    /// directions and all its sessions together. 0: no limit.
+    pub bytes_per_second_per_key: u64,
+    /// Time a QUIC handshake may take before it is abandoned. 0: QUIC's idle timeout only.
+    pub handshake_timeout: Duration,
+    /// A spliced session with no byte in either direction for this long is cut. 0: never.
+    pub idle_session_timeout: Duration,
+    /// New connections per second (all sources together) above which the relay asks for QUIC
+    /// address validation (a Retry round trip) before spending a handshake. 0: always.
+    pub retry_threshold: u32,
+}
+
+/// Default `max_hubs`.
+pub const DEFAULT_MAX_HUBS: u32 = 1000;
+/// Default `max_sessions_per_hub`.
+pub const DEFAULT_MAX_SESSIONS_PER_HUB: u32 = 256;
+/// Default `max_streams_per_connection`.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Default `new_connections_per_ip` (per second).
+pub const DEFAULT_NEW_CONNECTIONS_PER_IP: f64 = 10.0;
+/// Default `new_connections_burst`.
+pub const DEFAULT_NEW_CONNECTIONS_BURST: u32 = 30;
+/// Default `bytes_per_second_per_key`: 25 MiB/s (about 200 Mbit/s), more than a home uplink.
+pub const DEFAULT_BYTES_PER_SECOND_PER_KEY: u64 = 25 * 1024 * 1024;
+/// Default `handshake_timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `idle_session_timeout`.
+pub const DEFAULT_IDLE_SESSION_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `retry_threshold` (new connections per second).
+pub const DEFAULT_RETRY_THRESHOLD: u32 = 100;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_hubs: DEFAULT_MAX_HUBS,
+            max_sessions_per_hub: DEFAULT_MAX_SESSIONS_PER_HUB,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            new_connections_per_ip: DEFAULT_NEW_CONNECTIONS_PER_IP,
+            new_connections_burst: DEFAULT_NEW_CONNECTIONS_BURST,
+            bytes_per_second_per_key: DEFAULT_BYTES_PER_SECOND_PER_KEY,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_session_timeout: DEFAULT_IDLE_SESSION_TIMEOUT,
+            retry_threshold: DEFAULT_RETRY_THRESHOLD,
+        }
+    }
+}
+
+impl Limits {
+    /// No limits at all (streams: QUIC's maximum), for tests and benchmarks.
+    pub fn unlimited() -> Self {
+        Self {
+            max_hubs: 0,
+            max_sessions_per_hub: 0,
+            max_streams_per_connection: u32::MAX >> 2,
+            new_connections_per_ip: 0.0,
+            new_connections_burst: 1,
+            bytes_per_second_per_key: 0,
+            handshake_timeout: Duration::ZERO,
+            idle_session_timeout: Duration::ZERO,
+            retry_threshold: u32::MAX,
+        }
+    }
+
+    /// Checks the values that have no "off" meaning.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_streams_per_connection == 0 {
+            return Err("max_streams_per_connection must be at least 1".into());
+        }
+        if !self.new_connections_per_ip.is_finite() || self.new_connections_per_ip < 0.0 {
+            return Err("new_connections_per_ip must be a rate of zero or more".into());
+        }
+        if self.new_connections_per_ip > 0.0 && self.new_connections_burst == 0 {
+            return Err("new_connections_burst must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The limits in force, swapped as a whole on reload; readers take a cheap `Arc` snapshot.
+#[derive(Debug)]
+pub(crate) struct LimitsCell(RwLock<Arc<Limits>>);
+
+impl LimitsCell {
+    pub fn new(limits: Limits) -> Self {
+        Self(RwLock::new(Arc::new(limits)))
+    }
+    pub fn get(&self) -> Arc<Limits> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+    pub fn set(&self, limits: Limits) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(limits);
+    }
+}
+
+/// A token bucket whose rate and burst are passed in at each use (see the module docs).
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(burst: f64) -> Self {
+        Self { state: Mutex::new((burst, Instant::now())) }
+    }
+
+    fn refill(state: &mut (f64, Instant), rate: f64, burst: f64) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(state.1).as_secs_f64();
+        state.0 = (state.0 + elapsed * rate).min(burst);
+        state.1 = now;
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&self, rate: f64, burst: f64) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Self::refill(&mut state, rate, burst);
+        if state.0 >= 1.0 {
+            state.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes `n` tokens, going into debt if needed, and returns how long the caller must wait
+    /// for the debt to be paid off (zero if there was no debt).
+    pub fn take_debt(&self, n: f64, rate: f64, burst: f64) -> Duration {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Self::refill(&mut state, rate, burst);
+        state.0 -= n;
+        if state.0 >= 0.0 || rate <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-state.0 / rate)
+        }
+    }
+
+    /// Whether the bucket would be full now (so dropping it loses nothing).
+    fn is_full(&self, rate: f64, burst: f64) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Self::refill(&mut state, rate, burst);
+        state.0 >= burst
+    }
+}
+
+/// The buckets of every source address and every key, and the global arrival bucket that
+/// decides when to ask for address validation.
+#[derive(Debug)]
+pub(crate) struct Buckets {
+    per_ip: DashMap<IpAddr, TokenBucket>,
+    per_key: DashMap<PublicKey, Arc<TokenBucket>>,
+    arrivals: TokenBucket,
+}
+
+impl Buckets {
+    pub fn new() -> Self {
+        Self { per_ip: DashMap::new(), per_key: DashMap::new(), arrivals: TokenBucket::new(f64::MAX) }
+    }
+
+    /// Whether a new connection from `ip` is within `new_connections_per_ip`.
+    pub fn admit_ip(&self, ip: IpAddr, limits: &Limits) -> bool {
+        if limits.new_connections_per_ip <= 0.0 {
+            return true;
+        }
+        let burst = f64::from(limits.new_connections_burst.max(1));
+        let bucket = self.per_ip.entry(ip.to_canonical()).or_insert_with(|| TokenBucket::new(burst));
+        bucket.try_take(limits.new_connections_per_ip, burst)
+    }
+
+    /// Counts a connection attempt; `true` if attempts currently arrive faster than
+    /// `retry_threshold` per second (then unvalidated addresses must do a Retry round trip).
+    pub fn over_retry_threshold(&self, limits: &Limits) -> bool {
+        let rate = f64::from(limits.retry_threshold);
+        // A one-second burst: a threshold of N admits N back-to-back arrivals without Retry.
+        !self.arrivals.try_take(rate, rate)
+    }
+
+    /// The shared byte bucket of `key` (created full).
+    pub fn key_bucket(&self, key: &PublicKey, limits: &Limits) -> Arc<TokenBucket> {
+        let burst = limits.bytes_per_second_per_key as f64;
+        Arc::clone(self.per_key.entry(*key).or_insert_with(|| Arc::new(TokenBucket::new(burst))).value())
+    }
+
+    /// Forgets buckets that carry no state worth keeping (full, and for keys unused by any
+    /// session), so the maps stay as small as the live population.
+    pub fn sweep(&self, limits: &Limits) {
+        let (rate, burst) = (limits.new_connections_per_ip, f64::from(limits.new_connections_burst.max(1)));
+        self.per_ip.retain(|_, b| !b.is_full(rate, burst));
+        let bytes = limits.bytes_per_second_per_key as f64;
+        self.per_key.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full(bytes, bytes));
+    }
+
+    #[cfg(test)]
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.per_ip.len(), self.per_key.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_admits_its_burst_then_its_rate() {
+        let b = TokenBucket::new(3.0);
+        assert!((0..3).all(|_| b.try_take(1.0, 3.0)));
+        assert!(!b.try_take(1.0, 3.0));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.try_take(1.0, 3.0));
+        assert!(!b.try_take(1.0, 3.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn byte_debt_is_paid_off_at_the_rate() {
+        let b = TokenBucket::new(100.0);
+        assert_eq!(b.take_debt(100.0, 100.0, 100.0), Duration::ZERO);
+        // 50 more bytes at 100 B/s: half a second of debt.
+        assert_eq!(b.take_debt(50.0, 100.0, 100.0), Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_ip_limits_and_the_sweep_forgets_idle_sources() {
+        let limits = Limits { new_connections_per_ip: 1.0, new_connections_burst: 2, ..Limits::default() };
+        let buckets = Buckets::new();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(buckets.admit_ip(ip, &limits) && buckets.admit_ip(ip, &limits));
+        assert!(!buckets.admit_ip(ip, &limits));
+        assert!(buckets.admit_ip(other, &limits), "each address has its own bucket");
+        assert!(buckets.admit_ip(ip, &Limits { new_connections_per_ip: 0.0, ..limits.clone() }));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        buckets.sweep(&limits);
+        assert_eq!(buckets.sizes().0, 0);
+    }
+
+    #[test]
+    fn validation_names_the_bad_value() {
+        assert!(Limits::default().validate().is_ok());
+        assert!(Limits::unlimited().validate().is_ok());
+        let bad = Limits { max_streams_per_connection: 0, ..Limits::default() };
+        assert!(bad.validate().unwrap_err().contains("max_streams_per_connection"));
+    }
+}
