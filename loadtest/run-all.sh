@@ -38,6 +38,7 @@ for s in "${scenarios[@]}"; do
         "${run[@]}" idle-hubs --relay-bin "$RELAY_BIN" --counts "$counts" --hold "$hold" \
             --server-env MALLOC_ARENA_MAX=1 --out "$results/idle.jsonl"
         "${run[@]}" idle-hubs --bare relay --counts "$counts" --hold "$hold" --out "$results/idle.jsonl"
+        "${run[@]}" idle-hubs --bare streams8 --counts "$counts" --hold "$hold" --out "$results/idle.jsonl"
         "${run[@]}" idle-hubs --bare lean --counts "$counts" --hold "$hold" --out "$results/idle.jsonl"
         "$LOADTEST_BIN" plot "$results/idle.jsonl" "$results/idle.svg" ;;
     storm)

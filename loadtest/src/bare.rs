@@ -26,6 +26,9 @@ use crate::common::{free_udp_port, ProcUsage};
 pub enum Knobs {
     /// What the relay uses today: quinn defaults, 1024 bidi streams, no uni streams, 60 s idle.
     Relay,
+    /// The relay's settings but 8 concurrent bidi streams: quinn-proto pre-inserts a map entry
+    /// per allowed remote stream at connection set-up, so this isolates that cost.
+    Streams8,
     /// Small windows and buffers: 64 KiB stream / 256 KiB connection receive window, 256 KiB
     /// send window, 64 bidi streams, no DATAGRAM buffer, no MTU discovery.
     Lean,
@@ -42,8 +45,11 @@ impl Knobs {
             Knobs::Relay => {
                 t.max_concurrent_bidi_streams(1024u32.into());
             }
+            Knobs::Streams8 => {
+                t.max_concurrent_bidi_streams(8u32.into());
+            }
             Knobs::Lean => {
-                t.max_concurrent_bidi_streams(64u32.into())
+                t.max_concurrent_bidi_streams(8u32.into())
                     .stream_receive_window((64u32 * 1024).into())
                     .receive_window((256u32 * 1024).into())
                     .send_window(256 * 1024)
@@ -58,6 +64,7 @@ impl Knobs {
     pub fn as_str(self) -> &'static str {
         match self {
             Knobs::Relay => "relay",
+            Knobs::Streams8 => "streams8",
             Knobs::Lean => "lean",
         }
     }
