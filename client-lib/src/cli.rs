@@ -45,7 +45,8 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct PairArgs {
-    /// The pairing code (a keyway://pair?... URI).
+    /// The pairing code (a keyway://pair?... URI), or `-` to read it from stdin (keeps the
+    /// one-time secret out of the process list and shell history).
     pub code: String,
     /// This app's key file (created with mode 0600 if missing).
     #[arg(long, env = "KEYWAY_KEY")]
@@ -163,7 +164,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn pair(args: PairArgs) -> anyhow::Result<()> {
-    let code: crate::PairingCode = args.code.parse()?;
+    let text = if args.code == "-" {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).context("cannot read the pairing code from stdin")?;
+        line
+    } else {
+        args.code.clone()
+    };
+    let code: crate::PairingCode = text.parse()?;
     let (identity, created) = Identity::load_or_create(&args.key)?;
     let key = identity.public_key();
     if created {

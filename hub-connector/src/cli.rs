@@ -42,7 +42,7 @@ pub enum Command {
     /// Print the hub's public key.
     Pubkey(PubkeyArgs),
     /// Open a pairing window and print a one-time pairing code (URI and QR code) for an app.
-    Pair(PairArgs),
+    Pair(Box<PairArgs>),
     /// List or revoke authorized apps.
     #[command(subcommand)]
     Apps(AppsCommand),
@@ -77,6 +77,30 @@ pub struct PairArgs {
     /// Do not print the QR code.
     #[arg(long)]
     pub no_qr: bool,
+    #[command(flatten)]
+    pub run_only: RunOnlyOptions,
+}
+
+/// Options of `run` that `pair` accepts and ignores, so that `pair --config hub.toml` works
+/// with the same file (and environment) as the connector.
+#[derive(Debug, clap::Args)]
+pub struct RunOnlyOptions {
+    #[arg(long, env = "KEYWAY_HUB_FORWARD", hide = true)]
+    pub forward: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_KEEP_ALIVE", hide = true)]
+    pub keep_alive: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_IDLE_TIMEOUT", hide = true)]
+    pub idle_timeout: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_PING_INTERVAL", hide = true)]
+    pub ping_interval: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_CONNECT_TIMEOUT", hide = true)]
+    pub connect_timeout: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_BACKOFF_MIN", hide = true)]
+    pub backoff_min: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_BACKOFF_MAX", hide = true)]
+    pub backoff_max: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_PROXY_PROTOCOL", hide = true)]
+    pub proxy_protocol: Option<String>,
 }
 
 /// `keyway-hub apps …`
@@ -215,7 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", identity.public_key());
             Ok(())
         }
-        Command::Pair(args) => pair(args),
+        Command::Pair(args) => pair(*args),
         Command::Apps(AppsCommand::List(args)) => {
             let apps = crate::apps::list_apps(&args.apps)?;
             if apps.is_empty() {
@@ -385,6 +409,37 @@ mod tests {
         let err = keyway_proto::cli::config_env(run, std::path::Path::new("hub.toml"), "keepalive = \"1s\"")
             .unwrap_err();
         assert!(err.to_string().contains("keep_alive"), "{err}");
+    }
+
+    #[test]
+    fn pair_accepts_the_connectors_config_file() {
+        let cmd = Cli::command();
+        let pair = cmd.find_subcommand("pair").unwrap();
+        let text = "relay = \"r:1\"\nname = \"home\"\nforward = \"127.0.0.1:8123\"\nkeep_alive = \"10s\"\nproxy_protocol = true\n";
+        let env = keyway_proto::cli::config_env(pair, std::path::Path::new("hub.toml"), text).unwrap();
+        assert!(env.contains(&("KEYWAY_HUB_RELAY".into(), "r:1".into())));
+        let rk = key(1).to_string();
+        let cli = Cli::try_parse_from([
+            "keyway-hub",
+            "pair",
+            "--relay",
+            "r:1",
+            "--relay-key",
+            &rk,
+            "--name",
+            "home",
+            "--key",
+            "k",
+            "--apps",
+            "a",
+            "--label",
+            "Anna's phone",
+            "--ttl",
+            "2m",
+        ])
+        .unwrap();
+        let Command::Pair(p) = cli.command else { panic!("not pair") };
+        assert_eq!((p.ttl, p.label.as_str(), p.no_wait), (Duration::from_secs(120), "Anna's phone", false));
     }
 
     #[test]
