@@ -123,6 +123,7 @@ impl Relay {
         let local_addr = endpoint.local_addr()?;
         let public_key = config.identity.public_key();
         let stats = Arc::new(RelayStats::default());
+        stats.set_limits(&config.limits);
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             registry: Registry::new(Arc::clone(&stats)),
@@ -256,6 +257,7 @@ impl RelayHandle {
             self.endpoint.set_server_config(Some(server_config));
         }
         info!(?limits, "limits changed");
+        self.shared.stats.set_limits(&limits);
         self.shared.limits.set(limits);
         Ok(())
     }

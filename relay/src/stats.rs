@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use keyway_proto::RefusalReason;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Namespace of every metric name (`keyway_relay_...`).
 const NAMESPACE: &str = "keyway_relay";
@@ -115,6 +115,7 @@ pub struct RelayStats {
     replacements: IntCounter,
     limit_hits: Vec<IntCounter>,
     address_validations: IntCounter,
+    limits: GaugeVec,
 }
 
 impl Default for RelayStats {
@@ -219,6 +220,11 @@ impl RelayStats {
             "address_validations_total",
             "QUIC Retry packets sent because new connections arrived faster than retry_threshold.",
         )?;
+        let limits_in_force = b.register(GaugeVec::new(
+            Opts::new("limit", "The limits in force (0: off; durations in seconds), by limit.")
+                .namespace(NAMESPACE),
+            &["limit"],
+        )?)?;
         for role in [HandshakeRole::Quic, HandshakeRole::Hub, HandshakeRole::App] {
             for result in [
                 HandshakeResult::Ok,
@@ -247,6 +253,7 @@ impl RelayStats {
             replacements,
             limit_hits,
             address_validations,
+            limits: limits_in_force,
             registry: b.0,
         })
     }
@@ -310,6 +317,24 @@ impl RelayStats {
         match prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()) {
             Ok(text) => text,
             Err(e) => format!("# cannot encode metrics: {e}\n"),
+        }
+    }
+
+    /// Publishes the limits in force (at start and after every change).
+    pub(crate) fn set_limits(&self, limits: &crate::Limits) {
+        let values = [
+            ("max_hubs", f64::from(limits.max_hubs)),
+            ("max_sessions_per_hub", f64::from(limits.max_sessions_per_hub)),
+            ("max_streams_per_connection", f64::from(limits.max_streams_per_connection)),
+            ("new_connections_per_ip", limits.new_connections_per_ip),
+            ("new_connections_burst", f64::from(limits.new_connections_burst)),
+            ("bytes_per_second_per_key", limits.bytes_per_second_per_key as f64),
+            ("handshake_timeout", limits.handshake_timeout.as_secs_f64()),
+            ("idle_session_timeout", limits.idle_session_timeout.as_secs_f64()),
+            ("retry_threshold", f64::from(limits.retry_threshold)),
+        ];
+        for (name, value) in values {
+            self.limits.with_label_values(&[name]).set(value);
         }
     }
 

@@ -1,0 +1,453 @@
+//! Operating the relay: metrics scraped over HTTP while real sessions run, every limit's
+//! refusal and metric, run-time limit changes, and the drain on shutdown. Real QUIC on
+//! loopback, spoken to with a raw quinn client; nothing asserts on elapsed time.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use keyway_proto::io::{read_frame, write_frame};
+use keyway_proto::tls::quic_client_crypto;
+use keyway_proto::{Frame, HubName, Identity, PublicKey, RefusalReason, SessionPurpose, ALPN_RELAY};
+use keyway_relay::{codes, LimitKind, Limits, NamePolicy, Relay, RelayConfig, RelayHandle};
+use quinn::{Connection, RecvStream, SendStream};
+
+/// Guards against hangs only; nothing here asserts on elapsed time.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, fut).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Polls `check` until it holds (state that settles asynchronously on the relay).
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    within(what, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+static SEED: AtomicU8 = AtomicU8::new(1);
+
+fn identity() -> Identity {
+    Identity::from_seed([SEED.fetch_add(1, Ordering::Relaxed); 32])
+}
+
+fn name(n: &str) -> HubName {
+    HubName::new(n).unwrap()
+}
+
+#[allow(dead_code)] // kept alive for the test, read by some tests only
+struct TestRelay {
+    dir: tempfile::TempDir,
+    hubs_file: PathBuf,
+    handle: RelayHandle,
+}
+
+fn write_hubs(path: &PathBuf, hubs: &[(&str, PublicKey)]) {
+    let text: String = hubs.iter().map(|(n, k)| format!("{n} {k}\n")).collect();
+    std::fs::write(path, format!("# test hubs\n{text}")).unwrap();
+}
+
+/// A closed-policy relay with a metrics listener on a free loopback port and `limits`.
+async fn relay_with(hubs: &[(&str, PublicKey)], limits: Limits) -> TestRelay {
+    let dir = tempfile::tempdir().unwrap();
+    let hubs_file = dir.path().join("authorized_hubs");
+    write_hubs(&hubs_file, hubs);
+    let policy = NamePolicy::Closed { hubs_file: hubs_file.clone() };
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), identity(), policy);
+    config.limits = limits;
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let handle = Relay::start(config).await.unwrap();
+    TestRelay { dir, hubs_file, handle }
+}
+
+/// A QUIC connection to the relay from its own endpoint (so each has its own address).
+async fn connect(relay: &RelayHandle, id: &Identity) -> Connection {
+    connect_from(relay, id).await.0
+}
+
+/// Also returns the client's own UDP address.
+async fn connect_from(relay: &RelayHandle, id: &Identity) -> (Connection, SocketAddr) {
+    let (crypto, _) = quic_client_crypto(id, relay.public_key(), ALPN_RELAY).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+    let local = endpoint.local_addr().unwrap();
+    let connecting = endpoint.connect(relay.local_addr(), keyway_proto::tls::SERVER_NAME).unwrap();
+    (within("connect", connecting).await.unwrap(), local)
+}
+
+#[allow(dead_code)] // the send half keeps the control stream open
+struct Control {
+    send: SendStream,
+    recv: RecvStream,
+}
+
+async fn register(conn: &Connection, hub: &str, apps: &[PublicKey], pairing_open: bool) -> (Control, Frame) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let frame = Frame::Register { name: name(hub), allowed_apps: apps.to_vec(), pairing_open };
+    write_frame(&mut send, &frame).await.unwrap();
+    let answer = within("register answer", read_frame(&mut recv)).await.unwrap();
+    (Control { send, recv }, answer)
+}
+
+async fn registered_hub(
+    relay: &RelayHandle,
+    id: &Identity,
+    hub: &str,
+    apps: &[PublicKey],
+) -> (Connection, Control) {
+    let conn = connect(relay, id).await;
+    let (control, answer) = register(&conn, hub, apps, false).await;
+    assert_eq!(answer, Frame::Registered { replaced: false });
+    (conn, control)
+}
+
+async fn open_session(
+    conn: &Connection,
+    hub: &str,
+    hub_key: PublicKey,
+    purpose: SessionPurpose,
+) -> (SendStream, RecvStream) {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &Frame::SessionOpen { hub: name(hub), hub_key, purpose }).await.unwrap();
+    (send, recv)
+}
+
+async fn refusal_of(recv: &mut RecvStream) -> (RefusalReason, String) {
+    match within("refusal", read_frame(recv)).await.unwrap() {
+        Frame::Refused { reason, message } => (reason, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The hub side of an accepted session: announce read, `SessionAccepted` sent.
+async fn hub_accepts(hub: &Connection) -> (SendStream, RecvStream, PublicKey, SocketAddr) {
+    let (mut send, mut recv) = within("hub gets a stream", hub.accept_bi()).await.unwrap();
+    let Frame::SessionAnnounce { app_key, observed, purpose: _ } = read_frame(&mut recv).await.unwrap()
+    else {
+        panic!("expected SessionAnnounce")
+    };
+    write_frame(&mut send, &Frame::SessionAccepted).await.unwrap();
+    (send, recv, app_key, observed)
+}
+
+/// GETs `path` from the relay's metrics listener: (status code, body).
+async fn http_get(relay: &RelayHandle, path: &str) -> (u16, String) {
+    http_get_addr(relay.metrics_addr().expect("metrics listener up"), path).await
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) in a scrape.
+fn series(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} not in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+async fn scrape(relay: &RelayHandle) -> String {
+    let (status, body) = http_get(relay, "/metrics").await;
+    assert_eq!(status, 200);
+    body
+}
+
+#[tokio::test]
+async fn metrics_follow_a_real_session_live() {
+    let (hub, app) = (identity(), identity());
+    let relay = relay_with(&[("home", hub.public_key())], Limits::default()).await;
+    let h = &relay.handle;
+    assert_eq!(http_get(h, "/healthz").await.0, 200);
+    assert_eq!(http_get(h, "/nope").await.0, 404);
+    let m = scrape(h).await;
+    assert_eq!(series(&m, "keyway_relay_hubs_connected"), 0.0);
+    assert_eq!(series(&m, "keyway_relay_limit{limit=\"max_hubs\"}"), 1000.0);
+
+    let (hub_conn, _control) = registered_hub(h, &hub, "home", &[app.public_key()]).await;
+    let app_conn = connect(h, &app).await;
+    let (mut app_send, mut app_recv) =
+        open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let (mut hub_send, mut hub_recv, _, _) = hub_accepts(&hub_conn).await;
+    assert_eq!(within("accepted", read_frame(&mut app_recv)).await.unwrap(), Frame::SessionAccepted);
+    app_send.write_all(&[7u8; 5000]).await.unwrap();
+    let mut got = vec![0u8; 5000];
+    within("bytes through", hub_recv.read_exact(&mut got)).await.unwrap();
+    hub_send.write_all(b"pong").await.unwrap();
+    let mut back = [0u8; 4];
+    within("bytes back", app_recv.read_exact(&mut back)).await.unwrap();
+
+    // During the session: the gauges are up, the counters moved.
+    let m = scrape(h).await;
+    assert_eq!(series(&m, "keyway_relay_hubs_connected"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_sessions_active"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_connections_active"), 2.0);
+    assert_eq!(series(&m, "keyway_relay_sessions_opened_total{result=\"accepted\"}"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_bytes_forwarded_total{direction=\"app_to_hub\"}"), 5000.0);
+    assert_eq!(series(&m, "keyway_relay_bytes_forwarded_total{direction=\"hub_to_app\"}"), 4.0);
+    assert_eq!(series(&m, "keyway_relay_handshakes_total{result=\"ok\",role=\"app\"}"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_handshakes_total{result=\"ok\",role=\"hub\"}"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_handshakes_total{result=\"ok\",role=\"quic\"}"), 2.0);
+    assert_eq!(series(&m, "keyway_relay_session_setup_seconds_count"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_hub_registrations_total"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_hub_replacements_total"), 0.0);
+
+    // A refusal is counted by reason and as a refused session.
+    let (_s, mut r) = open_session(&app_conn, "nobody", hub.public_key(), SessionPurpose::Connect).await;
+    assert_eq!(refusal_of(&mut r).await.0, RefusalReason::UnknownHub);
+
+    // After the session: the session gauge goes back down, the counters stay.
+    app_send.finish().unwrap();
+    hub_send.finish().unwrap();
+    let stats = h.stats();
+    eventually("session ends", || stats.sessions_active() == 0).await;
+    let m = scrape(h).await;
+    assert_eq!(series(&m, "keyway_relay_sessions_active"), 0.0);
+    assert_eq!(series(&m, "keyway_relay_sessions_opened_total{result=\"accepted\"}"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_sessions_opened_total{result=\"refused\"}"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_refusals_total{reason=\"unknown_hub\"}"), 1.0);
+    hub_conn.close(0u32.into(), b"bye");
+    eventually("hub gone", || stats.hubs_connected() == 0).await;
+    assert_eq!(series(&scrape(h).await, "keyway_relay_hubs_connected"), 0.0);
+}
+
+#[tokio::test]
+async fn max_hubs_refuses_a_new_hub_but_not_a_reconnecting_one() {
+    let (a, b) = (identity(), identity());
+    let limits = Limits { max_hubs: 1, ..Limits::default() };
+    let relay = relay_with(&[("a", a.public_key()), ("b", b.public_key())], limits).await;
+    let h = &relay.handle;
+    let (_a_conn, _a_control) = registered_hub(h, &a, "a", &[]).await;
+    let (_control, answer) = register(&connect(h, &b).await, "b", &[], false).await;
+    let Frame::Refused { reason, message } = answer else { panic!("{answer:?}") };
+    assert_eq!(reason, RefusalReason::OverLimit);
+    assert!(message.contains("max_hubs"), "{message}");
+    // The registered hub may always come back (replacement).
+    let (_control, answer) = register(&connect(h, &a).await, "a", &[], false).await;
+    assert_eq!(answer, Frame::Registered { replaced: true });
+    assert_eq!(h.stats().limit_hits(LimitKind::MaxHubs), 1);
+    let m = scrape(h).await;
+    assert_eq!(series(&m, "keyway_relay_limit_hits_total{limit=\"max_hubs\"}"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_refusals_total{reason=\"over_limit\"}"), 1.0);
+
+    // Lifting the limit at run time lets the second hub in, without touching the first.
+    h.set_limits(Limits { max_hubs: 0, ..Limits::default() }).unwrap();
+    let (_control, answer) = register(&connect(h, &b).await, "b", &[], false).await;
+    assert_eq!(answer, Frame::Registered { replaced: false });
+    assert_eq!(h.stats().hubs_connected(), 2);
+}
+
+#[tokio::test]
+async fn max_sessions_per_hub_refuses_the_extra_session() {
+    let (hub, app) = (identity(), identity());
+    let limits = Limits { max_sessions_per_hub: 1, ..Limits::default() };
+    let relay = relay_with(&[("home", hub.public_key())], limits).await;
+    let h = &relay.handle;
+    let (hub_conn, _control) = registered_hub(h, &hub, "home", &[app.public_key()]).await;
+    let app_conn = connect(h, &app).await;
+    let (_s1, mut r1) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let _hub_side = hub_accepts(&hub_conn).await;
+    assert_eq!(within("accepted", read_frame(&mut r1)).await.unwrap(), Frame::SessionAccepted);
+    let (_s2, mut r2) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let (reason, message) = refusal_of(&mut r2).await;
+    assert_eq!(reason, RefusalReason::OverLimit);
+    assert!(message.contains("max_sessions_per_hub"), "{message}");
+    assert_eq!(h.stats().limit_hits(LimitKind::MaxSessionsPerHub), 1);
+}
+
+#[tokio::test]
+async fn max_streams_per_connection_is_quic_flow_control() {
+    let (hub, app) = (identity(), identity());
+    let limits = Limits { max_streams_per_connection: 1, ..Limits::default() };
+    let relay = relay_with(&[("home", hub.public_key())], limits).await;
+    let h = &relay.handle;
+    let (hub_conn, _control) = registered_hub(h, &hub, "home", &[app.public_key()]).await;
+    let app_conn = connect(h, &app).await;
+    let (_s1, mut r1) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let _hub_side = hub_accepts(&hub_conn).await;
+    assert_eq!(within("accepted", read_frame(&mut r1)).await.unwrap(), Frame::SessionAccepted);
+    // The relay granted one stream: a second cannot even be opened (pending on MAX_STREAMS,
+    // which is not granted while the first is open).
+    let second = app_conn.open_bi();
+    tokio::pin!(second);
+    assert!(futures_poll_once(second.as_mut()).await.is_none(), "a second stream was granted");
+}
+
+/// Polls a future a few times, yielding in between; `None` if it is still pending.
+async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Option<F::Output> {
+    for _ in 0..20 {
+        tokio::select! {
+            biased;
+            out = &mut fut => return Some(out),
+            () = tokio::task::yield_now() => {}
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn new_connections_per_ip_refuses_before_the_handshake() {
+    let limits = Limits { new_connections_per_ip: 0.001, new_connections_burst: 1, ..Limits::default() };
+    let relay = relay_with(&[], limits).await;
+    let h = &relay.handle;
+    let _first = connect(h, &identity()).await;
+    let (crypto, _) = quic_client_crypto(&identity(), h.public_key(), ALPN_RELAY).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+    let second = endpoint.connect(h.local_addr(), keyway_proto::tls::SERVER_NAME).unwrap();
+    let err = within("refused", second).await.unwrap_err();
+    assert!(matches!(err, quinn::ConnectionError::ConnectionClosed(_)), "{err:?}");
+    assert_eq!(h.stats().limit_hits(LimitKind::NewConnectionsPerIp), 1);
+    let m = scrape(h).await;
+    assert_eq!(series(&m, "keyway_relay_handshakes_total{result=\"refused\",role=\"quic\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn address_validation_kicks_in_over_the_retry_threshold() {
+    let relay = relay_with(&[], Limits { retry_threshold: 0, ..Limits::default() }).await;
+    let h = &relay.handle;
+    // The client answers the Retry transparently; the connection still comes up.
+    let _conn = connect(h, &identity()).await;
+    assert!(h.stats().address_validations() >= 1);
+    assert!(series(&scrape(h).await, "keyway_relay_address_validations_total") >= 1.0);
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_completes_times_out() {
+    let relay =
+        relay_with(&[], Limits { handshake_timeout: Duration::from_millis(200), ..Limits::default() }).await;
+    let h = &relay.handle;
+    // A one-way proxy: the client's packets reach the relay, the relay's never come back.
+    let proxy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = h.local_addr();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let forward = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, _)) = proxy.recv_from(&mut buf).await else { return };
+            let _ = upstream.send_to(&buf[..n], relay_addr).await;
+        }
+    });
+    let (crypto, _) = quic_client_crypto(&identity(), h.public_key(), ALPN_RELAY).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+    let _connecting = endpoint.connect(proxy_addr, keyway_proto::tls::SERVER_NAME).unwrap();
+    let stats = h.stats();
+    eventually("handshake timeout", || stats.limit_hits(LimitKind::HandshakeTimeout) >= 1).await;
+    let m = scrape(h).await;
+    assert!(series(&m, "keyway_relay_handshakes_total{result=\"timeout\",role=\"quic\"}") >= 1.0);
+    forward.abort();
+}
+
+#[tokio::test]
+async fn the_byte_rate_per_key_throttles_and_is_counted() {
+    let (hub, app) = (identity(), identity());
+    let relay = relay_with(
+        &[("home", hub.public_key())],
+        Limits { bytes_per_second_per_key: 20_000, ..Limits::default() },
+    )
+    .await;
+    let h = &relay.handle;
+    let (hub_conn, _control) = registered_hub(h, &hub, "home", &[app.public_key()]).await;
+    let app_conn = connect(h, &app).await;
+    let (mut app_send, mut app_recv) =
+        open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let (_hub_send, mut hub_recv, _, _) = hub_accepts(&hub_conn).await;
+    assert_eq!(within("accepted", read_frame(&mut app_recv)).await.unwrap(), Frame::SessionAccepted);
+    // 30 kB against a 20 kB/s bucket: the chunks beyond the burst must wait.
+    let data = vec![1u8; 30_000];
+    app_send.write_all(&data).await.unwrap();
+    app_send.finish().unwrap();
+    let got = within("throttled bytes arrive", hub_recv.read_to_end(1 << 20)).await.unwrap();
+    assert_eq!(got.len(), data.len(), "throttling delays, never drops");
+    assert!(h.stats().limit_hits(LimitKind::BytesPerSecondPerKey) >= 1);
+}
+
+#[tokio::test]
+async fn an_idle_session_is_cut_with_the_limit_code() {
+    let (hub, app) = (identity(), identity());
+    let limits = Limits { idle_session_timeout: Duration::from_millis(200), ..Limits::default() };
+    let relay = relay_with(&[("home", hub.public_key())], limits).await;
+    let h = &relay.handle;
+    let (hub_conn, _control) = registered_hub(h, &hub, "home", &[app.public_key()]).await;
+    let app_conn = connect(h, &app).await;
+    let (_app_send, mut app_recv) =
+        open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let (_hub_send, mut hub_recv, _, _) = hub_accepts(&hub_conn).await;
+    assert_eq!(within("accepted", read_frame(&mut app_recv)).await.unwrap(), Frame::SessionAccepted);
+    let err = within("idle cut", app_recv.read_to_end(1024)).await.unwrap_err();
+    assert!(
+        matches!(err, quinn::ReadToEndError::Read(quinn::ReadError::Reset(c)) if c == codes::LIMIT),
+        "{err:?}"
+    );
+    let err = within("idle cut (hub)", hub_recv.read_to_end(1024)).await.unwrap_err();
+    assert!(matches!(err, quinn::ReadToEndError::Read(quinn::ReadError::Reset(c)) if c == codes::LIMIT));
+    assert_eq!(h.stats().limit_hits(LimitKind::IdleSessionTimeout), 1);
+    assert_eq!(h.stats().sessions_active(), 0);
+}
+
+#[tokio::test]
+async fn invalid_limits_are_refused_and_the_old_ones_stay() {
+    let relay = relay_with(&[], Limits::default()).await;
+    let bad = Limits { max_streams_per_connection: 0, ..Limits::default() };
+    assert!(relay.handle.set_limits(bad).is_err());
+    assert_eq!(relay.handle.limits(), Limits::default());
+}
+
+#[tokio::test]
+async fn shutdown_drains_live_sessions_and_reports_unhealthy_meanwhile() {
+    let (hub, app) = (identity(), identity());
+    let relay = relay_with(&[("home", hub.public_key())], Limits::default()).await;
+    let (hub_conn, mut control) = registered_hub(&relay.handle, &hub, "home", &[app.public_key()]).await;
+    let app_conn = connect(&relay.handle, &app).await;
+    let (mut app_send, mut app_recv) =
+        open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let (mut hub_send, mut hub_recv, _, _) = hub_accepts(&hub_conn).await;
+    assert_eq!(within("accepted", read_frame(&mut app_recv)).await.unwrap(), Frame::SessionAccepted);
+    let metrics = relay.handle.metrics_addr().unwrap();
+    let stats = relay.handle.stats();
+    let TestRelay { handle, dir: _dir, .. } = relay;
+    let shutdown = tokio::spawn(handle.shutdown());
+    assert!(matches!(within("goaway", read_frame(&mut control.recv)).await.unwrap(), Frame::GoAway { .. }));
+    // Draining: unhealthy, new sessions refused, the live one still moves bytes.
+    let (status, body) = http_get_addr(metrics, "/healthz").await;
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    assert!(series(&http_get_addr(metrics, "/metrics").await.1, "keyway_relay_draining") == 1.0);
+    let (_s, mut r) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    assert_eq!(refusal_of(&mut r).await.0, RefusalReason::ShuttingDown);
+    app_send.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    within("bytes during drain", hub_recv.read_exact(&mut buf)).await.unwrap();
+    // The session ends on its own; the relay then finishes shutting down.
+    app_send.finish().unwrap();
+    hub_send.finish().unwrap();
+    let _ = within("app sees the end", app_recv.read_to_end(1024)).await;
+    within("shutdown completes", shutdown).await.unwrap();
+    assert_eq!(stats.sessions_active(), 0);
+    assert_eq!(app_code(within("closed", app_conn.closed()).await), Some(codes::SHUTTING_DOWN.into_inner()));
+}
+
+fn app_code(err: quinn::ConnectionError) -> Option<u64> {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
+        _ => None,
+    }
+}
+
+async fn http_get_addr(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = within("metrics connect", tokio::net::TcpStream::connect(addr)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    within("metrics response", stream.read_to_string(&mut raw)).await.unwrap();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
