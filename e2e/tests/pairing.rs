@@ -414,10 +414,11 @@ async fn revoke_to_cut_latency_report() {
 }
 
 /// The shipped binaries: `keyway-hub pair` prints a code, `keyway pair` uses it and records the
-/// hub, `keyway-hub apps list` shows the label and `apps revoke LABEL` removes it.
+/// hub, `keyway forward --hub NAME` works with nothing else, `keyway-hub apps list` shows the
+/// label and `apps revoke LABEL` removes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_pair_list_and_revoke() {
-    let service = echo_service(b"").await;
+    let service = echo_service(b"via forward\n").await;
     let hub_id = identity();
     let relay = TestRelay::start(&[("home", hub_id.public_key())]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -482,6 +483,20 @@ async fn cli_pair_list_and_revoke() {
     assert!(ok, "{err}");
     assert!(keyway_client::known_hubs::path_for_key(&app_key).exists());
     let app_pub: PublicKey = Identity::load(&app_key).unwrap().public_key();
+
+    // `keyway forward` with only the hub name and the key: the rest comes from pairing.
+    let listen = format!("127.0.0.1:{}", free_tcp_port());
+    let ak = app_key.to_str().unwrap().to_owned();
+    let _forward =
+        Bin::spawn("keyway", &["forward", "--hub", "home", "--key", &ak, "--listen", &listen], dir.path());
+    let banner = eventually("keyway forward serves the hub", || async {
+        let mut tcp = tokio::net::TcpStream::connect(&listen).await.ok()?;
+        let mut buf = [0u8; 12];
+        tcp.read_exact(&mut buf).await.ok()?;
+        Some(buf)
+    })
+    .await;
+    assert_eq!(&banner, b"via forward\n");
 
     let af = apps_file.to_str().unwrap().to_owned();
     let cwd = dir.path().to_path_buf();
