@@ -115,3 +115,190 @@ fn a_config_file_sets_flags_and_unknown_keys_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("lissten"), "{err}");
 }
+
+/// Sends `signal` (e.g. "-HUP") to the child with the system's `kill`.
+fn signal(child: &Running, signal: &str) {
+    let status = Command::new("kill").arg(signal).arg(child.0.id().to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+/// A plain HTTP GET against the metrics listener: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// Retries `check` until it holds (hang guard only).
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+mod quic {
+    //! Just enough of a hub to see registrations, refusals and GoAway from the real binary.
+    use keyway_proto::io::{read_frame, write_frame};
+    use keyway_proto::{Frame, HubName, Identity, PublicKey, ALPN_RELAY};
+
+    pub struct Hub {
+        pub _endpoint: quinn::Endpoint,
+        pub conn: quinn::Connection,
+        pub send: quinn::SendStream,
+        pub recv: quinn::RecvStream,
+    }
+
+    pub async fn connect(
+        relay: std::net::SocketAddr,
+        relay_key: PublicKey,
+        id: &Identity,
+    ) -> (quinn::Endpoint, quinn::Connection) {
+        let (crypto, _) = keyway_proto::tls::quic_client_crypto(id, relay_key, ALPN_RELAY).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+        let conn = endpoint.connect(relay, keyway_proto::tls::SERVER_NAME).unwrap().await.unwrap();
+        (endpoint, conn)
+    }
+
+    pub async fn register(
+        relay: std::net::SocketAddr,
+        relay_key: PublicKey,
+        id: &Identity,
+        name: &str,
+        apps: &[PublicKey],
+    ) -> (Hub, Frame) {
+        let (endpoint, conn) = connect(relay, relay_key, id).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let frame = Frame::Register {
+            name: HubName::new(name).unwrap(),
+            allowed_apps: apps.to_vec(),
+            pairing_open: false,
+        };
+        write_frame(&mut send, &frame).await.unwrap();
+        let answer = read_frame(&mut recv).await.unwrap();
+        (Hub { _endpoint: endpoint, conn, send, recv }, answer)
+    }
+
+    pub async fn next_frame(hub: &mut Hub) -> Frame {
+        read_frame(&mut hub.recv).await.unwrap()
+    }
+}
+
+/// Value of one exposed series, e.g. `keyway_relay_limit{limit="max_hubs"}`.
+fn series(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn sighup_reloads_limits_and_hubs_and_sigterm_drains() {
+    use keyway_proto::{Frame, Identity, RefusalReason};
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    let base = "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndrain_timeout = \"30s\"\n";
+    std::fs::write(&config, format!("{base}max_hubs = 7\n")).unwrap();
+    let mut relay = Running(
+        Command::new(BIN)
+            .args(["run", "--config", "relay.toml"])
+            .current_dir(dir.path())
+            .env_remove("KEYWAY_RELAY_LISTEN")
+            .env_remove("KEYWAY_RELAY_METRICS_LISTEN")
+            .env_remove("KEYWAY_RELAY_MAX_HUBS")
+            .env_remove("KEYWAY_RELAY_DRAIN_TIMEOUT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let all = lines_until(&mut relay, "keyway-hub run").join("\n");
+    let word_after = |prefix: &str| {
+        all.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let udp: std::net::SocketAddr = word_after("keyway-relay listening on ").parse().unwrap();
+    let relay_key: keyway_proto::PublicKey = word_after("relay public key: ").parse().unwrap();
+    let metrics = word_after("metrics: http://").trim_end_matches("/metrics").to_owned();
+    assert_eq!(http_get(&metrics, "/healthz").0, 200);
+    let limit = |m: &str| series(&http_get(m, "/metrics").1, "keyway_relay_limit{limit=\"max_hubs\"}");
+    assert_eq!(limit(&metrics), Some(7.0));
+
+    // SIGHUP re-reads the config file's limits...
+    std::fs::write(&config, format!("{base}max_hubs = 9\n")).unwrap();
+    signal(&relay, "-HUP");
+    eventually("max_hubs reloaded", || limit(&metrics) == Some(9.0));
+
+    // ...and authorized_hubs: a hub added is admitted, a hub removed is disconnected at once.
+    let hub = Identity::generate().unwrap();
+    let hubs = dir.path().join("authorized_hubs");
+    let header = std::fs::read_to_string(&hubs).unwrap();
+    std::fs::write(&hubs, format!("{header}home {}\n", hub.public_key())).unwrap();
+    signal(&relay, "-HUP");
+    let mut registered = None;
+    eventually("hub admitted after reload", || {
+        let (h, answer) = rt.block_on(quic::register(udp, relay_key, &hub, "home", &[]));
+        registered = Some(h);
+        answer == Frame::Registered { replaced: false }
+    });
+    let mut registered = registered.unwrap();
+    std::fs::write(&hubs, &header).unwrap();
+    signal(&relay, "-HUP");
+    match rt.block_on(quic::next_frame(&mut registered)) {
+        Frame::Refused { reason, .. } => assert_eq!(reason, RefusalReason::NameNotAuthorized),
+        other => panic!("expected a revocation, got {other:?}"),
+    }
+
+    // SIGTERM: the hub hears GoAway, /healthz turns 503, and the process exits cleanly.
+    std::fs::write(&hubs, format!("{header}home {}\n", hub.public_key())).unwrap();
+    signal(&relay, "-HUP");
+    let app = Identity::generate().unwrap();
+    let mut hub_conn = None;
+    eventually("hub back", || {
+        let (h, answer) = rt.block_on(quic::register(udp, relay_key, &hub, "home", &[app.public_key()]));
+        hub_conn = Some(h);
+        answer == Frame::Registered { replaced: false } || answer == Frame::Registered { replaced: true }
+    });
+    let mut hub_conn = hub_conn.unwrap();
+    // A live session, which the drain must wait for.
+    let (mut app_send, mut app_recv, mut hub_send, _app_conn) = rt.block_on(async {
+        use keyway_proto::io::{read_frame, write_frame};
+        let (endpoint, conn) = quic::connect(udp, relay_key, &app).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let open = Frame::SessionOpen {
+            hub: "home".parse().unwrap(),
+            hub_key: hub.public_key(),
+            purpose: keyway_proto::SessionPurpose::Connect,
+        };
+        write_frame(&mut send, &open).await.unwrap();
+        let (mut hub_send, mut hub_recv) = hub_conn.conn.accept_bi().await.unwrap();
+        assert!(matches!(read_frame(&mut hub_recv).await.unwrap(), Frame::SessionAnnounce { .. }));
+        write_frame(&mut hub_send, &Frame::SessionAccepted).await.unwrap();
+        assert_eq!(read_frame(&mut recv).await.unwrap(), Frame::SessionAccepted);
+        (send, recv, hub_send, (endpoint, conn))
+    });
+    signal(&relay, "-TERM");
+    assert!(matches!(rt.block_on(quic::next_frame(&mut hub_conn)), Frame::GoAway { .. }));
+    let (status, body) = http_get(&metrics, "/healthz");
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    assert_eq!(series(&http_get(&metrics, "/metrics").1, "keyway_relay_sessions_active"), Some(1.0));
+    // The session ends; the drain is over and the process exits cleanly.
+    rt.block_on(async {
+        app_send.finish().unwrap();
+        hub_send.finish().unwrap();
+        let _ = app_recv.read_to_end(1024).await;
+    });
+    let status = relay.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let _ = &hub_conn.send;
+}
