@@ -1,0 +1,96 @@
+//! The files in `deploy/` are accepted by what reads them: `relay.toml` (and the ConfigMap's
+//! copy) by the relay's own config loader, and the YAML files parse and say what the docs
+//! promise (non-root, one UDP port, /healthz probes, scrape annotations).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use keyway_relay::cli::{parse_args, Cli, Command};
+use keyway_relay::Limits;
+use serde_norway::Value;
+
+fn deploy(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(path)
+}
+
+/// Loads a relay config file exactly as `keyway-relay run --config FILE` would.
+fn load(path: &Path) -> keyway_relay::cli::RunArgs {
+    let args: Vec<OsString> = vec!["keyway-relay".into(), "run".into(), "--config".into(), path.into()];
+    match parse_args(&args).unwrap_or_else(|e| panic!("{}: {e}", path.display())) {
+        Cli { command: Command::Run(run) } => *run,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn yaml_docs(path: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(deploy(path)).unwrap();
+    serde_norway::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).collect()
+}
+
+#[test]
+fn the_example_relay_toml_is_accepted_and_documents_the_defaults() {
+    // Environment variables would beat the file; make sure none is set for the keys we check.
+    assert!(std::env::vars().all(|(k, _)| !k.starts_with("KEYWAY_RELAY_")), "unset KEYWAY_RELAY_* first");
+    let args = load(&deploy("relay.toml"));
+    assert_eq!(args.limits.to_limits(), Limits::default(), "relay.toml must show the default limits");
+    assert_eq!(args.listen.port(), 4433);
+    assert!(args.metrics_listen.ip().is_loopback());
+    assert_eq!(args.key, Path::new("/var/lib/keyway/relay.key"));
+    // Every flag of `run` appears in the example, so operators see every option.
+    let text = std::fs::read_to_string(deploy("relay.toml")).unwrap();
+    let table: toml::Table = text.parse().unwrap();
+    let command = <Cli as clap::CommandFactory>::command();
+    let run = command.find_subcommand("run").unwrap();
+    for arg in run.get_arguments().filter(|a| a.get_env().is_some()) {
+        let key = arg.get_long().unwrap().replace('-', "_");
+        if key != "config" {
+            assert!(table.contains_key(&key), "deploy/relay.toml lacks {key}");
+        }
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_parse_and_probe_healthz() {
+    let docs = yaml_docs("k8s/relay.yaml");
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in ["Namespace", "ConfigMap", "StatefulSet", "Service"] {
+        assert!(kinds.contains(&kind), "{kind} missing: {kinds:?}");
+    }
+    let sts = docs.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    let pod = &sts["spec"]["template"];
+    assert_eq!(pod["metadata"]["annotations"]["prometheus.io/scrape"], "true");
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data");
+    let udp = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service")
+        .flat_map(|d| d["spec"]["ports"].as_sequence().unwrap().iter())
+        .filter(|p| p["protocol"] == "UDP")
+        .count();
+    assert_eq!(udp, 1, "one UDP port");
+
+    // The ConfigMap's relay.toml is accepted by the relay's loader too.
+    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, cm["data"]["relay.toml"].as_str().unwrap()).unwrap();
+    assert_eq!(load(&path).drain_timeout, std::time::Duration::from_secs(20));
+}
+
+#[test]
+fn the_compose_file_parses_and_keeps_metrics_on_loopback() {
+    let docs = yaml_docs("compose.yaml");
+    let services = &docs[0]["services"];
+    for service in ["relay", "hub", "web"] {
+        assert!(services[service].is_mapping(), "service {service} missing");
+    }
+    let ports: Vec<&str> =
+        services["relay"]["ports"].as_sequence().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    assert!(ports.contains(&"4433:4433/udp"), "{ports:?}");
+    assert!(ports.iter().filter(|p| p.contains("9464")).all(|p| p.starts_with("127.0.0.1:")), "{ports:?}");
+}
