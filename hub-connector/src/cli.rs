@@ -50,12 +50,13 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct PairArgs {
-    /// Relay address as apps should dial it (HOST:PORT, UDP).
-    #[arg(long, env = "KEYWAY_HUB_RELAY")]
-    pub relay: String,
-    /// The relay's public key.
-    #[arg(long, env = "KEYWAY_HUB_RELAY_KEY")]
-    pub relay_key: PublicKey,
+    /// Relay address as apps should dial it (HOST:PORT, UDP). If several are given (as `run`
+    /// accepts), the code names the first.
+    #[arg(long, env = "KEYWAY_HUB_RELAY", required = true, value_delimiter = ',')]
+    pub relay: Vec<String>,
+    /// The relay's public key (the first one if several are given).
+    #[arg(long, env = "KEYWAY_HUB_RELAY_KEY", required = true, value_delimiter = ',')]
+    pub relay_key: Vec<PublicKey>,
     /// The hub's name at the relay.
     #[arg(long, env = "KEYWAY_HUB_NAME")]
     pub name: HubName,
@@ -101,6 +102,8 @@ pub struct RunOnlyOptions {
     pub backoff_max: Option<String>,
     #[arg(long, env = "KEYWAY_HUB_PROXY_PROTOCOL", hide = true)]
     pub proxy_protocol: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_METRICS_LISTEN", hide = true)]
+    pub metrics_listen: Option<String>,
 }
 
 /// `keyway-hub apps …`
@@ -131,12 +134,14 @@ pub struct RevokeArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Relay address (HOST:PORT, UDP).
-    #[arg(long, env = "KEYWAY_HUB_RELAY")]
-    pub relay: String,
-    /// The relay's public key (pinned).
-    #[arg(long, env = "KEYWAY_HUB_RELAY_KEY")]
-    pub relay_key: PublicKey,
+    /// Relay address (HOST:PORT, UDP). Repeat it (or separate addresses with commas) to keep a
+    /// tunnel to each of several relays, so that one relay going down loses nothing.
+    #[arg(long, env = "KEYWAY_HUB_RELAY", required = true, value_delimiter = ',')]
+    pub relay: Vec<String>,
+    /// The relay's public key (pinned). With several relays: one key per --relay, in the same
+    /// order, or a single key that all of them share.
+    #[arg(long, env = "KEYWAY_HUB_RELAY_KEY", required = true, value_delimiter = ',')]
+    pub relay_key: Vec<PublicKey>,
     /// The hub's name at the relay.
     #[arg(long, env = "KEYWAY_HUB_NAME")]
     pub name: HubName,
@@ -171,6 +176,10 @@ pub struct RunArgs {
     /// before each session's bytes. Only enable it if the service expects one.
     #[arg(long, env = "KEYWAY_HUB_PROXY_PROTOCOL")]
     pub proxy_protocol: bool,
+    /// Serve Prometheus /metrics and /healthz (200 while a tunnel is registered) on this TCP
+    /// address, e.g. 127.0.0.1:9465. Off unless given; keep it on loopback or a private network.
+    #[arg(long, env = "KEYWAY_HUB_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -191,17 +200,40 @@ pub fn parse(args: Vec<OsString>) -> anyhow::Result<Cli> {
     Ok(Cli::parse_from(args))
 }
 
+/// Pairs relay addresses with their keys by position; a single key applies to every relay.
+pub fn pair_relays<'a, A>(relays: &'a [A], keys: &[PublicKey]) -> anyhow::Result<Vec<(&'a A, PublicKey)>> {
+    match (relays.len(), keys) {
+        (0, _) => anyhow::bail!("no relay given (--relay)"),
+        (_, []) => anyhow::bail!("no relay key given (--relay-key)"),
+        (_, [key]) => Ok(relays.iter().map(|r| (r, *key)).collect()),
+        (n, keys) if n == keys.len() => Ok(relays.iter().zip(keys.iter().copied()).collect()),
+        (n, keys) => anyhow::bail!(
+            "{n} relays but {} relay keys: give one key per relay, in the same order (or one key for all)",
+            keys.len()
+        ),
+    }
+}
+
 impl RunArgs {
-    /// The connector config these flags describe (resolves the relay address).
+    /// The connector config these flags describe (resolves the relay addresses).
     pub fn to_config(&self, identity: Identity) -> anyhow::Result<HubConfig> {
+        let mut relays = Vec::new();
+        for (relay, key) in pair_relays(&self.relay, &self.relay_key)? {
+            relays.push((resolve(relay)?, key));
+        }
+        let mut relays = relays.into_iter();
+        let Some((first_addr, first_key)) = relays.next() else { anyhow::bail!("no relay given (--relay)") };
         let mut config = HubConfig::new(
-            resolve(&self.relay)?,
-            self.relay_key,
+            first_addr,
+            first_key,
             self.name.clone(),
             identity,
             self.apps.clone(),
             self.forward,
         );
+        for (addr, key) in relays {
+            config = config.with_relay(addr, key);
+        }
         config.keep_alive = self.keep_alive;
         config.idle_timeout = self.idle_timeout;
         config.ping_interval = self.ping_interval;
@@ -209,6 +241,7 @@ impl RunArgs {
         config.backoff_min = self.backoff_min;
         config.backoff_max = self.backoff_max;
         config.proxy_protocol = self.proxy_protocol;
+        config.metrics_listen = self.metrics_listen;
         Ok(config)
     }
 }
@@ -273,6 +306,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(async move {
                 let hub = crate::start(config).await?;
+                if let Some(addr) = hub.metrics_addr() {
+                    println!("metrics: http://{addr}/metrics health: http://{addr}/healthz");
+                }
                 keyway_client::cli::shutdown_signal().await;
                 hub.shutdown().await;
                 Ok(())
@@ -283,11 +319,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn pair(args: PairArgs) -> anyhow::Result<()> {
     let identity = Identity::load(&args.key)?;
-    let relay_key = args.relay_key;
+    let Some((relay, relay_key)) = pair_relays(&args.relay, &args.relay_key)?.into_iter().next() else {
+        anyhow::bail!("no relay given (--relay)")
+    };
     let before: Vec<PublicKey> = crate::apps::list_apps(&args.apps)?.into_iter().map(|a| a.key).collect();
     let secret = crate::pairing::open_window(&args.apps, &args.label, args.ttl)?;
     let code = keyway_client::PairingCode {
-        relay: args.relay.clone(),
+        relay: relay.clone(),
         relay_key,
         hub: args.name.clone(),
         hub_key: identity.public_key(),
@@ -440,6 +478,89 @@ mod tests {
         .unwrap();
         let Command::Pair(p) = cli.command else { panic!("not pair") };
         assert_eq!((p.ttl, p.label.as_str(), p.no_wait), (Duration::from_secs(120), "Anna's phone", false));
+    }
+
+    fn run_args(extra: &[&str]) -> Result<Box<RunArgs>, clap::Error> {
+        let mut args = vec![
+            "keyway-hub",
+            "run",
+            "--name",
+            "home",
+            "--key",
+            "k",
+            "--apps",
+            "a",
+            "--forward",
+            "127.0.0.1:1",
+        ];
+        args.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(args)?;
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        Ok(run)
+    }
+
+    #[test]
+    fn several_relays_pair_with_their_keys_by_position() {
+        let (k1, k2, k3) = (key(1).to_string(), key(3).to_string(), key(4).to_string());
+        let keys = format!("{k1},{k2}");
+        // Repeated flags and comma-separated lists (what a TOML list becomes) mix freely.
+        let run = run_args(&[
+            "--relay",
+            "127.0.0.1:4433,127.0.0.1:4434",
+            "--relay",
+            "127.0.0.1:4435",
+            "--relay-key",
+            &keys,
+            "--relay-key",
+            &k3,
+            "--metrics-listen",
+            "127.0.0.1:9465",
+        ])
+        .unwrap();
+        let config = run.to_config(Identity::from_seed([2; 32])).unwrap();
+        let relays: Vec<(String, PublicKey)> =
+            config.relays().iter().map(|r| (r.addr.to_string(), r.key)).collect();
+        assert_eq!(
+            relays,
+            vec![
+                ("127.0.0.1:4433".to_owned(), key(1)),
+                ("127.0.0.1:4434".to_owned(), key(3)),
+                ("127.0.0.1:4435".to_owned(), key(4)),
+            ]
+        );
+        assert_eq!(config.metrics_listen, Some("127.0.0.1:9465".parse().unwrap()));
+        assert!(config.validate().is_ok());
+
+        // One key for every relay (relays sharing an identity).
+        let run = run_args(&["--relay", "127.0.0.1:4433", "--relay", "127.0.0.1:4434", "--relay-key", &k1])
+            .unwrap();
+        let config = run.to_config(Identity::from_seed([2; 32])).unwrap();
+        assert!(config.relays().iter().all(|r| r.key == key(1)));
+        assert_eq!(config.metrics_listen, None);
+
+        // Counts that do not pair up, and the same relay twice, are errors.
+        let run =
+            run_args(&["--relay", "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", "--relay-key", &keys]).unwrap();
+        let err = run.to_config(Identity::from_seed([2; 32])).unwrap_err().to_string();
+        assert!(err.contains("3 relays but 2 relay keys"), "{err}");
+        let run = run_args(&["--relay", "127.0.0.1:1,127.0.0.1:1", "--relay-key", &k1]).unwrap();
+        let config = run.to_config(Identity::from_seed([2; 32])).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("listed twice"));
+        assert!(run_args(&["--relay-key", &k1]).is_err(), "--relay is required");
+    }
+
+    #[test]
+    fn toml_lists_of_relays_become_comma_separated_variables() {
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        let text = "relay = [\"a.example:4433\", \"b.example:4433\"]\nrelay_key = [\"kw1\", \"kw2\"]\nmetrics_listen = \"127.0.0.1:9465\"\n";
+        let env = keyway_proto::cli::config_env(run, std::path::Path::new("hub.toml"), text).unwrap();
+        assert!(env.contains(&("KEYWAY_HUB_RELAY".into(), "a.example:4433,b.example:4433".into())));
+        assert!(env.contains(&("KEYWAY_HUB_RELAY_KEY".into(), "kw1,kw2".into())));
+        assert!(env.contains(&("KEYWAY_HUB_METRICS_LISTEN".into(), "127.0.0.1:9465".into())));
+        // `pair` reads the same file.
+        let pair = cmd.find_subcommand("pair").unwrap();
+        assert!(keyway_proto::cli::config_env(pair, std::path::Path::new("hub.toml"), text).is_ok());
     }
 
     #[test]

@@ -1,5 +1,9 @@
-//! [`HubConfig`]: the hub's identity, its relay, its name, its allow-list file and the local
+//! [`HubConfig`]: the hub's identity, its relays, its name, its allow-list file and the local
 //! service it exposes, plus the timers of the tunnel.
+//!
+//! A hub may list several relays ([`HubConfig::with_relay`]): the connector keeps one tunnel to
+//! each (like cloudflared's HA connections), so one relay going down or draining loses nothing
+//! for apps that can reach the others.
 //!
 //! Defaults are tuned for home NATs: a 15 s QUIC keep-alive (UDP mappings often expire after
 //! 30 s) and an application-level ping every 20 s, because liveness must test the data path
@@ -12,13 +16,25 @@ use std::time::Duration;
 
 use keyway_proto::{HubName, Identity, PublicKey};
 
+/// One relay the hub keeps a tunnel to: its UDP address and its pinned public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayTarget {
+    /// UDP address of the relay.
+    pub addr: SocketAddr,
+    /// The relay's public key (pinned).
+    pub key: PublicKey,
+}
+
 /// Everything [`start`](crate::start) needs.
 #[derive(Debug)]
 pub struct HubConfig {
-    /// UDP address of the relay.
+    /// UDP address of the (first) relay.
     pub relay_addr: SocketAddr,
-    /// The relay's public key (pinned).
+    /// The (first) relay's public key (pinned).
     pub relay_key: PublicKey,
+    /// Further relays, each with a tunnel of its own (see [`HubConfig::relays`]). Sessions
+    /// arriving through any of them are handled alike.
+    pub extra_relays: Vec<RelayTarget>,
     /// The name to register.
     pub name: HubName,
     /// The hub's own key; apps pin its public half.
@@ -47,6 +63,9 @@ pub struct HubConfig {
     /// the app's address as the relay observed it (so the service's logs and login bans see
     /// the real caller instead of 127.0.0.1).
     pub proxy_protocol: bool,
+    /// TCP address of an HTTP listener serving Prometheus `/metrics` and `/healthz` (see
+    /// [`crate::metrics`]); `None` (the default) runs without one.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl HubConfig {
@@ -62,6 +81,7 @@ impl HubConfig {
         Self {
             relay_addr,
             relay_key,
+            extra_relays: Vec::new(),
             name,
             identity,
             apps_file,
@@ -74,12 +94,34 @@ impl HubConfig {
             connect_timeout: Duration::from_secs(5),
             service_timeout: Duration::from_secs(5),
             proxy_protocol: false,
+            metrics_listen: None,
         }
+    }
+
+    /// Adds a relay to keep a tunnel to, besides the first one.
+    #[must_use]
+    pub fn with_relay(mut self, addr: SocketAddr, key: PublicKey) -> Self {
+        self.extra_relays.push(RelayTarget { addr, key });
+        self
+    }
+
+    /// Every relay the hub keeps a tunnel to: the first one (`relay_addr`, `relay_key`), then
+    /// `extra_relays` in order.
+    pub fn relays(&self) -> Vec<RelayTarget> {
+        std::iter::once(RelayTarget { addr: self.relay_addr, key: self.relay_key })
+            .chain(self.extra_relays.iter().copied())
+            .collect()
     }
 
     /// Rejects timer values that cannot work.
     pub(crate) fn validate(&self) -> Result<(), crate::HubError> {
         let bad = |what: &str| Err(crate::HubError::Config(what.to_owned()));
+        let relays = self.relays();
+        for (i, relay) in relays.iter().enumerate() {
+            if relays.iter().skip(i + 1).any(|other| other.addr == relay.addr) {
+                return Err(crate::HubError::Config(format!("relay {} is listed twice", relay.addr)));
+            }
+        }
         if self.ping_interval.is_zero() {
             return bad("ping interval must be greater than zero");
         }
@@ -95,5 +137,43 @@ impl HubConfig {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyway_proto::Identity;
+
+    fn config() -> HubConfig {
+        HubConfig::new(
+            "127.0.0.1:4433".parse().unwrap(),
+            Identity::from_seed([1; 32]).public_key(),
+            HubName::new("home").unwrap(),
+            Identity::from_seed([2; 32]),
+            "apps".into(),
+            "127.0.0.1:8123".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn relays_lists_the_first_relay_then_the_extra_ones() {
+        let b: SocketAddr = "127.0.0.1:4434".parse().unwrap();
+        let key_b = Identity::from_seed([3; 32]).public_key();
+        let config = config().with_relay(b, key_b);
+        let relays = config.relays();
+        assert_eq!(relays.len(), 2);
+        assert_eq!(relays[0].addr, config.relay_addr);
+        assert_eq!(relays[1], RelayTarget { addr: b, key: key_b });
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn a_relay_listed_twice_is_rejected() {
+        let config = config();
+        let again = config.relay_addr;
+        let config = config.with_relay(again, Identity::from_seed([3; 32]).public_key());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("listed twice") && err.contains("127.0.0.1:4433"), "{err}");
     }
 }

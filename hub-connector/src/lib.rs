@@ -1,4 +1,4 @@
-//! Keyway's hub connector: holds an outbound QUIC tunnel to a relay and bridges each
+//! Keyway's hub connector: holds an outbound QUIC tunnel to each of its relays and bridges each
 //! authorized session to a local TCP service.
 //!
 //! ```no_run
@@ -19,6 +19,7 @@ pub mod apps;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod pairing;
 pub mod proxy_protocol;
 pub mod session;
@@ -28,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-pub use config::HubConfig;
+pub use config::{HubConfig, RelayTarget};
 pub use tunnel::{start, HubHandle, TunnelStatus};
 
 /// Counters of one running connector (monotonic except `sessions_active`).

@@ -1,5 +1,11 @@
-//! The tunnel: connect to the relay, register, serve, and when anything breaks reconnect,
-//! forever, with capped exponential backoff and jitter.
+//! The tunnels: for each configured relay, connect, register, serve, and when anything breaks
+//! reconnect, forever, with capped exponential backoff and jitter.
+//!
+//! Each relay gets a task of its own, with its own QUIC endpoint, dialer, backoff and status;
+//! they share everything else (the apps list, the sessions, the TLS configs, the counters), so
+//! a session is handled alike whichever relay it came through. A relay that goes away (or asks
+//! the hub to move with `GoAway`) only sends its own tunnel back to connecting: the hub stays
+//! [`TunnelStatus::Registered`] overall while at least one tunnel is.
 //!
 //! While registered, one loop multiplexes:
 //! * incoming session streams (each handled in its own task, see [`crate::session`]);
@@ -16,7 +22,8 @@
 //! `authorized_hubs`, and the hub owner should not have to restart anything then.
 
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,9 +34,11 @@ use keyway_proto::{Frame, PublicKey, RefusalReason};
 use quinn::{Connection, ConnectionError, Endpoint};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::apps::{Apps, AppsChange};
 use crate::backoff::{go_away_delay, Backoff};
+use crate::config::RelayTarget;
 use crate::session::SessionRegistry;
 use crate::{HubConfig, HubError, HubStats};
 
@@ -57,7 +66,56 @@ impl fmt::Display for TunnelStatus {
     }
 }
 
-/// State shared by the tunnel, the apps watcher and the session tasks.
+impl TunnelStatus {
+    /// The status of the hub as a whole, from those of its tunnels (in config order): registered
+    /// if any tunnel is; else refused if any relay refused (the first such refusal); stopped once
+    /// every tunnel has stopped; connecting otherwise.
+    pub(crate) fn aggregate<'a>(statuses: impl IntoIterator<Item = &'a TunnelStatus>) -> TunnelStatus {
+        let mut refused = None;
+        let mut all_stopped = true;
+        for status in statuses {
+            match status {
+                TunnelStatus::Registered => return TunnelStatus::Registered,
+                TunnelStatus::Refused { .. } if refused.is_none() => refused = Some(status.clone()),
+                _ => {}
+            }
+            all_stopped &= *status == TunnelStatus::Stopped;
+        }
+        match refused {
+            Some(refused) => refused,
+            None if all_stopped => TunnelStatus::Stopped,
+            None => TunnelStatus::Connecting,
+        }
+    }
+}
+
+/// The tunnel to one configured relay: its status and counters.
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    pub(crate) target: RelayTarget,
+    pub(crate) status: watch::Sender<TunnelStatus>,
+    /// Successful registrations with this relay.
+    pub(crate) registrations: AtomicU64,
+    /// Times this registered tunnel was lost (or moved after `GoAway`).
+    pub(crate) reconnects: AtomicU64,
+}
+
+impl Tunnel {
+    fn new(target: RelayTarget) -> Self {
+        Self {
+            target,
+            status: watch::channel(TunnelStatus::Connecting).0,
+            registrations: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn is_registered(&self) -> bool {
+        *self.status.borrow() == TunnelStatus::Registered
+    }
+}
+
+/// State shared by the tunnels, the apps watcher and the session tasks.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: HubConfig,
@@ -78,6 +136,9 @@ pub(crate) struct Shared {
     /// Serializes check-and-consume of the window, so a code cannot be used twice by two
     /// concurrent sessions.
     pub(crate) pair_lock: tokio::sync::Mutex<()>,
+    /// One per configured relay, in config order.
+    pub(crate) tunnels: Vec<Arc<Tunnel>>,
+    /// The hub's overall status ([`TunnelStatus::aggregate`] of the tunnels').
     status: watch::Sender<TunnelStatus>,
 }
 
@@ -111,8 +172,9 @@ impl Shared {
         open
     }
 
-    fn set_status(&self, new: TunnelStatus) {
-        self.status.send_if_modified(|current| {
+    /// Sets one tunnel's status, then the hub's overall status.
+    fn set_status(&self, tunnel: &Tunnel, new: TunnelStatus) {
+        tunnel.status.send_if_modified(|current| {
             if *current == new {
                 false
             } else {
@@ -120,6 +182,24 @@ impl Shared {
                 true
             }
         });
+        // Computed under the overall channel's lock, after the tunnel's own update: whichever
+        // tunnel recomputes last sees every tunnel's latest status.
+        self.status.send_if_modified(|current| {
+            let statuses: Vec<TunnelStatus> =
+                self.tunnels.iter().map(|t| t.status.borrow().clone()).collect();
+            let new = TunnelStatus::aggregate(&statuses);
+            if *current == new {
+                false
+            } else {
+                *current = new;
+                true
+            }
+        });
+    }
+
+    /// Whether at least one tunnel is registered (what `/healthz` reports).
+    pub(crate) fn any_registered(&self) -> bool {
+        self.tunnels.iter().any(|t| t.is_registered())
     }
 
     /// Re-reads `authorized_apps` if it changed and cuts the sessions of removed keys.
@@ -149,19 +229,42 @@ impl Shared {
 #[derive(Debug)]
 pub struct HubHandle {
     shared: Arc<Shared>,
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
     stop: watch::Sender<bool>,
-    tunnel: Option<JoinHandle<()>>,
+    tunnels: Vec<JoinHandle<()>>,
     watcher: Option<JoinHandle<()>>,
+    metrics: Option<(SocketAddr, JoinHandle<()>)>,
 }
 
 impl HubHandle {
-    /// The tunnel status, live.
+    /// The hub's overall status, live: [`TunnelStatus::Registered`] while at least one tunnel
+    /// is (see [`HubHandle::relay_statuses`] for each relay's own).
     pub fn status(&self) -> watch::Receiver<TunnelStatus> {
         self.shared.status.subscribe()
     }
 
-    /// Waits until the tunnel is registered. A refusal does not end the wait (the connector
+    /// The status of the tunnel to each configured relay, in config order.
+    pub fn relay_statuses(&self) -> Vec<(SocketAddr, TunnelStatus)> {
+        self.shared.tunnels.iter().map(|t| (t.target.addr, t.status.borrow().clone())).collect()
+    }
+
+    /// The status of the tunnel to `relay` (a configured relay address), live.
+    pub fn relay_status(&self, relay: SocketAddr) -> Option<watch::Receiver<TunnelStatus>> {
+        self.shared.tunnels.iter().find(|t| t.target.addr == relay).map(|t| t.status.subscribe())
+    }
+
+    /// The TCP address serving `/metrics` and `/healthz`, if
+    /// [`HubConfig::metrics_listen`] was set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// The Prometheus text exposition `/metrics` serves.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::encode(&self.shared)
+    }
+
+    /// Waits until at least one tunnel is registered. A refusal does not end the wait (the connector
     /// keeps retrying); the timeout error carries the last status seen.
     pub async fn wait_registered(&self, timeout: Duration) -> Result<(), HubError> {
         let mut rx = self.status();
@@ -212,20 +315,34 @@ impl HubHandle {
         self.shared.sessions.count(app_key)
     }
 
-    /// Stops the connector: closes the tunnel (the relay forgets the hub at once), cuts the
-    /// live sessions and waits briefly for the close to reach the relay.
+    /// Stops the connector: closes the tunnels (the relays forget the hub at once), cuts the
+    /// live sessions and waits briefly for the closes to reach the relays.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        if let Some(tunnel) = self.tunnel.take() {
+        for tunnel in self.tunnels.drain(..) {
             let _ = tunnel.await;
         }
         if let Some(watcher) = self.watcher.take() {
             watcher.abort();
         }
+        if let Some((_, metrics)) = self.metrics.take() {
+            metrics.abort();
+        }
         self.shared.sessions.cut_all();
-        self.endpoint.close(codes::NORMAL, b"hub stopping");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
-        self.shared.set_status(TunnelStatus::Stopped);
+        for endpoint in &self.endpoints {
+            endpoint.close(codes::NORMAL, b"hub stopping");
+        }
+        // The endpoints close in the background concurrently: waiting for each in turn takes
+        // as long as the slowest.
+        let idle = async {
+            for endpoint in &self.endpoints {
+                endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
+        for tunnel in &self.shared.tunnels {
+            self.shared.set_status(tunnel, TunnelStatus::Stopped);
+        }
     }
 }
 
@@ -234,6 +351,9 @@ impl Drop for HubHandle {
         let _ = self.stop.send(true);
         if let Some(watcher) = self.watcher.take() {
             watcher.abort();
+        }
+        if let Some((_, metrics)) = self.metrics.take() {
+            metrics.abort();
         }
     }
 }
@@ -262,15 +382,27 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
     pair_tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     pair_tls.send_tls13_tickets = 0;
     let window_file = crate::pairing::window_path(&config.apps_file);
-    let dialer = RelayDialer::new(
-        &config.identity,
-        config.relay_addr,
-        config.relay_key,
-        config.keep_alive,
-        config.idle_timeout,
-        config.connect_timeout,
-    )?;
-    let endpoint = relay_link::bind_endpoint(config.relay_addr)?;
+    let mut links = Vec::new();
+    for target in config.relays() {
+        let dialer = RelayDialer::new(
+            &config.identity,
+            target.addr,
+            target.key,
+            config.keep_alive,
+            config.idle_timeout,
+            config.connect_timeout,
+        )?;
+        // An endpoint (UDP socket) per relay: each tunnel's NAT binding and path are its own.
+        let endpoint = relay_link::bind_endpoint(target.addr)?;
+        links.push((Arc::new(Tunnel::new(target)), dialer, endpoint));
+    }
+    let metrics_listener =
+        match config.metrics_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| {
+                HubError::Config(format!("cannot listen for metrics on {addr}: {source}"))
+            })?),
+            None => None,
+        };
     let (status, _) = watch::channel(TunnelStatus::Connecting);
     let shared = Arc::new(Shared {
         config,
@@ -282,20 +414,38 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         window_file,
         pairing_open: watch::channel(false).0,
         pair_lock: tokio::sync::Mutex::new(()),
+        tunnels: links.iter().map(|(tunnel, _, _)| tunnel.clone()).collect(),
         status,
     });
     shared.refresh_pairing();
+    let relays: Vec<String> = shared.tunnels.iter().map(|t| t.target.addr.to_string()).collect();
     tracing::info!(
         name = %shared.config.name,
         hub_key = %shared.config.identity.public_key(),
-        relay = %shared.config.relay_addr,
+        relays = %relays.join(", "),
         forward = %shared.config.forward,
         "hub connector starting"
     );
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let (addr, task) = crate::metrics::serve(listener, shared.clone())
+                .map_err(|e| HubError::Config(format!("cannot listen for metrics: {e}")))?;
+            tracing::info!(%addr, "metrics and health on http://{addr}/metrics and /healthz");
+            Some((addr, task))
+        }
+        None => None,
+    };
     let (stop, stop_rx) = watch::channel(false);
     let watcher = tokio::spawn(watch_apps(shared.clone(), stop_rx.clone()));
-    let tunnel = tokio::spawn(run_tunnel(shared.clone(), dialer, endpoint.clone(), stop_rx));
-    Ok(HubHandle { shared, endpoint, stop, tunnel: Some(tunnel), watcher: Some(watcher) })
+    let mut endpoints = Vec::new();
+    let mut tunnels = Vec::new();
+    for (tunnel, dialer, endpoint) in links {
+        let span = tracing::info_span!("tunnel", relay = %tunnel.target.addr);
+        let task = run_tunnel(shared.clone(), tunnel, dialer, endpoint.clone(), stop_rx.clone());
+        tunnels.push(tokio::spawn(task.instrument(span)));
+        endpoints.push(endpoint);
+    }
+    Ok(HubHandle { shared, endpoints, stop, tunnels, watcher: Some(watcher), metrics })
 }
 
 /// Completes once a stop is requested (or the handle is gone).
@@ -339,23 +489,25 @@ impl Outcome {
 
 async fn run_tunnel(
     shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
     dialer: RelayDialer,
     endpoint: Endpoint,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(shared.config.backoff_min, shared.config.backoff_max);
     loop {
-        let outcome = attempt(&shared, &dialer, &endpoint, &mut stop).await;
+        let outcome = attempt(&shared, &tunnel, &dialer, &endpoint, &mut stop).await;
         let delay = match outcome {
             Outcome::Shutdown => break,
             Outcome::Refused { reason, message } => {
                 tracing::error!(%reason, %message, name = %shared.config.name, "relay refused the registration; retrying");
-                shared.set_status(TunnelStatus::Refused { reason, message });
+                shared.set_status(&tunnel, TunnelStatus::Refused { reason, message });
                 backoff.next_delay(&mut rand::rng())
             }
             Outcome::GoAway { hint, message } => {
                 shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                shared.set_status(TunnelStatus::Connecting);
+                tunnel.reconnects.fetch_add(1, Ordering::Relaxed);
+                shared.set_status(&tunnel, TunnelStatus::Connecting);
                 backoff.reset();
                 let delay = go_away_delay(hint, shared.config.backoff_min, &mut rand::rng());
                 tracing::info!(%message, delay = ?delay, "relay asked the hub to move; reconnecting");
@@ -364,6 +516,7 @@ async fn run_tunnel(
             Outcome::Lost { registered, replaced, error } => {
                 if registered {
                     shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tunnel.reconnects.fetch_add(1, Ordering::Relaxed);
                     // A fresh failure after a good run starts from the smallest delay, except
                     // when another connector with this key took the name: two connectors
                     // fighting over it should slow down, not spin.
@@ -377,7 +530,7 @@ async fn run_tunnel(
                          connector running with this key?"
                     );
                 }
-                shared.set_status(TunnelStatus::Connecting);
+                shared.set_status(&tunnel, TunnelStatus::Connecting);
                 let delay = backoff.next_delay(&mut rand::rng());
                 tracing::warn!(%error, registered, retry_in = ?delay, "tunnel to relay lost");
                 delay
@@ -388,7 +541,7 @@ async fn run_tunnel(
             _ = stopped(&mut stop) => break,
         }
     }
-    shared.set_status(TunnelStatus::Stopped);
+    shared.set_status(&tunnel, TunnelStatus::Stopped);
 }
 
 /// The allow-list as published to the relay (capped at the protocol limit: fail closed, the
@@ -436,6 +589,7 @@ impl Drop for AbortOnDrop {
 
 async fn attempt(
     shared: &Arc<Shared>,
+    tunnel: &Tunnel,
     dialer: &RelayDialer,
     endpoint: &Endpoint,
     stop: &mut watch::Receiver<bool>,
@@ -451,7 +605,7 @@ async fn attempt(
         _ = stopped(stop) => return Outcome::Shutdown,
     };
     let outcome = tokio::select! {
-        outcome = serve(shared, &conn) => outcome,
+        outcome = serve(shared, tunnel, &conn) => outcome,
         _ = stopped(stop) => Outcome::Shutdown,
     };
     match &outcome {
@@ -466,7 +620,7 @@ async fn attempt(
 }
 
 /// Registers on `conn` and serves it until something ends the tunnel.
-async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Outcome {
+async fn serve(shared: &Arc<Shared>, tunnel: &Tunnel, conn: &Connection) -> Outcome {
     let config = &shared.config;
     // Subscribe before taking the snapshot, so a change in between is published afterwards.
     let mut apps_changed = shared.apps.subscribe();
@@ -493,8 +647,9 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Outcome {
     match reply {
         Frame::Registered { replaced } => {
             shared.stats.registrations.fetch_add(1, Ordering::Relaxed);
-            shared.set_status(TunnelStatus::Registered);
-            tracing::info!(name = %config.name, replaced, relay = %config.relay_addr, "registered with the relay");
+            tunnel.registrations.fetch_add(1, Ordering::Relaxed);
+            shared.set_status(tunnel, TunnelStatus::Registered);
+            tracing::info!(name = %config.name, replaced, relay = %tunnel.target.addr, "registered with the relay");
         }
         Frame::Refused { reason, message } => return Outcome::Refused { reason, message },
         other => {
@@ -523,7 +678,7 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Outcome {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    tokio::spawn(crate::session::handle(shared.clone(), send, recv));
+                    tokio::spawn(crate::session::handle(shared.clone(), send, recv).in_current_span());
                 }
                 Err(e) => return from_connection_error(true, e),
             },
@@ -543,7 +698,7 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Outcome {
                 }
                 Some(Ok(Frame::Refused { reason, message })) => {
                     // A relay may revoke a registration (e.g. authorized_hubs changed).
-                    shared.set_status(TunnelStatus::Refused { reason, message: message.clone() });
+                    shared.set_status(tunnel, TunnelStatus::Refused { reason, message: message.clone() });
                     return Outcome::Refused { reason, message };
                 }
                 Some(Ok(other)) => {
@@ -585,5 +740,24 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Outcome {
                 tracing::debug!("published the allow-list to the relay");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hub_is_registered_while_any_tunnel_is() {
+        use TunnelStatus::*;
+        let refused = Refused { reason: RefusalReason::NameClaimed, message: "taken".into() };
+        assert_eq!(TunnelStatus::aggregate(&[Connecting, Registered]), Registered);
+        assert_eq!(TunnelStatus::aggregate(&[refused.clone(), Registered]), Registered);
+        assert_eq!(TunnelStatus::aggregate(&[Stopped, Registered]), Registered);
+        assert_eq!(TunnelStatus::aggregate(&[Connecting, refused.clone()]), refused);
+        assert_eq!(TunnelStatus::aggregate(&[Connecting, Stopped]), Connecting);
+        assert_eq!(TunnelStatus::aggregate(&[Stopped, Stopped]), Stopped);
+        assert_eq!(TunnelStatus::aggregate(&[Connecting]), Connecting);
+        assert_eq!(TunnelStatus::aggregate(std::slice::from_ref(&refused)), refused);
     }
 }

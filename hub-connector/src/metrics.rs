@@ -1,0 +1,190 @@
+//! The operator's HTTP listener of a hub connector: Prometheus `/metrics` and `/healthz`, like
+//! the relay's, on a TCP address of its own ([`HubConfig::metrics_listen`](crate::HubConfig);
+//! off unless set, and meant for loopback: the hub never needs to listen otherwise).
+//!
+//! `/healthz` answers 200 while at least one tunnel is registered (apps can reach the hub
+//! through some relay) and 503 otherwise. HTTP/1.1 only (`hyper`), GET/HEAD only.
+//!
+//! Metrics (all `keyway_hub_…`; the only label values are the configured relay addresses and
+//! fixed words, never app keys, so cardinality is bounded by the config):
+//!
+//! | name | type | meaning |
+//! |---|---|---|
+//! | `tunnel_up{relay}` | gauge | 1 while the tunnel to that relay is registered, else 0 |
+//! | `registrations_total{relay}` | counter | successful registrations with that relay |
+//! | `reconnects_total{relay}` | counter | registered tunnels lost (or moved after `GoAway`) |
+//! | `sessions_announced_total` | counter | sessions the relays announced |
+//! | `sessions_total{result}` | counter | sessions `accepted` (pairing sessions included) or `refused` |
+//! | `sessions_active` | gauge | accepted sessions not yet ended |
+//! | `pairings_total{result}` | counter | pairings `paired` or `failed` (wrong secret, bad request) |
+//! | `pairing_window_open` | gauge | 1 while a pairing window is open |
+//! | `authorized_apps` | gauge | keys in `authorized_apps` |
+//!
+//! The numbers live in plain atomics ([`HubStats`](crate::HubStats) and each tunnel's own);
+//! a scrape copies them into a fresh [`prometheus::Registry`] and encodes that, so nothing on
+//! the session path touches Prometheus.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::tunnel::Shared;
+
+/// Namespace of every metric name (`keyway_hub_...`).
+const NAMESPACE: &str = "keyway_hub";
+
+/// Content type of the Prometheus text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves `listener` until the returned task is aborted (the connector's shutdown does).
+pub(crate) fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Typically EMFILE; back off a little instead of spinning.
+                    tracing::debug!("metrics listener: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(respond(&shared, &req)) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!("metrics connection ended: {e}");
+                }
+            });
+        }
+    });
+    Ok((local, task))
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET or HEAD only\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => text(StatusCode::OK, PROMETHEUS_TEXT, encode(shared)),
+        "/healthz" => {
+            if shared.any_registered() {
+                text(StatusCode::OK, "text/plain", "ok\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no tunnel registered\n".into())
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "try /metrics or /healthz\n".into()),
+    }
+}
+
+/// The Prometheus text exposition of the connector's current numbers.
+pub(crate) fn encode(shared: &Shared) -> String {
+    let encoded = gather(shared)
+        .and_then(|registry| prometheus::TextEncoder::new().encode_to_string(&registry.gather()));
+    match encoded {
+        Ok(text) => text,
+        Err(e) => format!("# cannot encode metrics: {e}\n"),
+    }
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(NAMESPACE)
+}
+
+fn gather(shared: &Shared) -> prometheus::Result<Registry> {
+    let registry = Registry::new();
+    let register = |c: Box<dyn prometheus::core::Collector>| registry.register(c);
+
+    let up = IntGaugeVec::new(
+        opts("tunnel_up", "1 while the tunnel to this relay is registered, else 0."),
+        &["relay"],
+    )?;
+    let registrations = IntCounterVec::new(
+        opts("registrations_total", "Successful registrations with this relay (the first one included)."),
+        &["relay"],
+    )?;
+    let reconnects = IntCounterVec::new(
+        opts(
+            "reconnects_total",
+            "Times the registered tunnel to this relay was lost (or moved after GoAway).",
+        ),
+        &["relay"],
+    )?;
+    for tunnel in &shared.tunnels {
+        let relay = tunnel.target.addr.to_string();
+        up.with_label_values(&[relay.as_str()]).set(i64::from(tunnel.is_registered()));
+        registrations
+            .with_label_values(&[relay.as_str()])
+            .inc_by(tunnel.registrations.load(Ordering::Relaxed));
+        reconnects.with_label_values(&[relay.as_str()]).inc_by(tunnel.reconnects.load(Ordering::Relaxed));
+    }
+    register(Box::new(up))?;
+    register(Box::new(registrations))?;
+    register(Box::new(reconnects))?;
+
+    let stats = &shared.stats;
+    let announced = prometheus::IntCounter::with_opts(opts(
+        "sessions_announced_total",
+        "Sessions the relays announced to the hub.",
+    ))?;
+    announced.inc_by(stats.sessions_announced());
+    register(Box::new(announced))?;
+    let sessions = IntCounterVec::new(
+        opts(
+            "sessions_total",
+            "Announced sessions by answer: accepted (pairing sessions included) or refused.",
+        ),
+        &["result"],
+    )?;
+    sessions.with_label_values(&["accepted"]).inc_by(stats.sessions_accepted());
+    sessions.with_label_values(&["refused"]).inc_by(stats.sessions_refused());
+    register(Box::new(sessions))?;
+    let active = IntGauge::with_opts(opts("sessions_active", "Accepted sessions not yet ended."))?;
+    active.set(i64::try_from(stats.sessions_active()).unwrap_or(i64::MAX));
+    register(Box::new(active))?;
+    let pairings = IntCounterVec::new(
+        opts("pairings_total", "Pairing attempts by result: paired, or failed (wrong secret, bad request)."),
+        &["result"],
+    )?;
+    pairings.with_label_values(&["paired"]).inc_by(stats.paired());
+    pairings.with_label_values(&["failed"]).inc_by(stats.pairing_failures());
+    register(Box::new(pairings))?;
+    let window =
+        IntGauge::with_opts(opts("pairing_window_open", "1 while a pairing window is open, else 0."))?;
+    window.set(i64::from(*shared.pairing_open.borrow()));
+    register(Box::new(window))?;
+    let apps = IntGauge::with_opts(opts("authorized_apps", "Keys in authorized_apps."))?;
+    apps.set(i64::try_from(shared.apps.allow_list().len()).unwrap_or(i64::MAX));
+    register(Box::new(apps))?;
+    Ok(registry)
+}
