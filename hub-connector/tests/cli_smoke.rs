@@ -65,3 +65,81 @@ fn first_run_creates_the_key_and_prints_the_authorized_hubs_line() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), printed_key);
 }
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+#[test]
+fn a_config_file_with_two_relays_and_metrics_runs_one_tunnel_each() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two relays that never answer: both tunnels stay down, and the hub says so.
+    let silent: Vec<std::net::UdpSocket> =
+        (0..2).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    let relays: Vec<String> = silent.iter().map(|s| s.local_addr().unwrap().to_string()).collect();
+    let keys: Vec<String> = [1u8, 2]
+        .iter()
+        .map(|s| keyway_proto::Identity::from_seed([*s; 32]).public_key().to_string())
+        .collect();
+    let config = dir.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "relay = [\"{}\", \"{}\"]\nrelay_key = [\"{}\", \"{}\"]\nname = \"home\"\nkey = \"hub.key\"\n\
+             apps = \"authorized_apps\"\nforward = \"127.0.0.1:9\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+            relays[0], relays[1], keys[0], keys[1]
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyway-hub"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir.path())
+        .env_remove("KEYWAY_HUB_CONFIG")
+        .env_remove("KEYWAY_HUB_RELAY")
+        .env_remove("KEYWAY_HUB_RELAY_KEY")
+        .env_remove("KEYWAY_HUB_METRICS_LISTEN")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    let metrics = loop {
+        assert!(Instant::now() < deadline, "no metrics line; got {lines:#?}");
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if let Some(rest) = line.strip_prefix("metrics: http://") {
+                break rest.split('/').next().unwrap().to_owned();
+            }
+            lines.push(line);
+        }
+    };
+    let (status, body) = http_get(&metrics, "/healthz");
+    let (_, text) = http_get(&metrics, "/metrics");
+    assert!(child.try_wait().unwrap().is_none(), "the connector keeps running while the relays are silent");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!((status, body.as_str()), (503, "no tunnel registered\n"));
+    for relay in &relays {
+        let series = format!("keyway_hub_tunnel_up{{relay=\"{relay}\"}} 0");
+        assert!(text.lines().any(|l| l == series), "{series} not in\n{text}");
+    }
+}
