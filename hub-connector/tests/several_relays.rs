@@ -227,7 +227,8 @@ async fn when_one_relay_drains_and_stops_apps_keep_reaching_the_hub_through_the_
     assert_eq!(echo_once(&mut via_b, b"old one").await.unwrap(), b"old one");
     let statuses = hub.relay_statuses();
     assert_eq!(statuses, vec![(a_addr, TunnelStatus::Connecting), (b_addr, TunnelStatus::Registered)]);
-    assert!(hub.stats().reconnects() >= 1);
+    assert_eq!(hub.stats().reconnects(), 1, "only A's tunnel reconnected");
+    assert_eq!(hub.stats().registrations(), 2, "B's tunnel never had to register again");
     assert_eq!(*hub.status().borrow(), TunnelStatus::Registered);
     recorder.abort();
     let seen = seen.lock().unwrap().clone();
@@ -278,6 +279,9 @@ async fn hub_metrics_and_health_follow_tunnels_and_sessions() {
     .await;
     assert_eq!(series(&text, &up_b), Some(1.0), "{text}");
     assert_eq!(series(&text, &reconnects_a), Some(1.0), "{text}");
+    let b_label = format!("{{relay=\"{}\"}}", b.local_addr());
+    assert_eq!(series(&text, &format!("keyway_hub_reconnects_total{b_label}")), Some(0.0), "{text}");
+    assert_eq!(series(&text, &format!("keyway_hub_registrations_total{b_label}")), Some(1.0), "{text}");
     assert_eq!(http_get(metrics, "/healthz").await.0, 200);
 
     // B stops too: no tunnel left, /healthz says so.
