@@ -301,7 +301,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("created hub key {} (mode 0600)", args.key.display());
             }
             println!("hub public key: {key} (fingerprint {})", key.fingerprint());
-            println!("the relay owner adds this line to authorized_hubs:\n{} {key}", args.name);
+            let owner = if args.relay.len() > 1 { "owner of each relay" } else { "relay owner" };
+            println!("the {owner} adds this line to authorized_hubs:\n{} {key}", args.name);
             let config = args.to_config(identity)?;
             let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(async move {
