@@ -11,7 +11,7 @@ use crate::codec::{Frame, FrameError, Header, HEADER_LEN};
 /// Why reading or writing a frame failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameIoError {
-    #[error("stream closed before a complete frame arrived")]
+    #[error("stream ended before the first byte of a frame")]
     Closed,
     #[error("malformed frame: {0}")]
     Frame(#[from] FrameError),
@@ -19,14 +19,37 @@ pub enum FrameIoError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads exactly one frame. A clean end of stream before the first byte is `Closed`.
+/// Reads exactly one frame. A clean end of stream before the first byte is `Closed`; an end
+/// of stream inside a frame is a malformed frame ([`FrameError::Truncated`]), so that the
+/// relay answers a truncated frame with a typed refusal instead of silently dropping it.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, FrameIoError> {
     let mut head = [0u8; HEADER_LEN];
-    reader.read_exact(&mut head).await.map_err(eof_is_closed)?;
+    let got = read_full(reader, &mut head).await?;
+    if got == 0 {
+        return Err(FrameIoError::Closed);
+    }
+    if got < HEADER_LEN {
+        return Err(FrameError::Truncated { field: "header", needed: HEADER_LEN - got }.into());
+    }
     let header = Header::decode(&head)?;
     let mut payload = vec![0u8; header.payload_len];
-    reader.read_exact(&mut payload).await.map_err(eof_is_closed)?;
+    let got = read_full(reader, &mut payload).await?;
+    if got < payload.len() {
+        return Err(FrameError::Truncated { field: "payload", needed: payload.len() - got }.into());
+    }
     Ok(Frame::decode_payload(header, &payload)?)
+}
+
+/// Fills `buf` unless the stream ends first; returns how many bytes were read.
+async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while let Some(rest) = buf.get_mut(filled..).filter(|rest| !rest.is_empty()) {
+        match reader.read(rest).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }
 
 /// Encodes and writes one frame (no flush: QUIC streams send on their own; call `flush` on
@@ -35,14 +58,6 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -
     let bytes = frame.encode()?;
     writer.write_all(&bytes).await?;
     Ok(())
-}
-
-fn eof_is_closed(e: std::io::Error) -> FrameIoError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        FrameIoError::Closed
-    } else {
-        FrameIoError::Io(e)
-    }
 }
 
 #[cfg(test)]
@@ -72,5 +87,25 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&[1, 8, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
         assert!(matches!(read_frame(&mut b).await, Err(FrameIoError::Frame(FrameError::TooLarge { .. }))));
+    }
+
+    #[tokio::test]
+    async fn a_stream_ending_inside_a_frame_is_a_truncated_frame_not_a_clean_close() {
+        let whole = Frame::Ping { nonce: 9 }.encode().unwrap();
+        for cut in 1..whole.len() {
+            let mut partial = &whole[..cut];
+            let field = if cut < HEADER_LEN { "header" } else { "payload" };
+            match read_frame(&mut partial).await {
+                Err(FrameIoError::Frame(FrameError::Truncated { field: f, needed })) => {
+                    assert_eq!(
+                        (f, needed),
+                        (field, if cut < HEADER_LEN { HEADER_LEN } else { whole.len() } - cut)
+                    );
+                }
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+        let mut empty: &[u8] = &[];
+        assert!(matches!(read_frame(&mut empty).await, Err(FrameIoError::Closed)));
     }
 }
