@@ -231,19 +231,45 @@ pub struct Bin {
 
 impl Bin {
     /// Path of a workspace binary. `cargo test --workspace` builds every binary before any test
-    /// runs; when this crate is tested alone the binaries are built here.
+    /// runs, but `cargo test -p keyway-e2e` does not, and a stale binary would test old code:
+    /// so each test process runs `cargo build` for the binaries once (a no-op when fresh).
     pub fn path(name: &str) -> PathBuf {
+        static BUILT: std::sync::Once = std::sync::Once::new();
         let exe = std::env::current_exe().expect("test exe path");
         let dir = exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf();
-        let path = dir.join(name);
-        if !path.exists() {
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "--bins", "-p", "keyway-relay", "-p", "keyway-hub", "-p", "keyway-client"])
-                .status()
-                .expect("run cargo build");
+        let release = dir.file_name().is_some_and(|d| d == "release");
+        BUILT.call_once(|| {
+            // The same units as `cargo test --workspace` (so the same feature resolution): a
+            // no-op right after it, instead of rebuilding rustls and quinn for `--bins` alone.
+            let mut args = vec!["build", "--workspace", "--bins", "--tests"];
+            if release {
+                args.push("--release");
+            }
+            // Cargo sets package variables (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...) for this
+            // test process; passed on, they would differ from the outer cargo's environment and
+            // make build scripts that watch them (ring's) rerun, rebuilding the TLS stack.
+            let mut cargo = Command::new(env!("CARGO"));
+            for (key, _) in std::env::vars_os() {
+                let key_text = key.to_string_lossy();
+                let package_var =
+                    ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_CFG_"]
+                        .iter()
+                        .any(|p| key_text.starts_with(p))
+                        || [
+                            "CARGO_PRIMARY_PACKAGE",
+                            "CARGO_TARGET_TMPDIR",
+                            "CARGO_RUSTC_CURRENT_DIR",
+                            "OUT_DIR",
+                        ]
+                        .contains(&key_text.as_ref());
+                if package_var {
+                    cargo.env_remove(&key);
+                }
+            }
+            let status = cargo.args(args).status().expect("run cargo build");
             assert!(status.success(), "building the binaries failed");
-        }
-        path
+        });
+        dir.join(name)
     }
 
     pub fn spawn(name: &str, args: &[&str], cwd: &Path) -> Self {
@@ -289,4 +315,47 @@ pub fn free_udp_port() -> u16 {
 /// A free loopback TCP port.
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port()
+}
+
+pub mod raw;
+
+/// Fetches a Prometheus text exposition over plain HTTP/1.1.
+pub fn scrape(addr: SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+/// Sums the samples of metric `name` whose label set contains every `key="value"` in `labels`.
+pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric_name, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric_name != name {
+                return None;
+            }
+            let all =
+                labels.iter().all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Resident set size of a process in KiB, from `/proc/PID/status`.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
