@@ -166,6 +166,17 @@ impl Identity {
             .map_err(|e| IdentityError::Random(format!("PKCS#8 encoding failed: {e}")))
     }
 
+    /// A 32-byte secret for one purpose, derived from the private key: HMAC-SHA256 keyed by the
+    /// private seed over `label` (domain separation). Stable for a given key file, so a
+    /// restarted process derives the same value, and it reveals nothing about the key.
+    pub fn derive_secret(&self, label: &str) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.signing.as_bytes());
+        let tag = ring::hmac::sign(&key, label.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref().get(..32).unwrap_or(&[0u8; 32]));
+        out
+    }
+
     /// A clone for handing the same identity to several endpoints.
     pub fn duplicate(&self) -> Self {
         Self { signing: self.signing.clone() }
@@ -250,6 +261,15 @@ fn check_private_permissions(_path: &Path) -> Result<(), IdentityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_secrets_are_stable_per_key_and_label() {
+        let a = Identity::from_seed([5; 32]);
+        assert_eq!(a.derive_secret("x"), Identity::from_seed([5; 32]).derive_secret("x"));
+        assert_ne!(a.derive_secret("x"), a.derive_secret("y"));
+        assert_ne!(a.derive_secret("x"), Identity::from_seed([6; 32]).derive_secret("x"));
+        assert_ne!(&a.derive_secret("x")[..], &[5u8; 32][..]);
+    }
 
     #[test]
     fn text_form_round_trips_and_has_one_shape() {

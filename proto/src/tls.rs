@@ -369,6 +369,24 @@ pub fn quic_server_crypto(
     Ok(Arc::new(quic))
 }
 
+/// The QUIC endpoint config of a server that serves as `identity` (the relay).
+///
+/// Both secrets quinn keeps per endpoint are derived from the key instead of drawn at random
+/// per process: the stateless-reset key and the key that makes connection IDs verifiable. So
+/// after a crash and restart with the same key file, the relay recognises packets of
+/// connections it no longer knows as its own and answers them with a stateless reset the peer
+/// can verify: hubs and apps learn at once that their connection is gone and redial, instead
+/// of waiting for a ping or an idle timeout on a dead connection.
+pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
+    let reset = identity.derive_secret("keyway quic stateless reset v1");
+    let mut config =
+        quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset)));
+    let cid = identity.derive_secret("keyway quic connection id v1");
+    let cid_key = u64::from_le_bytes([cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7]]);
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    config
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,7 +115,7 @@ impl Relay {
         let server_config = build_server_config(Arc::clone(&crypto), config.idle_timeout, &config.limits)?;
         let socket = bind_socket(config.listen).await?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            keyway_proto::tls::endpoint_config(&config.identity),
             Some(server_config),
             socket,
             Arc::new(quinn::TokioRuntime),
