@@ -224,6 +224,62 @@ where
     Ok(back)
 }
 
+/// The `keyway-relay` binary as a child process on a loopback port, with a metrics listener
+/// and a fixed key (so it can be killed and started again as "the same relay").
+pub struct RelayProcess {
+    pub bin: Bin,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub key: PublicKey,
+    seed: [u8; 32],
+    extra: Vec<String>,
+    pub dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    /// Starts a closed-policy relay admitting `hubs`, with `extra` flags for `run`.
+    pub fn start(hubs: &[(&str, PublicKey)], extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seed = [SEED.fetch_add(1, Ordering::Relaxed); 32];
+        Identity::from_seed(seed).save(&dir.path().join("relay.key")).expect("save relay key");
+        write_hubs(&dir.path().join("authorized_hubs"), hubs);
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().expect("addr");
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().expect("addr");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let bin = Self::spawn(&dir, addr, metrics, &extra);
+        Self { bin, addr, metrics, key: Identity::from_seed(seed).public_key(), seed, extra, dir }
+    }
+
+    fn spawn(dir: &tempfile::TempDir, addr: SocketAddr, metrics: SocketAddr, extra: &[String]) -> Bin {
+        let (addr, metrics) = (addr.to_string(), metrics.to_string());
+        let mut args = vec!["run", "--listen", &addr, "--key", "relay.key", "--hubs", "authorized_hubs"];
+        args.extend(["--metrics-listen", &metrics]);
+        args.extend(extra.iter().map(String::as_str));
+        Bin::spawn("keyway-relay", &args, dir.path())
+    }
+
+    /// Waits until `/metrics` answers (the QUIC listener is up before the metrics listener).
+    pub async fn wait_ready(&self) {
+        eventually("relay metrics endpoint", || async {
+            scrape(self.metrics).filter(|t| t.contains("keyway_relay"))
+        })
+        .await;
+    }
+
+    /// SIGKILL (no GoAway, no close: a crash), then the same relay again on the same port.
+    pub async fn crash_and_restart(&mut self) {
+        let _ = self.bin.child.kill();
+        let _ = self.bin.child.wait();
+        self.bin = Self::spawn(&self.dir, self.addr, self.metrics, &self.extra);
+        self.wait_ready().await;
+    }
+
+    /// The relay's seed (tests that need its identity).
+    pub fn identity(&self) -> Identity {
+        Identity::from_seed(self.seed)
+    }
+}
+
 /// A shipped binary run as a child process; killed when dropped.
 pub struct Bin {
     pub child: Child,

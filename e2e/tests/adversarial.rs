@@ -9,7 +9,6 @@
 //! The legitimate throughput before and during the attack is printed as a JSON line (a
 //! measurement for the closing report, not an assertion).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,44 +17,8 @@ use keyway_e2e::raw::{dial, encode, endpoint, send_raw};
 use keyway_e2e::*;
 use keyway_hub::HubConfig;
 use keyway_proto::codec::{Frame, SessionPurpose};
-use keyway_proto::{Identity, PublicKey, RefusalReason};
+use keyway_proto::RefusalReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct RelayProcess {
-    bin: Bin,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-    key: PublicKey,
-    _dir: tempfile::TempDir,
-}
-
-fn start_relay_process(hubs: &[(&str, PublicKey)]) -> RelayProcess {
-    let dir = tempfile::tempdir().unwrap();
-    let seed = [0xad; 32];
-    let key_path = dir.path().join("relay.key");
-    Identity::from_seed(seed).save(&key_path).unwrap();
-    write_hubs(&dir.path().join("authorized_hubs"), hubs);
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let bin = Bin::spawn(
-        "keyway-relay",
-        &[
-            "run",
-            "--listen",
-            &addr.to_string(),
-            "--key",
-            "relay.key",
-            "--hubs",
-            "authorized_hubs",
-            "--metrics-listen",
-            &metrics.to_string(),
-            "--session-open-timeout",
-            "1s",
-        ],
-        dir.path(),
-    );
-    RelayProcess { bin, addr, metrics, key: Identity::from_seed(seed).public_key(), _dir: dir }
-}
 
 /// Streams pseudo-random bytes through the tunnel and verifies the echo as it arrives.
 struct SteadySession {
@@ -147,9 +110,8 @@ impl Outcomes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attacks_are_refused_counted_and_the_legitimate_session_keeps_flowing() {
     let (hub_id, app_id) = (identity(), identity());
-    let mut relay = start_relay_process(&[("home", hub_id.public_key())]);
-    let metrics_up = eventually("relay metrics endpoint", || async { scrape(relay.metrics) }).await;
-    assert!(metrics_up.contains("keyway_relay"), "{metrics_up}");
+    let mut relay = RelayProcess::start(&[("home", hub_id.public_key())], &["--session-open-timeout", "1s"]);
+    relay.wait_ready().await;
     let pid = relay.bin.child.id();
 
     // The legitimate hub and app, through the library, as a real deployment would.

@@ -73,3 +73,50 @@ async fn a_newer_connection_for_the_same_hub_replaces_the_old_one_at_once() {
     let back = round_trip(stream, Vec::new()).await.unwrap();
     assert_eq!(back, b"new\n");
 }
+
+/// A relay that crashes (SIGKILL: no GoAway, no close) and comes back with the same key answers
+/// the packets of connections it no longer knows with a stateless reset derived from its key:
+/// the hub and the app learn at once that their connections are gone. Without it the app's
+/// first `connect` after the restart would wait out its session timeout on a dead connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_relay_crash_cached_connections_are_reset_and_the_first_connect_succeeds() {
+    let (hub_id, app_id) = (identity(), identity());
+    let mut relay = RelayProcess::start(&[("home", hub_id.public_key())], &[]);
+    relay.wait_ready().await;
+    let service = echo_service(b"").await;
+    let dir = tempfile::tempdir().unwrap();
+    let apps_file = dir.path().join("authorized_apps");
+    write_apps(&apps_file, &[app_id.public_key()]);
+    let mut config = keyway_hub::HubConfig::new(
+        relay.addr,
+        relay.key,
+        name("home"),
+        hub_id.duplicate(),
+        apps_file,
+        service,
+    );
+    // A short keep-alive so the hub sends a packet (and gets its reset) soon after the crash.
+    config.keep_alive = std::time::Duration::from_secs(1);
+    let hub = keyway_hub::start(config).await.unwrap();
+    hub.wait_registered(PATIENCE).await.unwrap();
+    let app = keyway_client::Client::new(keyway_client::ClientConfig::new(
+        app_id.duplicate(),
+        relay.addr,
+        relay.key,
+    ))
+    .unwrap();
+    let stream = app.connect(&name("home"), &hub_id.public_key()).await.expect("session before the crash");
+    assert_eq!(round_trip(stream, b"before".to_vec()).await.unwrap(), b"before");
+    let registrations = hub.stats().registrations();
+
+    relay.crash_and_restart().await;
+    eventually("hub registers with the restarted relay", || async {
+        (hub.stats().registrations() > registrations).then_some(())
+    })
+    .await;
+    // The app's cached connection belongs to the dead process: the first connect must notice
+    // the reset, redial and succeed, not fail with a timeout.
+    let stream =
+        app.connect(&name("home"), &hub_id.public_key()).await.expect("first connect after the crash");
+    assert_eq!(round_trip(stream, b"after".to_vec()).await.unwrap(), b"after");
+}
