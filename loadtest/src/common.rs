@@ -108,6 +108,17 @@ impl RelayProc {
         if self.open {
             cmd.arg("--open");
         }
+        // The relay's default limits protect a small self-hosted relay from strangers; a
+        // benchmark from one source address would measure them instead (the per-IP connection
+        // bucket, max_hubs, the per-key byte rate). An operator sizing a relay for N hubs
+        // lifts them the same way. No metrics listener: runs may overlap on its default port.
+        cmd.args(["--max-hubs", "0", "--max-sessions-per-hub", "0", "--new-connections-per-ip", "0"]).args([
+            "--bytes-per-second-per-key",
+            "0",
+            "--retry-threshold",
+            "4294967295",
+            "--no-metrics",
+        ]);
         // Info logs cost a line per registration; at 20 000 hubs that would be measured too.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join("relay.log"))?;
         cmd.env("RUST_LOG", std::env::var("KEYWAY_LOADTEST_RELAY_LOG").unwrap_or_else(|_| "warn".into()))

@@ -8,7 +8,7 @@
 //! the current state, so TLS session resumption can never bypass it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,12 @@ const BUCKET_SWEEP: Duration = Duration::from_secs(30);
 const GOAWAY_RETRY_MS: u32 = 1000;
 /// How long a restarted relay retries binding a port its predecessor is still releasing.
 const BIND_RETRY: Duration = Duration::from_secs(2);
+/// Bidirectional streams a new connection may open before the relay grants more. quinn
+/// pre-allocates state for every stream it allows a peer, about 85 bytes each, so granting
+/// `max_streams_per_connection` (256) up front cost an idle hub, which needs one control
+/// stream, some 20 KiB of the relay's memory; the credit grows with use instead (see
+/// [`StreamCredit`]), up to the limit.
+const INITIAL_STREAM_CREDIT: u32 = 8;
 
 /// State shared by every task of one relay.
 pub(crate) struct Shared {
@@ -93,6 +99,49 @@ pub(crate) struct ConnCtx {
     pub conn_id: u64,
     /// Set by the first `Register`; a connection carries at most one control stream.
     pub has_control: AtomicBool,
+    /// Streams the peer has open now, and how many it may open.
+    pub streams: StreamCredit,
+}
+
+/// The stream credit of one connection: starts at [`INITIAL_STREAM_CREDIT`] and doubles, up to
+/// `max_streams_per_connection`, whenever the peer's open streams come close to it, so that a
+/// busy app never waits on credit while an idle hub costs the relay only a few streams' state.
+#[derive(Debug)]
+pub(crate) struct StreamCredit {
+    open: AtomicU32,
+    granted: AtomicU32,
+}
+
+impl StreamCredit {
+    fn new(granted: u32) -> Self {
+        Self { open: AtomicU32::new(0), granted: AtomicU32::new(granted) }
+    }
+
+    /// Counts a newly accepted stream; returns the new credit to grant, if it should grow.
+    fn opened(&self, limit: u32) -> Option<u32> {
+        let open = self.open.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let granted = self.granted.load(Ordering::Acquire);
+        // Grow at three quarters, so the next streams never wait a round trip for credit.
+        if granted >= limit || open.saturating_mul(4) < granted.saturating_mul(3) {
+            return None;
+        }
+        let grown = granted.saturating_mul(2).clamp(1, limit);
+        self.granted.store(grown, Ordering::Release);
+        Some(grown)
+    }
+
+    fn closed(&self) {
+        let _ = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
+/// Decrements the open-stream count when a stream's handler ends, however it ends.
+struct OpenStream(Arc<ConnCtx>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.streams.closed();
+    }
 }
 
 /// Starts relays. See [`Relay::start`].
@@ -371,7 +420,9 @@ fn build_server_config(
         .map_err(|_| RelayError::Config(format!("idle timeout {idle_timeout:?} is too large")))?;
     transport
         .max_idle_timeout(Some(idle))
-        .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_streams_per_connection))
+        .max_concurrent_bidi_streams(VarInt::from_u32(
+            limits.max_streams_per_connection.min(INITIAL_STREAM_CREDIT),
+        ))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         // Hubs keep their NAT binding alive; the relay only answers.
         .keep_alive_interval(None);
@@ -550,12 +601,21 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
         peer,
         conn_id: shared.registry.next_id(),
         has_control: AtomicBool::new(false),
+        streams: StreamCredit::new(shared.limits.get().max_streams_per_connection.min(INITIAL_STREAM_CREDIT)),
     });
     debug!(%remote, peer = %peer.fingerprint(), "connection established");
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(handle_stream(Arc::clone(&ctx), Arc::clone(&shared), send, recv));
+                if let Some(grown) = ctx.streams.opened(shared.limits.get().max_streams_per_connection) {
+                    conn.set_max_concurrent_bi_streams(VarInt::from_u32(grown));
+                }
+                let open = OpenStream(Arc::clone(&ctx));
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    handle_stream(Arc::clone(&open.0), shared, send, recv).await;
+                    drop(open);
+                });
             }
             Err(e) => {
                 debug!(%remote, peer = %peer.fingerprint(), "connection ended: {e}");
@@ -631,4 +691,36 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
 /// Marks the connection as a hub's (one control stream per connection).
 pub(crate) fn claim_control(ctx: &ConnCtx) -> bool {
     !ctx.has_control.swap(true, Ordering::AcqRel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_credit_grows_before_it_runs_out_and_stops_at_the_limit() {
+        let credit = StreamCredit::new(8);
+        let grants: Vec<Option<u32>> = (0..40).map(|_| credit.opened(20)).collect();
+        // 6 of 8 open (three quarters): grow to 16; 12 of 16: grow to the limit, 20; then never.
+        assert_eq!(grants.iter().position(Option::is_some), Some(5));
+        assert_eq!(grants.iter().flatten().copied().collect::<Vec<_>>(), vec![16, 20]);
+    }
+
+    #[test]
+    fn closed_streams_are_uncounted_and_idle_connections_keep_the_small_credit() {
+        let credit = StreamCredit::new(8);
+        for _ in 0..100 {
+            assert_eq!(credit.opened(256), None, "one stream at a time never needs more credit");
+            credit.closed();
+        }
+        credit.closed(); // never below zero
+        assert_eq!(credit.open.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_limit_below_the_initial_credit_is_never_exceeded() {
+        let credit = StreamCredit::new(1);
+        assert_eq!(credit.opened(1), None);
+        assert_eq!(credit.opened(1), None);
+    }
 }
