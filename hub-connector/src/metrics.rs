@@ -24,16 +24,11 @@
 //! a scrape copies them into a fresh [`prometheus::Registry`] and encodes that, so nothing on
 //! the session path touches Prometheus.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use keyway_proto::ops_http::{self, OpsSource};
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -43,67 +38,28 @@ use crate::tunnel::Shared;
 /// Namespace of every metric name (`keyway_hub_...`).
 const NAMESPACE: &str = "keyway_hub";
 
-/// Content type of the Prometheus text exposition format.
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
 /// Serves `listener` until the returned task is aborted (the connector's shutdown does).
 pub(crate) fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
-    let local = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Typically EMFILE; back off a little instead of spinning.
-                    tracing::debug!("metrics listener: accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(respond(&shared, &req)) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!("metrics connection ended: {e}");
-                }
-            });
-        }
-    });
-    Ok((local, task))
+    ops_http::serve(listener, Arc::new(HubOps(shared)))
 }
 
-fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
-    }
-    response
-}
+/// The connector as the ops listener sees it.
+struct HubOps(Arc<Shared>);
 
-fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET or HEAD only\n".into());
+impl OpsSource for HubOps {
+    fn metrics(&self) -> String {
+        encode(&self.0)
     }
-    match req.uri().path() {
-        "/metrics" => text(StatusCode::OK, PROMETHEUS_TEXT, encode(shared)),
-        "/healthz" => {
-            if shared.any_registered() {
-                text(StatusCode::OK, "text/plain", "ok\n".into())
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no tunnel registered\n".into())
-            }
+
+    fn health(&self) -> Result<(), &'static str> {
+        if self.0.any_registered() {
+            Ok(())
+        } else {
+            Err("no tunnel registered")
         }
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "try /metrics or /healthz\n".into()),
     }
 }
 

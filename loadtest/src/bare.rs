@@ -24,13 +24,15 @@ use crate::common::{free_udp_port, ProcUsage};
 /// Transport presets for the server side of the idle-hub experiment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Knobs {
-    /// What the relay uses today: quinn defaults, 1024 bidi streams, no uni streams, 60 s idle.
+    /// quinn defaults with 1024 bidi streams granted up front (what the relay did before it
+    /// granted stream credit with use), no uni streams, 60 s idle: the per-stream cost, large.
     Relay,
-    /// The relay's settings but 8 concurrent bidi streams: quinn-proto pre-inserts a map entry
-    /// per allowed remote stream at connection set-up, so this isolates that cost.
+    /// The same with 8 concurrent bidi streams, the relay's initial stream credit: quinn-proto
+    /// pre-inserts a map entry per allowed remote stream at connection set-up, so this is
+    /// quinn's floor under the relay's settings.
     Streams8,
     /// Small windows and buffers: 64 KiB stream / 256 KiB connection receive window, 256 KiB
-    /// send window, 64 bidi streams, no DATAGRAM buffer, no MTU discovery.
+    /// send window, 8 bidi streams, no DATAGRAM buffer, no MTU discovery.
     Lean,
 }
 

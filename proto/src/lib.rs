@@ -12,6 +12,8 @@ pub mod codec;
 pub mod identity;
 pub mod io;
 pub mod lists;
+#[cfg(feature = "ops-http")]
+pub mod ops_http;
 pub mod tls;
 
 pub use codec::{Frame, FrameError, HubName, RefusalReason, SessionPurpose};
