@@ -3,139 +3,14 @@
 //! loopback, spoken to with a raw quinn client; nothing asserts on elapsed time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
+mod common;
+
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use keyway_proto::io::{read_frame, write_frame};
-use keyway_proto::tls::quic_client_crypto;
-use keyway_proto::{Frame, HubName, Identity, PublicKey, RefusalReason, SessionPurpose, ALPN_RELAY};
-use keyway_relay::{codes, LimitKind, Limits, NamePolicy, Relay, RelayConfig, RelayHandle};
-use quinn::{Connection, RecvStream, SendStream};
-
-/// Guards against hangs only; nothing here asserts on elapsed time.
-const PATIENCE: Duration = Duration::from_secs(20);
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(PATIENCE, fut).await.unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-/// Polls `check` until it holds (state that settles asynchronously on the relay).
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    within(what, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
-
-static SEED: AtomicU8 = AtomicU8::new(1);
-
-fn identity() -> Identity {
-    Identity::from_seed([SEED.fetch_add(1, Ordering::Relaxed); 32])
-}
-
-fn name(n: &str) -> HubName {
-    HubName::new(n).unwrap()
-}
-
-#[allow(dead_code)] // kept alive for the test, read by some tests only
-struct TestRelay {
-    dir: tempfile::TempDir,
-    hubs_file: PathBuf,
-    handle: RelayHandle,
-}
-
-fn write_hubs(path: &PathBuf, hubs: &[(&str, PublicKey)]) {
-    let text: String = hubs.iter().map(|(n, k)| format!("{n} {k}\n")).collect();
-    std::fs::write(path, format!("# test hubs\n{text}")).unwrap();
-}
-
-/// A closed-policy relay with a metrics listener on a free loopback port and `limits`.
-async fn relay_with(hubs: &[(&str, PublicKey)], limits: Limits) -> TestRelay {
-    let dir = tempfile::tempdir().unwrap();
-    let hubs_file = dir.path().join("authorized_hubs");
-    write_hubs(&hubs_file, hubs);
-    let policy = NamePolicy::Closed { hubs_file: hubs_file.clone() };
-    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), identity(), policy);
-    config.limits = limits;
-    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-    let handle = Relay::start(config).await.unwrap();
-    TestRelay { dir, hubs_file, handle }
-}
-
-/// A QUIC connection to the relay from its own endpoint (so each has its own address).
-async fn connect(relay: &RelayHandle, id: &Identity) -> Connection {
-    connect_from(relay, id).await.0
-}
-
-/// Also returns the client's own UDP address.
-async fn connect_from(relay: &RelayHandle, id: &Identity) -> (Connection, SocketAddr) {
-    let (crypto, _) = quic_client_crypto(id, relay.public_key(), ALPN_RELAY).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
-    let local = endpoint.local_addr().unwrap();
-    let connecting = endpoint.connect(relay.local_addr(), keyway_proto::tls::SERVER_NAME).unwrap();
-    (within("connect", connecting).await.unwrap(), local)
-}
-
-#[allow(dead_code)] // the send half keeps the control stream open
-struct Control {
-    send: SendStream,
-    recv: RecvStream,
-}
-
-async fn register(conn: &Connection, hub: &str, apps: &[PublicKey], pairing_open: bool) -> (Control, Frame) {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let frame = Frame::Register { name: name(hub), allowed_apps: apps.to_vec(), pairing_open };
-    write_frame(&mut send, &frame).await.unwrap();
-    let answer = within("register answer", read_frame(&mut recv)).await.unwrap();
-    (Control { send, recv }, answer)
-}
-
-async fn registered_hub(
-    relay: &RelayHandle,
-    id: &Identity,
-    hub: &str,
-    apps: &[PublicKey],
-) -> (Connection, Control) {
-    let conn = connect(relay, id).await;
-    let (control, answer) = register(&conn, hub, apps, false).await;
-    assert_eq!(answer, Frame::Registered { replaced: false });
-    (conn, control)
-}
-
-async fn open_session(
-    conn: &Connection,
-    hub: &str,
-    hub_key: PublicKey,
-    purpose: SessionPurpose,
-) -> (SendStream, RecvStream) {
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &Frame::SessionOpen { hub: name(hub), hub_key, purpose }).await.unwrap();
-    (send, recv)
-}
-
-async fn refusal_of(recv: &mut RecvStream) -> (RefusalReason, String) {
-    match within("refusal", read_frame(recv)).await.unwrap() {
-        Frame::Refused { reason, message } => (reason, message),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
-/// The hub side of an accepted session: announce read, `SessionAccepted` sent.
-async fn hub_accepts(hub: &Connection) -> (SendStream, RecvStream, PublicKey, SocketAddr) {
-    let (mut send, mut recv) = within("hub gets a stream", hub.accept_bi()).await.unwrap();
-    let Frame::SessionAnnounce { app_key, observed, purpose: _ } = read_frame(&mut recv).await.unwrap()
-    else {
-        panic!("expected SessionAnnounce")
-    };
-    write_frame(&mut send, &Frame::SessionAccepted).await.unwrap();
-    (send, recv, app_key, observed)
-}
+use common::*;
+use keyway_relay::LimitKind;
 
 /// GETs `path` from the relay's metrics listener: (status code, body).
 async fn http_get(relay: &RelayHandle, path: &str) -> (u16, String) {
@@ -431,13 +306,6 @@ async fn shutdown_drains_live_sessions_and_reports_unhealthy_meanwhile() {
     within("shutdown completes", shutdown).await.unwrap();
     assert_eq!(stats.sessions_active(), 0);
     assert_eq!(app_code(within("closed", app_conn.closed()).await), Some(codes::SHUTTING_DOWN.into_inner()));
-}
-
-fn app_code(err: quinn::ConnectionError) -> Option<u64> {
-    match err {
-        quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
-        _ => None,
-    }
 }
 
 async fn http_get_addr(addr: SocketAddr, path: &str) -> (u16, String) {
