@@ -4,66 +4,19 @@
 //! with a generous deadline (a hang guard); nothing asserts how long anything took.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::future::Future;
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyway_client::{Client, ClientConfig};
 use keyway_hub::{HubConfig, HubHandle, TunnelStatus};
-use keyway_proto::{HubName, Identity, PublicKey};
+use keyway_proto::{Identity, PublicKey};
 use keyway_relay::{NamePolicy, Relay, RelayConfig, RelayHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const PATIENCE: Duration = Duration::from_secs(30);
-
-fn id(seed: u8) -> Identity {
-    let mut bytes = [seed; 32];
-    bytes[0] = 0x4c;
-    Identity::from_seed(bytes)
-}
-
-fn home() -> HubName {
-    HubName::new("home").unwrap()
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn echo_service() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-async fn echo_once(stream: &mut keyway_client::HubStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    stream.write_all(data).await?;
-    stream.flush().await?;
-    let mut back = vec![0u8; data.len()];
-    stream.read_exact(&mut back).await?;
-    Ok(back)
-}
+use common::*;
 
 /// A relay that admits `home` with `hub_key`; live sessions may drain for up to `PATIENCE`.
 async fn relay(dir: &std::path::Path, seed: u8, hub_key: PublicKey) -> RelayHandle {

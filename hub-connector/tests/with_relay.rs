@@ -3,64 +3,25 @@
 //! nothing asserts how long anything took.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::future::Future;
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use keyway_client::{Client, ClientConfig, ClientError};
 use keyway_hub::{HubConfig, HubHandle};
-use keyway_proto::{HubName, Identity, PublicKey, RefusalReason};
+use keyway_proto::{Identity, PublicKey, RefusalReason};
 use keyway_relay::{NamePolicy, Relay, RelayConfig, RelayHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const PATIENCE: Duration = Duration::from_secs(30);
-
-fn id(seed: u8) -> Identity {
-    let mut bytes = [seed; 32];
-    bytes[0] = 0x4b;
-    Identity::from_seed(bytes)
-}
-
-fn home() -> HubName {
-    HubName::new("home").unwrap()
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use common::*;
 
 fn write_apps(path: &Path, apps: &[PublicKey]) {
     let text: String = apps.iter().map(|k| format!("{k} test app\n")).collect();
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-async fn echo_service() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 struct World {
@@ -91,14 +52,6 @@ async fn world(relay_seed: u8, hub_seed: u8, apps: &[PublicKey], service: Socket
 
 fn client(w: &World, app: Identity) -> Client {
     Client::new(ClientConfig::new(app, w.relay.local_addr(), w.relay.public_key())).unwrap()
-}
-
-async fn echo_once(stream: &mut keyway_client::HubStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    stream.write_all(data).await?;
-    stream.flush().await?;
-    let mut back = vec![0u8; data.len()];
-    stream.read_exact(&mut back).await?;
-    Ok(back)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
