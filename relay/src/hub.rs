@@ -130,55 +130,43 @@ async fn control_loop(
     recv: RecvStream,
     mut commands: mpsc::UnboundedReceiver<ControlCommand>,
 ) {
-    let (frames_tx, mut frames) = mpsc::channel(4);
-    let reader = tokio::spawn(async move {
-        let mut recv = recv;
-        loop {
-            let frame = read_frame(&mut recv).await;
-            let last = frame.is_err();
-            if frames_tx.send(frame).await.is_err() || last {
-                return;
-            }
-        }
-    });
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _reader = AbortOnDrop(reader);
+    // Reading a frame is not cancel-safe, so the read in progress is kept across turns of the
+    // loop rather than restarted by `select!`. (A reader task and a channel per hub did the
+    // same at a cost of a few KiB of every idle hub's memory.)
+    let mut reading = Box::pin(read_owned(recv));
     let peer = hub.key;
     loop {
         tokio::select! {
-            frame = frames.recv() => match frame {
-                None | Some(Err(FrameIoError::Closed)) => {
+            (recv, frame) = &mut reading => match frame {
+                Err(FrameIoError::Closed) => {
                     debug!(hub = %hub.name, "control stream ended");
                     return;
                 }
-                Some(Err(FrameIoError::Io(e))) => {
+                Err(FrameIoError::Io(e)) => {
                     debug!(hub = %hub.name, "control stream failed: {e}");
                     return;
                 }
-                Some(Err(FrameIoError::Frame(e))) => {
+                Err(FrameIoError::Frame(e)) => {
                     let message = format!("malformed frame on the control stream: {e}");
                     refuse(shared, send, &peer, bad_frame_reason(&e), message).await;
                     flush_then_close(send, &hub.conn, codes::PROTOCOL, b"malformed control frame").await;
                     return;
                 }
-                Some(Ok(Frame::AllowList { allowed_apps, pairing_open })) => {
+                Ok(Frame::AllowList { allowed_apps, pairing_open }) => {
+                    reading = Box::pin(read_owned(recv));
                     let apps = allowed_apps.len();
                     let cut = hub.set_allow_list(allowed_apps, pairing_open);
                     info!(hub = %hub.name, apps, pairing_open, sessions_cut = cut, "allow-list updated");
                 }
-                Some(Ok(Frame::Ping { nonce })) => {
+                Ok(Frame::Ping { nonce }) => {
+                    reading = Box::pin(read_owned(recv));
                     if let Err(e) = write_frame(send, &Frame::Pong { nonce }).await {
                         debug!(hub = %hub.name, "could not answer a ping: {e}");
                         return;
                     }
                 }
-                Some(Ok(Frame::Pong { .. })) => {}
-                Some(Ok(other)) => {
+                Ok(Frame::Pong { .. }) => reading = Box::pin(read_owned(recv)),
+                Ok(other) => {
                     let message = format!("{} is not allowed on the control stream", other.name());
                     refuse(shared, send, &peer, RefusalReason::ProtocolViolation, message).await;
                     flush_then_close(send, &hub.conn, codes::PROTOCOL, b"protocol violation").await;
@@ -203,4 +191,11 @@ async fn control_loop(
             },
         }
     }
+}
+
+/// Reads one frame from an owned stream and hands the stream back with it, so that a read can
+/// live across `select!` turns in a box of its own.
+async fn read_owned(mut recv: RecvStream) -> (RecvStream, Result<Frame, FrameIoError>) {
+    let frame = read_frame(&mut recv).await;
+    (recv, frame)
 }
