@@ -114,19 +114,8 @@ impl KnownHubs {
         };
         let text = toml::to_string(&file)
             .map_err(|e| KnownHubsError::Parse { path: self.path.clone(), why: e.to_string() })?;
-        let write = |source| KnownHubsError::Write { path: self.path.clone(), source };
-        let tmp = self.path.with_extension("toml.tmp");
-        {
-            use std::io::Write;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut f = options.open(&tmp).map_err(write)?;
-            f.write_all(text.as_bytes()).map_err(write)?;
-            f.sync_all().map_err(write)?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(write)
+        keyway_proto::files::write_atomically(&self.path, text.as_bytes(), 0o600)
+            .map_err(|source| KnownHubsError::Write { path: self.path.clone(), source })
     }
 }
 

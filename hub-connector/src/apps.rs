@@ -193,29 +193,16 @@ pub fn clean_label(label: &str) -> String {
 /// Replaces `path` with `text` atomically, keeping its mode (0644 for a new file: it holds
 /// public keys only).
 fn write_atomically(path: &Path, text: &str) -> Result<(), EditError> {
-    use std::io::Write;
-    let err = |source| EditError::Write { path: path.into(), source };
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(name);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    // Keep the mode the owner gave the file (a new one gets 0644: it holds public keys only).
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o644);
-        options.mode(mode);
-    }
-    let result = (|| {
-        let mut f = options.open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o644)
+    };
+    #[cfg(not(unix))]
+    let mode = 0o644;
+    keyway_proto::files::write_atomically(path, text.as_bytes(), mode)
+        .map_err(|source| EditError::Write { path: path.into(), source })
 }
 
 /// Appends `KEY LABEL` to `path` unless the key is already there. Returns whether it was added.

@@ -128,27 +128,10 @@ pub fn read_window(path: &Path) -> Result<Option<PairingWindow>, PairingError> {
 
 /// Writes the window file atomically with mode 0600.
 pub fn write_window(path: &Path, window: &PairingWindow) -> Result<(), PairingError> {
-    use std::io::Write;
-    let io = |source| PairingError::Io { path: path.into(), source };
     let text =
         toml::to_string(window).map_err(|e| PairingError::Parse { path: path.into(), why: e.to_string() })?;
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(name);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let result = (|| {
-        let mut f = options.open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    keyway_proto::files::write_atomically(path, text.as_bytes(), 0o600)
+        .map_err(|source| PairingError::Io { path: path.into(), source })
 }
 
 /// Removes the window file (a missing file is fine).

@@ -9,6 +9,7 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod codec;
+pub mod files;
 pub mod identity;
 pub mod io;
 pub mod lists;
