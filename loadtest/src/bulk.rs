@@ -13,12 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyway_client::{Client, ClientConfig};
-use keyway_hub::HubConfig;
 use keyway_proto::tls::{quic_client_crypto, quic_server_crypto, AnyKey};
 use keyway_proto::ALPN_RELAY;
 use serde_json::json;
 
-use crate::common::{echo_transfer, hub_name, identity, median, round, unix_time, Policy, RelayProc};
+use crate::common::{echo_transfer, identity, median, round, unix_time};
 use crate::Record;
 
 /// Options of the bulk scenario.
@@ -37,29 +36,10 @@ pub struct BulkOpts {
 /// Runs the scenario: per repetition, direct and relayed for each stream count, interleaved so
 /// that background noise hits both paths alike.
 pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
-    let hub_id = identity(1, 0);
-    let app_id = identity(2, 0);
-    let name = hub_name(0);
-    let relay =
-        RelayProc::start(&opts.relay_bin, &Policy::Closed(vec![(name.clone(), hub_id.public_key())]), &[])
-            .await?;
-    let dir = tempfile::tempdir()?;
-    let apps_file = dir.path().join("authorized_apps");
-    std::fs::write(&apps_file, format!("{} loadtest app\n", app_id.public_key()))?;
-    let service = crate::common::echo_service().await?;
-    let hub = keyway_hub::start(HubConfig::new(
-        relay.addr,
-        relay.key,
-        name.clone(),
-        hub_id.duplicate(),
-        apps_file,
-        service,
-    ))
-    .await?;
-    hub.wait_registered(Duration::from_secs(20)).await?;
-    let client = Client::new(ClientConfig::new(app_id, relay.addr, relay.key))?;
+    let setup = crate::common::OneHub::start(&opts.relay_bin, (1, 2)).await?;
+    let client = Client::new(ClientConfig::new(setup.app.duplicate(), setup.relay.addr, setup.relay.key))?;
     let direct = DirectServer::start().await?;
-    let hub_key = hub_id.public_key();
+    let (name, hub_key) = (setup.name.clone(), setup.hub_key);
 
     let mut records = Vec::new();
     let bar = crate::common::progress((opts.repeat * opts.streams.len() * 2) as u64, "bulk runs", opts.quiet);
@@ -115,8 +95,7 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
         }));
     }
     client.close().await;
-    hub.shutdown().await;
-    drop(relay);
+    setup.stop().await;
     Ok(records)
 }
 

@@ -11,12 +11,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use keyway_client::{Client, ClientConfig};
-use keyway_hub::HubConfig;
 use keyway_proto::{HubName, PublicKey};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{hub_name, identity, percentile, round, unix_time, Policy, RelayProc};
+use crate::common::{percentile, round, unix_time};
 use crate::Record;
 
 /// Options of the churn scenario.
@@ -40,29 +39,10 @@ struct Sample {
 
 /// Runs the scenario: cold, then warm.
 pub async fn run(opts: &ChurnOpts) -> anyhow::Result<Vec<Record>> {
-    let hub_id = identity(8, 0);
-    let app_id = identity(9, 0);
-    let name = hub_name(0);
-    let relay =
-        RelayProc::start(&opts.relay_bin, &Policy::Closed(vec![(name.clone(), hub_id.public_key())]), &[])
-            .await?;
-    let dir = tempfile::tempdir()?;
-    let apps_file = dir.path().join("authorized_apps");
-    std::fs::write(&apps_file, format!("{} loadtest app\n", app_id.public_key()))?;
-    let service = crate::common::echo_service().await?;
-    let hub = keyway_hub::start(HubConfig::new(
-        relay.addr,
-        relay.key,
-        name.clone(),
-        hub_id.duplicate(),
-        apps_file,
-        service,
-    ))
-    .await?;
-    hub.wait_registered(Duration::from_secs(20)).await?;
-    let hub_key = hub_id.public_key();
+    let setup = crate::common::OneHub::start(&opts.relay_bin, (8, 9)).await?;
+    let (name, hub_key, app_id) = (setup.name.clone(), setup.hub_key, setup.app.duplicate());
     let new_client = {
-        let (addr, key) = (relay.addr, relay.key);
+        let (addr, key) = (setup.relay.addr, setup.relay.key);
         move || Client::new(ClientConfig::new(app_id.duplicate(), addr, key))
     };
 
@@ -130,8 +110,7 @@ pub async fn run(opts: &ChurnOpts) -> anyhow::Result<Vec<Record>> {
             "time": unix_time(),
         }));
     }
-    hub.shutdown().await;
-    drop(relay);
+    setup.stop().await;
     Ok(records)
 }
 

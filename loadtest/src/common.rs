@@ -216,6 +216,51 @@ impl ProcUsage {
     }
 }
 
+/// One relay process admitting one hub, that hub (the real connector) forwarding to a local
+/// echo service, and the app key it authorizes: the set-up the bulk and churn scenarios share.
+pub struct OneHub {
+    pub relay: RelayProc,
+    pub hub: keyway_hub::HubHandle,
+    pub name: HubName,
+    pub hub_key: PublicKey,
+    pub app: Identity,
+    _dir: tempfile::TempDir,
+}
+
+impl OneHub {
+    /// Starts relay, service and hub and waits for the registration. `purposes` (hub, app)
+    /// keep the keys distinct from other scenarios'.
+    pub async fn start(relay_bin: &Path, purposes: (u8, u8)) -> anyhow::Result<Self> {
+        let hub_id = identity(purposes.0, 0);
+        let app = identity(purposes.1, 0);
+        let name = hub_name(0);
+        let hub_key = hub_id.public_key();
+        let relay = RelayProc::start(relay_bin, &Policy::Closed(vec![(name.clone(), hub_key)]), &[]).await?;
+        let dir = tempfile::tempdir()?;
+        let apps_file = dir.path().join("authorized_apps");
+        std::fs::write(
+            &apps_file,
+            format!(
+                "{} loadtest app
+",
+                app.public_key()
+            ),
+        )?;
+        let service = echo_service().await?;
+        let config =
+            keyway_hub::HubConfig::new(relay.addr, relay.key, name.clone(), hub_id, apps_file, service);
+        let hub = keyway_hub::start(config).await?;
+        hub.wait_registered(Duration::from_secs(20)).await?;
+        Ok(Self { relay, hub, name, hub_key, app, _dir: dir })
+    }
+
+    /// Stops the hub, then the relay.
+    pub async fn stop(self) {
+        self.hub.shutdown().await;
+        drop(self.relay);
+    }
+}
+
 /// A deterministic identity per (purpose, index): reruns use the same keys, and distinct
 /// purposes never collide.
 pub fn identity(purpose: u8, index: u32) -> Identity {
