@@ -127,21 +127,7 @@ pub fn parse(args: Vec<OsString>) -> anyhow::Result<Cli> {
 
 /// The `keyway` binary.
 pub fn main() -> ExitCode {
-    let cli = match parse(std::env::args_os().collect()) {
-        Ok(cli) => cli,
-        Err(e) => {
-            eprintln!("keyway: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    keyway_proto::cli::init_logging();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("keyway: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    keyway_proto::cli::run_main("keyway", parse(std::env::args_os().collect()), run)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -248,21 +248,7 @@ impl RunArgs {
 
 /// The `keyway-hub` binary.
 pub fn main() -> ExitCode {
-    let cli = match parse(std::env::args_os().collect()) {
-        Ok(cli) => cli,
-        Err(e) => {
-            eprintln!("keyway-hub: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    keyway_proto::cli::init_logging();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("keyway-hub: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    keyway_proto::cli::run_main("keyway-hub", parse(std::env::args_os().collect()), run)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -125,6 +125,31 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// The `main` of a CLI: a parse error exits 2, otherwise logging starts and `run` decides:
+/// success exits 0, an error exits 1. Errors are printed as `BIN: error` with their causes
+/// (`{:#}`, which `anyhow` renders as the whole chain).
+pub fn run_main<C, E: std::fmt::Display>(
+    bin: &str,
+    parsed: Result<C, E>,
+    run: impl FnOnce(C) -> Result<(), E>,
+) -> std::process::ExitCode {
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("{bin}: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{bin}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
