@@ -405,7 +405,7 @@ async fn revoke_to_cut_latency_report() {
     eprintln!(
         "REPORT revoke-to-cut over {} rounds (apps file edited -> app's stream ends; poll {:?}): min {:?}, median {:?}, max {:?}",
         samples.len(),
-        keyway_hub::tunnel::POLL_INTERVAL,
+        keyway_hub::POLL_INTERVAL,
         samples[0],
         samples[samples.len() / 2],
         samples[samples.len() - 1]

@@ -1,7 +1,7 @@
 //! The `authorized_apps` file: which app keys may reach this hub, live-reloaded.
 //!
 //! The file is polled (mtime, size, inode) every 250 ms
-//! ([`POLL_INTERVAL`](crate::tunnel::POLL_INTERVAL)) rather than watched with inotify:
+//! ([`POLL_INTERVAL`](crate::POLL_INTERVAL)) rather than watched with inotify:
 //! editors replace files in many ways, some filesystems have no change notification, a `stat`
 //! costs nothing, and a quarter second keeps revocation well within the one-second budget. On a change the new list replaces the
 //! shared [`AllowList`] (which the end-to-end TLS verifier reads), sessions of removed keys are
@@ -26,7 +26,7 @@ use keyway_proto::tls::AllowList;
 use keyway_proto::PublicKey;
 use tokio::sync::watch;
 
-use crate::HubError;
+use crate::error::HubError;
 
 /// What identifies one version of the file without reading it.
 #[derive(Debug, Clone, PartialEq, Eq)]

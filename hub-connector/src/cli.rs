@@ -276,7 +276,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             eprintln!(
                 "a running connector cuts this app's sessions within {} ms and the relay refuses it from then on",
-                crate::tunnel::POLL_INTERVAL.as_millis()
+                crate::connector::POLL_INTERVAL.as_millis()
             );
             Ok(())
         }
@@ -339,7 +339,7 @@ fn pair(args: PairArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let waited = async {
             loop {
-                tokio::time::sleep(crate::tunnel::POLL_INTERVAL).await;
+                tokio::time::sleep(crate::connector::POLL_INTERVAL).await;
                 match crate::pairing::read_window(&window)? {
                     Some(w) if w.is_open() => continue,
                     Some(_) => {

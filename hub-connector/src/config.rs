@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use keyway_proto::{HubName, Identity, PublicKey};
 
+use crate::error::HubError;
+
 /// One relay the hub keeps a tunnel to: its UDP address and its pinned public key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayTarget {
@@ -114,12 +116,12 @@ impl HubConfig {
     }
 
     /// Rejects timer values that cannot work.
-    pub(crate) fn validate(&self) -> Result<(), crate::HubError> {
-        let bad = |what: &str| Err(crate::HubError::Config(what.to_owned()));
+    pub(crate) fn validate(&self) -> Result<(), HubError> {
+        let bad = |what: &str| Err(HubError::Config(what.to_owned()));
         let relays = self.relays();
         for (i, relay) in relays.iter().enumerate() {
             if relays.iter().skip(i + 1).any(|other| other.addr == relay.addr) {
-                return Err(crate::HubError::Config(format!("relay {} is listed twice", relay.addr)));
+                return Err(HubError::Config(format!("relay {} is listed twice", relay.addr)));
             }
         }
         if self.ping_interval.is_zero() {

@@ -19,91 +19,20 @@ pub mod apps;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+mod connector;
+mod error;
 pub mod metrics;
 pub mod pairing;
 pub mod proxy_protocol;
+mod registry;
 pub mod session;
-pub mod tunnel;
-
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+mod shutdown;
+mod state;
+mod status;
+mod tunnel;
 
 pub use config::{HubConfig, RelayTarget};
-pub use tunnel::{start, HubHandle, TunnelStatus};
-
-/// Counters of one running connector (monotonic except `sessions_active`).
-#[derive(Debug, Default)]
-pub struct HubStats {
-    pub(crate) announced: AtomicU64,
-    pub(crate) accepted: AtomicU64,
-    pub(crate) refused: AtomicU64,
-    pub(crate) active: AtomicU64,
-    pub(crate) registrations: AtomicU64,
-    pub(crate) reconnects: AtomicU64,
-    pub(crate) paired: AtomicU64,
-    pub(crate) pairing_failures: AtomicU64,
-}
-
-impl HubStats {
-    /// Sessions the relay announced.
-    pub fn sessions_announced(&self) -> u64 {
-        self.announced.load(Ordering::Relaxed)
-    }
-    /// Sessions answered with `SessionAccepted` (counted before the end-to-end handshake,
-    /// so an app whose `connect` succeeded is always counted).
-    pub fn sessions_accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
-    }
-    /// Sessions answered with `Refused` (not authorized, pairing closed, service unavailable).
-    pub fn sessions_refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
-    }
-    /// Sessions accepted and not yet ended.
-    pub fn sessions_active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
-    }
-    /// Successful registrations with the relay (the first one included).
-    pub fn registrations(&self) -> u64 {
-        self.registrations.load(Ordering::Relaxed)
-    }
-    /// Apps paired successfully.
-    pub fn paired(&self) -> u64 {
-        self.paired.load(Ordering::Relaxed)
-    }
-    /// Pairing attempts refused for a wrong secret (or a malformed request).
-    pub fn pairing_failures(&self) -> u64 {
-        self.pairing_failures.load(Ordering::Relaxed)
-    }
-    /// Times a registered tunnel was lost (or moved after `GoAway`) and reconnecting began.
-    pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
-}
-
-/// Why the connector could not start (relay failures are not errors: they are retried).
-#[derive(Debug, thiserror::Error)]
-pub enum HubError {
-    #[error("configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Identity(#[from] keyway_proto::IdentityError),
-    #[error("authorized apps file {path}: {source}")]
-    Apps { path: PathBuf, source: keyway_proto::lists::ListError },
-    #[error("cannot read authorized apps file {path}: {source}")]
-    AppsRead { path: PathBuf, source: std::io::Error },
-    #[error("TLS configuration: {0}")]
-    Tls(String),
-    #[error(transparent)]
-    Client(#[from] keyway_client::ClientError),
-    #[error("not registered with the relay after {}; tunnel status: {last}", humantime::format_duration(*waited))]
-    NotRegistered { waited: Duration, last: TunnelStatus },
-    #[error("the connector has stopped")]
-    Stopped,
-}
-
-impl From<keyway_proto::tls::TlsConfigError> for HubError {
-    fn from(e: keyway_proto::tls::TlsConfigError) -> Self {
-        HubError::Tls(e.to_string())
-    }
-}
+pub use connector::{start, HubHandle, POLL_INTERVAL};
+pub use error::HubError;
+pub use state::HubStats;
+pub use status::TunnelStatus;

@@ -33,7 +33,7 @@ use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::tunnel::Shared;
+use crate::state::Shared;
 
 /// Namespace of every metric name (`keyway_hub_...`).
 const NAMESPACE: &str = "keyway_hub";

@@ -8,12 +8,12 @@
 //! Pairing sessions (purpose `Pair`) take another path: no local service, a TLS
 //! config that admits any app key, and the one-time secret checked inside the session.
 //!
-//! Live sessions are tracked per app key in a [`SessionRegistry`] so that removing a key from
+//! Live sessions are tracked per app key in the connector's session registry (each session
+//! holds a guard that its key's revocation fires), so that removing a key from
 //! `authorized_apps` cuts them at once.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use keyway_client::relay_link::codes;
@@ -23,94 +23,20 @@ use keyway_proto::{Frame, PublicKey, RefusalReason, SessionPurpose};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tracing::Instrument;
 
-use crate::tunnel::Shared;
+use crate::state::{HubStats, Shared};
 
 /// How long the relay has to send `SessionAnnounce` on a stream it opened.
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the app has to complete the end-to-end TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Live sessions by app key, each with a handle that cuts it.
-#[derive(Debug, Default)]
-pub struct SessionRegistry {
-    next_id: AtomicU64,
-    live: Mutex<HashMap<PublicKey, HashMap<u64, Arc<Notify>>>>,
-}
-
-/// Membership of one session in the registry; leaves it on drop.
-#[derive(Debug)]
-pub struct SessionGuard {
-    registry: Arc<SessionRegistry>,
-    key: PublicKey,
-    id: u64,
-    cut: Arc<Notify>,
-}
-
-impl SessionGuard {
-    /// Completes when the session must be cut (its key was revoked, or the hub stops).
-    /// `Notify::notify_one` stores a permit, so a cut that happens before anyone waits is not lost.
-    pub async fn cut(&self) {
-        self.cut.notified().await
-    }
-}
-
-impl Drop for SessionGuard {
-    fn drop(&mut self) {
-        if let Ok(mut live) = self.registry.live.lock() {
-            if let Some(sessions) = live.get_mut(&self.key) {
-                sessions.remove(&self.id);
-                if sessions.is_empty() {
-                    live.remove(&self.key);
-                }
-            }
-        }
-    }
-}
-
-impl SessionRegistry {
-    /// Registers a session of `key`.
-    pub fn register(self: &Arc<Self>, key: PublicKey) -> SessionGuard {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cut = Arc::new(Notify::new());
-        if let Ok(mut live) = self.live.lock() {
-            live.entry(key).or_default().insert(id, cut.clone());
-        }
-        SessionGuard { registry: self.clone(), key, id, cut }
-    }
-
-    /// Cuts every live session of the given keys; returns how many were cut.
-    pub fn revoke(&self, keys: &[PublicKey]) -> usize {
-        let Ok(live) = self.live.lock() else { return 0 };
-        let mut n = 0;
-        for key in keys {
-            for cut in live.get(key).into_iter().flat_map(|s| s.values()) {
-                cut.notify_one();
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// Cuts every live session (hub shutdown).
-    pub fn cut_all(&self) -> usize {
-        let keys: Vec<PublicKey> = self.live.lock().map(|l| l.keys().copied().collect()).unwrap_or_default();
-        self.revoke(&keys)
-    }
-
-    /// Number of live sessions of `key`.
-    pub fn count(&self, key: &PublicKey) -> usize {
-        self.live.lock().map(|l| l.get(key).map_or(0, HashMap::len)).unwrap_or(0)
-    }
-}
-
 /// Counts a session as active for as long as it lives.
-struct Active(Arc<crate::HubStats>);
+struct Active(Arc<HubStats>);
 
 impl Active {
-    fn new(stats: Arc<crate::HubStats>) -> Self {
+    fn new(stats: Arc<HubStats>) -> Self {
         stats.active.fetch_add(1, Ordering::Relaxed);
         Self(stats)
     }

@@ -1,0 +1,268 @@
+//! The connector as a whole: [`start`] builds the shared state, binds a UDP endpoint per relay
+//! and spawns the tasks (a [`tunnel`](crate::tunnel) per relay, the apps watcher, the
+//! optional ops listener); the [`HubHandle`] it returns reads the status and counters and
+//! shuts everything down.
+//!
+//! The apps watcher lives here too: every [`POLL_INTERVAL`] it re-reads `authorized_apps`
+//! (cutting the sessions of removed keys) and the pairing window file; the tunnels see the
+//! changes through [`Shared`]'s watch channels and publish them to their relays.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyway_client::relay_link::{self, codes, RelayDialer};
+use keyway_proto::PublicKey;
+use quinn::Endpoint;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::apps::{Apps, AppsChange};
+use crate::config::HubConfig;
+use crate::error::HubError;
+use crate::shutdown::{Shutdown, StopSender};
+use crate::state::{HubStats, Shared, Tunnel};
+use crate::status::TunnelStatus;
+
+/// A running connector.
+#[derive(Debug)]
+pub struct HubHandle {
+    shared: Arc<Shared>,
+    endpoints: Vec<Endpoint>,
+    stop: StopSender,
+    tunnels: Vec<JoinHandle<()>>,
+    watcher: Option<JoinHandle<()>>,
+    metrics: Option<(SocketAddr, JoinHandle<()>)>,
+}
+
+impl HubHandle {
+    /// The hub's overall status, live: [`TunnelStatus::Registered`] while at least one tunnel
+    /// is (see [`HubHandle::relay_statuses`] for each relay's own).
+    pub fn status(&self) -> watch::Receiver<TunnelStatus> {
+        self.shared.status.subscribe()
+    }
+
+    /// The status of the tunnel to each configured relay, in config order.
+    pub fn relay_statuses(&self) -> Vec<(SocketAddr, TunnelStatus)> {
+        self.shared.tunnels.iter().map(|t| (t.target.addr, t.status.borrow().clone())).collect()
+    }
+
+    /// The status of the tunnel to `relay` (a configured relay address), live.
+    pub fn relay_status(&self, relay: SocketAddr) -> Option<watch::Receiver<TunnelStatus>> {
+        self.shared.tunnels.iter().find(|t| t.target.addr == relay).map(|t| t.status.subscribe())
+    }
+
+    /// The TCP address serving `/metrics` and `/healthz`, if
+    /// [`HubConfig::metrics_listen`] was set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// The Prometheus text exposition `/metrics` serves.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::encode(&self.shared)
+    }
+
+    /// Waits until at least one tunnel is registered. A refusal does not end the wait (the connector
+    /// keeps retrying); the timeout error carries the last status seen.
+    pub async fn wait_registered(&self, timeout: Duration) -> Result<(), HubError> {
+        let mut rx = self.status();
+        let reached = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|s| matches!(s, TunnelStatus::Registered | TunnelStatus::Stopped)),
+        )
+        .await
+        .map(|r| r.map(|status| status.clone()));
+        match reached {
+            Ok(Ok(TunnelStatus::Registered)) => Ok(()),
+            Ok(_) => Err(HubError::Stopped),
+            Err(_) => {
+                Err(HubError::NotRegistered { waited: timeout, last: self.shared.status.borrow().clone() })
+            }
+        }
+    }
+
+    /// Session and tunnel counters.
+    pub fn stats(&self) -> Arc<HubStats> {
+        self.shared.stats.clone()
+    }
+
+    /// The hub's public key (what apps pin and the relay's `authorized_hubs` lists).
+    pub fn public_key(&self) -> PublicKey {
+        self.shared.config.identity.public_key()
+    }
+
+    /// Re-reads `authorized_apps` now instead of at the next poll; cuts sessions of removed
+    /// keys and publishes the new list. `Ok(None)` if the file did not change.
+    pub fn reload_apps(&self) -> Result<Option<AppsChange>, HubError> {
+        self.shared.reload_apps()
+    }
+
+    /// Re-reads the pairing window file now instead of at the next poll; returns whether a
+    /// window is open.
+    pub fn refresh_pairing(&self) -> bool {
+        self.shared.refresh_pairing()
+    }
+
+    /// The label of `app_key` in `authorized_apps` (empty if none or not authorized).
+    pub fn app_label(&self, app_key: &PublicKey) -> String {
+        self.shared.apps.label(app_key)
+    }
+
+    /// Number of live sessions of `app_key`.
+    pub fn live_sessions(&self, app_key: &PublicKey) -> usize {
+        self.shared.sessions.count(app_key)
+    }
+
+    /// Stops the connector: closes the tunnels (the relays forget the hub at once), cuts the
+    /// live sessions and waits briefly for the closes to reach the relays.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for tunnel in self.tunnels.drain(..) {
+            let _ = tunnel.await;
+        }
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
+        }
+        if let Some((_, metrics)) = self.metrics.take() {
+            metrics.abort();
+        }
+        self.shared.sessions.cut_all();
+        for endpoint in &self.endpoints {
+            endpoint.close(codes::NORMAL, b"hub stopping");
+        }
+        // The endpoints close in the background concurrently: waiting for each in turn takes
+        // as long as the slowest.
+        let idle = async {
+            for endpoint in &self.endpoints {
+                endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
+        for tunnel in &self.shared.tunnels {
+            self.shared.set_status(tunnel, TunnelStatus::Stopped);
+        }
+    }
+}
+
+impl Drop for HubHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
+        }
+        if let Some((_, metrics)) = self.metrics.take() {
+            metrics.abort();
+        }
+    }
+}
+
+/// Starts the connector. Returns as soon as the tunnel task is spawned: relay failures are
+/// retried forever, never returned. Fails only on local problems (config, apps file, socket).
+pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
+    config.validate()?;
+    let apps = Apps::load(&config.apps_file)?;
+    if apps.allow_list().is_empty() {
+        tracing::warn!(
+            file = %config.apps_file.display(),
+            "no authorized apps yet: add \"KEY [LABEL]\" lines to the file (it is re-read automatically)"
+        );
+    }
+    let tls = keyway_proto::tls::server_config(
+        &config.identity,
+        Arc::new(apps.allow_list()),
+        keyway_proto::ALPN_E2E,
+    )?;
+    let mut pair_tls = keyway_proto::tls::server_config(
+        &config.identity,
+        Arc::new(keyway_proto::tls::AnyKey),
+        keyway_proto::ALPN_E2E,
+    )?;
+    pair_tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    pair_tls.send_tls13_tickets = 0;
+    let window_file = crate::pairing::window_path(&config.apps_file);
+    let mut links = Vec::new();
+    for target in config.relays() {
+        let dialer = RelayDialer::new(
+            &config.identity,
+            target.addr,
+            target.key,
+            config.keep_alive,
+            config.idle_timeout,
+            config.connect_timeout,
+        )?;
+        // An endpoint (UDP socket) per relay: each tunnel's NAT binding and path are its own.
+        let endpoint = relay_link::bind_endpoint(target.addr)?;
+        links.push((Arc::new(Tunnel::new(target)), dialer, endpoint));
+    }
+    let metrics_listener =
+        match config.metrics_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| {
+                HubError::Config(format!("cannot listen for metrics on {addr}: {source}"))
+            })?),
+            None => None,
+        };
+    let (status, _) = watch::channel(TunnelStatus::Connecting);
+    let shared = Arc::new(Shared {
+        config,
+        stats: Arc::default(),
+        apps,
+        sessions: Arc::default(),
+        tls: Arc::new(tls),
+        pair_tls: Arc::new(pair_tls),
+        window_file,
+        pairing_open: watch::channel(false).0,
+        pair_lock: tokio::sync::Mutex::new(()),
+        tunnels: links.iter().map(|(tunnel, _, _)| tunnel.clone()).collect(),
+        status,
+    });
+    shared.refresh_pairing();
+    let relays: Vec<String> = shared.tunnels.iter().map(|t| t.target.addr.to_string()).collect();
+    tracing::info!(
+        name = %shared.config.name,
+        hub_key = %shared.config.identity.public_key(),
+        relays = %relays.join(", "),
+        forward = %shared.config.forward,
+        "hub connector starting"
+    );
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let (addr, task) = crate::metrics::serve(listener, shared.clone())
+                .map_err(|e| HubError::Config(format!("cannot listen for metrics: {e}")))?;
+            tracing::info!(%addr, "metrics and health on http://{addr}/metrics and /healthz");
+            Some((addr, task))
+        }
+        None => None,
+    };
+    let (stop, shutdown) = Shutdown::new();
+    let watcher = tokio::spawn(watch_apps(shared.clone(), shutdown.clone()));
+    let mut endpoints = Vec::new();
+    let mut tunnels = Vec::new();
+    for (tunnel, dialer, endpoint) in links {
+        let span = tracing::info_span!("tunnel", relay = %tunnel.target.addr);
+        let task = crate::tunnel::run(shared.clone(), tunnel, dialer, endpoint.clone(), shutdown.clone());
+        tunnels.push(tokio::spawn(task.instrument(span)));
+        endpoints.push(endpoint);
+    }
+    Ok(HubHandle { shared, endpoints, stop, tunnels, watcher: Some(watcher), metrics })
+}
+
+/// How often `authorized_apps` and the pairing window file are polled. Two `stat`s (and one
+/// small read while a window is open) per tick cost nothing, and this bounds how long a
+/// revocation by file edit (`keyway-hub apps revoke`) takes to cut live sessions.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+async fn watch_apps(shared: Arc<Shared>, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let _ = shared.reload_apps();
+                shared.refresh_pairing();
+            }
+            _ = shutdown.requested() => break,
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The state every task of a running connector shares (as mini-redis's `db.rs` beside its
+//! `server.rs`): the config, the counters, the apps list, the live sessions, the TLS configs,
+//! the pairing window and the status of each tunnel.
+//!
+//! The drivers ([`crate::connector`] starts things, [`crate::tunnel`] runs one relay's
+//! connection, [`crate::session`] one session, [`crate::metrics`] answers scrapes) all take an
+//! `Arc<Shared>` and import it from here; this module imports none of them, so no driver
+//! imports another one back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::apps::{Apps, AppsChange};
+use crate::config::{HubConfig, RelayTarget};
+use crate::error::HubError;
+use crate::registry::SessionRegistry;
+use crate::status::TunnelStatus;
+
+/// The tunnel to one configured relay: its status and counters.
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    pub(crate) target: RelayTarget,
+    pub(crate) status: watch::Sender<TunnelStatus>,
+    /// Successful registrations with this relay.
+    pub(crate) registrations: AtomicU64,
+    /// Times this registered tunnel was lost (or moved after `GoAway`).
+    pub(crate) reconnects: AtomicU64,
+}
+
+impl Tunnel {
+    pub(crate) fn new(target: RelayTarget) -> Self {
+        Self {
+            target,
+            status: watch::channel(TunnelStatus::Connecting).0,
+            registrations: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn is_registered(&self) -> bool {
+        *self.status.borrow() == TunnelStatus::Registered
+    }
+}
+
+/// State shared by the tunnels, the apps watcher and the session tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: HubConfig,
+    pub(crate) stats: Arc<HubStats>,
+    pub(crate) apps: Apps,
+    pub(crate) sessions: Arc<SessionRegistry>,
+    /// One server config for the connector's lifetime, so rustls' session cache can let apps
+    /// resume (the post-handshake re-check keeps resumption from bypassing revocation).
+    pub(crate) tls: Arc<rustls::ServerConfig>,
+    /// The end-to-end TLS config of pairing sessions: admits any app key (the secret, checked
+    /// inside the session, is what authorizes it) and never resumes, so a pairing session
+    /// leaves nothing behind that an authorized session could reuse.
+    pub(crate) pair_tls: Arc<rustls::ServerConfig>,
+    /// The pairing window file (see [`crate::pairing`]).
+    pub(crate) window_file: std::path::PathBuf,
+    /// Whether a pairing window is open, as last published to the relay.
+    pub(crate) pairing_open: watch::Sender<bool>,
+    /// Serializes check-and-consume of the window, so a code cannot be used twice by two
+    /// concurrent sessions.
+    pub(crate) pair_lock: tokio::sync::Mutex<()>,
+    /// One per configured relay, in config order.
+    pub(crate) tunnels: Vec<Arc<Tunnel>>,
+    /// The hub's overall status ([`TunnelStatus::aggregate`] of the tunnels').
+    pub(crate) status: watch::Sender<TunnelStatus>,
+}
+
+impl Shared {
+    /// Re-reads the pairing window file and updates `pairing_open` (waking the tunnel to
+    /// publish it). An expired or exhausted window's file is removed.
+    pub(crate) fn refresh_pairing(&self) -> bool {
+        let open = match crate::pairing::read_window(&self.window_file) {
+            Ok(Some(window)) if window.is_open() => true,
+            Ok(Some(_)) => {
+                tracing::info!("pairing window closed (expired or too many wrong secrets)");
+                if let Err(e) = crate::pairing::close_window(&self.window_file) {
+                    tracing::warn!(error = %e, "cannot remove the closed pairing window");
+                }
+                false
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the pairing window file");
+                false
+            }
+        };
+        self.pairing_open.send_if_modified(|current| {
+            let changed = *current != open;
+            if changed {
+                tracing::info!(open, "pairing window {}", if open { "opened" } else { "closed" });
+            }
+            *current = open;
+            changed
+        });
+        open
+    }
+
+    /// Sets one tunnel's status, then the hub's overall status.
+    pub(crate) fn set_status(&self, tunnel: &Tunnel, new: TunnelStatus) {
+        tunnel.status.send_if_modified(|current| {
+            if *current == new {
+                false
+            } else {
+                *current = new;
+                true
+            }
+        });
+        // Computed under the overall channel's lock, after the tunnel's own update: whichever
+        // tunnel recomputes last sees every tunnel's latest status.
+        self.status.send_if_modified(|current| {
+            let statuses: Vec<TunnelStatus> =
+                self.tunnels.iter().map(|t| t.status.borrow().clone()).collect();
+            let new = TunnelStatus::aggregate(&statuses);
+            if *current == new {
+                false
+            } else {
+                *current = new;
+                true
+            }
+        });
+    }
+
+    /// Whether at least one tunnel is registered (what `/healthz` reports).
+    pub(crate) fn any_registered(&self) -> bool {
+        self.tunnels.iter().any(|t| t.is_registered())
+    }
+
+    /// Re-reads `authorized_apps` if it changed and cuts the sessions of removed keys.
+    pub(crate) fn reload_apps(&self) -> Result<Option<AppsChange>, HubError> {
+        match self.apps.reload_if_changed() {
+            Ok(Some(change)) => {
+                let cut = self.sessions.revoke(&change.removed);
+                for key in &change.removed {
+                    tracing::info!(app = %key.fingerprint(), "app key revoked");
+                }
+                for key in &change.added {
+                    tracing::info!(app = %key.fingerprint(), label = %self.apps.label(key), "app key authorized");
+                }
+                tracing::info!(total = change.total, sessions_cut = cut, "authorized apps reloaded");
+                Ok(Some(change))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::error!(error = %e, "keeping the previous authorized apps list");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Counters of one running connector (monotonic except `sessions_active`).
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub(crate) announced: AtomicU64,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) active: AtomicU64,
+    pub(crate) registrations: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) paired: AtomicU64,
+    pub(crate) pairing_failures: AtomicU64,
+}
+
+impl HubStats {
+    /// Sessions the relay announced.
+    pub fn sessions_announced(&self) -> u64 {
+        self.announced.load(Ordering::Relaxed)
+    }
+    /// Sessions answered with `SessionAccepted` (counted before the end-to-end handshake,
+    /// so an app whose `connect` succeeded is always counted).
+    pub fn sessions_accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+    /// Sessions answered with `Refused` (not authorized, pairing closed, service unavailable).
+    pub fn sessions_refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+    /// Sessions accepted and not yet ended.
+    pub fn sessions_active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+    /// Successful registrations with the relay (the first one included).
+    pub fn registrations(&self) -> u64 {
+        self.registrations.load(Ordering::Relaxed)
+    }
+    /// Apps paired successfully.
+    pub fn paired(&self) -> u64 {
+        self.paired.load(Ordering::Relaxed)
+    }
+    /// Pairing attempts refused for a wrong secret (or a malformed request).
+    pub fn pairing_failures(&self) -> u64 {
+        self.pairing_failures.load(Ordering::Relaxed)
+    }
+    /// Times a registered tunnel was lost (or moved after `GoAway`) and reconnecting began.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+}
