@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use keyway_proto::Identity;
 
-use crate::Limits;
+use crate::limits::Limits;
 
 /// Default QUIC idle timeout. Hubs keep their tunnel alive well inside it (about every 15 s),
 /// so only truly dead peers are timed out.

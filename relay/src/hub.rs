@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::codes;
+use crate::refusal::{bad_frame_reason, refuse};
 use crate::registry::{ControlCommand, Hub};
-use crate::server::{bad_frame_reason, claim_control, refuse, ConnCtx, Shared};
+use crate::state::{ConnCtx, Shared};
 use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
 
 /// How long the relay waits for a last control frame (GoAway, refusal) to be acknowledged
@@ -49,7 +50,7 @@ pub(crate) async fn run(
         refuse(&shared, &mut send, &peer, RefusalReason::ShuttingDown, message).await;
         return;
     }
-    if !claim_control(&ctx) {
+    if !ctx.claim_control() {
         let message = "this connection already has a control stream; a hub registers once per connection";
         refused();
         refuse(&shared, &mut send, &peer, RefusalReason::ProtocolViolation, message.into()).await;

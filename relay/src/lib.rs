@@ -20,15 +20,19 @@
 
 pub mod cli;
 mod config;
+mod connection;
+mod endpoint;
 mod error;
 mod hub;
 mod limits;
 mod metrics;
 mod policy;
+mod refusal;
 mod registry;
 mod server;
 mod session;
 mod splice;
+mod state;
 mod stats;
 
 pub use config::{
@@ -65,7 +69,7 @@ pub(crate) mod testing {
 
     use keyway_proto::{Identity, ALPN_RELAY};
 
-    use crate::{NamePolicy, RelayConfig};
+    use crate::config::{NamePolicy, RelayConfig};
 
     /// A server endpoint configured like the relay's, and a client endpoint that pins it.
     pub async fn endpoint_pair() -> (quinn::Endpoint, quinn::Endpoint) {
@@ -76,7 +80,7 @@ pub(crate) mod testing {
             server_id,
             NamePolicy::Open { state_file: None },
         );
-        let server_config = crate::server::server_config(&config).unwrap();
+        let server_config = crate::endpoint::server_config(&config).unwrap();
         let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
         let (crypto, _) =
             keyway_proto::tls::quic_client_crypto(&Identity::from_seed([201; 32]), server_key, ALPN_RELAY)

@@ -16,7 +16,8 @@ use std::time::SystemTime;
 use keyway_proto::lists::parse_authorized_hubs;
 use keyway_proto::{HubName, PublicKey, RefusalReason, SessionPurpose};
 
-use crate::{NamePolicy, RelayError};
+use crate::config::NamePolicy;
+use crate::error::RelayError;
 
 /// A refusal decided by policy: the reason on the wire and the human message that goes with it.
 #[derive(Debug, Clone, PartialEq, Eq)]

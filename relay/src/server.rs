@@ -1,33 +1,33 @@
-//! The QUIC endpoint: start-up, the accept loop, per-connection stream dispatch, reload and
-//! graceful shutdown ([`Relay`], [`RelayHandle`]).
+//! Start-up, the accept loop, reload and graceful shutdown ([`Relay`], [`RelayHandle`]).
 //!
-//! Every `Incoming` gets its own task so that one slow handshake never stalls the others, and
-//! every stream gets its own task. A stream's first frame decides what it is: `Register` makes
-//! it the hub's control stream ([`crate::hub`]), `SessionOpen` an app session
-//! ([`crate::session`]). TLS admits any valid key; authorization happens per frame, against
-//! the current state, so TLS session resumption can never bypass it.
+//! This is the driver at the top: it builds the shared state ([`crate::state`]) and the
+//! endpoint ([`crate::endpoint`]), hands every `Incoming` to its own task
+//! ([`crate::connection`]) so that one slow handshake never stalls the others, runs the
+//! background chores (hubs-file watch, bucket sweep, metrics listener), and drains on
+//! shutdown. Nothing below imports from here.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_proto::io::{read_frame, write_frame, FrameIoError};
-use keyway_proto::tls::{quic_peer_key, quic_server_crypto, AnyKey};
-use keyway_proto::{Frame, FrameError, PublicKey, RefusalReason, ALPN_RELAY};
-use quinn::{RecvStream, SendStream, VarInt};
+use keyway_proto::tls::{quic_server_crypto, AnyKey};
+use keyway_proto::{PublicKey, ALPN_RELAY};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use crate::codes;
+use crate::config::{NamePolicy, RelayConfig};
+use crate::connection::handle_incoming;
+use crate::endpoint::{bind_socket, build_server_config};
+use crate::error::RelayError;
+use crate::limits::Limits;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
 use crate::registry::{ControlCommand, Registry};
-use crate::stats::{HandshakeResult, HandshakeRole, LimitKind, RelayStats};
-use crate::{codes, ForwardTap, Limits, NamePolicy, RelayConfig, RelayError};
+use crate::state::Shared;
+use crate::stats::RelayStats;
 
-/// UDP socket buffer size asked for: the default (~208 KiB) drops packets in handshake bursts.
-const UDP_BUFFER: usize = 4 * 1024 * 1024;
 /// How often the hubs file is checked for changes.
 const HUBS_FILE_POLL: Duration = Duration::from_secs(1);
 /// How long shutdown waits for hubs to receive their `GoAway`.
@@ -41,108 +41,6 @@ const BUCKET_SWEEP: Duration = Duration::from_secs(30);
 /// Base of the reconnect delay hinted in `GoAway`; each hub gets up to one second more, so a
 /// relay restart does not bring every hub back in the same instant.
 const GOAWAY_RETRY_MS: u32 = 1000;
-/// How long a restarted relay retries binding a port its predecessor is still releasing.
-const BIND_RETRY: Duration = Duration::from_secs(2);
-/// Bidirectional streams a new connection may open before the relay grants more. quinn
-/// pre-allocates state for every stream it allows a peer, about 85 bytes each, so granting
-/// `max_streams_per_connection` (256) up front cost an idle hub, which needs one control
-/// stream, some 20 KiB of the relay's memory; the credit grows with use instead (see
-/// [`StreamCredit`]), up to the limit.
-const INITIAL_STREAM_CREDIT: u32 = 8;
-
-/// State shared by every task of one relay.
-pub(crate) struct Shared {
-    pub stats: Arc<RelayStats>,
-    pub registry: Registry,
-    pub names: NameBook,
-    pub tap: Option<ForwardTap>,
-    pub session_open_timeout: Duration,
-    /// `true` once the relay is shutting down: no new registrations or sessions.
-    pub shutdown: watch::Sender<bool>,
-    /// The limits in force (replaced on reload).
-    pub limits: LimitsCell,
-    /// Rate-limit state per source address and per key.
-    pub buckets: Buckets,
-}
-
-impl Shared {
-    pub fn is_shutting_down(&self) -> bool {
-        *self.shutdown.borrow()
-    }
-
-    /// Disconnects registered hubs that the (just reloaded) name book no longer allows.
-    fn sweep(&self) {
-        for hub in self.registry.all() {
-            if self.names.binding(&hub.name) == Some(hub.key) {
-                continue;
-            }
-            if self.registry.remove_if_current(&hub.name, hub.conn_id).is_none() {
-                continue;
-            }
-            info!(hub = %hub.name, key = %hub.key.fingerprint(), "hub no longer authorized; disconnecting it");
-            let message = format!(
-                "hub name {} is no longer authorized for key {} at this relay",
-                hub.name,
-                hub.key.fingerprint()
-            );
-            if hub.control.send(ControlCommand::Revoke { message }).is_err() {
-                hub.conn.close(codes::REVOKED, b"hub name no longer authorized");
-            }
-        }
-    }
-}
-
-/// What one accepted connection is: its authenticated key and whether it registered a hub.
-pub(crate) struct ConnCtx {
-    pub conn: quinn::Connection,
-    pub peer: PublicKey,
-    pub conn_id: u64,
-    /// Set by the first `Register`; a connection carries at most one control stream.
-    pub has_control: AtomicBool,
-    /// Streams the peer has open now, and how many it may open.
-    pub streams: StreamCredit,
-}
-
-/// The stream credit of one connection: starts at [`INITIAL_STREAM_CREDIT`] and doubles, up to
-/// `max_streams_per_connection`, whenever the peer's open streams come close to it, so that a
-/// busy app never waits on credit while an idle hub costs the relay only a few streams' state.
-#[derive(Debug)]
-pub(crate) struct StreamCredit {
-    open: AtomicU32,
-    granted: AtomicU32,
-}
-
-impl StreamCredit {
-    fn new(granted: u32) -> Self {
-        Self { open: AtomicU32::new(0), granted: AtomicU32::new(granted) }
-    }
-
-    /// Counts a newly accepted stream; returns the new credit to grant, if it should grow.
-    fn opened(&self, limit: u32) -> Option<u32> {
-        let open = self.open.fetch_add(1, Ordering::AcqRel).saturating_add(1);
-        let granted = self.granted.load(Ordering::Acquire);
-        // Grow at three quarters, so the next streams never wait a round trip for credit.
-        if granted >= limit || open.saturating_mul(4) < granted.saturating_mul(3) {
-            return None;
-        }
-        let grown = granted.saturating_mul(2).clamp(1, limit);
-        self.granted.store(grown, Ordering::Release);
-        Some(grown)
-    }
-
-    fn closed(&self) {
-        let _ = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-    }
-}
-
-/// Decrements the open-stream count when a stream's handler ends, however it ends.
-struct OpenStream(Arc<ConnCtx>);
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.streams.closed();
-    }
-}
 
 /// Starts relays. See [`Relay::start`].
 #[derive(Debug)]
@@ -401,78 +299,6 @@ fn spread(seed: u64, range: u32) -> u32 {
     (h.finish() % u64::from(range.max(1))) as u32
 }
 
-#[cfg(test)]
-pub(crate) fn server_config(config: &RelayConfig) -> Result<quinn::ServerConfig, RelayError> {
-    let crypto = quic_server_crypto(&config.identity, Arc::new(AnyKey), ALPN_RELAY)?;
-    build_server_config(crypto, config.idle_timeout, &config.limits)
-}
-
-fn build_server_config(
-    crypto: Arc<dyn quinn::crypto::ServerConfig>,
-    idle_timeout: Duration,
-    limits: &Limits,
-) -> Result<quinn::ServerConfig, RelayError> {
-    let mut server = quinn::ServerConfig::with_crypto(crypto);
-    // Retry tokens are only asked for under load (see `handle_incoming`); quinn's own
-    // always-on validation stays off.
-    let mut transport = quinn::TransportConfig::default();
-    let idle = quinn::IdleTimeout::try_from(idle_timeout)
-        .map_err(|_| RelayError::Config(format!("idle timeout {idle_timeout:?} is too large")))?;
-    transport
-        .max_idle_timeout(Some(idle))
-        .max_concurrent_bidi_streams(VarInt::from_u32(
-            limits.max_streams_per_connection.min(INITIAL_STREAM_CREDIT),
-        ))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
-        // Hubs keep their NAT binding alive; the relay only answers.
-        .keep_alive_interval(None);
-    server.transport_config(Arc::new(transport));
-    Ok(server)
-}
-
-/// Binds the UDP socket through socket2 so its buffers can be enlarged first (best effort: the
-/// kernel caps them at `net.core.rmem_max` / `wmem_max`).
-async fn bind_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, RelayError> {
-    let deadline = tokio::time::Instant::now() + BIND_RETRY;
-    loop {
-        match try_bind(addr) {
-            Ok(socket) => return Ok(socket),
-            // A relay restarted in-process may find its predecessor's socket not yet released.
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(source) => return Err(RelayError::Bind { addr, source }),
-        }
-    }
-}
-
-fn try_bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        // Serve IPv4 too on `[::]` where the system allows it.
-        let _ = socket.set_only_v6(false);
-    }
-    if let Err(e) = socket.set_recv_buffer_size(UDP_BUFFER) {
-        debug!("cannot enlarge the UDP receive buffer: {e}");
-    }
-    if let Err(e) = socket.set_send_buffer_size(UDP_BUFFER) {
-        debug!("cannot enlarge the UDP send buffer: {e}");
-    }
-    match socket.recv_buffer_size() {
-        // Linux reports twice the usable size; below the request means the sysctl capped it.
-        Ok(size) if size < UDP_BUFFER => info!(
-            bytes = size,
-            "UDP receive buffer is smaller than the {UDP_BUFFER} bytes asked for; \
-             raise net.core.rmem_max for handshake bursts"
-        ),
-        _ => {}
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
-}
-
 /// Waits until `rx` says the relay is shutting down (or its sender is gone).
 async fn shutting_down(rx: &mut watch::Receiver<bool>) {
     loop {
@@ -521,206 +347,5 @@ async fn watch_hubs_file(shared: Arc<Shared>) {
             Ok(false) => {}
             Err(e) => error!("{e}"),
         }
-    }
-}
-
-/// Decides what to do with a connection attempt before any handshake work: refuse it while
-/// draining or over the per-IP rate, ask for address validation (Retry) while attempts arrive
-/// faster than `retry_threshold`, else accept it, under the handshake timeout.
-async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
-    let remote = incoming.remote_address();
-    let stats = &shared.stats;
-    if shared.is_shutting_down() {
-        incoming.refuse();
-        return;
-    }
-    let limits = shared.limits.get();
-    if shared.buckets.over_retry_threshold(&limits)
-        && !incoming.remote_address_validated()
-        && incoming.may_retry()
-    {
-        // Stateless for us: a spoofed source never sees the token, so it costs it a round trip
-        // and us no handshake. quinn clients answer a Retry transparently.
-        stats.address_validation();
-        if let Err(e) = incoming.retry() {
-            e.into_incoming().refuse();
-        }
-        return;
-    }
-    if !shared.buckets.admit_ip(remote.ip(), &limits) {
-        stats.limit_hit(LimitKind::NewConnectionsPerIp);
-        stats.handshake(HandshakeRole::Quic, HandshakeResult::Refused);
-        debug!(%remote, "refused a connection: over new_connections_per_ip");
-        incoming.refuse();
-        return;
-    }
-    let connecting = match incoming.accept() {
-        Ok(connecting) => connecting,
-        Err(e) => {
-            stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
-            debug!(%remote, "cannot accept a connection: {e}");
-            return;
-        }
-    };
-    let handshake = if limits.handshake_timeout.is_zero() {
-        Ok(connecting.await)
-    } else {
-        tokio::time::timeout(limits.handshake_timeout, connecting).await
-    };
-    let conn = match handshake {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
-            debug!(%remote, "handshake failed: {e}");
-            return;
-        }
-        Err(_) => {
-            // Dropping the half-done connection abandons it.
-            stats.limit_hit(LimitKind::HandshakeTimeout);
-            stats.handshake(HandshakeRole::Quic, HandshakeResult::Timeout);
-            debug!(%remote, "handshake timed out after {:?}", limits.handshake_timeout);
-            return;
-        }
-    };
-    stats.handshake(HandshakeRole::Quic, HandshakeResult::Ok);
-    struct Counted<'a>(&'a RelayStats);
-    impl Drop for Counted<'_> {
-        fn drop(&mut self) {
-            self.0.connection_down();
-        }
-    }
-    stats.connection_up();
-    let _counted = Counted(stats);
-    let Some(peer) = quic_peer_key(&conn) else {
-        // Cannot happen with our verifier, but never serve an unidentified peer.
-        conn.close(codes::PROTOCOL, b"no Ed25519 raw public key presented");
-        return;
-    };
-    let ctx = Arc::new(ConnCtx {
-        conn: conn.clone(),
-        peer,
-        conn_id: shared.registry.next_id(),
-        has_control: AtomicBool::new(false),
-        streams: StreamCredit::new(shared.limits.get().max_streams_per_connection.min(INITIAL_STREAM_CREDIT)),
-    });
-    debug!(%remote, peer = %peer.fingerprint(), "connection established");
-    loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                if let Some(grown) = ctx.streams.opened(shared.limits.get().max_streams_per_connection) {
-                    conn.set_max_concurrent_bi_streams(VarInt::from_u32(grown));
-                }
-                let open = OpenStream(Arc::clone(&ctx));
-                let shared = Arc::clone(&shared);
-                tokio::spawn(async move {
-                    handle_stream(Arc::clone(&open.0), shared, send, recv).await;
-                    drop(open);
-                });
-            }
-            Err(e) => {
-                debug!(%remote, peer = %peer.fingerprint(), "connection ended: {e}");
-                return;
-            }
-        }
-    }
-}
-
-/// The refusal reason for a frame that failed to decode.
-pub(crate) fn bad_frame_reason(e: &FrameError) -> RefusalReason {
-    match e {
-        FrameError::UnsupportedVersion { .. } => RefusalReason::UnsupportedVersion,
-        _ => RefusalReason::BadFrame,
-    }
-}
-
-/// Sends a typed refusal, finishes the stream and counts it. Failing to deliver it is not an
-/// error worth more than a debug line: the peer is gone.
-pub(crate) async fn refuse(
-    shared: &Shared,
-    send: &mut SendStream,
-    peer: &PublicKey,
-    reason: RefusalReason,
-    message: String,
-) {
-    shared.stats.refused(reason);
-    info!(peer = %peer.fingerprint(), %reason, "refused: {message}");
-    let frame = Frame::refused(reason, message);
-    match tokio::time::timeout(shared.session_open_timeout, write_frame(send, &frame)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!("could not deliver a refusal: {e}"),
-        Err(_) => debug!("could not deliver a refusal in time"),
-    }
-    let _ = send.finish();
-}
-
-async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
-    let first = match tokio::time::timeout(shared.session_open_timeout, read_frame(&mut recv)).await {
-        Ok(first) => first,
-        Err(_) => {
-            let message =
-                format!("no Register or SessionOpen frame within {:?}", shared.session_open_timeout);
-            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
-            return;
-        }
-    };
-    match first {
-        Ok(Frame::Register { name, allowed_apps, pairing_open }) => {
-            crate::hub::run(shared, ctx, send, recv, name, allowed_apps, pairing_open).await;
-        }
-        Ok(Frame::SessionOpen { hub, hub_key, purpose }) => {
-            crate::session::run(shared, ctx, send, recv, hub, hub_key, purpose).await;
-        }
-        Ok(other) => {
-            let message =
-                format!("a new stream must start with Register or SessionOpen, not {}", other.name());
-            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
-        }
-        Err(FrameIoError::Frame(e)) => {
-            refuse(&shared, &mut send, &ctx.peer, bad_frame_reason(&e), format!("malformed frame: {e}"))
-                .await;
-        }
-        Err(FrameIoError::Closed) => {
-            debug!(peer = %ctx.peer.fingerprint(), "stream closed before its first frame")
-        }
-        Err(FrameIoError::Io(e)) => {
-            debug!(peer = %ctx.peer.fingerprint(), "stream failed before its first frame: {e}")
-        }
-    }
-}
-
-/// Marks the connection as a hub's (one control stream per connection).
-pub(crate) fn claim_control(ctx: &ConnCtx) -> bool {
-    !ctx.has_control.swap(true, Ordering::AcqRel)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stream_credit_grows_before_it_runs_out_and_stops_at_the_limit() {
-        let credit = StreamCredit::new(8);
-        let grants: Vec<Option<u32>> = (0..40).map(|_| credit.opened(20)).collect();
-        // 6 of 8 open (three quarters): grow to 16; 12 of 16: grow to the limit, 20; then never.
-        assert_eq!(grants.iter().position(Option::is_some), Some(5));
-        assert_eq!(grants.iter().flatten().copied().collect::<Vec<_>>(), vec![16, 20]);
-    }
-
-    #[test]
-    fn closed_streams_are_uncounted_and_idle_connections_keep_the_small_credit() {
-        let credit = StreamCredit::new(8);
-        for _ in 0..100 {
-            assert_eq!(credit.opened(256), None, "one stream at a time never needs more credit");
-            credit.closed();
-        }
-        credit.closed(); // never below zero
-        assert_eq!(credit.open.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn a_limit_below_the_initial_credit_is_never_exceeded() {
-        let credit = StreamCredit::new(1);
-        assert_eq!(credit.opened(1), None);
-        assert_eq!(credit.opened(1), None);
     }
 }

@@ -11,9 +11,10 @@ use tracing::{debug, info};
 
 use crate::codes;
 use crate::policy::{decide_session, Refusal};
+use crate::refusal::refuse;
 use crate::registry::Enrolled;
-use crate::server::{refuse, ConnCtx, Shared};
 use crate::splice::{splice, SpliceCtx};
+use crate::state::{ConnCtx, Shared};
 use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
 
 /// The app's address as the hub should see it: IPv4-mapped IPv6 (from a dual-stack socket)

@@ -21,9 +21,10 @@ use std::time::Duration;
 use quinn::{ReadError, RecvStream, SendStream, StoppedError, VarInt, WriteError};
 use tokio::time::Instant;
 
+use crate::codes;
+use crate::config::{Direction, ForwardTap};
 use crate::limits::{LimitsCell, TokenBucket};
 use crate::stats::{LimitKind, RelayStats};
-use crate::{codes, Direction, ForwardTap};
 
 /// Longest the idle watchdog sleeps before re-reading the limits (a reload may change them).
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
@@ -277,7 +278,7 @@ mod tests {
     async fn bytes_flow_both_ways_and_half_close_is_honoured() {
         let Legs { _eps, app_peer, app_relay, hub_peer, hub_relay } = legs().await;
         let stats = RelayStats::default();
-        let unlimited = LimitsCell::new(crate::Limits::unlimited());
+        let unlimited = LimitsCell::new(crate::limits::Limits::unlimited());
         let seen = Arc::new(Mutex::new((0usize, 0usize)));
         let seen2 = Arc::clone(&seen);
         let tap: ForwardTap = Arc::new(move |dir, bytes| {
@@ -316,7 +317,7 @@ mod tests {
     async fn a_reset_becomes_a_reset_with_the_same_code() {
         let Legs { _eps, app_peer, app_relay, hub_peer, hub_relay } = legs().await;
         let stats = RelayStats::default();
-        let unlimited = LimitsCell::new(crate::Limits::unlimited());
+        let unlimited = LimitsCell::new(crate::limits::Limits::unlimited());
         let (mut app_send, _app_recv) = app_peer;
         let (_hub_send, mut hub_recv) = hub_peer;
         let peers = async move {
@@ -339,7 +340,7 @@ mod tests {
     async fn revocation_resets_both_sides_with_revoked() {
         let Legs { _eps, app_peer, app_relay, hub_peer, hub_relay } = legs().await;
         let stats = RelayStats::default();
-        let unlimited = LimitsCell::new(crate::Limits::unlimited());
+        let unlimited = LimitsCell::new(crate::limits::Limits::unlimited());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (mut app_send, mut app_recv) = app_peer;
         let (_hub_send, mut hub_recv) = hub_peer;

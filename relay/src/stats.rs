@@ -321,7 +321,7 @@ impl RelayStats {
     }
 
     /// Publishes the limits in force (at start and after every change).
-    pub(crate) fn set_limits(&self, limits: &crate::Limits) {
+    pub(crate) fn set_limits(&self, limits: &crate::limits::Limits) {
         let values = [
             ("max_hubs", f64::from(limits.max_hubs)),
             ("max_sessions_per_hub", f64::from(limits.max_sessions_per_hub)),
@@ -389,10 +389,10 @@ impl RelayStats {
     pub(crate) fn address_validation(&self) {
         self.address_validations.inc();
     }
-    pub(crate) fn forwarded(&self, direction: crate::Direction, bytes: usize) {
+    pub(crate) fn forwarded(&self, direction: crate::config::Direction, bytes: usize) {
         let counter = match direction {
-            crate::Direction::AppToHub => &self.bytes_app_to_hub,
-            crate::Direction::HubToApp => &self.bytes_hub_to_app,
+            crate::config::Direction::AppToHub => &self.bytes_app_to_hub,
+            crate::config::Direction::HubToApp => &self.bytes_hub_to_app,
         };
         counter.inc_by(bytes as u64);
     }
@@ -443,7 +443,7 @@ mod tests {
         stats.refused(RefusalReason::OverLimit);
         stats.limit_hit(LimitKind::MaxHubs);
         stats.setup_time(Duration::from_millis(3));
-        stats.forwarded(crate::Direction::AppToHub, 5);
+        stats.forwarded(crate::config::Direction::AppToHub, 5);
         let text = stats.encode();
         for needle in [
             "keyway_relay_hubs_connected 0",

@@ -1,0 +1,166 @@
+//! One connection, from attempt to end: admission before any handshake work (draining, the
+//! per-IP rate, Retry under load, the handshake timeout), then per-stream dispatch on the
+//! stream's first frame: `Register` makes it the hub's control stream ([`crate::hub`]),
+//! `SessionOpen` an app session ([`crate::session`]).
+//!
+//! Every stream gets its own task. TLS admits any valid key; authorization happens per frame,
+//! against the current state, so TLS session resumption can never bypass it.
+
+use std::sync::Arc;
+
+use keyway_proto::io::{read_frame, FrameIoError};
+use keyway_proto::tls::quic_peer_key;
+use keyway_proto::{Frame, RefusalReason};
+use quinn::{RecvStream, SendStream, VarInt};
+use tracing::debug;
+
+use crate::codes;
+use crate::refusal::{bad_frame_reason, refuse};
+use crate::state::{ConnCtx, Shared};
+use crate::stats::{HandshakeResult, HandshakeRole, LimitKind, RelayStats};
+
+/// Decrements the open-stream count when a stream's handler ends, however it ends.
+struct OpenStream(Arc<ConnCtx>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.streams.closed();
+    }
+}
+
+/// Decides what to do with a connection attempt before any handshake work: refuse it while
+/// draining or over the per-IP rate, ask for address validation (Retry) while attempts arrive
+/// faster than `retry_threshold`, else accept it, under the handshake timeout.
+pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let stats = &shared.stats;
+    if shared.is_shutting_down() {
+        incoming.refuse();
+        return;
+    }
+    let limits = shared.limits.get();
+    if shared.buckets.over_retry_threshold(&limits)
+        && !incoming.remote_address_validated()
+        && incoming.may_retry()
+    {
+        // Stateless for us: a spoofed source never sees the token, so it costs it a round trip
+        // and us no handshake. quinn clients answer a Retry transparently.
+        stats.address_validation();
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().refuse();
+        }
+        return;
+    }
+    if !shared.buckets.admit_ip(remote.ip(), &limits) {
+        stats.limit_hit(LimitKind::NewConnectionsPerIp);
+        stats.handshake(HandshakeRole::Quic, HandshakeResult::Refused);
+        debug!(%remote, "refused a connection: over new_connections_per_ip");
+        incoming.refuse();
+        return;
+    }
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
+            debug!(%remote, "cannot accept a connection: {e}");
+            return;
+        }
+    };
+    let handshake = if limits.handshake_timeout.is_zero() {
+        Ok(connecting.await)
+    } else {
+        tokio::time::timeout(limits.handshake_timeout, connecting).await
+    };
+    let conn = match handshake {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
+            debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            // Dropping the half-done connection abandons it.
+            stats.limit_hit(LimitKind::HandshakeTimeout);
+            stats.handshake(HandshakeRole::Quic, HandshakeResult::Timeout);
+            debug!(%remote, "handshake timed out after {:?}", limits.handshake_timeout);
+            return;
+        }
+    };
+    stats.handshake(HandshakeRole::Quic, HandshakeResult::Ok);
+    struct Counted<'a>(&'a RelayStats);
+    impl Drop for Counted<'_> {
+        fn drop(&mut self) {
+            self.0.connection_down();
+        }
+    }
+    stats.connection_up();
+    let _counted = Counted(stats);
+    let Some(peer) = quic_peer_key(&conn) else {
+        // Cannot happen with our verifier, but never serve an unidentified peer.
+        conn.close(codes::PROTOCOL, b"no Ed25519 raw public key presented");
+        return;
+    };
+    let ctx = Arc::new(ConnCtx::new(
+        conn.clone(),
+        peer,
+        shared.registry.next_id(),
+        shared.limits.get().max_streams_per_connection,
+    ));
+    debug!(%remote, peer = %peer.fingerprint(), "connection established");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                if let Some(grown) = ctx.streams.opened(shared.limits.get().max_streams_per_connection) {
+                    conn.set_max_concurrent_bi_streams(VarInt::from_u32(grown));
+                }
+                let open = OpenStream(Arc::clone(&ctx));
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    handle_stream(Arc::clone(&open.0), shared, send, recv).await;
+                    drop(open);
+                });
+            }
+            Err(e) => {
+                debug!(%remote, peer = %peer.fingerprint(), "connection ended: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Reads a stream's first frame (within `session_open_timeout`) and hands the stream to the
+/// driver that frame names.
+async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+    let first = match tokio::time::timeout(shared.session_open_timeout, read_frame(&mut recv)).await {
+        Ok(first) => first,
+        Err(_) => {
+            let message =
+                format!("no Register or SessionOpen frame within {:?}", shared.session_open_timeout);
+            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
+            return;
+        }
+    };
+    match first {
+        Ok(Frame::Register { name, allowed_apps, pairing_open }) => {
+            crate::hub::run(shared, ctx, send, recv, name, allowed_apps, pairing_open).await;
+        }
+        Ok(Frame::SessionOpen { hub, hub_key, purpose }) => {
+            crate::session::run(shared, ctx, send, recv, hub, hub_key, purpose).await;
+        }
+        Ok(other) => {
+            let message =
+                format!("a new stream must start with Register or SessionOpen, not {}", other.name());
+            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
+        }
+        Err(FrameIoError::Frame(e)) => {
+            refuse(&shared, &mut send, &ctx.peer, bad_frame_reason(&e), format!("malformed frame: {e}"))
+                .await;
+        }
+        Err(FrameIoError::Closed) => {
+            debug!(peer = %ctx.peer.fingerprint(), "stream closed before its first frame")
+        }
+        Err(FrameIoError::Io(e)) => {
+            debug!(peer = %ctx.peer.fingerprint(), "stream failed before its first frame: {e}")
+        }
+    }
+}
