@@ -16,8 +16,6 @@ use std::time::Duration;
 
 use keyway_proto::{HubName, Identity, PublicKey};
 
-use crate::error::HubError;
-
 /// One relay the hub keeps a tunnel to: its UDP address and its pinned public key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayTarget {
@@ -115,31 +113,47 @@ impl HubConfig {
             .collect()
     }
 
-    /// Rejects timer values that cannot work.
-    pub(crate) fn validate(&self) -> Result<(), HubError> {
-        let bad = |what: &str| Err(HubError::Config(what.to_owned()));
+    /// Rejects relay lists and timer values that cannot work.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let relays = self.relays();
         for (i, relay) in relays.iter().enumerate() {
             if relays.iter().skip(i + 1).any(|other| other.addr == relay.addr) {
-                return Err(HubError::Config(format!("relay {} is listed twice", relay.addr)));
+                return Err(ConfigError::RelayListedTwice(relay.addr));
             }
         }
         if self.ping_interval.is_zero() {
-            return bad("ping interval must be greater than zero");
+            return Err(ConfigError::ZeroPingInterval);
         }
         if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
-            return bad("backoff must satisfy 0 < backoff_min <= backoff_max");
+            return Err(ConfigError::Backoff);
         }
         if self.connect_timeout.is_zero() || self.service_timeout.is_zero() {
-            return bad("timeouts must be greater than zero");
+            return Err(ConfigError::ZeroTimeout);
         }
         if !self.keep_alive.is_zero() && self.keep_alive >= self.idle_timeout {
-            return bad(
-                "keep-alive must be shorter than the idle timeout, or the tunnel times out while idle",
-            );
+            return Err(ConfigError::KeepAliveNotShorterThanIdle);
         }
         Ok(())
     }
+}
+
+/// Why a [`HubConfig`] cannot work (checked by [`start`](crate::start) before anything is
+/// bound). Each message says what to change, prefixed `configuration:` as the connector has
+/// always printed it ([`HubError::Config`](crate::HubError::Config) shows it as it is).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: relay {0} is listed twice")]
+    RelayListedTwice(SocketAddr),
+    #[error("configuration: ping interval must be greater than zero")]
+    ZeroPingInterval,
+    #[error("configuration: backoff must satisfy 0 < backoff_min <= backoff_max")]
+    Backoff,
+    #[error("configuration: timeouts must be greater than zero")]
+    ZeroTimeout,
+    #[error(
+        "configuration: keep-alive must be shorter than the idle timeout, or the tunnel times out while idle"
+    )]
+    KeepAliveNotShorterThanIdle,
 }
 
 #[cfg(test)]
@@ -175,7 +189,12 @@ mod tests {
         let config = config();
         let again = config.relay_addr;
         let config = config.with_relay(again, Identity::from_seed([3; 32]).public_key());
-        let err = config.validate().unwrap_err().to_string();
+        let err = config.validate().unwrap_err();
+        assert_eq!(err, ConfigError::RelayListedTwice(again));
+        let err = err.to_string();
         assert!(err.contains("listed twice") && err.contains("127.0.0.1:4433"), "{err}");
+        // What `start` returns, and the CLI prints, is the same text as before it was typed.
+        let hub = crate::HubError::from(ConfigError::RelayListedTwice(again));
+        assert_eq!(hub.to_string(), "configuration: relay 127.0.0.1:4433 is listed twice");
     }
 }

@@ -196,13 +196,14 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         let endpoint = relay_link::bind_endpoint(target.addr)?;
         links.push((Arc::new(Tunnel::new(target)), dialer, endpoint));
     }
-    let metrics_listener =
-        match config.metrics_listen {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| {
-                HubError::Config(format!("cannot listen for metrics on {addr}: {source}"))
-            })?),
-            None => None,
-        };
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| HubError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
     let (status, _) = watch::channel(TunnelStatus::Connecting);
     let shared = Arc::new(Shared {
         config,
@@ -228,8 +229,8 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
     );
     let metrics = match metrics_listener {
         Some(listener) => {
-            let (addr, task) = crate::metrics::serve(listener, shared.clone())
-                .map_err(|e| HubError::Config(format!("cannot listen for metrics: {e}")))?;
+            let (addr, task) =
+                crate::metrics::serve(listener, shared.clone()).map_err(HubError::MetricsServe)?;
             tracing::info!(%addr, "metrics and health on http://{addr}/metrics and /healthz");
             Some((addr, task))
         }

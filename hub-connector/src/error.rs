@@ -1,19 +1,29 @@
 //! [`HubError`]: why the connector could not start or answer (local problems only: a relay
 //! that fails is retried, never an error).
 //!
-//! Its own module, below everything that returns it, so that `config`, `apps` and the
-//! drivers do not have to import it from the crate root that re-exports them.
+//! Its own module, below everything that returns it, so that `apps` and the drivers do not
+//! have to import it from the crate root that re-exports them. Every variant keeps what
+//! caused it as its source; the messages are the ones the connector has always printed.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::config::ConfigError;
 use crate::status::TunnelStatus;
 
 /// Why the connector could not start (relay failures are not errors: they are retried).
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    #[error("configuration: {0}")]
-    Config(String),
+    /// The config cannot work (its message says what to change).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The `/metrics` listener could not be bound.
+    #[error("configuration: cannot listen for metrics on {addr}: {source}")]
+    MetricsListen { addr: SocketAddr, source: std::io::Error },
+    /// The bound `/metrics` listener could not be served (its address cannot be read).
+    #[error("configuration: cannot listen for metrics: {0}")]
+    MetricsServe(#[source] std::io::Error),
     #[error(transparent)]
     Identity(#[from] keyway_proto::IdentityError),
     #[error("authorized apps file {path}: {source}")]
@@ -21,17 +31,11 @@ pub enum HubError {
     #[error("cannot read authorized apps file {path}: {source}")]
     AppsRead { path: PathBuf, source: std::io::Error },
     #[error("TLS configuration: {0}")]
-    Tls(String),
+    Tls(#[from] keyway_proto::tls::TlsConfigError),
     #[error(transparent)]
     Client(#[from] keyway_client::ClientError),
     #[error("not registered with the relay after {}; tunnel status: {last}", humantime::format_duration(*waited))]
     NotRegistered { waited: Duration, last: TunnelStatus },
     #[error("the connector has stopped")]
     Stopped,
-}
-
-impl From<keyway_proto::tls::TlsConfigError> for HubError {
-    fn from(e: keyway_proto::tls::TlsConfigError) -> Self {
-        HubError::Tls(e.to_string())
-    }
 }

@@ -31,7 +31,7 @@ mod state;
 mod status;
 mod tunnel;
 
-pub use config::{HubConfig, RelayTarget};
+pub use config::{ConfigError, HubConfig, RelayTarget};
 pub use connector::{start, HubHandle, POLL_INTERVAL};
 pub use error::HubError;
 pub use state::HubStats;

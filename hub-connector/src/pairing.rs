@@ -31,12 +31,14 @@ pub const MAX_FAILURES: u32 = 5;
 pub enum PairingError {
     #[error("pairing window file {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("pairing window file {path} is not valid: {why}")]
-    Parse { path: PathBuf, why: String },
+    #[error("pairing window file {path} is not valid: {}", .source.message())]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("pairing window file {path} is not valid: {source}")]
+    Encode { path: PathBuf, source: toml::ser::Error },
     #[error("pairing window file {path} is accessible by group or others (mode {mode:o}); ignoring it")]
     LoosePermissions { path: PathBuf, mode: u32 },
     #[error("cannot generate a secret: {0}")]
-    Random(String),
+    Random(#[source] getrandom::Error),
 }
 
 /// One open (or formerly open) window, as stored in the file.
@@ -121,15 +123,13 @@ pub fn read_window(path: &Path) -> Result<Option<PairingWindow>, PairingError> {
             return Err(PairingError::LoosePermissions { path: path.into(), mode });
         }
     }
-    toml::from_str(&text)
-        .map(Some)
-        .map_err(|e| PairingError::Parse { path: path.into(), why: e.message().into() })
+    toml::from_str(&text).map(Some).map_err(|source| PairingError::Parse { path: path.into(), source })
 }
 
 /// Writes the window file atomically with mode 0600.
 pub fn write_window(path: &Path, window: &PairingWindow) -> Result<(), PairingError> {
     let text =
-        toml::to_string(window).map_err(|e| PairingError::Parse { path: path.into(), why: e.to_string() })?;
+        toml::to_string(window).map_err(|source| PairingError::Encode { path: path.into(), source })?;
     keyway_proto::files::write_atomically(path, text.as_bytes(), 0o600)
         .map_err(|source| PairingError::Io { path: path.into(), source })
 }
@@ -147,7 +147,7 @@ pub fn close_window(path: &Path) -> Result<(), PairingError> {
 /// returns the fresh secret, to be put in the pairing code and nowhere else.
 pub fn open_window(apps_file: &Path, label: &str, ttl: Duration) -> Result<Vec<u8>, PairingError> {
     let mut secret = vec![0u8; keyway_client::pairing::SECRET_LEN];
-    getrandom::fill(&mut secret).map_err(|e| PairingError::Random(e.to_string()))?;
+    getrandom::fill(&mut secret).map_err(PairingError::Random)?;
     let window = PairingWindow {
         secret_sha256: hash_hex(&secret),
         label: crate::apps::clean_label(label),
@@ -159,8 +159,8 @@ pub fn open_window(apps_file: &Path, label: &str, ttl: Duration) -> Result<Vec<u
 }
 
 /// The pairing code as a terminal QR code (two modules per character cell, so it fits).
-pub fn render_qr(code: &PairingCode) -> Result<String, String> {
-    let qr = qrcode::QrCode::new(code.to_string().as_bytes()).map_err(|e| e.to_string())?;
+pub fn render_qr(code: &PairingCode) -> Result<String, qrcode::types::QrError> {
+    let qr = qrcode::QrCode::new(code.to_string().as_bytes())?;
     Ok(qr
         .render::<qrcode::render::unicode::Dense1x2>()
         .dark_color(qrcode::render::unicode::Dense1x2::Light)
