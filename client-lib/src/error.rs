@@ -66,6 +66,19 @@ impl ClientError {
     }
 }
 
+/// The answer's I/O failure stays an I/O error; a malformed answer is a protocol error, as it
+/// was when the reader lived in this crate.
+impl From<keyway_proto::pairing::AnswerError> for ClientError {
+    fn from(e: keyway_proto::pairing::AnswerError) -> Self {
+        match e {
+            keyway_proto::pairing::AnswerError::Io(e) => ClientError::Io(e),
+            e @ keyway_proto::pairing::AnswerError::MessageTooLong { .. } => {
+                ClientError::Protocol(e.to_string())
+            }
+        }
+    }
+}
+
 impl From<keyway_proto::tls::TlsConfigError> for ClientError {
     fn from(e: keyway_proto::tls::TlsConfigError) -> Self {
         ClientError::Tls(e.to_string())

@@ -144,9 +144,9 @@ impl Client {
     /// Closes the relay connection and the endpoint, waiting briefly for the close to be sent.
     pub async fn close(&self) {
         if let Some(conn) = self.inner.conn.lock().await.take() {
-            relay_link::close(&conn, relay_link::codes::NORMAL, "client closed");
+            relay_link::close(&conn, keyway_proto::codes::NORMAL, "client closed");
         }
-        self.inner.endpoint.close(relay_link::codes::NORMAL, b"client closed");
+        self.inner.endpoint.close(keyway_proto::codes::NORMAL, b"client closed");
         let _ =
             tokio::time::timeout(std::time::Duration::from_secs(2), self.inner.endpoint.wait_idle()).await;
     }

@@ -18,20 +18,9 @@ use quinn::{Connection, Endpoint, VarInt};
 
 use crate::error::ClientError;
 
-/// QUIC application error codes (connection closes and stream resets), from `docs/protocol.md`.
-pub mod codes {
-    use quinn::VarInt;
-    /// Normal close.
-    pub const NORMAL: VarInt = VarInt::from_u32(0);
-    /// A newer connection registered the same hub.
-    pub const REPLACED: VarInt = VarInt::from_u32(1);
-    /// The relay is going away.
-    pub const SHUTTING_DOWN: VarInt = VarInt::from_u32(2);
-    /// The peer violated the protocol.
-    pub const PROTOCOL: VarInt = VarInt::from_u32(3);
-    /// The key was removed from an allow-list.
-    pub const REVOKED: VarInt = VarInt::from_u32(4);
-}
+/// The QUIC application codes, re-exported for one step while the hub connector switches its
+/// imports to [`keyway_proto::codes`] (their home, shared by relay, hub and apps).
+pub use keyway_proto::codes;
 
 /// UDP socket buffer size requested (best effort; the OS may cap it).
 pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
@@ -137,7 +126,7 @@ impl RelayDialer {
         // connection reports too (it also covers resumed sessions).
         if let Some(seen) = keyway_proto::tls::quic_peer_key(&conn) {
             if seen != self.relay_key {
-                conn.close(codes::PROTOCOL, b"unexpected relay key");
+                conn.close(keyway_proto::codes::PROTOCOL, b"unexpected relay key");
                 return Err(ClientError::RelayKeyMismatch(keyway_proto::tls::KeyMismatch {
                     expected: self.relay_key,
                     seen,

@@ -74,8 +74,8 @@ impl HubStream {
     /// Aborts the stream at once in both directions (QUIC reset and stop-sending).
     pub fn abort(&mut self) {
         let io = self.inner.get_mut().0;
-        let _ = io.send.reset(crate::relay_link::codes::NORMAL);
-        let _ = io.recv.stop(crate::relay_link::codes::NORMAL);
+        let _ = io.send.reset(keyway_proto::codes::NORMAL);
+        let _ = io.recv.stop(keyway_proto::codes::NORMAL);
     }
 }
 
@@ -152,8 +152,8 @@ pub(crate) async fn open(
     let answer = match tokio::time::timeout(answer_timeout, read_frame(&mut recv)).await {
         Ok(answer) => answer.map_err(|e| stream_failure(conn, "before answering", e))?,
         Err(_) => {
-            let _ = send.reset(crate::relay_link::codes::NORMAL);
-            let _ = recv.stop(crate::relay_link::codes::NORMAL);
+            let _ = send.reset(keyway_proto::codes::NORMAL);
+            let _ = recv.stop(keyway_proto::codes::NORMAL);
             let error = ClientError::Protocol(format!(
                 "no answer to the session request for hub {hub} within {}",
                 humantime::format_duration(answer_timeout)

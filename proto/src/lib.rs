@@ -9,12 +9,14 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod codec;
+pub mod codes;
 pub mod files;
 pub mod identity;
 pub mod io;
 pub mod lists;
 #[cfg(feature = "ops-http")]
 pub mod ops_http;
+pub mod pairing;
 pub mod tls;
 
 pub use codec::{Frame, FrameError, HubName, RefusalReason, SessionPurpose};

@@ -1,20 +1,21 @@
 //! What relay and hub read from QUIC streams and from inside the end-to-end session, through
 //! the same stream readers they use in production:
-//! * `keyway_proto::io::read_frame`, frame after frame, as the relay reads session headers and
-//!   control streams and the hub reads `SessionAnnounce`;
+//! * `keyway_proto::io::FrameReader`, frame after frame, as relay and hub read control streams,
+//!   and the one-shot `keyway_proto::io::read_frame`, as the relay reads session headers and the
+//!   hub reads `SessionAnnounce`;
 //! * the pairing exchange (`read_request` on the hub, `read_answer` on the app);
 //! * a pairing code (`keyway://pair?...`), which an app scans from whatever QR it is shown.
 //!
-//! Properties: no panic; the stream reader agrees with the pure decoder frame by frame; a
+//! Properties: no panic; the stream readers agree with the pure decoder frame by frame; a
 //! pairing answer or code that parses survives its own encoding.
 #![no_main]
 
 use std::future::Future;
 use std::task::{Context, Poll, Waker};
 
-use keyway_client::pairing::{read_answer, read_request, write_answer, PairingCode};
 use keyway_proto::codec::Frame;
-use keyway_proto::io::read_frame;
+use keyway_proto::io::{read_frame, FrameReader};
+use keyway_proto::pairing::{read_answer, read_request, write_answer, PairingCode};
 use libfuzzer_sys::fuzz_target;
 
 /// Runs a future over an in-memory reader: `&[u8]` never returns `Pending`, so one poll ends it.
@@ -29,19 +30,21 @@ fn now<F: Future>(fut: F) -> F::Output {
 fuzz_target!(|data: &[u8]| {
     // Frames, as a stream reader sees them.
     let mut stream = data;
+    let mut reader = FrameReader::new(data);
     let mut rest = data;
     while let Ok(frame) = now(read_frame(&mut stream)) {
         let Ok(Some((decoded, used))) = Frame::decode(rest) else {
             panic!("read_frame accepted what Frame::decode refuses: {frame:?}");
         };
         assert_eq!(decoded, frame);
+        assert_eq!(now(reader.read_frame()).ok(), Some(frame), "FrameReader disagrees with read_frame");
         rest = &rest[used..];
     }
 
     // The pairing request, as the hub reads it from an app.
     let mut reader = data;
     if let Ok(Some(secret)) = now(read_request(&mut reader)) {
-        assert!(!secret.is_empty() && secret.len() <= keyway_client::pairing::MAX_SECRET_LEN);
+        assert!(!secret.is_empty() && secret.len() <= keyway_proto::pairing::MAX_SECRET_LEN);
     }
 
     // The pairing answer, as the app reads it from a hub.
@@ -49,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
     // (Only messages that fit unchanged: lossy UTF-8 can grow one past the length limit, and
     // the writer then truncates it, as it should.)
     if let Ok((status, message)) = now(read_answer(&mut reader)) {
-        if message.len() > keyway_client::pairing::MAX_MESSAGE_LEN {
+        if message.len() > keyway_proto::pairing::MAX_MESSAGE_LEN {
             return;
         }
         let mut again = Vec::new();

@@ -1,0 +1,84 @@
+//! QUIC application error codes: the one list of every code Keyway puts in a connection close
+//! (`CONNECTION_CLOSE`), a stream reset (`RESET_STREAM`) or a stop request (`STOP_SENDING`).
+//!
+//! They live here, beside the frames, because both ends read them: the relay, the hub
+//! connector and the client library all send and match these values, and a code defined in one
+//! crate and guessed in another is how the two copies of this list once came to disagree.
+//! `docs/protocol.md` has the same table; the codes are stable on the wire.
+
+use quinn::VarInt;
+
+/// 0 — normal end, nothing went wrong.
+///
+/// Sent by everyone: an app closing its relay connection (`keyway_client::Client::close`), a
+/// hub connector stopping or giving up on a tunnel, and any side resetting or stopping a session
+/// stream because the session simply ended or its peer went away (a timed-out announce at the
+/// relay, a PROXY header the local service would not take at the hub).
+pub const NORMAL: VarInt = VarInt::from_u32(0);
+
+/// 1 — a newer connection registered the same hub name with the same key.
+///
+/// Sent by the relay, as a connection close, to the *older* hub connection when a new one
+/// takes its place. The hub connector reads it to tell "replaced" from "lost": it warns that a
+/// second connector may run with its key and keeps backing off instead of fighting over the name.
+pub const REPLACED: VarInt = VarInt::from_u32(1);
+
+/// 2 — the relay is going away (restart, shutdown, end of its drain).
+///
+/// Sent by the relay, as a connection close, to every connection when it stops. Hubs
+/// reconnect with back-off; apps redial on their next `connect`.
+pub const SHUTTING_DOWN: VarInt = VarInt::from_u32(2);
+
+/// 3 — the peer violated the protocol.
+///
+/// Sent by the relay (connection close on a malformed or out-of-place control frame or a
+/// handshake without a raw Ed25519 key; stream reset when a hub answers a `SessionAnnounce` with
+/// a wrong or malformed frame), by the hub connector (connection close on an unexpected
+/// control frame; stream reset on a session stream without a valid announce, or whose
+/// end-to-end key is not the announced one), and by apps (connection close when the relay's key
+/// is not the pinned one).
+pub const PROTOCOL: VarInt = VarInt::from_u32(3);
+
+/// 4 — a key was removed from an allow-list.
+///
+/// Sent by the relay (connection close to a hub whose name is no longer authorized for its
+/// key; stream resets of the spliced sessions of a revoked app key) and by the hub connector
+/// (stream resets of its live sessions of a revoked app key, and of a session that fails the
+/// post-handshake re-check).
+pub const REVOKED: VarInt = VarInt::from_u32(4);
+
+/// 5 — a relay limit cut the stream.
+///
+/// Sent by the relay, as resets/stops of both streams of a spliced session, when the session
+/// is idle for longer than `idle_session_timeout`.
+pub const LIMIT: VarInt = VarInt::from_u32(5);
+
+/// Every code with its name, in code order (for logs, docs and tests).
+pub const ALL: [(VarInt, &str); 6] = [
+    (NORMAL, "NORMAL"),
+    (REPLACED, "REPLACED"),
+    (SHUTTING_DOWN, "SHUTTING_DOWN"),
+    (PROTOCOL, "PROTOCOL"),
+    (REVOKED, "REVOKED"),
+    (LIMIT, "LIMIT"),
+];
+
+/// The name of a known code, for log lines (`None` for a code this build does not know).
+pub fn name(code: VarInt) -> Option<&'static str> {
+    ALL.iter().find(|(c, _)| *c == code).map(|(_, name)| *name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_stable_distinct_and_named() {
+        // The numbers are on the wire: changing one breaks every deployed peer.
+        let numbers: Vec<u64> = ALL.iter().map(|(c, _)| c.into_inner()).collect();
+        assert_eq!(numbers, [0, 1, 2, 3, 4, 5]);
+        assert_eq!(name(LIMIT), Some("LIMIT"));
+        assert_eq!(name(REPLACED), Some("REPLACED"));
+        assert_eq!(name(VarInt::from_u32(77)), None);
+    }
+}
