@@ -5,56 +5,23 @@
 //! the hubs. [`Bin`] runs the shipped binaries as child processes for the CLI-level tests.
 //! Waiting is done by polling a condition with a generous deadline; tests never assert how
 //! long something took.
+//!
+//! What needs no relay, hub or client library (waits and [`PATIENCE`], the echo service,
+//! payloads, identities, the [`raw`] protocol peer) comes from `keyway-test-support` and is
+//! re-exported here, so tests import one harness.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use keyway_client::{Client, ClientConfig};
 use keyway_hub::{HubConfig, HubHandle};
-use keyway_proto::{HubName, Identity, PublicKey};
+use keyway_proto::{Identity, PublicKey};
 use keyway_relay::{NamePolicy, Relay, RelayConfig, RelayHandle};
+pub use keyway_test_support::{echo_service, eventually, fresh_seed, identity, name, payload, raw, PATIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-/// How long any wait in these tests may take before the test fails. Generous on purpose:
-/// this bounds a hang, it does not measure speed.
-pub const PATIENCE: Duration = Duration::from_secs(30);
-
-static SEED: AtomicU8 = AtomicU8::new(1);
-
-/// A fresh deterministic identity per call (distinct keys within one test process).
-pub fn identity() -> Identity {
-    let n = SEED.fetch_add(1, Ordering::Relaxed);
-    let mut seed = [n; 32];
-    seed[0] = 0xe2;
-    Identity::from_seed(seed)
-}
-
-pub fn name(s: &str) -> HubName {
-    HubName::new(s).expect("valid test hub name")
-}
-
-/// Polls `check` until it returns `Some`, or fails the test after [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("gave up waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A relay with a closed name policy in its own temporary directory.
 pub struct TestRelay {
@@ -73,7 +40,7 @@ impl TestRelay {
         let dir = tempfile::tempdir().expect("tempdir");
         let hubs_file = dir.path().join("authorized_hubs");
         write_hubs(&hubs_file, hubs);
-        let seed = [SEED.fetch_add(1, Ordering::Relaxed); 32];
+        let seed = fresh_seed();
         let handle = start_relay("127.0.0.1:0".parse().unwrap(), seed, &hubs_file, tweak).await;
         Self { dir, handle, hubs_file, seed }
     }
@@ -139,26 +106,6 @@ pub fn client(relay: &TestRelay, id: Identity) -> Client {
     Client::new(ClientConfig::new(id, relay.addr(), relay.key())).expect("client")
 }
 
-/// A TCP service that writes `banner` and then echoes everything back, honouring half-close.
-pub async fn echo_service(banner: &'static [u8]) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let (mut r, mut w) = stream.into_split();
-                if w.write_all(banner).await.is_err() {
-                    return;
-                }
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 /// A minimal HTTP/1.1 server answering every request with `body`.
 pub async fn http_service(body: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
@@ -184,20 +131,6 @@ pub async fn http_service(body: &'static str) -> SocketAddr {
         }
     });
     addr
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so payloads do not compress or repeat.
-pub fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
@@ -240,7 +173,7 @@ impl RelayProcess {
     /// Starts a closed-policy relay admitting `hubs`, with `extra` flags for `run`.
     pub fn start(hubs: &[(&str, PublicKey)], extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let seed = [SEED.fetch_add(1, Ordering::Relaxed); 32];
+        let seed = fresh_seed();
         Identity::from_seed(seed).save(&dir.path().join("relay.key")).expect("save relay key");
         write_hubs(&dir.path().join("authorized_hubs"), hubs);
         let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().expect("addr");
@@ -372,8 +305,6 @@ pub fn free_udp_port() -> u16 {
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port()
 }
-
-pub mod raw;
 
 /// Fetches a Prometheus text exposition over plain HTTP/1.1.
 pub fn scrape(addr: SocketAddr) -> Option<String> {

@@ -22,8 +22,11 @@ use common::*;
 async fn relay(dir: &std::path::Path, seed: u8, hub_key: PublicKey) -> RelayHandle {
     let hubs_file = dir.join(format!("authorized_hubs.{seed}"));
     std::fs::write(&hubs_file, format!("home {hub_key}\n")).unwrap();
-    let mut config =
-        RelayConfig::new("127.0.0.1:0".parse().unwrap(), id(seed), NamePolicy::Closed { hubs_file });
+    let mut config = RelayConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        identity_for(seed, 0),
+        NamePolicy::Closed { hubs_file },
+    );
     config.drain_timeout = PATIENCE;
     Relay::start(config).await.unwrap()
 }
@@ -40,15 +43,15 @@ struct World {
 /// Two relays, A and B, and a hub (with `/metrics` on loopback) keeping a tunnel to each.
 async fn world(seed: u8) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let hub_id = id(seed);
+    let hub_id = identity_for(seed, 0);
     let hub_key = hub_id.public_key();
-    let app = id(seed + 1);
+    let app = identity_for(seed + 1, 0);
     let a = relay(dir.path(), seed + 2, hub_key).await;
     let b = relay(dir.path(), seed + 3, hub_key).await;
     let apps_file = dir.path().join("authorized_apps");
     std::fs::write(&apps_file, format!("{} test app\n", app.public_key())).unwrap();
     let mut config =
-        HubConfig::new(a.local_addr(), a.public_key(), home(), hub_id, apps_file, echo_service().await)
+        HubConfig::new(a.local_addr(), a.public_key(), home(), hub_id, apps_file, echo_service(b"").await)
             .with_relay(b.local_addr(), b.public_key());
     config.backoff_max = Duration::from_millis(500);
     config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());

@@ -33,13 +33,15 @@ struct World {
 
 async fn world(relay_seed: u8, hub_seed: u8, apps: &[PublicKey], service: SocketAddr) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let hub_id = id(hub_seed);
+    let hub_id = identity_for(hub_seed, 0);
     let hub_key = hub_id.public_key();
     let hubs_file = dir.path().join("authorized_hubs");
     std::fs::write(&hubs_file, format!("home {hub_key}\n")).unwrap();
     let policy = NamePolicy::Closed { hubs_file };
     let relay =
-        Relay::start(RelayConfig::new("127.0.0.1:0".parse().unwrap(), id(relay_seed), policy)).await.unwrap();
+        Relay::start(RelayConfig::new("127.0.0.1:0".parse().unwrap(), identity_for(relay_seed, 0), policy))
+            .await
+            .unwrap();
     let apps_file = dir.path().join("authorized_apps");
     write_apps(&apps_file, apps);
     let mut config =
@@ -56,8 +58,8 @@ fn client(w: &World, app: Identity) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_an_app_key_cuts_its_live_session_and_refuses_it_afterwards() {
-    let (revoked, kept) = (id(11), id(12));
-    let service = echo_service().await;
+    let (revoked, kept) = (identity_for(11, 0), identity_for(12, 0));
+    let service = echo_service(b"").await;
     let w = world(10, 13, &[revoked.public_key(), kept.public_key()], service).await;
     let revoked_client = client(&w, revoked.duplicate());
     let kept_client = client(&w, kept.duplicate());
@@ -108,8 +110,8 @@ async fn removing_an_app_key_cuts_its_live_session_and_refuses_it_afterwards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_added_to_the_file_gets_in_without_a_restart() {
-    let newcomer = id(21);
-    let service = echo_service().await;
+    let newcomer = identity_for(21, 0);
+    let service = echo_service(b"").await;
     let w = world(20, 22, &[], service).await;
     let app = client(&w, newcomer.duplicate());
     let err = app.connect(&home(), &w.hub_key).await.expect_err("not authorized yet");
@@ -126,7 +128,7 @@ async fn an_app_added_to_the_file_gets_in_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_local_service_is_a_typed_refusal() {
-    let app_id = id(31);
+    let app_id = identity_for(31, 0);
     // A port that was free a moment ago: connecting to it is refused.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let w = world(30, 32, &[app_id.public_key()], closed).await;
@@ -142,8 +144,8 @@ async fn an_unreachable_local_service_is_a_typed_refusal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reuses_one_relay_connection_and_redials_after_a_relay_restart() {
-    let app_id = id(41);
-    let service = echo_service().await;
+    let app_id = identity_for(41, 0);
+    let service = echo_service(b"").await;
     let World { dir, relay, hub, hub_key } = world(40, 42, &[app_id.public_key()], service).await;
     let app = Client::new(ClientConfig::new(app_id, relay.local_addr(), relay.public_key())).unwrap();
     for round in 0..3u8 {
@@ -157,7 +159,7 @@ async fn a_client_reuses_one_relay_connection_and_redials_after_a_relay_restart(
     let addr = relay.local_addr();
     relay.shutdown().await;
     let policy = NamePolicy::Closed { hubs_file: dir.path().join("authorized_hubs") };
-    let relay = Relay::start(RelayConfig::new(addr, id(40), policy)).await.unwrap();
+    let relay = Relay::start(RelayConfig::new(addr, identity_for(40, 0), policy)).await.unwrap();
     eventually("the hub registers with the new relay", || async {
         (hub.stats().registrations() > registrations).then_some(())
     })

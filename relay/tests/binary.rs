@@ -6,6 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use keyway_test_support::eventually_blocking;
+
 const BIN: &str = env!("CARGO_BIN_EXE_keyway-relay");
 
 /// Kills the child even when an assertion fails.
@@ -134,37 +136,17 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }
 
-/// Retries `check` until it holds (hang guard only).
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 mod quic {
     //! Just enough of a hub to see registrations, refusals and GoAway from the real binary.
-    use keyway_proto::io::{read_frame, write_frame};
-    use keyway_proto::{Frame, HubName, Identity, PublicKey, ALPN_RELAY};
+    use keyway_proto::io::read_frame;
+    use keyway_proto::{Frame, Identity, PublicKey};
+    pub use keyway_test_support::raw::connect;
+    use keyway_test_support::raw::{self, Control};
 
     pub struct Hub {
         pub _endpoint: quinn::Endpoint,
         pub conn: quinn::Connection,
-        pub send: quinn::SendStream,
-        pub recv: quinn::RecvStream,
-    }
-
-    pub async fn connect(
-        relay: std::net::SocketAddr,
-        relay_key: PublicKey,
-        id: &Identity,
-    ) -> (quinn::Endpoint, quinn::Connection) {
-        let (crypto, _) = keyway_proto::tls::quic_client_crypto(id, relay_key, ALPN_RELAY).unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
-        let conn = endpoint.connect(relay, keyway_proto::tls::SERVER_NAME).unwrap().await.unwrap();
-        (endpoint, conn)
+        pub control: Control,
     }
 
     pub async fn register(
@@ -175,19 +157,13 @@ mod quic {
         apps: &[PublicKey],
     ) -> (Hub, Frame) {
         let (endpoint, conn) = connect(relay, relay_key, id).await;
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let frame = Frame::Register {
-            name: HubName::new(name).unwrap(),
-            allowed_apps: apps.to_vec(),
-            pairing_open: false,
-        };
-        write_frame(&mut send, &frame).await.unwrap();
-        let answer = read_frame(&mut recv).await.unwrap();
-        (Hub { _endpoint: endpoint, conn, send, recv }, answer)
+        let (control, answer) =
+            raw::register(&conn, keyway_test_support::name(name), apps, false).await.unwrap();
+        (Hub { _endpoint: endpoint, conn, control }, answer)
     }
 
     pub async fn next_frame(hub: &mut Hub) -> Frame {
-        read_frame(&mut hub.recv).await.unwrap()
+        read_frame(&mut hub.control.recv).await.unwrap()
     }
 }
 
@@ -237,7 +213,7 @@ fn sighup_reloads_limits_and_hubs_and_sigterm_drains() {
     // SIGHUP re-reads the config file's limits...
     std::fs::write(&config, format!("{base}max_hubs = 9\n")).unwrap();
     signal(&relay, "-HUP");
-    eventually("max_hubs reloaded", || limit(&metrics) == Some(9.0));
+    eventually_blocking("max_hubs reloaded", || (limit(&metrics) == Some(9.0)).then_some(()));
 
     // ...and authorized_hubs: a hub added is admitted, a hub removed is disconnected at once.
     let hub = Identity::generate().unwrap();
@@ -245,13 +221,10 @@ fn sighup_reloads_limits_and_hubs_and_sigterm_drains() {
     let header = std::fs::read_to_string(&hubs).unwrap();
     std::fs::write(&hubs, format!("{header}home {}\n", hub.public_key())).unwrap();
     signal(&relay, "-HUP");
-    let mut registered = None;
-    eventually("hub admitted after reload", || {
+    let mut registered = eventually_blocking("hub admitted after reload", || {
         let (h, answer) = rt.block_on(quic::register(udp, relay_key, &hub, "home", &[]));
-        registered = Some(h);
-        answer == Frame::Registered { replaced: false }
+        (answer == Frame::Registered { replaced: false }).then_some(h)
     });
-    let mut registered = registered.unwrap();
     std::fs::write(&hubs, &header).unwrap();
     signal(&relay, "-HUP");
     match rt.block_on(quic::next_frame(&mut registered)) {
@@ -263,13 +236,12 @@ fn sighup_reloads_limits_and_hubs_and_sigterm_drains() {
     std::fs::write(&hubs, format!("{header}home {}\n", hub.public_key())).unwrap();
     signal(&relay, "-HUP");
     let app = Identity::generate().unwrap();
-    let mut hub_conn = None;
-    eventually("hub back", || {
+    let mut hub_conn = eventually_blocking("hub back", || {
         let (h, answer) = rt.block_on(quic::register(udp, relay_key, &hub, "home", &[app.public_key()]));
-        hub_conn = Some(h);
-        answer == Frame::Registered { replaced: false } || answer == Frame::Registered { replaced: true }
+        let registered =
+            answer == Frame::Registered { replaced: false } || answer == Frame::Registered { replaced: true };
+        registered.then_some(h)
     });
-    let mut hub_conn = hub_conn.unwrap();
     // A live session, which the drain must wait for.
     let (mut app_send, mut app_recv, mut hub_send, _app_conn) = rt.block_on(async {
         use keyway_proto::io::{read_frame, write_frame};
@@ -300,5 +272,5 @@ fn sighup_reloads_limits_and_hubs_and_sigterm_drains() {
     });
     let status = relay.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    let _ = &hub_conn.send;
+    let _ = &hub_conn.control.send;
 }

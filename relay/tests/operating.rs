@@ -80,14 +80,14 @@ async fn metrics_follow_a_real_session_live() {
     app_send.finish().unwrap();
     hub_send.finish().unwrap();
     let stats = h.stats();
-    eventually("session ends", || stats.sessions_active() == 0).await;
+    eventually("session ends", || async { (stats.sessions_active() == 0).then_some(()) }).await;
     let m = scrape(h).await;
     assert_eq!(series(&m, "keyway_relay_sessions_active"), 0.0);
     assert_eq!(series(&m, "keyway_relay_sessions_opened_total{result=\"accepted\"}"), 1.0);
     assert_eq!(series(&m, "keyway_relay_sessions_opened_total{result=\"refused\"}"), 1.0);
     assert_eq!(series(&m, "keyway_relay_refusals_total{reason=\"unknown_hub\"}"), 1.0);
     hub_conn.close(0u32.into(), b"bye");
-    eventually("hub gone", || stats.hubs_connected() == 0).await;
+    eventually("hub gone", || async { (stats.hubs_connected() == 0).then_some(()) }).await;
     assert_eq!(series(&scrape(h).await, "keyway_relay_hubs_connected"), 0.0);
 }
 
@@ -171,10 +171,9 @@ async fn new_connections_per_ip_refuses_before_the_handshake() {
     let relay = relay_with(&[], limits).await;
     let h = &relay.handle;
     let _first = connect(h, &identity()).await;
-    let (crypto, _) = quic_client_crypto(&identity(), h.public_key(), ALPN_RELAY).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
-    let second = endpoint.connect(h.local_addr(), keyway_proto::tls::SERVER_NAME).unwrap();
+    let config = raw::client_config(&identity(), h.public_key()).unwrap();
+    let endpoint = raw::endpoint();
+    let second = endpoint.connect_with(config, h.local_addr(), keyway_proto::tls::SERVER_NAME).unwrap();
     let err = within("refused", second).await.unwrap_err();
     assert!(matches!(err, quinn::ConnectionError::ConnectionClosed(_)), "{err:?}");
     assert_eq!(h.stats().limit_hits(LimitKind::NewConnectionsPerIp), 1);
@@ -209,12 +208,14 @@ async fn a_handshake_that_never_completes_times_out() {
             let _ = upstream.send_to(&buf[..n], relay_addr).await;
         }
     });
-    let (crypto, _) = quic_client_crypto(&identity(), h.public_key(), ALPN_RELAY).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
-    let _connecting = endpoint.connect(proxy_addr, keyway_proto::tls::SERVER_NAME).unwrap();
+    let config = raw::client_config(&identity(), h.public_key()).unwrap();
+    let endpoint = raw::endpoint();
+    let _connecting = endpoint.connect_with(config, proxy_addr, keyway_proto::tls::SERVER_NAME).unwrap();
     let stats = h.stats();
-    eventually("handshake timeout", || stats.limit_hits(LimitKind::HandshakeTimeout) >= 1).await;
+    eventually("handshake timeout", || async {
+        (stats.limit_hits(LimitKind::HandshakeTimeout) >= 1).then_some(())
+    })
+    .await;
     let m = scrape(h).await;
     assert!(series(&m, "keyway_relay_handshakes_total{result=\"timeout\",role=\"quic\"}") >= 1.0);
     forward.abort();

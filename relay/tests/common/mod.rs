@@ -4,44 +4,16 @@
 //! helper.
 #![allow(dead_code, unused_imports)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
 
 pub use keyway_proto::io::{read_frame, write_frame};
-pub use keyway_proto::tls::quic_client_crypto;
 pub use keyway_proto::{Frame, HubName, Identity, PublicKey, RefusalReason, SessionPurpose, ALPN_RELAY};
 pub use keyway_relay::{codes, Limits, NamePolicy, Relay, RelayConfig, RelayHandle};
+pub use keyway_test_support::raw;
+pub use keyway_test_support::raw::{app_code, hub_accepts, open_session, ping, refusal_of, Control};
+pub use keyway_test_support::{eventually, identity, name, within, PATIENCE};
 pub use quinn::{Connection, RecvStream, SendStream};
-
-/// Guards against hangs only; nothing here asserts on elapsed time.
-pub const PATIENCE: Duration = Duration::from_secs(20);
-
-pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(PATIENCE, fut).await.unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-/// Polls `check` until it holds (state that settles asynchronously on the relay).
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    within(what, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
-
-pub static SEED: AtomicU8 = AtomicU8::new(1);
-
-pub fn identity() -> Identity {
-    Identity::from_seed([SEED.fetch_add(1, Ordering::Relaxed); 32])
-}
-
-pub fn name(n: &str) -> HubName {
-    HubName::new(n).unwrap()
-}
 
 pub struct TestRelay {
     pub dir: tempfile::TempDir,
@@ -79,30 +51,21 @@ pub async fn connect(relay: &RelayHandle, id: &Identity) -> Connection {
 
 /// Also returns the client's own UDP address.
 pub async fn connect_from(relay: &RelayHandle, id: &Identity) -> (Connection, SocketAddr) {
-    let (crypto, _) = quic_client_crypto(id, relay.public_key(), ALPN_RELAY).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
-    let local = endpoint.local_addr().unwrap();
-    let connecting = endpoint.connect(relay.local_addr(), keyway_proto::tls::SERVER_NAME).unwrap();
-    (within("connect", connecting).await.unwrap(), local)
+    let (endpoint, conn) =
+        keyway_test_support::raw::connect(relay.local_addr(), relay.public_key(), id).await;
+    (conn, endpoint.local_addr().unwrap())
 }
 
-pub struct Control {
-    pub send: SendStream,
-    pub recv: RecvStream,
-}
-
+/// Registers `hub` on a new control stream: the stream and the relay's answer.
 pub async fn register(
     conn: &Connection,
     hub: &str,
     apps: &[PublicKey],
     pairing_open: bool,
 ) -> (Control, Frame) {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let frame = Frame::Register { name: name(hub), allowed_apps: apps.to_vec(), pairing_open };
-    write_frame(&mut send, &frame).await.unwrap();
-    let answer = within("register answer", read_frame(&mut recv)).await.unwrap();
-    (Control { send, recv }, answer)
+    within("register answer", keyway_test_support::raw::register(conn, name(hub), apps, pairing_open))
+        .await
+        .unwrap()
 }
 
 pub async fn registered_hub(
@@ -115,45 +78,4 @@ pub async fn registered_hub(
     let (control, answer) = register(&conn, hub, apps, false).await;
     assert_eq!(answer, Frame::Registered { replaced: false });
     (conn, control)
-}
-
-pub async fn open_session(
-    conn: &Connection,
-    hub: &str,
-    hub_key: PublicKey,
-    purpose: SessionPurpose,
-) -> (SendStream, RecvStream) {
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &Frame::SessionOpen { hub: name(hub), hub_key, purpose }).await.unwrap();
-    (send, recv)
-}
-
-pub async fn refusal_of(recv: &mut RecvStream) -> (RefusalReason, String) {
-    match within("refusal", read_frame(recv)).await.unwrap() {
-        Frame::Refused { reason, message } => (reason, message),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
-/// The hub side of an accepted session: announce read, `SessionAccepted` sent.
-pub async fn hub_accepts(hub: &Connection) -> (SendStream, RecvStream, PublicKey, SocketAddr) {
-    let (mut send, mut recv) = within("hub gets a stream", hub.accept_bi()).await.unwrap();
-    let Frame::SessionAnnounce { app_key, observed, purpose: _ } = read_frame(&mut recv).await.unwrap()
-    else {
-        panic!("expected SessionAnnounce")
-    };
-    write_frame(&mut send, &Frame::SessionAccepted).await.unwrap();
-    (send, recv, app_key, observed)
-}
-
-pub async fn ping(control: &mut Control, nonce: u64) {
-    write_frame(&mut control.send, &Frame::Ping { nonce }).await.unwrap();
-    assert_eq!(within("pong", read_frame(&mut control.recv)).await.unwrap(), Frame::Pong { nonce });
-}
-
-pub fn app_code(err: quinn::ConnectionError) -> Option<u64> {
-    match err {
-        quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
-        _ => None,
-    }
 }
