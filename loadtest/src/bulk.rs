@@ -17,7 +17,7 @@ use keyway_proto::tls::{quic_client_crypto, quic_server_crypto, AnyKey};
 use keyway_proto::ALPN_RELAY;
 use serde_json::json;
 
-use crate::common::{echo_transfer, identity, median, round, unix_time};
+use crate::common::{echo_transfer, identity_for, median, round, unix_time};
 use crate::Record;
 
 /// Options of the bulk scenario.
@@ -125,7 +125,7 @@ struct DirectServer {
 
 impl DirectServer {
     async fn start() -> anyhow::Result<Self> {
-        let server_id = identity(3, 0);
+        let server_id = identity_for(3, 0);
         let crypto = quic_server_crypto(&server_id, Arc::new(AnyKey), ALPN_RELAY)?;
         let mut config = quinn::ServerConfig::with_crypto(crypto);
         let mut transport = quinn::TransportConfig::default();
@@ -147,7 +147,7 @@ impl DirectServer {
                 });
             }
         });
-        let (crypto, _) = quic_client_crypto(&identity(3, 1), server_id.public_key(), ALPN_RELAY)?;
+        let (crypto, _) = quic_client_crypto(&identity_for(3, 1), server_id.public_key(), ALPN_RELAY)?;
         let client = endpoint(None)?;
         let connecting =
             client.connect_with(quinn::ClientConfig::new(crypto), addr, keyway_proto::tls::SERVER_NAME)?;

@@ -1,5 +1,7 @@
-//! What every scenario shares: the relay child process, `/proc` readings, deterministic
-//! identities, a TCP echo service, percentiles, progress bars and JSON-lines output.
+//! What every scenario shares: the relay child process, `/proc` readings, the one-hub set-up,
+//! percentiles, progress bars and JSON-lines output. Deterministic identities
+//! (`identity_for`), the TCP echo service and payloads are `keyway-test-support`'s, the same
+//! the tests use.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,8 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use keyway_proto::{HubName, Identity, PublicKey};
+pub use keyway_test_support::identity_for;
+use keyway_test_support::{payload, try_echo_service};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
 use crate::Record;
@@ -231,8 +234,8 @@ impl OneHub {
     /// Starts relay, service and hub and waits for the registration. `purposes` (hub, app)
     /// keep the keys distinct from other scenarios'.
     pub async fn start(relay_bin: &Path, purposes: (u8, u8)) -> anyhow::Result<Self> {
-        let hub_id = identity(purposes.0, 0);
-        let app = identity(purposes.1, 0);
+        let hub_id = identity_for(purposes.0, 0);
+        let app = identity_for(purposes.1, 0);
         let name = hub_name(0);
         let hub_key = hub_id.public_key();
         let relay = RelayProc::start(relay_bin, &Policy::Closed(vec![(name.clone(), hub_key)]), &[]).await?;
@@ -246,7 +249,7 @@ impl OneHub {
                 app.public_key()
             ),
         )?;
-        let service = echo_service().await?;
+        let service = try_echo_service(b"").await?;
         let config =
             keyway_hub::HubConfig::new(relay.addr, relay.key, name.clone(), hub_id, apps_file, service);
         let hub = keyway_hub::start(config).await?;
@@ -261,39 +264,14 @@ impl OneHub {
     }
 }
 
-/// A deterministic identity per (purpose, index): reruns use the same keys, and distinct
-/// purposes never collide.
-pub fn identity(purpose: u8, index: u32) -> Identity {
-    let mut seed = [0u8; 32];
-    seed[0] = 0x10;
-    seed[1] = purpose;
-    seed[2..6].copy_from_slice(&index.to_le_bytes());
-    Identity::from_seed(seed)
-}
-
 /// The hub name of hub `index`.
 pub fn hub_name(index: u32) -> HubName {
     #[allow(clippy::expect_used)] // `h` + digits is always a valid name
     HubName::new(&format!("h{index}")).expect("valid hub name")
 }
 
-/// A TCP service that echoes everything back, honouring half-close, with `TCP_NODELAY` (as the
-/// hub's local service should have).
-pub async fn echo_service() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let (mut r, mut w) = stream.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    Ok(addr)
-}
+/// The seed of [`echo_transfer`]'s block (the bytes it has always sent).
+const BLOCK_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// Writes `bytes` into `stream` while reading the echo back; returns the time until the last
 /// byte came back. The payload is random so nothing downstream can compress it.
@@ -302,7 +280,7 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     const CHUNK: usize = 256 * 1024;
-    let block: std::sync::Arc<[u8]> = random_bytes(CHUNK).into();
+    let block: std::sync::Arc<[u8]> = payload(CHUNK, BLOCK_SEED).into();
     let (mut r, mut w) = tokio::io::split(stream);
     let start = Instant::now();
     let writer = tokio::spawn(async move {
@@ -327,20 +305,6 @@ where
     let elapsed = start.elapsed();
     writer.await??;
     Ok(elapsed)
-}
-
-/// Pseudo-random bytes (xorshift): incompressible enough, and no RNG dependency.
-pub fn random_bytes(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// The `p`-th percentile (0..=100, nearest rank) of `values`, which it sorts.

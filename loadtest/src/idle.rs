@@ -3,7 +3,9 @@
 //! to the next).
 //!
 //! Hubs here are *raw*: a quinn connection plus a control stream carrying one `Register`
-//! frame, built from `keyway_proto` directly rather than a full `keyway_hub` connector. That is
+//! frame (the raw protocol peer of `keyway_test_support::raw`, the one the relay's tests use,
+//! here over a shared endpoint with lean transport settings) rather than a full `keyway_hub`
+//! connector. That is
 //! exactly what the relay sees of an idle hub (connection, control stream, QUIC keep-alive
 //! every 15 s), while the load generator stays cheap: many hubs dial from one quinn endpoint
 //! (one UDP socket), no per-hub timers, file watchers or TLS server configs. The target is the
@@ -15,14 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
-use keyway_proto::io::{read_frame, write_frame};
-use keyway_proto::tls::quic_client_crypto;
-use keyway_proto::{Frame, PublicKey, ALPN_RELAY};
+use keyway_proto::{Frame, PublicKey};
+use keyway_test_support::raw::{self, Control};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
 use crate::bare::{BareProc, Knobs};
-use crate::common::{hub_name, identity, round, unix_time, Policy, ProcUsage, RelayProc};
+use crate::common::{hub_name, identity_for, round, unix_time, Policy, ProcUsage, RelayProc};
 use crate::Record;
 
 /// What the hubs register with.
@@ -74,8 +75,7 @@ impl Server {
 /// One registered idle hub: kept alive by holding its connection and control stream.
 struct Held {
     _conn: quinn::Connection,
-    _send: quinn::SendStream,
-    _recv: quinn::RecvStream,
+    _control: Control,
 }
 
 /// Runs the scenario.
@@ -86,7 +86,7 @@ pub async fn run(opts: &IdleOpts) -> anyhow::Result<Vec<Record>> {
             let policy = if *open {
                 Policy::Open
             } else {
-                let hubs = (0..max as u32).map(|i| (hub_name(i), identity(4, i).public_key())).collect();
+                let hubs = (0..max as u32).map(|i| (hub_name(i), identity_for(4, i).public_key())).collect();
                 Policy::Closed(hubs)
             };
             let label = if *open { "relay-open" } else { "relay" };
@@ -117,7 +117,7 @@ pub async fn run(opts: &IdleOpts) -> anyhow::Result<Vec<Record>> {
     let n_endpoints = max.div_ceil(opts.hubs_per_endpoint.max(1)).max(1);
     let endpoints: Vec<quinn::Endpoint> =
         (0..n_endpoints).map(|_| crate::bulk::endpoint(None)).collect::<anyhow::Result<_>>()?;
-    let apps: Vec<PublicKey> = (0..2).map(|i| identity(5, i).public_key()).collect();
+    let apps: Vec<PublicKey> = (0..2).map(|i| identity_for(5, i).public_key()).collect();
 
     let mut held: Vec<Held> = Vec::with_capacity(max);
     let mut failures = 0usize;
@@ -199,22 +199,16 @@ async fn register(
     transport: Arc<quinn::TransportConfig>,
     allowed_apps: Vec<PublicKey>,
 ) -> anyhow::Result<Held> {
-    let id = identity(4, index);
-    let (crypto, _) = quic_client_crypto(&id, relay_key, ALPN_RELAY)?;
-    let mut config = quinn::ClientConfig::new(crypto);
+    let id = identity_for(4, index);
+    let mut config = raw::client_config(&id, relay_key)?;
     config.transport_config(transport);
-    let conn = tokio::time::timeout(
-        Duration::from_secs(30),
-        endpoint.connect_with(config, addr, keyway_proto::tls::SERVER_NAME)?,
-    )
-    .await
-    .map_err(|_| anyhow!("handshake timed out"))??;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let frame = Frame::Register { name: hub_name(index), allowed_apps, pairing_open: false };
-    write_frame(&mut send, &frame).await?;
-    match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv)).await {
-        Ok(Ok(Frame::Registered { .. })) => Ok(Held { _conn: conn, _send: send, _recv: recv }),
-        Ok(Ok(other)) => bail!("hub {index}: expected Registered, got {other:?}"),
+    let conn = tokio::time::timeout(Duration::from_secs(30), raw::dial_with(endpoint, addr, config))
+        .await
+        .map_err(|_| anyhow!("handshake timed out"))??;
+    let register = raw::register(&conn, hub_name(index), &allowed_apps, false);
+    match tokio::time::timeout(Duration::from_secs(30), register).await {
+        Ok(Ok((control, Frame::Registered { .. }))) => Ok(Held { _conn: conn, _control: control }),
+        Ok(Ok((_, other))) => bail!("hub {index}: expected Registered, got {other:?}"),
         Ok(Err(e)) => bail!("hub {index}: {e}"),
         Err(_) => bail!("hub {index}: no answer to Register"),
     }

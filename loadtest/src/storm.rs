@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use keyway_hub::{HubConfig, HubHandle};
 use serde_json::json;
 
-use crate::common::{hub_name, identity, percentile, round, unix_time, Policy, RelayProc};
+use crate::common::{hub_name, identity_for, percentile, round, unix_time, Policy, RelayProc};
 use crate::Record;
 
 /// Options of the storm scenario.
@@ -36,14 +36,14 @@ const BUCKET: Duration = Duration::from_millis(100);
 /// Runs the scenario.
 pub async fn run(opts: &StormOpts) -> anyhow::Result<Vec<Record>> {
     let n = opts.hubs as u32;
-    let ids: Vec<_> = (0..n).map(|i| identity(6, i)).collect();
+    let ids: Vec<_> = (0..n).map(|i| identity_for(6, i)).collect();
     let policy =
         Policy::Closed(ids.iter().enumerate().map(|(i, id)| (hub_name(i as u32), id.public_key())).collect());
     let mut relay = RelayProc::start(&opts.relay_bin, &policy, &[]).await?;
     let dir = tempfile::tempdir()?;
     let apps_file = dir.path().join("authorized_apps");
-    std::fs::write(&apps_file, format!("{} loadtest app\n", identity(7, 0).public_key()))?;
-    let service = crate::common::echo_service().await?;
+    std::fs::write(&apps_file, format!("{} loadtest app\n", identity_for(7, 0).public_key()))?;
+    let service = keyway_test_support::try_echo_service(b"").await?;
 
     let bar = crate::common::progress(n as u64, "starting hubs", opts.quiet);
     let mut hubs: Vec<HubHandle> = Vec::with_capacity(opts.hubs);

@@ -404,19 +404,9 @@ pub fn run_bin(name: &str, args: &[&str], cwd: &Path) -> (bool, String, String) 
     )
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so payloads neither compress nor repeat.
-pub fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+/// Deterministic pseudo-random bytes, so payloads neither compress nor repeat (the generator
+/// every test shares).
+pub use keyway_test_support::payload;
 
 /// Lowercase hex SHA-256.
 pub fn sha256_hex(data: &[u8]) -> String {
