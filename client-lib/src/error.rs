@@ -8,8 +8,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use keyway_proto::tls::KeyMismatch;
-use keyway_proto::RefusalReason;
+use keyway_proto::tls::{KeyMismatch, TlsConfigError};
+use keyway_proto::{FrameError, HubName, RefusalReason};
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,16 +32,16 @@ pub enum ClientError {
     HubKeyMismatch(KeyMismatch),
     /// The end-to-end TLS handshake failed after the hub accepted the session.
     #[error("end-to-end TLS with the hub failed (is this app key in the hub's authorized_apps?): {0}")]
-    HubRejected(String),
+    HubRejected(#[source] HandshakeError),
     /// The QUIC connection to the relay failed or was closed.
     #[error("relay connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
     /// The peer sent something the protocol does not allow here.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    /// A TLS configuration or handshake problem not covered above.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The TLS configuration could not be built (never caused by the network).
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] TlsConfigError),
     /// The hub answered a pairing request with something other than success.
     #[error("pairing refused by the hub ({status}): {message}")]
     PairingRejected { status: crate::pairing::PairStatus, message: String },
@@ -51,9 +51,53 @@ pub enum ClientError {
     /// Local I/O failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
-    /// The configuration cannot work (bad address family, bad timer, bad key).
-    #[error("configuration: {0}")]
-    Config(String),
+    /// The configuration cannot work (bad timer, relay address that does not resolve).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Why a client's configuration cannot work. Each message starts with `configuration:`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: a tokio runtime is required to bind the endpoint")]
+    NoRuntime,
+    #[error("configuration: idle timeout {idle_timeout:?} is too large")]
+    IdleTimeoutTooLarge { idle_timeout: Duration, source: quinn::VarIntBoundsExceeded },
+    #[error("configuration: cannot dial relay {relay}: {source}")]
+    Dial { relay: SocketAddr, source: quinn::ConnectError },
+    #[error("configuration: cannot resolve relay {relay}: {source}")]
+    Resolve { relay: String, source: std::io::Error },
+    #[error("configuration: relay {relay} resolves to no address")]
+    NoAddress { relay: String },
+}
+
+/// The relay or the hub broke the protocol. Each message starts with `protocol error:`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("protocol error: the relay closed the session stream {what}")]
+    StreamClosed { what: &'static str },
+    #[error("protocol error: bad frame {what}: {source}")]
+    BadFrame { what: &'static str, source: FrameError },
+    #[error(
+        "protocol error: no answer to the session request for hub {hub} within {}",
+        humantime::format_duration(*waited)
+    )]
+    NoAnswer { hub: HubName, waited: Duration },
+    #[error("protocol error: expected SessionAccepted or Refused, got {got}")]
+    UnexpectedAnswer { got: &'static str },
+    /// The hub's pairing answer announced a message over the limit.
+    #[error("protocol error: {0}")]
+    PairingAnswer(#[source] keyway_proto::pairing::AnswerError),
+}
+
+/// Why the end-to-end TLS handshake with the hub failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// rustls gave up (an alert from the hub, or a bad message).
+    #[error(transparent)]
+    Tls(std::io::Error),
+    #[error("the end-to-end TLS handshake did not finish within {}", humantime::format_duration(*waited))]
+    TimedOut { waited: Duration },
 }
 
 impl ClientError {
@@ -72,16 +116,8 @@ impl From<keyway_proto::pairing::AnswerError> for ClientError {
     fn from(e: keyway_proto::pairing::AnswerError) -> Self {
         match e {
             keyway_proto::pairing::AnswerError::Io(e) => ClientError::Io(e),
-            e @ keyway_proto::pairing::AnswerError::MessageTooLong { .. } => {
-                ClientError::Protocol(e.to_string())
-            }
+            e => ClientError::Protocol(ProtocolError::PairingAnswer(e)),
         }
-    }
-}
-
-impl From<keyway_proto::tls::TlsConfigError> for ClientError {
-    fn from(e: keyway_proto::tls::TlsConfigError) -> Self {
-        ClientError::Tls(e.to_string())
     }
 }
 

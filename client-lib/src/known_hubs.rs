@@ -28,8 +28,16 @@ pub enum KnownHubsError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a valid hubs file: {why}")]
-    Parse { path: PathBuf, why: String },
+    /// (The message alone, without toml's multi-line snippet of the file.)
+    #[error("{path} is not a valid hubs file: {}", source.message())]
+    Toml { path: PathBuf, source: toml::de::Error },
+    #[error("{path} is not a valid hubs file: hub {name}: {source}")]
+    BadHub { path: PathBuf, name: String, source: keyway_proto::FrameError },
+    #[error("{path} is not a valid hubs file: hub {name}: {field}: {source}")]
+    BadKey { path: PathBuf, name: String, field: &'static str, source: keyway_proto::IdentityError },
+    /// The store could not be serialized (a bug, not a user error).
+    #[error("{path} is not a valid hubs file: {source}")]
+    Serialize { path: PathBuf, source: toml::ser::Error },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -67,13 +75,22 @@ impl KnownHubs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(source) => return Err(KnownHubsError::Read { path: path.into(), source }),
         };
-        let parse = |why: String| KnownHubsError::Parse { path: path.into(), why };
-        let file: File = toml::from_str(&text).map_err(|e| parse(e.message().to_owned()))?;
+        let file: File =
+            toml::from_str(&text).map_err(|source| KnownHubsError::Toml { path: path.into(), source })?;
         let mut hubs = BTreeMap::new();
         for (name, e) in file.hubs {
-            let hub: HubName = name.parse().map_err(|e| parse(format!("hub {name}: {e}")))?;
-            let key = |k: &str, what: &str| {
-                k.parse::<PublicKey>().map_err(|e| parse(format!("hub {name}: {what}: {e}")))
+            let hub: HubName = name.parse().map_err(|source| KnownHubsError::BadHub {
+                path: path.into(),
+                name: name.clone(),
+                source,
+            })?;
+            let key = |k: &str, field: &'static str| {
+                k.parse::<PublicKey>().map_err(|source| KnownHubsError::BadKey {
+                    path: path.into(),
+                    name: name.clone(),
+                    field,
+                    source,
+                })
             };
             let paired = PairedHub {
                 relay: e.relay,
@@ -113,7 +130,7 @@ impl KnownHubs {
                 .collect(),
         };
         let text = toml::to_string(&file)
-            .map_err(|e| KnownHubsError::Parse { path: self.path.clone(), why: e.to_string() })?;
+            .map_err(|source| KnownHubsError::Serialize { path: self.path.clone(), source })?;
         keyway_proto::files::write_atomically(&self.path, text.as_bytes(), 0o600)
             .map_err(|source| KnownHubsError::Write { path: self.path.clone(), source })
     }
@@ -148,6 +165,14 @@ mod tests {
         assert_eq!(KnownHubs::load(&path).unwrap().get(&home), Some(&paired));
         std::fs::write(&path, "[hubs.home]\nrelay = \"x:1\"\nrelay_key = \"nope\"\nhub_key = \"nope\"\n")
             .unwrap();
-        assert!(KnownHubs::load(&path).unwrap_err().to_string().contains("relay_key"));
+        let err = KnownHubs::load(&path).unwrap_err();
+        assert!(err.to_string().contains("relay_key"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{} is not a valid hubs file: hub home: relay_key: ", path.display())),
+            "{err}"
+        );
+        std::fs::write(&path, "[hubs.home\n").unwrap();
+        assert!(matches!(KnownHubs::load(&path), Err(KnownHubsError::Toml { .. })));
     }
 }

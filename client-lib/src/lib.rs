@@ -34,7 +34,7 @@ use keyway_proto::{HubName, PublicKey, SessionPurpose};
 use quinn::{Connection, Endpoint};
 
 pub use config::ClientConfig;
-pub use error::ClientError;
+pub use error::{ClientError, ConfigError, HandshakeError, ProtocolError};
 pub use pairing::{pair, PairedHub, PairingCode};
 pub use session::HubStream;
 
@@ -180,8 +180,9 @@ impl Client {
         &self,
         hub_key: &PublicKey,
     ) -> Result<(Arc<rustls::ClientConfig>, MismatchSlot), ClientError> {
-        let mut cache =
-            self.inner.e2e.lock().map_err(|_| ClientError::Tls("TLS config cache poisoned".into()))?;
+        // A panic elsewhere while holding the lock cannot leave the map half-updated (one
+        // insert of a finished config), so a poisoned cache is still a good cache.
+        let mut cache = self.inner.e2e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((config, slot)) = cache.get(hub_key) {
             return Ok((config.clone(), slot.clone()));
         }

@@ -21,7 +21,7 @@ pub use keyway_proto::pairing::{
     PairingCode, MAX_MESSAGE_LEN, MAX_SECRET_LEN, PAIR_VERSION, SECRET_LEN,
 };
 
-use crate::error::ClientError;
+use crate::error::{ClientError, ConfigError};
 use crate::{Client, ClientConfig};
 
 /// What a successful pairing learned: enough to `connect` later with nothing else configured.
@@ -37,9 +37,9 @@ pub struct PairedHub {
 pub async fn pair(code: &PairingCode, identity: Identity) -> Result<PairedHub, ClientError> {
     let relay_addr = tokio::net::lookup_host(&code.relay)
         .await
-        .map_err(|e| ClientError::Config(format!("cannot resolve relay {}: {e}", code.relay)))?
+        .map_err(|source| ConfigError::Resolve { relay: code.relay.clone(), source })?
         .next()
-        .ok_or_else(|| ClientError::Config(format!("relay {} resolves to no address", code.relay)))?;
+        .ok_or_else(|| ConfigError::NoAddress { relay: code.relay.clone() })?;
     let client = Client::new(ClientConfig::new(identity, relay_addr, code.relay_key))?;
     let result = pair_with(&client, code).await;
     client.close().await;

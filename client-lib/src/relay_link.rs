@@ -16,7 +16,7 @@ use keyway_proto::tls::MismatchSlot;
 use keyway_proto::{Identity, PublicKey};
 use quinn::{Connection, Endpoint, VarInt};
 
-use crate::error::ClientError;
+use crate::error::{ClientError, ConfigError};
 
 /// The QUIC application codes, re-exported for one step while the hub connector switches its
 /// imports to [`keyway_proto::codes`] (their home, shared by relay, hub and apps).
@@ -43,8 +43,7 @@ pub fn bind_endpoint(relay_addr: SocketAddr) -> Result<Endpoint, ClientError> {
     }
     socket.bind(&local.into())?;
     socket.set_nonblocking(true)?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| ClientError::Config("a tokio runtime is required to bind the endpoint".into()))?;
+    let runtime = quinn::default_runtime().ok_or(ConfigError::NoRuntime)?;
     let endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), runtime)?;
     Ok(endpoint)
 }
@@ -55,7 +54,7 @@ pub fn transport_config(
     idle_timeout: Duration,
 ) -> Result<quinn::TransportConfig, ClientError> {
     let idle = quinn::IdleTimeout::try_from(idle_timeout)
-        .map_err(|_| ClientError::Config(format!("idle timeout {idle_timeout:?} is too large")))?;
+        .map_err(|source| ConfigError::IdleTimeoutTooLarge { idle_timeout, source })?;
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(idle));
     if !keep_alive.is_zero() {
@@ -104,7 +103,7 @@ impl RelayDialer {
         let _ = self.mismatch.take();
         let connecting = endpoint
             .connect_with(self.config.clone(), self.relay_addr, keyway_proto::tls::SERVER_NAME)
-            .map_err(|e| ClientError::Config(format!("cannot dial relay {}: {e}", self.relay_addr)))?;
+            .map_err(|source| ConfigError::Dial { relay: self.relay_addr, source })?;
         let conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => {
                 return Err(match self.mismatch.take() {
@@ -173,7 +172,7 @@ mod tests {
         assert!(transport_config(Duration::from_secs(15), Duration::from_secs(60)).is_ok());
         assert!(matches!(
             transport_config(Duration::from_secs(15), Duration::from_secs(u64::MAX / 2)),
-            Err(ClientError::Config(_))
+            Err(ClientError::Config(ConfigError::IdleTimeoutTooLarge { .. }))
         ));
     }
 }

@@ -18,7 +18,7 @@ use keyway_proto::{Frame, HubName, PublicKey, SessionPurpose};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::error::ClientError;
+use crate::error::{ClientError, HandshakeError, ProtocolError};
 
 /// The two halves of a QUIC bidirectional stream as one tokio byte stream (what TLS runs over).
 #[derive(Debug)]
@@ -113,13 +113,13 @@ impl AsyncWrite for HubStream {
 
 /// Maps a failure on a session stream: if the whole connection is gone, say so (the caller
 /// may redial), else report what went wrong on the stream.
-fn stream_failure(conn: &Connection, what: &str, err: FrameIoError) -> ClientError {
+fn stream_failure(conn: &Connection, what: &'static str, err: FrameIoError) -> ClientError {
     if let Some(reason) = conn.close_reason() {
         return ClientError::Connection(reason);
     }
     match err {
-        FrameIoError::Closed => ClientError::Protocol(format!("the relay closed the session stream {what}")),
-        FrameIoError::Frame(e) => ClientError::Protocol(format!("bad frame {what}: {e}")),
+        FrameIoError::Closed => ProtocolError::StreamClosed { what }.into(),
+        FrameIoError::Frame(source) => ProtocolError::BadFrame { what, source }.into(),
         FrameIoError::Io(e) => ClientError::Io(e),
     }
 }
@@ -154,20 +154,14 @@ pub(crate) async fn open(
         Err(_) => {
             let _ = send.reset(keyway_proto::codes::NORMAL);
             let _ = recv.stop(keyway_proto::codes::NORMAL);
-            let error = ClientError::Protocol(format!(
-                "no answer to the session request for hub {hub} within {}",
-                humantime::format_duration(answer_timeout)
-            ));
+            let error = ProtocolError::NoAnswer { hub: hub.clone(), waited: answer_timeout }.into();
             return Err(OpenFailure { error, no_answer: true });
         }
     };
     match answer {
         Frame::SessionAccepted => Ok(QuicBiStream { send, recv }),
         Frame::Refused { reason, message } => Err(ClientError::Refused { reason, message }.into()),
-        other => {
-            let what = format!("expected SessionAccepted or Refused, got {}", other.name());
-            Err(ClientError::Protocol(what).into())
-        }
+        other => Err(ClientError::from(ProtocolError::UnexpectedAnswer { got: other.name() }).into()),
     }
 }
 
@@ -186,11 +180,8 @@ pub(crate) async fn handshake(
             // The slot is shared by all sessions to this hub key, so a hit means the far end
             // presented another key than `hub_key`, whichever session recorded it.
             Some(m) => ClientError::HubKeyMismatch(m),
-            None => ClientError::HubRejected(e.to_string()),
+            None => ClientError::HubRejected(HandshakeError::Tls(e)),
         }),
-        Err(_) => Err(ClientError::HubRejected(format!(
-            "the end-to-end TLS handshake did not finish within {}",
-            humantime::format_duration(timeout)
-        ))),
+        Err(_) => Err(ClientError::HubRejected(HandshakeError::TimedOut { waited: timeout })),
     }
 }

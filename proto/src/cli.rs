@@ -16,8 +16,9 @@ use std::time::Duration;
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is not valid TOML: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// (The message alone, without toml's multi-line snippet of the file.)
+    #[error("config file {path} is not valid TOML: {}", source.message())]
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("config file {path}: unknown option {key:?} (valid options: {valid})")]
     UnknownKey { path: PathBuf, key: String, valid: String },
     #[error("config file {path}: option {key:?} must be a string, number, boolean or list of strings")]
@@ -47,10 +48,8 @@ pub fn config_env(
     path: &Path,
     text: &str,
 ) -> Result<Vec<(String, String)>, ConfigError> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-        path: path.into(),
-        message: e.message().to_owned(),
-    })?;
+    let table: toml::Table =
+        text.parse().map_err(|source: toml::de::Error| ConfigError::Parse { path: path.into(), source })?;
     let mut out = Vec::new();
     for (key, value) in table {
         let long = key.replace('_', "-");
@@ -108,9 +107,17 @@ pub fn apply_config_file(
     Ok(())
 }
 
+/// A flag or config value that is not a duration (clap prints it after the flag's name).
+#[derive(Debug, thiserror::Error)]
+#[error("{text:?} is not a duration like 15s or 500ms: {source}")]
+pub struct DurationError {
+    pub text: String,
+    pub source: humantime::DurationError,
+}
+
 /// Parses durations such as `15s`, `500ms`, `2m` for flags and config files.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration like 15s or 500ms: {e}"))
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(text).map_err(|source| DurationError { text: text.to_owned(), source })
 }
 
 /// Structured logs to stderr; the level comes from `RUST_LOG` (default `info`).
@@ -193,6 +200,7 @@ mod tests {
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert!(parse_duration("soon").is_err());
+        let err = parse_duration("soon").unwrap_err();
+        assert!(err.to_string().starts_with("\"soon\" is not a duration like 15s or 500ms: "), "{err}");
     }
 }

@@ -1,9 +1,25 @@
-//! Keyway's pure building blocks.
+//! Keyway's shared foundations: what the relay, the hub connector and the client library must
+//! agree on, in one crate that every side imports.
 //!
-//! Like `quinn-proto`, this crate does no I/O of its own: it holds the identities
-//! ([`identity`]), the wire codec ([`codec`]) and the rustls configurations that pin raw
-//! Ed25519 public keys ([`tls`]). Everything network-facing in the relay, the hub connector
-//! and the client library is built on these types, so they are unit-tested and fuzzed here.
+//! Most of it is pure, in the spirit of `quinn-proto` (no sockets, no files, no clock), so it
+//! is unit-tested exhaustively and fuzzed (`proto/fuzz`):
+//! * [`codec`]: the frames and their limits;
+//! * [`codes`]: the QUIC application error codes;
+//! * [`identity`]: keys, their one text form and fingerprints (but see key files below);
+//! * [`lists`]: parsing and formatting `authorized_hubs` / `authorized_apps`;
+//! * [`tls`]: the rustls configs that pin raw Ed25519 keys (built here, run by quinn and
+//!   tokio-rustls);
+//! * [`pairing`]: the pairing code's URI form and the answer statuses.
+//!
+//! Some of it does I/O, kept thin and on what the caller hands in:
+//! * [`io`]: frames over any tokio byte stream ([`io::FrameReader`], cancel-safe);
+//! * [`pairing`]: the request/answer exchange over the end-to-end stream;
+//! * [`identity`]: key files ([`Identity::load`], [`Identity::save`], mode checks);
+//! * [`files`]: atomic writes of state files;
+//! * `ops_http` (feature `ops-http`): the `/metrics` and `/healthz` TCP listener;
+//! * `cli` (feature `cli`): config files, environment, logging and `main` of the binaries.
+//!
+//! Without features the crate pulls no HTTP server and no command-line parser.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 #[cfg(feature = "cli")]

@@ -37,8 +37,9 @@ pub enum TlsConfigError {
     Rustls(#[from] rustls::Error),
     #[error("identity: {0}")]
     Identity(#[from] crate::identity::IdentityError),
+    /// quinn refuses a rustls config without a cipher suite it can use for Initial packets.
     #[error("QUIC does not accept this TLS configuration: {0}")]
-    Quic(String),
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
 }
 
 /// The peer presented a key other than the pinned one.
@@ -352,8 +353,7 @@ pub fn quic_client_crypto(
     alpn: &[u8],
 ) -> Result<(Arc<quinn::crypto::rustls::QuicClientConfig>, MismatchSlot), TlsConfigError> {
     let (config, mismatch) = client_config(identity, server_key, alpn)?;
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config)
-        .map_err(|e| TlsConfigError::Quic(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config)?;
     Ok((Arc::new(quic), mismatch))
 }
 
@@ -364,8 +364,7 @@ pub fn quic_server_crypto(
     alpn: &[u8],
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsConfigError> {
     let config = server_config(identity, authorizer, alpn)?;
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config)
-        .map_err(|e| TlsConfigError::Quic(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config)?;
     Ok(Arc::new(quic))
 }
 
