@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use keyway_client::PairingCode;
 use keyway_proto::cli::parse_duration;
 use keyway_proto::{HubName, Identity, PublicKey};
 
@@ -311,7 +312,7 @@ fn pair(args: PairArgs) -> anyhow::Result<()> {
     };
     let before: Vec<PublicKey> = crate::apps::list_apps(&args.apps)?.into_iter().map(|a| a.key).collect();
     let secret = crate::pairing::open_window(&args.apps, &args.label, args.ttl)?;
-    let code = keyway_client::PairingCode {
+    let code = PairingCode {
         relay: relay.clone(),
         relay_key,
         hub: args.name.clone(),
@@ -327,7 +328,7 @@ fn pair(args: PairArgs) -> anyhow::Result<()> {
     // The code goes to stdout (and only there): it is the one place the secret exists.
     println!("{code}");
     if !args.no_qr {
-        match crate::pairing::render_qr(&code) {
+        match render_qr(&code) {
             Ok(qr) => eprintln!("{qr}"),
             Err(e) => eprintln!("(no QR code: {e})"),
         }
@@ -369,6 +370,18 @@ fn pair(args: PairArgs) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The pairing code as a terminal QR code (two modules per character cell, so it fits).
+/// Part of the command line, not of the library: an embedder shows the code its own way.
+pub fn render_qr(code: &PairingCode) -> Result<String, qrcode::types::QrError> {
+    let qr = qrcode::QrCode::new(code.to_string().as_bytes())?;
+    Ok(qr
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
 }
 
 #[cfg(test)]
@@ -575,5 +588,18 @@ mod tests {
         let Command::Run(run) = cli.command else { panic!("not run") };
         let config = run.to_config(Identity::from_seed([2; 32])).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("keep-alive"));
+    }
+
+    #[test]
+    fn qr_renders() {
+        let code = PairingCode {
+            relay: "127.0.0.1:4433".into(),
+            relay_key: keyway_proto::Identity::from_seed([1; 32]).public_key(),
+            hub: keyway_proto::HubName::new("home").unwrap(),
+            hub_key: keyway_proto::Identity::from_seed([2; 32]).public_key(),
+            secret: vec![1; 16],
+        };
+        let qr = render_qr(&code).unwrap();
+        assert!(qr.lines().count() > 20, "{qr}");
     }
 }

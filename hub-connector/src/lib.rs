@@ -17,6 +17,7 @@
 
 pub mod apps;
 pub mod backoff;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 mod connector;

@@ -18,7 +18,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyway_client::PairingCode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -158,17 +157,6 @@ pub fn open_window(apps_file: &Path, label: &str, ttl: Duration) -> Result<Vec<u
     Ok(secret)
 }
 
-/// The pairing code as a terminal QR code (two modules per character cell, so it fits).
-pub fn render_qr(code: &PairingCode) -> Result<String, qrcode::types::QrError> {
-    let qr = qrcode::QrCode::new(code.to_string().as_bytes())?;
-    Ok(qr
-        .render::<qrcode::render::unicode::Dense1x2>()
-        .dark_color(qrcode::render::unicode::Dense1x2::Light)
-        .light_color(qrcode::render::unicode::Dense1x2::Dark)
-        .quiet_zone(true)
-        .build())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,18 +191,5 @@ mod tests {
         close_window(&path).unwrap();
         close_window(&path).unwrap();
         assert!(read_window(&path).unwrap().is_none());
-    }
-
-    #[test]
-    fn qr_renders() {
-        let code = PairingCode {
-            relay: "127.0.0.1:4433".into(),
-            relay_key: keyway_proto::Identity::from_seed([1; 32]).public_key(),
-            hub: keyway_proto::HubName::new("home").unwrap(),
-            hub_key: keyway_proto::Identity::from_seed([2; 32]).public_key(),
-            secret: vec![1; 16],
-        };
-        let qr = render_qr(&code).unwrap();
-        assert!(qr.lines().count() > 20, "{qr}");
     }
 }
