@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
-use keyway_client::PairingCode;
 use keyway_proto::cli::parse_duration;
+use keyway_proto::pairing::PairingCode;
 use keyway_proto::{HubName, Identity, PublicKey};
 
 use crate::HubConfig;

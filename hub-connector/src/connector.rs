@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::relay_link::{self, codes, RelayDialer};
+use keyway_client::relay_link::{self, RelayDialer};
+use keyway_proto::codes;
 use keyway_proto::PublicKey;
 use quinn::Endpoint;
 use tokio::sync::watch;

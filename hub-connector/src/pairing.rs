@@ -145,7 +145,7 @@ pub fn close_window(path: &Path) -> Result<(), PairingError> {
 /// Opens a window for the hub whose allow-list is `apps_file` (replacing any open one) and
 /// returns the fresh secret, to be put in the pairing code and nowhere else.
 pub fn open_window(apps_file: &Path, label: &str, ttl: Duration) -> Result<Vec<u8>, PairingError> {
-    let mut secret = vec![0u8; keyway_client::pairing::SECRET_LEN];
+    let mut secret = vec![0u8; keyway_proto::pairing::SECRET_LEN];
     getrandom::fill(&mut secret).map_err(PairingError::Random)?;
     let window = PairingWindow {
         secret_sha256: hash_hex(&secret),

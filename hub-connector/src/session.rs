@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::relay_link::codes;
 use keyway_client::session::QuicBiStream;
+use keyway_proto::codes;
 use keyway_proto::io::{read_frame, write_frame};
 use keyway_proto::{Frame, PublicKey, RefusalReason, SessionPurpose};
 use quinn::{RecvStream, SendStream, VarInt};
@@ -231,7 +231,7 @@ const PAIR_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// app), then the app's secret is checked against the window and, if right, the proven key is
 /// appended to `authorized_apps` and the window is closed. The secret is never logged.
 async fn pair(shared: Arc<Shared>, mut send: SendStream, recv: RecvStream, app_key: PublicKey) {
-    use keyway_client::pairing::{read_request, write_answer, PairStatus};
+    use keyway_proto::pairing::{read_request, write_answer, PairStatus};
 
     if !shared.refresh_pairing() {
         let msg = format!(
@@ -282,8 +282,8 @@ async fn consume_window(
     shared: &Shared,
     app_key: &PublicKey,
     secret: &[u8],
-) -> (keyway_client::pairing::PairStatus, String) {
-    use keyway_client::pairing::PairStatus;
+) -> (keyway_proto::pairing::PairStatus, String) {
+    use keyway_proto::pairing::PairStatus;
     let _guard = shared.pair_lock.lock().await;
     let window = match crate::pairing::read_window(&shared.window_file) {
         Ok(Some(w)) if w.is_open() => w,

@@ -10,8 +10,8 @@
 //!
 //! While registered, one loop multiplexes:
 //! * incoming session streams (each handled in its own task, see [`crate::session`]);
-//! * frames from the relay on the control stream (`Pong`, `Ping`, `GoAway`), read by a helper
-//!   task because reading a frame is not cancel-safe;
+//! * frames from the relay on the control stream (`Pong`, `Ping`, `GoAway`), read in place
+//!   through a [`FrameReader`], which keeps a partly arrived frame across `select!` turns;
 //! * an application-level `Ping` every `ping_interval`: an unanswered ping by the next tick
 //!   means the tunnel is dead even if QUIC still thinks it is alive (liveness tests the path
 //!   through the relay, not a socket; the bookkeeping is [`Liveness`], pure);
@@ -27,13 +27,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::relay_link::{self, codes, RelayDialer};
+use keyway_client::relay_link::{self, RelayDialer};
 use keyway_proto::codec::MAX_ALLOWED_APPS;
-use keyway_proto::io::{read_frame, write_frame, FrameIoError};
+use keyway_proto::codes;
+use keyway_proto::io::{write_frame, FrameIoError, FrameReader};
 use keyway_proto::{Frame, PublicKey, RefusalReason};
 use quinn::{Connection, ConnectionError, Endpoint};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::apps::Apps;
@@ -130,13 +129,6 @@ fn published_apps(apps: &Apps) -> Vec<PublicKey> {
     keys
 }
 
-fn connection_lost(conn: &Connection, registered: bool, what: &str) -> Outcome {
-    match conn.close_reason() {
-        Some(reason) => from_connection_error(registered, reason),
-        None => Outcome::lost(registered, what),
-    }
-}
-
 fn from_connection_error(registered: bool, e: ConnectionError) -> Outcome {
     let replaced = matches!(&e, ConnectionError::ApplicationClosed(c) if c.error_code == codes::REPLACED);
     Outcome::Lost { registered, replaced, error: format!("relay connection: {e}") }
@@ -146,15 +138,6 @@ fn frame_error(conn: &Connection, registered: bool, what: &str, e: FrameIoError)
     match conn.close_reason() {
         Some(reason) => from_connection_error(registered, reason),
         None => Outcome::lost(registered, format!("{what}: {e}")),
-    }
-}
-
-/// Aborts a task when dropped (the control-stream reader must not outlive its tunnel).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -198,7 +181,7 @@ async fn serve(shared: &Arc<Shared>, tunnel: &Tunnel, conn: &Connection) -> Outc
     apps_changed.mark_unchanged();
     let mut pairing_changed = shared.pairing_open.subscribe();
     pairing_changed.mark_unchanged();
-    let (mut ctl_send, mut ctl_recv) = match conn.open_bi().await {
+    let (mut ctl_send, ctl_recv) = match conn.open_bi().await {
         Ok(streams) => streams,
         Err(e) => return from_connection_error(false, e),
     };
@@ -210,7 +193,8 @@ async fn serve(shared: &Arc<Shared>, tunnel: &Tunnel, conn: &Connection) -> Outc
     if let Err(e) = write_frame(&mut ctl_send, &register).await {
         return frame_error(conn, false, "sending Register", e);
     }
-    let reply = match tokio::time::timeout(config.connect_timeout, read_frame(&mut ctl_recv)).await {
+    let mut control = FrameReader::new(ctl_recv);
+    let reply = match tokio::time::timeout(config.connect_timeout, control.read_frame()).await {
         Ok(Ok(reply)) => reply,
         Ok(Err(e)) => return frame_error(conn, false, "waiting for Registered", e),
         Err(_) => return Outcome::lost(false, "the relay did not answer Register in time"),
@@ -228,17 +212,6 @@ async fn serve(shared: &Arc<Shared>, tunnel: &Tunnel, conn: &Connection) -> Outc
         }
     }
 
-    let (frames_tx, mut frames) = mpsc::channel::<Result<Frame, FrameIoError>>(16);
-    let _reader = AbortOnDrop(tokio::spawn(async move {
-        loop {
-            let frame = read_frame(&mut ctl_recv).await;
-            let end = frame.is_err();
-            if frames_tx.send(frame).await.is_err() || end {
-                break;
-            }
-        }
-    }));
-
     let interval = config.ping_interval;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -252,27 +225,27 @@ async fn serve(shared: &Arc<Shared>, tunnel: &Tunnel, conn: &Connection) -> Outc
                 }
                 Err(e) => return from_connection_error(true, e),
             },
-            frame = frames.recv() => match frame {
-                Some(Ok(Frame::Pong { nonce })) => liveness.pong(nonce),
-                Some(Ok(Frame::Ping { nonce: n })) => {
+            // Cancel-safe: a frame half read when another branch wins stays in `control`.
+            frame = control.read_frame() => match frame {
+                Ok(Frame::Pong { nonce }) => liveness.pong(nonce),
+                Ok(Frame::Ping { nonce: n }) => {
                     if let Err(e) = write_frame(&mut ctl_send, &Frame::Pong { nonce: n }).await {
                         return frame_error(conn, true, "answering Ping", e);
                     }
                 }
-                Some(Ok(Frame::GoAway { retry_after_ms, message })) => {
+                Ok(Frame::GoAway { retry_after_ms, message }) => {
                     return Outcome::GoAway { hint: Duration::from_millis(retry_after_ms.into()), message };
                 }
-                Some(Ok(Frame::Refused { reason, message })) => {
+                Ok(Frame::Refused { reason, message }) => {
                     // A relay may revoke a registration (e.g. authorized_hubs changed).
                     shared.set_status(tunnel, TunnelStatus::Refused { reason, message: message.clone() });
                     return Outcome::Refused { reason, message };
                 }
-                Some(Ok(other)) => {
+                Ok(other) => {
                     relay_link::close(conn, codes::PROTOCOL, "unexpected frame on the control stream");
                     return Outcome::lost(true, format!("unexpected {} on the control stream", other.name()));
                 }
-                Some(Err(e)) => return frame_error(conn, true, "control stream", e),
-                None => return connection_lost(conn, true, "control stream reader ended"),
+                Err(e) => return frame_error(conn, true, "control stream", e),
             },
             _ = ticker.tick() => {
                 let Some(nonce) = liveness.tick() else {
