@@ -12,6 +12,7 @@ use keyway_proto::io::{read_frame, FrameIoError};
 use keyway_proto::tls::quic_peer_key;
 use keyway_proto::{Frame, RefusalReason};
 use quinn::{RecvStream, SendStream, VarInt};
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::codes;
@@ -33,13 +34,14 @@ impl Drop for OpenStream {
 /// faster than `retry_threshold`, else accept it, under the handshake timeout.
 pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
+    let now = Instant::now();
     let stats = &shared.stats;
     if shared.is_shutting_down() {
         incoming.refuse();
         return;
     }
     let limits = shared.limits.get();
-    if shared.buckets.over_retry_threshold(&limits)
+    if shared.buckets.over_retry_threshold(&limits, now)
         && !incoming.remote_address_validated()
         && incoming.may_retry()
     {
@@ -51,7 +53,7 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         }
         return;
     }
-    if !shared.buckets.admit_ip(remote.ip(), &limits) {
+    if !shared.buckets.admit_ip(remote.ip(), &limits, now) {
         stats.limit_hit(LimitKind::NewConnectionsPerIp);
         stats.handshake(HandshakeRole::Quic, HandshakeResult::Refused);
         debug!(%remote, "refused a connection: over new_connections_per_ip");

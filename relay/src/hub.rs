@@ -156,7 +156,7 @@ async fn control_loop(
                 Ok(Frame::AllowList { allowed_apps, pairing_open }) => {
                     reading = Box::pin(read_owned(recv));
                     let apps = allowed_apps.len();
-                    let cut = hub.set_allow_list(allowed_apps, pairing_open);
+                    let cut = hub.access.set_allow_list(allowed_apps, pairing_open);
                     info!(hub = %hub.name, apps, pairing_open, sessions_cut = cut, "allow-list updated");
                 }
                 Ok(Frame::Ping { nonce }) => {

@@ -18,9 +18,11 @@
 //! ```
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+mod access;
 pub mod cli;
 mod config;
 mod connection;
+mod drain;
 mod endpoint;
 mod error;
 mod hub;

@@ -7,7 +7,9 @@
 //!
 //! The buckets are the textbook kind: `rate` tokens per second up to `burst`. The byte bucket
 //! lets a chunk through at once and makes the *next* one wait off the debt, so a chunk larger
-//! than the burst never deadlocks and the long-run rate is still exact.
+//! than the burst never deadlocks and the long-run rate is still exact. They have no clock of
+//! their own: every call is told the time (`now`, as quinn-proto is), so they are tested
+//! deterministically and the callers decide which clock counts.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -134,22 +136,24 @@ pub(crate) struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket.
-    pub fn new(burst: f64) -> Self {
-        Self { state: Mutex::new((burst, Instant::now())) }
+    /// A bucket full at `now`.
+    pub fn new(burst: f64, now: Instant) -> Self {
+        Self { state: Mutex::new((burst, now)) }
     }
 
-    fn refill(state: &mut (f64, Instant), rate: f64, burst: f64) {
-        let now = Instant::now();
+    /// Adds what `rate` earned since the last call, up to `burst`. A `now` earlier than the
+    /// last call's (callers read the clock before they take the lock) earns nothing and does
+    /// not move the bucket's time back.
+    fn refill(state: &mut (f64, Instant), rate: f64, burst: f64, now: Instant) {
         let elapsed = now.saturating_duration_since(state.1).as_secs_f64();
         state.0 = (state.0 + elapsed * rate).min(burst);
-        state.1 = now;
+        state.1 = state.1.max(now);
     }
 
-    /// Takes one token if there is one.
-    pub fn try_take(&self, rate: f64, burst: f64) -> bool {
+    /// Takes one token if there is one at `now`.
+    pub fn try_take(&self, rate: f64, burst: f64, now: Instant) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        Self::refill(&mut state, rate, burst);
+        Self::refill(&mut state, rate, burst, now);
         if state.0 >= 1.0 {
             state.0 -= 1.0;
             true
@@ -158,11 +162,11 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `n` tokens, going into debt if needed, and returns how long the caller must wait
-    /// for the debt to be paid off (zero if there was no debt).
-    pub fn take_debt(&self, n: f64, rate: f64, burst: f64) -> Duration {
+    /// Takes `n` tokens at `now`, going into debt if needed, and returns how long the caller
+    /// must wait for the debt to be paid off (zero if there was no debt).
+    pub fn take_debt(&self, n: f64, rate: f64, burst: f64, now: Instant) -> Duration {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        Self::refill(&mut state, rate, burst);
+        Self::refill(&mut state, rate, burst, now);
         state.0 -= n;
         if state.0 >= 0.0 || rate <= 0.0 {
             Duration::ZERO
@@ -171,10 +175,10 @@ impl TokenBucket {
         }
     }
 
-    /// Whether the bucket would be full now (so dropping it loses nothing).
-    fn is_full(&self, rate: f64, burst: f64) -> bool {
+    /// Whether the bucket is full at `now` (so dropping it loses nothing).
+    fn is_full(&self, rate: f64, burst: f64, now: Instant) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        Self::refill(&mut state, rate, burst);
+        Self::refill(&mut state, rate, burst, now);
         state.0 >= burst
     }
 }
@@ -189,41 +193,42 @@ pub(crate) struct Buckets {
 }
 
 impl Buckets {
-    pub fn new() -> Self {
-        Self { per_ip: DashMap::new(), per_key: DashMap::new(), arrivals: TokenBucket::new(f64::MAX) }
+    /// No buckets yet; the arrival bucket starts full at `now`.
+    pub fn new(now: Instant) -> Self {
+        Self { per_ip: DashMap::new(), per_key: DashMap::new(), arrivals: TokenBucket::new(f64::MAX, now) }
     }
 
-    /// Whether a new connection from `ip` is within `new_connections_per_ip`.
-    pub fn admit_ip(&self, ip: IpAddr, limits: &Limits) -> bool {
+    /// Whether a new connection from `ip` at `now` is within `new_connections_per_ip`.
+    pub fn admit_ip(&self, ip: IpAddr, limits: &Limits, now: Instant) -> bool {
         if limits.new_connections_per_ip <= 0.0 {
             return true;
         }
         let burst = f64::from(limits.new_connections_burst.max(1));
-        let bucket = self.per_ip.entry(ip.to_canonical()).or_insert_with(|| TokenBucket::new(burst));
-        bucket.try_take(limits.new_connections_per_ip, burst)
+        let bucket = self.per_ip.entry(ip.to_canonical()).or_insert_with(|| TokenBucket::new(burst, now));
+        bucket.try_take(limits.new_connections_per_ip, burst, now)
     }
 
-    /// Counts a connection attempt; `true` if attempts currently arrive faster than
+    /// Counts a connection attempt at `now`; `true` if attempts currently arrive faster than
     /// `retry_threshold` per second (then unvalidated addresses must do a Retry round trip).
-    pub fn over_retry_threshold(&self, limits: &Limits) -> bool {
+    pub fn over_retry_threshold(&self, limits: &Limits, now: Instant) -> bool {
         let rate = f64::from(limits.retry_threshold);
         // A one-second burst: a threshold of N admits N back-to-back arrivals without Retry.
-        !self.arrivals.try_take(rate, rate)
+        !self.arrivals.try_take(rate, rate, now)
     }
 
-    /// The shared byte bucket of `key` (created full).
-    pub fn key_bucket(&self, key: &PublicKey, limits: &Limits) -> Arc<TokenBucket> {
+    /// The shared byte bucket of `key` (created full at `now`).
+    pub fn key_bucket(&self, key: &PublicKey, limits: &Limits, now: Instant) -> Arc<TokenBucket> {
         let burst = limits.bytes_per_second_per_key as f64;
-        Arc::clone(self.per_key.entry(*key).or_insert_with(|| Arc::new(TokenBucket::new(burst))).value())
+        Arc::clone(self.per_key.entry(*key).or_insert_with(|| Arc::new(TokenBucket::new(burst, now))).value())
     }
 
-    /// Forgets buckets that carry no state worth keeping (full, and for keys unused by any
-    /// session), so the maps stay as small as the live population.
-    pub fn sweep(&self, limits: &Limits) {
+    /// Forgets buckets that carry no state worth keeping at `now` (full, and for keys unused by
+    /// any session), so the maps stay as small as the live population.
+    pub fn sweep(&self, limits: &Limits, now: Instant) {
         let (rate, burst) = (limits.new_connections_per_ip, f64::from(limits.new_connections_burst.max(1)));
-        self.per_ip.retain(|_, b| !b.is_full(rate, burst));
+        self.per_ip.retain(|_, b| !b.is_full(rate, burst, now));
         let bytes = limits.bytes_per_second_per_key as f64;
-        self.per_key.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full(bytes, bytes));
+        self.per_key.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full(bytes, bytes, now));
     }
 
     #[cfg(test)]
@@ -236,37 +241,85 @@ impl Buckets {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn a_bucket_admits_its_burst_then_its_rate() {
-        let b = TokenBucket::new(3.0);
-        assert!((0..3).all(|_| b.try_take(1.0, 3.0)));
-        assert!(!b.try_take(1.0, 3.0));
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(b.try_take(1.0, 3.0));
-        assert!(!b.try_take(1.0, 3.0));
+    /// Seconds after `t0`: the tests build their own timeline, no clock involved.
+    fn at(t0: Instant, secs: f64) -> Instant {
+        t0 + Duration::from_secs_f64(secs)
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn byte_debt_is_paid_off_at_the_rate() {
-        let b = TokenBucket::new(100.0);
-        assert_eq!(b.take_debt(100.0, 100.0, 100.0), Duration::ZERO);
+    #[test]
+    fn a_bucket_admits_its_burst_then_its_rate() {
+        let t0 = Instant::now();
+        let b = TokenBucket::new(3.0, t0);
+        assert!((0..3).all(|_| b.try_take(1.0, 3.0, t0)));
+        assert!(!b.try_take(1.0, 3.0, t0));
+        assert!(b.try_take(1.0, 3.0, at(t0, 1.0)));
+        assert!(!b.try_take(1.0, 3.0, at(t0, 1.0)));
+    }
+
+    #[test]
+    fn byte_debt_is_paid_off_at_the_rate() {
+        let t0 = Instant::now();
+        let b = TokenBucket::new(100.0, t0);
+        assert_eq!(b.take_debt(100.0, 100.0, 100.0, t0), Duration::ZERO);
         // 50 more bytes at 100 B/s: half a second of debt.
-        assert_eq!(b.take_debt(50.0, 100.0, 100.0), Duration::from_millis(500));
+        assert_eq!(b.take_debt(50.0, 100.0, 100.0, t0), Duration::from_millis(500));
+        // A quarter of a second later a quarter of it is paid: 25 more bytes wait 0.5 s again.
+        assert_eq!(b.take_debt(25.0, 100.0, 100.0, at(t0, 0.25)), Duration::from_millis(500));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn per_ip_limits_and_the_sweep_forgets_idle_sources() {
+    #[test]
+    fn a_bucket_never_earns_from_a_clock_that_goes_back() {
+        let t0 = Instant::now();
+        let b = TokenBucket::new(5.0, at(t0, 10.0));
+        assert!((0..5).all(|_| b.try_take(1.0, 5.0, at(t0, 10.0))));
+        assert!(!b.try_take(1.0, 5.0, t0), "an earlier time earns nothing");
+        // Had the bucket's time gone back to t0, 11 s would have refilled it to the burst.
+        assert!(b.try_take(1.0, 5.0, at(t0, 11.0)));
+        assert!(!b.try_take(1.0, 5.0, at(t0, 11.0)), "one second earned one token");
+    }
+
+    #[test]
+    fn per_ip_limits_and_the_sweep_forgets_idle_sources() {
+        let t0 = Instant::now();
         let limits = Limits { new_connections_per_ip: 1.0, new_connections_burst: 2, ..Limits::default() };
-        let buckets = Buckets::new();
+        let buckets = Buckets::new(t0);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!(buckets.admit_ip(ip, &limits) && buckets.admit_ip(ip, &limits));
-        assert!(!buckets.admit_ip(ip, &limits));
-        assert!(buckets.admit_ip(other, &limits), "each address has its own bucket");
-        assert!(buckets.admit_ip(ip, &Limits { new_connections_per_ip: 0.0, ..limits.clone() }));
-        tokio::time::advance(Duration::from_secs(5)).await;
-        buckets.sweep(&limits);
+        assert!(buckets.admit_ip(ip, &limits, t0) && buckets.admit_ip(ip, &limits, t0));
+        assert!(!buckets.admit_ip(ip, &limits, t0));
+        assert!(buckets.admit_ip(other, &limits, t0), "each address has its own bucket");
+        assert!(buckets.admit_ip(ip, &Limits { new_connections_per_ip: 0.0, ..limits.clone() }, t0));
+        buckets.sweep(&limits, at(t0, 0.5));
+        assert_eq!(buckets.sizes().0, 2, "buckets still refilling are kept");
+        buckets.sweep(&limits, at(t0, 5.0));
         assert_eq!(buckets.sizes().0, 0);
+    }
+
+    #[test]
+    fn key_buckets_in_use_survive_the_sweep() {
+        let t0 = Instant::now();
+        let limits = Limits::default();
+        let buckets = Buckets::new(t0);
+        let key = keyway_proto::Identity::from_seed([7; 32]).public_key();
+        let held = buckets.key_bucket(&key, &limits, t0);
+        assert!(Arc::ptr_eq(&held, &buckets.key_bucket(&key, &limits, t0)), "one bucket per key");
+        buckets.sweep(&limits, at(t0, 60.0));
+        assert_eq!(buckets.sizes().1, 1, "a session still holds it");
+        drop(held);
+        buckets.sweep(&limits, at(t0, 60.0));
+        assert_eq!(buckets.sizes().1, 0);
+    }
+
+    #[test]
+    fn retry_is_asked_for_above_the_threshold_only() {
+        let t0 = Instant::now();
+        let limits = Limits { retry_threshold: 2, ..Limits::default() };
+        let buckets = Buckets::new(t0);
+        // A threshold of 2 admits 2 back-to-back arrivals, then 2 more per second.
+        assert!(!buckets.over_retry_threshold(&limits, t0));
+        assert!(!buckets.over_retry_threshold(&limits, t0));
+        assert!(buckets.over_retry_threshold(&limits, t0));
+        assert!(!buckets.over_retry_threshold(&limits, at(t0, 1.0)));
     }
 
     #[test]

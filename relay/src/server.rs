@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 use crate::codes;
 use crate::config::{NamePolicy, RelayConfig};
 use crate::connection::handle_incoming;
+use crate::drain::Drain;
 use crate::endpoint::{bind_socket, build_server_config};
 use crate::error::RelayError;
 use crate::limits::Limits;
@@ -34,8 +35,6 @@ const HUBS_FILE_POLL: Duration = Duration::from_secs(1);
 const GOAWAY_GRACE: Duration = Duration::from_secs(2);
 /// How long shutdown waits for connections to close cleanly (after the drain).
 const DRAIN_GRACE: Duration = Duration::from_secs(3);
-/// How often a draining relay checks whether its last session ended.
-const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// How often idle rate-limit buckets are forgotten.
 const BUCKET_SWEEP: Duration = Duration::from_secs(30);
 /// Base of the reconnect delay hinted in `GoAway`; each hub gets up to one second more, so a
@@ -72,6 +71,7 @@ impl Relay {
         let stats = Arc::new(RelayStats::default());
         stats.set_limits(&config.limits);
         let (shutdown, _) = watch::channel(false);
+        let (sessions, drain) = crate::drain::tracker();
         let shared = Arc::new(Shared {
             registry: Registry::new(Arc::clone(&stats)),
             stats,
@@ -80,7 +80,8 @@ impl Relay {
             session_open_timeout: config.session_open_timeout,
             shutdown,
             limits: LimitsCell::new(config.limits),
-            buckets: Buckets::new(),
+            buckets: Buckets::new(tokio::time::Instant::now()),
+            sessions,
         });
         let policy = match &config.policy {
             NamePolicy::Closed { hubs_file } => format!("closed ({})", hubs_file.display()),
@@ -132,6 +133,7 @@ impl Relay {
             idle_timeout: config.idle_timeout,
             drain_timeout: config.drain_timeout,
             shared,
+            drain: Some(drain),
             accept_task: Some(accept_task),
             watch_task,
             background,
@@ -151,6 +153,8 @@ pub struct RelayHandle {
     idle_timeout: Duration,
     drain_timeout: Duration,
     shared: Arc<Shared>,
+    /// Waits for the live sessions; taken by the shutdown.
+    drain: Option<Drain>,
     accept_task: Option<JoinHandle<()>>,
     watch_task: Option<JoinHandle<()>>,
     /// The metrics listener and the bucket sweeper: aborted when the relay stops.
@@ -249,12 +253,10 @@ impl RelayHandle {
         })
         .await;
         let stats = Arc::clone(&self.shared.stats);
-        let drained = tokio::time::timeout(self.drain_timeout, async {
-            while stats.sessions_active() > 0 {
-                tokio::time::sleep(DRAIN_POLL).await;
-            }
-        })
-        .await;
+        let drained = match self.drain.take() {
+            Some(drain) => tokio::time::timeout(self.drain_timeout, drain.all_ended()).await,
+            None => Ok(()),
+        };
         match drained {
             Ok(()) => info!("all sessions ended"),
             Err(_) => warn!(
@@ -329,7 +331,7 @@ async fn sweep_buckets(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(BUCKET_SWEEP);
     loop {
         tick.tick().await;
-        shared.buckets.sweep(&shared.limits.get());
+        shared.buckets.sweep(&shared.limits.get(), tokio::time::Instant::now());
     }
 }
 

@@ -9,10 +9,10 @@ use keyway_proto::{Frame, HubName, PublicKey, RefusalReason, SessionPurpose};
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info};
 
+use crate::access::Enrolled;
 use crate::codes;
 use crate::policy::{decide_session, Refusal};
 use crate::refusal::refuse;
-use crate::registry::Enrolled;
 use crate::splice::{splice, SpliceCtx};
 use crate::state::{ConnCtx, Shared};
 use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
@@ -84,7 +84,7 @@ async fn setup_and_splice(
     let session_id = shared.registry.next_id();
     let hub = shared.registry.get(&name);
     let decision = match &hub {
-        Some(hub) => hub.enrol(
+        Some(hub) => hub.access.enrol(
             bound.as_ref(),
             &pinned,
             &app,
@@ -201,12 +201,16 @@ async fn setup_and_splice(
     let buckets = if limits.bytes_per_second_per_key > 0 {
         // Both ends' keys pay for every byte: neither a greedy app nor a greedy hub can take
         // more than its share of the relay, however many sessions it opens.
-        vec![shared.buckets.key_bucket(&app, &limits), shared.buckets.key_bucket(&hub.key, &limits)]
+        let now = tokio::time::Instant::now();
+        vec![shared.buckets.key_bucket(&app, &limits, now), shared.buckets.key_bucket(&hub.key, &limits, now)]
     } else {
         Vec::new()
     };
     let ctx = SpliceCtx { stats: &shared.stats, tap: shared.tap.as_ref(), limits: &shared.limits, buckets };
+    // Held until the splice ends: a graceful shutdown waits for it (within its deadline).
+    let live = shared.sessions.track();
     let end = splice((app_send, app_recv), (hub_send, hub_recv), ctx, revoked).await;
+    drop(live);
     debug!(hub = %name, app = %app.fingerprint(), ?end, "session ended");
     drop(guard);
     Setup::Spliced

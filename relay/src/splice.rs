@@ -105,7 +105,8 @@ async fn throttle(ctx: &SpliceCtx<'_>, len: usize) {
     if rate <= 0.0 {
         return;
     }
-    let wait = ctx.buckets.iter().map(|b| b.take_debt(len as f64, rate, rate)).max().unwrap_or_default();
+    let now = Instant::now();
+    let wait = ctx.buckets.iter().map(|b| b.take_debt(len as f64, rate, rate, now)).max().unwrap_or_default();
     if !wait.is_zero() {
         ctx.stats.limit_hit(LimitKind::BytesPerSecondPerKey);
         tokio::time::sleep(wait).await;

@@ -15,6 +15,7 @@ use tracing::info;
 
 use crate::codes;
 use crate::config::ForwardTap;
+use crate::drain::LiveSessions;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
 use crate::registry::{ControlCommand, Registry};
@@ -40,6 +41,8 @@ pub(crate) struct Shared {
     pub limits: LimitsCell,
     /// Rate-limit state per source address and per key.
     pub buckets: Buckets,
+    /// Tokens for spliced sessions, which a graceful shutdown waits for.
+    pub sessions: LiveSessions,
 }
 
 impl Shared {
