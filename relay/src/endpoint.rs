@@ -18,7 +18,7 @@ use tracing::{debug, info};
 
 #[cfg(test)]
 use crate::config::RelayConfig;
-use crate::error::RelayError;
+use crate::error::{RelayConfigError, RelayError};
 use crate::limits::Limits;
 use crate::state::StreamCredit;
 
@@ -46,7 +46,7 @@ pub(crate) fn build_server_config(
     // always-on validation stays off.
     let mut transport = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(idle_timeout)
-        .map_err(|_| RelayError::Config(format!("idle timeout {idle_timeout:?} is too large")))?;
+        .map_err(|source| RelayConfigError::IdleTimeoutTooLarge { idle_timeout, source })?;
     transport
         .max_idle_timeout(Some(idle))
         .max_concurrent_bidi_streams(VarInt::from_u32(StreamCredit::initial(

@@ -1,7 +1,11 @@
-//! [`RelayError`]: why a relay could not start or reload. Network input never produces one of
-//! these; a misbehaving peer gets a typed refusal on the wire instead.
+//! [`RelayError`]: why a relay could not start or reload, and [`RelayConfigError`]: what is
+//! wrong with a configuration. Network input never produces one of these; a misbehaving peer
+//! gets a typed refusal on the wire instead.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::limits::LimitsError;
 
 /// Why starting, reloading or running the relay failed.
 #[derive(Debug, thiserror::Error)]
@@ -10,8 +14,11 @@ pub enum RelayError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot build the relay's TLS configuration: {0}")]
     Tls(#[from] keyway_proto::tls::TlsConfigError),
+    /// Deliberately not a `#[source]`: the message already shows the detail, and the binary
+    /// prints the whole chain (`{:#}`), which would repeat it. The detail's own cause (quinn's,
+    /// for a timeout too large) is its `source()`.
     #[error("invalid relay configuration: {0}")]
-    Config(String),
+    Config(RelayConfigError),
     #[error("cannot read hubs file {path}: {source}")]
     HubsFileRead { path: PathBuf, source: std::io::Error },
     #[error("hubs file {path}, {source}; keeping the previous list")]
@@ -26,4 +33,55 @@ pub enum RelayError {
     Identity(#[from] keyway_proto::IdentityError),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<RelayConfigError> for RelayError {
+    fn from(e: RelayConfigError) -> Self {
+        Self::Config(e)
+    }
+}
+
+/// What is wrong with a [`RelayConfig`](crate::RelayConfig) or the limits given to a running
+/// relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayConfigError {
+    #[error("idle_timeout and session_open_timeout must be above zero")]
+    ZeroTimeout,
+    #[error("idle timeout {idle_timeout:?} is too large")]
+    IdleTimeoutTooLarge {
+        idle_timeout: Duration,
+        #[source]
+        source: quinn::VarIntBoundsExceeded,
+    },
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn configuration_errors_read_as_before_and_keep_their_cause() {
+        let e = RelayError::from(RelayConfigError::from(LimitsError::NoStreams));
+        assert_eq!(
+            e.to_string(),
+            "invalid relay configuration: max_streams_per_connection must be at least 1"
+        );
+        assert!(matches!(&e, RelayError::Config(RelayConfigError::Limits(LimitsError::NoStreams))));
+        assert!(e.source().is_none(), "the detail is in the message, so the binary prints it once");
+        let e = RelayError::from(RelayConfigError::ZeroTimeout);
+        assert_eq!(
+            e.to_string(),
+            "invalid relay configuration: idle_timeout and session_open_timeout must be above zero"
+        );
+        let Err(source) = quinn::IdleTimeout::try_from(Duration::MAX) else { panic!("too large") };
+        let e = RelayConfigError::IdleTimeoutTooLarge { idle_timeout: Duration::MAX, source };
+        assert!(e.to_string().starts_with("idle timeout ") && e.to_string().ends_with(" is too large"));
+        assert!(e.source().is_some(), "quinn's bound error is kept");
+        let RelayError::Config(e) = RelayError::from(e) else { panic!("a configuration error") };
+        assert!(e.source().is_some());
+    }
 }

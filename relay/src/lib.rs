@@ -41,7 +41,7 @@ pub use config::{
     Direction, ForwardTap, NamePolicy, RelayConfig, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_METRICS_LISTEN, DEFAULT_SESSION_OPEN_TIMEOUT,
 };
-pub use error::RelayError;
+pub use error::{RelayConfigError, RelayError};
 pub use limits::*;
 pub use server::{Relay, RelayHandle};
 pub use stats::{LimitKind, RelayStats};

@@ -99,18 +99,29 @@ impl Limits {
     }
 
     /// Checks the values that have no "off" meaning.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LimitsError> {
         if self.max_streams_per_connection == 0 {
-            return Err("max_streams_per_connection must be at least 1".into());
+            return Err(LimitsError::NoStreams);
         }
         if !self.new_connections_per_ip.is_finite() || self.new_connections_per_ip < 0.0 {
-            return Err("new_connections_per_ip must be a rate of zero or more".into());
+            return Err(LimitsError::BadConnectionRate);
         }
         if self.new_connections_per_ip > 0.0 && self.new_connections_burst == 0 {
-            return Err("new_connections_burst must be at least 1".into());
+            return Err(LimitsError::NoBurst);
         }
         Ok(())
     }
+}
+
+/// Which value of a [`Limits`] cannot be used (see [`Limits::validate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimitsError {
+    #[error("max_streams_per_connection must be at least 1")]
+    NoStreams,
+    #[error("new_connections_per_ip must be a rate of zero or more")]
+    BadConnectionRate,
+    #[error("new_connections_burst must be at least 1")]
+    NoBurst,
 }
 
 /// The limits in force, swapped as a whole on reload; readers take a cheap `Arc` snapshot.
@@ -327,6 +338,10 @@ mod tests {
         assert!(Limits::default().validate().is_ok());
         assert!(Limits::unlimited().validate().is_ok());
         let bad = Limits { max_streams_per_connection: 0, ..Limits::default() };
-        assert!(bad.validate().unwrap_err().contains("max_streams_per_connection"));
+        assert!(bad.validate().unwrap_err().to_string().contains("max_streams_per_connection"));
+        let bad = Limits { new_connections_per_ip: f64::NAN, ..Limits::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("new_connections_per_ip"));
+        let bad = Limits { new_connections_burst: 0, ..Limits::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("new_connections_burst"));
     }
 }

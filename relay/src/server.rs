@@ -21,7 +21,7 @@ use crate::config::{NamePolicy, RelayConfig};
 use crate::connection::handle_incoming;
 use crate::drain::Drain;
 use crate::endpoint::{bind_socket, build_server_config};
-use crate::error::RelayError;
+use crate::error::{RelayConfigError, RelayError};
 use crate::limits::Limits;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
@@ -50,11 +50,9 @@ impl Relay {
     /// Must be called inside a tokio runtime.
     pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         if config.idle_timeout.is_zero() || config.session_open_timeout.is_zero() {
-            return Err(RelayError::Config(
-                "idle_timeout and session_open_timeout must be above zero".into(),
-            ));
+            return Err(RelayConfigError::ZeroTimeout.into());
         }
-        config.limits.validate().map_err(RelayError::Config)?;
+        config.limits.validate().map_err(RelayConfigError::from)?;
         let names = NameBook::load(&config.policy)?;
         let crypto: Arc<dyn quinn::crypto::ServerConfig> =
             quic_server_crypto(&config.identity, Arc::new(AnyKey), ALPN_RELAY)?;
@@ -202,7 +200,7 @@ impl RelayHandle {
     /// check, and `max_streams_per_connection` to connections made from now on. Invalid
     /// limits are refused and the old ones stay.
     pub fn set_limits(&self, limits: Limits) -> Result<(), RelayError> {
-        limits.validate().map_err(RelayError::Config)?;
+        limits.validate().map_err(RelayConfigError::from)?;
         let server_config = build_server_config(Arc::clone(&self.crypto), self.idle_timeout, &limits)?;
         if !self.shared.is_shutting_down() {
             self.endpoint.set_server_config(Some(server_config));
