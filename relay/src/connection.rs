@@ -15,10 +15,10 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::codes;
 use crate::refusal::{bad_frame_reason, refuse};
 use crate::state::{ConnCtx, Shared};
 use crate::stats::{HandshakeResult, HandshakeRole, LimitKind, RelayStats};
+use keyway_proto::codes;
 
 /// Decrements the open-stream count when a stream's handler ends, however it ends.
 struct OpenStream(Arc<ConnCtx>);

@@ -2,24 +2,25 @@
 //! connection, `AllowList` and `Ping` handling, and the relay's own `GoAway` / revocation.
 //!
 //! The control task owns the stream's send half; anything else that needs to talk to the hub
-//! (shutdown, a reload that revokes the name) sends it a [`ControlCommand`]. Reading runs in a
-//! helper task because frame reads are not cancel-safe: a command arriving mid-frame must not
-//! lose half a frame.
+//! (shutdown, a reload that revokes the name) sends it a [`ControlCommand`]. It waits for the
+//! hub's next frame and for commands in one `select!`, reading through a
+//! [`FrameReader`], which is cancel-safe: a command arriving mid-frame loses nothing, the next
+//! turn continues the same frame.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_proto::io::{read_frame, write_frame, FrameIoError};
+use keyway_proto::io::{write_frame, FrameIoError, FrameReader};
 use keyway_proto::{Frame, HubName, PublicKey, RefusalReason};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use crate::codes;
 use crate::refusal::{bad_frame_reason, refuse};
 use crate::registry::{ControlCommand, Hub};
 use crate::state::{ConnCtx, Shared};
 use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
+use keyway_proto::codes;
 
 /// How long the relay waits for a last control frame (GoAway, refusal) to be acknowledged
 /// before it closes the connection, which would otherwise discard it.
@@ -131,14 +132,14 @@ async fn control_loop(
     recv: RecvStream,
     mut commands: mpsc::UnboundedReceiver<ControlCommand>,
 ) {
-    // Reading a frame is not cancel-safe, so the read in progress is kept across turns of the
-    // loop rather than restarted by `select!`. (A reader task and a channel per hub did the
-    // same at a cost of a few KiB of every idle hub's memory.)
-    let mut reading = Box::pin(read_owned(recv));
+    // The reader keeps a half-read frame across turns of the loop, so `select!` may drop the
+    // read whenever a command wins. (A reader task and a channel per hub did the same at a
+    // cost of a few KiB of every idle hub's memory.)
+    let mut reader = FrameReader::new(recv);
     let peer = hub.key;
     loop {
         tokio::select! {
-            (recv, frame) = &mut reading => match frame {
+            frame = reader.read_frame() => match frame {
                 Err(FrameIoError::Closed) => {
                     debug!(hub = %hub.name, "control stream ended");
                     return;
@@ -154,19 +155,20 @@ async fn control_loop(
                     return;
                 }
                 Ok(Frame::AllowList { allowed_apps, pairing_open }) => {
-                    reading = Box::pin(read_owned(recv));
+                    // An allow-list can be large; an idle hub should not keep a buffer of its
+                    // size. Nothing is lost: the reader never reads past a frame.
+                    reader = FrameReader::new(reader.into_inner());
                     let apps = allowed_apps.len();
                     let cut = hub.access.set_allow_list(allowed_apps, pairing_open);
                     info!(hub = %hub.name, apps, pairing_open, sessions_cut = cut, "allow-list updated");
                 }
                 Ok(Frame::Ping { nonce }) => {
-                    reading = Box::pin(read_owned(recv));
                     if let Err(e) = write_frame(send, &Frame::Pong { nonce }).await {
                         debug!(hub = %hub.name, "could not answer a ping: {e}");
                         return;
                     }
                 }
-                Ok(Frame::Pong { .. }) => reading = Box::pin(read_owned(recv)),
+                Ok(Frame::Pong { .. }) => {}
                 Ok(other) => {
                     let message = format!("{} is not allowed on the control stream", other.name());
                     refuse(shared, send, &peer, RefusalReason::ProtocolViolation, message).await;
@@ -192,11 +194,4 @@ async fn control_loop(
             },
         }
     }
-}
-
-/// Reads one frame from an owned stream and hands the stream back with it, so that a read can
-/// live across `select!` turns in a box of its own.
-async fn read_owned(mut recv: RecvStream) -> (RecvStream, Result<Frame, FrameIoError>) {
-    let frame = read_frame(&mut recv).await;
-    (recv, frame)
 }

@@ -46,23 +46,9 @@ pub use limits::*;
 pub use server::{Relay, RelayHandle};
 pub use stats::{LimitKind, RelayStats};
 
-/// QUIC application error codes, for connection closes and stream resets (`docs/protocol.md`).
-pub mod codes {
-    use quinn::VarInt;
-
-    /// Normal close.
-    pub const NORMAL: VarInt = VarInt::from_u32(0);
-    /// A newer connection registered the same hub.
-    pub const REPLACED: VarInt = VarInt::from_u32(1);
-    /// The relay is going away.
-    pub const SHUTTING_DOWN: VarInt = VarInt::from_u32(2);
-    /// The peer violated the protocol.
-    pub const PROTOCOL: VarInt = VarInt::from_u32(3);
-    /// The key was removed from an allow-list.
-    pub const REVOKED: VarInt = VarInt::from_u32(4);
-    /// A relay limit cut the stream (a session idle for longer than `idle_session_timeout`).
-    pub const LIMIT: VarInt = VarInt::from_u32(5);
-}
+/// QUIC application error codes, for connection closes and stream resets: the wire's one
+/// list, re-exported so that `keyway_relay::codes` keeps naming the codes the relay sends.
+pub use keyway_proto::codes;
 
 /// Loopback endpoints for unit tests that need real QUIC connections.
 #[cfg(test)]

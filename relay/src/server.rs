@@ -16,7 +16,6 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::codes;
 use crate::config::{NamePolicy, RelayConfig};
 use crate::connection::handle_incoming;
 use crate::drain::Drain;
@@ -28,6 +27,7 @@ use crate::policy::NameBook;
 use crate::registry::{ControlCommand, Registry};
 use crate::state::Shared;
 use crate::stats::RelayStats;
+use keyway_proto::codes;
 
 /// How often the hubs file is checked for changes.
 const HUBS_FILE_POLL: Duration = Duration::from_secs(1);

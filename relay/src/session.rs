@@ -10,12 +10,12 @@ use quinn::{RecvStream, SendStream};
 use tracing::{debug, info};
 
 use crate::access::Enrolled;
-use crate::codes;
 use crate::policy::{decide_session, Refusal};
 use crate::refusal::refuse;
 use crate::splice::{splice, SpliceCtx};
 use crate::state::{ConnCtx, Shared};
 use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
+use keyway_proto::codes;
 
 /// The app's address as the hub should see it: IPv4-mapped IPv6 (from a dual-stack socket)
 /// becomes plain IPv4.

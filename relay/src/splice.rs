@@ -21,10 +21,10 @@ use std::time::Duration;
 use quinn::{ReadError, RecvStream, SendStream, StoppedError, VarInt, WriteError};
 use tokio::time::Instant;
 
-use crate::codes;
 use crate::config::{Direction, ForwardTap};
 use crate::limits::{LimitsCell, TokenBucket};
 use crate::stats::{LimitKind, RelayStats};
+use keyway_proto::codes;
 
 /// Longest the idle watchdog sleeps before re-reading the limits (a reload may change them).
 const IDLE_RECHECK: Duration = Duration::from_secs(30);

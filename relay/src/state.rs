@@ -13,13 +13,13 @@ use keyway_proto::PublicKey;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::codes;
 use crate::config::ForwardTap;
 use crate::drain::LiveSessions;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
 use crate::registry::{ControlCommand, Registry};
 use crate::stats::RelayStats;
+use keyway_proto::codes;
 
 /// Bidirectional streams a new connection may open before the relay grants more. quinn
 /// pre-allocates state for every stream it allows a peer, about 85 bytes each, so granting
