@@ -19,6 +19,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 mod access;
+#[cfg(feature = "cli")]
 pub mod cli;
 mod config;
 mod connection;
