@@ -17,7 +17,6 @@
 //! stream, so opening a session costs one round trip to the hub, not a handshake with the relay.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-pub mod cli;
 pub mod config;
 pub mod error;
 pub mod forward;

@@ -39,5 +39,5 @@ fn hub_toml_names_every_option_of_keyway_hub_run() {
 
 #[test]
 fn forward_toml_names_every_option_of_keyway_forward() {
-    check(keyway_client::cli::Cli::command(), "forward", "forward.toml");
+    check(keyway_cli::Cli::command(), "forward", "forward.toml");
 }

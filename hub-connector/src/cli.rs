@@ -192,7 +192,7 @@ pub struct PubkeyArgs {
 
 /// Resolves `HOST:PORT` (or an address literal) to the first address it names.
 pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
-    keyway_client::cli::resolve(addr)
+    Ok(keyway_proto::cli::resolve(addr)?)
 }
 
 /// Parses `args` after layering the config file. Exits on `--help` or a usage error.
@@ -297,7 +297,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(addr) = hub.metrics_addr() {
                     println!("metrics: http://{addr}/metrics health: http://{addr}/healthz");
                 }
-                keyway_client::cli::shutdown_signal().await;
+                keyway_proto::cli::shutdown_signal().await;
                 hub.shutdown().await;
                 Ok(())
             })
@@ -364,7 +364,7 @@ fn pair(args: PairArgs) -> anyhow::Result<()> {
         };
         tokio::select! {
             result = waited => result,
-            _ = keyway_client::cli::shutdown_signal() => {
+            _ = keyway_proto::cli::shutdown_signal() => {
                 crate::pairing::close_window(&window)?;
                 anyhow::bail!("interrupted; pairing window closed")
             }

@@ -8,6 +8,7 @@
 //! then parses as usual. A key that names no flag is an error, so typos do not pass silently.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -120,6 +121,49 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     humantime::parse_duration(text).map_err(|source| DurationError { text: text.to_owned(), source })
 }
 
+/// An address flag that names no usable address. The message names the flag's text; the cause
+/// (the resolver's error) is the source, so `BIN: error` prints both.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("cannot resolve {addr:?} (expected HOST:PORT)")]
+    Lookup { addr: String, source: std::io::Error },
+    #[error("{addr:?} resolves to no address")]
+    NoAddress { addr: String },
+}
+
+/// Resolves `HOST:PORT` (or an address literal) to the first address it names.
+pub fn resolve(addr: &str) -> Result<SocketAddr, ResolveError> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|source| ResolveError::Lookup { addr: addr.to_owned(), source })?
+        .next()
+        .ok_or_else(|| ResolveError::NoAddress { addr: addr.to_owned() })
+}
+
+/// Completes on ctrl-c or SIGTERM: how `keyway forward` and `keyway-hub run` learn to stop.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
+}
+
 /// Structured logs to stderr; the level comes from `RUST_LOG` (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -202,5 +246,14 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         let err = parse_duration("soon").unwrap_err();
         assert!(err.to_string().starts_with("\"soon\" is not a duration like 15s or 500ms: "), "{err}");
+    }
+
+    #[test]
+    fn resolve_accepts_literals_and_names_failures() {
+        assert_eq!(resolve("127.0.0.1:4433").unwrap(), "127.0.0.1:4433".parse().unwrap());
+        let err = resolve("no-port").unwrap_err();
+        assert!(matches!(err, ResolveError::Lookup { .. }), "{err:?}");
+        assert_eq!(err.to_string(), "cannot resolve \"no-port\" (expected HOST:PORT)");
+        assert!(std::error::Error::source(&err).is_some());
     }
 }

@@ -386,7 +386,7 @@ pub fn bin_path(name: &str) -> PathBuf {
     let path = dir.join(name);
     if !path.exists() {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--bins", "-p", "keyway-relay", "-p", "keyway-hub", "-p", "keyway-client"])
+            .args(["build", "--bins", "-p", "keyway-relay", "-p", "keyway-hub", "-p", "keyway-cli"])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building the binaries failed");

@@ -1,9 +1,14 @@
 //! The `keyway` command line: `keygen`, `pubkey`, `pair` and `forward`.
 //!
+//! A package of its own, over the `keyway-client` library, so that apps embedding the library
+//! compile none of the command-line dependencies (clap, anyhow, tracing-subscriber). It is a
+//! library too, so tests can check its flags (`Cli::command()`) without running it.
+//!
 //! Every flag of `forward` can also come from an environment variable (`KEYWAY_*`) or from a
 //! TOML file named by `--config` / `KEYWAY_CONFIG` (keys named like the flags), layered by
 //! [`keyway_proto::cli::apply_config_file`]. Output meant for scripts (public keys) goes to
 //! stdout; everything for humans goes to stderr.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -13,14 +18,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
-use keyway_proto::cli::parse_duration;
+use keyway_client::{Client, ClientConfig};
+use keyway_proto::cli::{parse_duration, resolve, shutdown_signal};
 use keyway_proto::{HubName, Identity, PublicKey};
-
-use crate::{Client, ClientConfig};
 
 /// Reach a Keyway hub by name through a relay.
 #[derive(Debug, Parser)]
-#[command(name = "keyway", version, about)]
+// `about` is spelled out: it is the text `keyway --help` has always shown (it was the
+// description of the keyway-client package, which used to hold this binary).
+#[command(
+    name = "keyway",
+    version,
+    about = "Keyway client library: an end-to-end encrypted byte stream to a hub, by name, through a relay"
+)]
 pub struct Cli {
     /// TOML file holding options of the subcommand (keys named like its flags).
     #[arg(long, global = true, env = "KEYWAY_CONFIG")]
@@ -97,15 +107,6 @@ pub struct ForwardArgs {
     pub idle_timeout: Duration,
 }
 
-/// Resolves `HOST:PORT` (or an address literal) to the first address it names.
-pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    addr.to_socket_addrs()
-        .with_context(|| format!("cannot resolve {addr:?} (expected HOST:PORT)"))?
-        .next()
-        .with_context(|| format!("{addr:?} resolves to no address"))
-}
-
 /// Whether a config file should be layered in: always for `forward`, and for other
 /// subcommands only when `--config` is on the command line (so a `KEYWAY_CONFIG` meant for
 /// `forward` does not break `keyway keygen`).
@@ -157,16 +158,16 @@ async fn pair(args: PairArgs) -> anyhow::Result<()> {
     } else {
         args.code.clone()
     };
-    let code: crate::PairingCode = text.parse()?;
+    let code: keyway_client::PairingCode = text.parse()?;
     let (identity, created) = Identity::load_or_create(&args.key)?;
     let key = identity.public_key();
     if created {
         eprintln!("created app key {} (mode 0600)", args.key.display());
     }
     eprintln!("pairing app key {} with hub {} via relay {}", key.fingerprint(), code.hub, code.relay);
-    let paired = crate::pair(&code, identity).await?;
-    let store_path = crate::known_hubs::path_for_key(&args.key);
-    let mut store = crate::known_hubs::KnownHubs::load(&store_path)?;
+    let paired = keyway_client::pair(&code, identity).await?;
+    let store_path = keyway_client::known_hubs::path_for_key(&args.key);
+    let mut store = keyway_client::known_hubs::KnownHubs::load(&store_path)?;
     store.insert(paired.clone());
     store.save()?;
     eprintln!(
@@ -185,8 +186,8 @@ fn resolve_target(args: &ForwardArgs) -> anyhow::Result<(String, PublicKey, Publ
     if let (Some(relay), Some(relay_key), Some(hub_key)) = (&args.relay, args.relay_key, args.hub_key) {
         return Ok((relay.clone(), relay_key, hub_key));
     }
-    let store_path = crate::known_hubs::path_for_key(&args.key);
-    let store = crate::known_hubs::KnownHubs::load(&store_path)?;
+    let store_path = keyway_client::known_hubs::path_for_key(&args.key);
+    let store = keyway_client::known_hubs::KnownHubs::load(&store_path)?;
     let known = store.get(&args.hub).with_context(|| {
         format!(
             "hub {} is not in {}: pair with it first (keyway pair CODE --key {}) or pass \
@@ -234,33 +235,9 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
         app_key = %client.public_key(),
         "forwarding"
     );
-    crate::forward::run(client.clone(), args.hub, hub_key, listener, shutdown_signal()).await?;
+    keyway_client::forward::run(client.clone(), args.hub, hub_key, listener, shutdown_signal()).await?;
     client.close().await;
     Ok(())
-}
-
-/// Completes on ctrl-c or SIGTERM.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutting down");
 }
 
 #[cfg(test)]
@@ -336,8 +313,9 @@ mod tests {
         let err = resolve_target(&args(&[])).unwrap_err().to_string();
         assert!(err.contains("pair with it first"), "{err}");
         let mut store =
-            crate::known_hubs::KnownHubs::load(&crate::known_hubs::path_for_key(&key_file)).unwrap();
-        store.insert(crate::PairedHub {
+            keyway_client::known_hubs::KnownHubs::load(&keyway_client::known_hubs::path_for_key(&key_file))
+                .unwrap();
+        store.insert(keyway_client::PairedHub {
             relay: "127.0.0.1:9".into(),
             relay_key: key(1),
             hub: "home".parse().unwrap(),
@@ -371,11 +349,5 @@ mod tests {
         assert!(wants_config(&args(&["keyway", "forward"])));
         assert!(!wants_config(&args(&["keyway", "keygen", "--out", "x"])));
         assert!(wants_config(&args(&["keyway", "--config=c.toml", "keygen"])));
-    }
-
-    #[test]
-    fn resolve_accepts_literals_and_names_failures() {
-        assert_eq!(resolve("127.0.0.1:4433").unwrap(), "127.0.0.1:4433".parse().unwrap());
-        assert!(resolve("no-port").is_err());
     }
 }
