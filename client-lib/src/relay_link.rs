@@ -18,10 +18,6 @@ use quinn::{Connection, Endpoint, VarInt};
 
 use crate::error::{ClientError, ConfigError};
 
-/// The QUIC application codes, re-exported for one step while the hub connector switches its
-/// imports to [`keyway_proto::codes`] (their home, shared by relay, hub and apps).
-pub use keyway_proto::codes;
-
 /// UDP socket buffer size requested (best effort; the OS may cap it).
 pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
