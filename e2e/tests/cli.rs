@@ -1,35 +1,18 @@
 //! The shipped binaries, as a user runs them: relay with embedded defaults, a hub connector in
 //! front of a local HTTP server, and `keyway forward` carrying a plain HTTP client.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use keyway_e2e::*;
+use keyway_test_support::child::Lines;
 
 /// Reads the child's stdout until a line contains `needle`; returns all lines read.
 fn read_until(bin: &mut Bin, needle: &str) -> Vec<String> {
-    let stdout = bin.child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + PATIENCE;
-    while Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-            let done = line.contains(needle);
-            lines.push(line);
-            if done {
-                return lines;
-            }
-        }
-    }
-    panic!("never saw {needle:?}; got {lines:#?}");
+    let mut lines = Lines::new(bin.child.stdout.take().expect("piped stdout"));
+    lines.until(&format!("{needle:?}"), |l| l.contains(needle).then_some(()));
+    lines.into_seen()
 }
 
 fn http_get(port: u16) -> Option<String> {

@@ -2,9 +2,10 @@
 //! owner needs; `pubkey` prints the same key.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+
+use keyway_test_support::child::Lines;
+use keyway_test_support::http::get_blocking as http_get;
 
 #[test]
 fn first_run_creates_the_key_and_prints_the_authorized_hubs_line() {
@@ -25,26 +26,8 @@ fn first_run_creates_the_key_and_prints_the_authorized_hubs_line() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut lines = Vec::new();
-    let line = loop {
-        assert!(Instant::now() < deadline, "no authorized_hubs line; got {lines:#?}");
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-            if line.starts_with("home kw") {
-                break line;
-            }
-            lines.push(line);
-        }
-    };
+    let mut lines = Lines::new(child.stdout.take().unwrap());
+    let line = lines.until("the authorized_hubs line", |l| l.starts_with("home kw").then(|| l.to_owned()));
     assert!(child.try_wait().unwrap().is_none(), "the connector keeps running while the relay is silent");
     let _ = child.kill();
     let _ = child.wait();
@@ -64,17 +47,6 @@ fn first_run_creates_the_key_and_prints_the_authorized_hubs_line() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), printed_key);
-}
-
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }
 
 #[test]
@@ -112,26 +84,10 @@ fn a_config_file_with_two_relays_and_metrics_runs_one_tunnel_each() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+    let mut lines = Lines::new(child.stdout.take().unwrap());
+    let metrics = lines.until("the metrics line", |l| {
+        l.strip_prefix("metrics: http://").map(|rest| rest.split('/').next().unwrap().to_owned())
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut lines = Vec::new();
-    let metrics = loop {
-        assert!(Instant::now() < deadline, "no metrics line; got {lines:#?}");
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-            if let Some(rest) = line.strip_prefix("metrics: http://") {
-                break rest.split('/').next().unwrap().to_owned();
-            }
-            lines.push(line);
-        }
-    };
     let (status, body) = http_get(&metrics, "/healthz");
     let (_, text) = http_get(&metrics, "/metrics");
     assert!(child.try_wait().unwrap().is_none(), "the connector keeps running while the relays are silent");

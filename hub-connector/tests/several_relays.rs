@@ -14,9 +14,9 @@ use keyway_client::{Client, ClientConfig};
 use keyway_hub::{HubConfig, HubHandle, TunnelStatus};
 use keyway_proto::{Identity, PublicKey};
 use keyway_relay::{NamePolicy, Relay, RelayConfig, RelayHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::*;
+use keyway_test_support::http::{get as http_get, series};
 
 /// A relay that admits `home` with `hub_key`; live sessions may drain for up to `PATIENCE`.
 async fn relay(dir: &std::path::Path, seed: u8, hub_key: PublicKey) -> RelayHandle {
@@ -75,23 +75,6 @@ async fn both_registered(w: &World) {
     for relay in [w.a.local_addr(), w.b.local_addr()] {
         wait_relay_status(&w.hub, relay, "tunnel registered", |s| *s == TunnelStatus::Registered).await;
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut raw)).await.unwrap().unwrap();
-    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
-}
-
-/// The value of one series (`name{labels}` exactly as exposed), if present.
-fn series(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map(|v| v.trim().parse().unwrap())
 }
 
 async fn scrape(hub: &HubHandle) -> String {

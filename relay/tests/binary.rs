@@ -1,12 +1,11 @@
 //! The shipped `keyway-relay` binary, run as an operator would on first start.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
 
+use keyway_test_support::child::Lines;
 use keyway_test_support::eventually_blocking;
+use keyway_test_support::http::{get_blocking as http_get, series};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyway-relay");
 
@@ -20,28 +19,11 @@ impl Drop for Running {
     }
 }
 
-/// Reads stdout lines until one contains `needle` (hang guard only, no timing assertion).
+/// Reads stdout lines until one contains `needle`; returns all lines read (hang guard only).
 fn lines_until(child: &mut Running, needle: &str) -> Vec<String> {
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no {needle:?} in {lines:#?}"));
-        let done = line.contains(needle);
-        lines.push(line);
-        if done {
-            return lines;
-        }
-    }
+    let mut lines = Lines::new(child.0.stdout.take().unwrap());
+    lines.until(&format!("{needle:?}"), |l| l.contains(needle).then_some(()));
+    lines.into_seen()
 }
 
 #[test]
@@ -124,18 +106,6 @@ fn signal(child: &Running, signal: &str) {
     assert!(status.success());
 }
 
-/// A plain HTTP GET against the metrics listener: (status, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
-}
-
 mod quic {
     //! Just enough of a hub to see registrations, refusals and GoAway from the real binary.
     use keyway_proto::io::read_frame;
@@ -165,11 +135,6 @@ mod quic {
     pub async fn next_frame(hub: &mut Hub) -> Frame {
         read_frame(&mut hub.control.recv).await.unwrap()
     }
-}
-
-/// Value of one exposed series, e.g. `keyway_relay_limit{limit="max_hubs"}`.
-fn series(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[test]

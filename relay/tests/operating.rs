@@ -6,11 +6,11 @@
 mod common;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
 use keyway_relay::LimitKind;
+use keyway_test_support::http::get as http_get_addr;
 
 /// GETs `path` from the relay's metrics listener: (status code, body).
 async fn http_get(relay: &RelayHandle, path: &str) -> (u16, String) {
@@ -19,12 +19,7 @@ async fn http_get(relay: &RelayHandle, path: &str) -> (u16, String) {
 
 /// The value of one series (`name{labels}` exactly as exposed) in a scrape.
 fn series(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{series} not in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    keyway_test_support::http::series(text, series).unwrap_or_else(|| panic!("{series} not in\n{text}"))
 }
 
 async fn scrape(relay: &RelayHandle) -> String {
@@ -307,16 +302,4 @@ async fn shutdown_drains_live_sessions_and_reports_unhealthy_meanwhile() {
     within("shutdown completes", shutdown).await.unwrap();
     assert_eq!(stats.sessions_active(), 0);
     assert_eq!(app_code(within("closed", app_conn.closed()).await), Some(codes::SHUTTING_DOWN.into_inner()));
-}
-
-async fn http_get_addr(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = within("metrics connect", tokio::net::TcpStream::connect(addr)).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    within("metrics response", stream.read_to_string(&mut raw)).await.unwrap();
-    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
 }
