@@ -178,8 +178,8 @@ pub fn init_logging() {
 
 /// The `main` of a CLI: a parse error exits 2, otherwise logging starts and `run` decides:
 /// success exits 0, an error exits 1. Errors are printed as `BIN: error` with their causes
-/// (`{:#}`, which `anyhow` renders as the whole chain).
-pub fn run_main<C, E: std::fmt::Display>(
+/// ([`error_report`]).
+pub fn run_main<C, E: AsRef<dyn std::error::Error + Send + Sync + 'static>>(
     bin: &str,
     parsed: Result<C, E>,
     run: impl FnOnce(C) -> Result<(), E>,
@@ -187,7 +187,7 @@ pub fn run_main<C, E: std::fmt::Display>(
     let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
-            eprintln!("{bin}: {e:#}");
+            eprintln!("{bin}: {}", error_report(e.as_ref()));
             return std::process::ExitCode::from(2);
         }
     };
@@ -195,16 +195,59 @@ pub fn run_main<C, E: std::fmt::Display>(
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{bin}: {e:#}");
+            eprintln!("{bin}: {}", error_report(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// One line for a human: the error and its causes joined by `: `, each cause said once.
+///
+/// Many of our error messages already name their cause (so that `to_string()` alone, as an
+/// app shows it, is complete) *and* keep it as `#[source]` (so that programs can inspect it).
+/// Printing the whole chain, as `anyhow`'s `{:#}` does, would then say the cause twice
+/// ("cannot bind …: os error 99: os error 99"); a cause whose text the line already holds is
+/// left out.
+pub fn error_report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut report = error.to_string();
+    let mut cause = error.source();
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if !text.is_empty() && !report.contains(&text) {
+            report.push_str(": ");
+            report.push_str(&text);
+        }
+        cause = current.source();
+    }
+    report
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::{Arg, Command};
+
+    #[derive(Debug, thiserror::Error)]
+    enum Inner {
+        #[error("os error 99")]
+        Os,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot bind 10.0.0.1:4433: {0}")]
+        Bind(#[source] Inner),
+        #[error("cannot bind")]
+        BindQuiet(#[source] Inner),
+    }
+
+    #[test]
+    fn error_report_says_each_cause_once() {
+        assert_eq!(error_report(&Outer::Bind(Inner::Os)), "cannot bind 10.0.0.1:4433: os error 99");
+        assert_eq!(error_report(&Outer::BindQuiet(Inner::Os)), "cannot bind: os error 99");
+        let wrapped = std::io::Error::other(Outer::Bind(Inner::Os));
+        assert_eq!(error_report(&wrapped), "cannot bind 10.0.0.1:4433: os error 99");
+    }
 
     fn command() -> Command {
         Command::new("t")

@@ -238,7 +238,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keyway-relay: {e:#}");
+            eprintln!("keyway-relay: {}", keyway_proto::cli::error_report(e.as_ref()));
             ExitCode::FAILURE
         }
     }

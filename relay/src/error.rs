@@ -14,11 +14,10 @@ pub enum RelayError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot build the relay's TLS configuration: {0}")]
     Tls(#[from] keyway_proto::tls::TlsConfigError),
-    /// Deliberately not a `#[source]`: the message already shows the detail, and the binary
-    /// prints the whole chain (`{:#}`), which would repeat it. The detail's own cause (quinn's,
-    /// for a timeout too large) is its `source()`.
+    /// The message shows the detail and keeps it as the source; the binary's
+    /// `keyway_proto::cli::error_report` says a cause already in the line only once.
     #[error("invalid relay configuration: {0}")]
-    Config(RelayConfigError),
+    Config(#[from] RelayConfigError),
     #[error("cannot read hubs file {path}: {source}")]
     HubsFileRead { path: PathBuf, source: std::io::Error },
     #[error("hubs file {path}, {source}; keeping the previous list")]
@@ -33,12 +32,6 @@ pub enum RelayError {
     Identity(#[from] keyway_proto::IdentityError),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
-}
-
-impl From<RelayConfigError> for RelayError {
-    fn from(e: RelayConfigError) -> Self {
-        Self::Config(e)
-    }
 }
 
 /// What is wrong with a [`RelayConfig`](crate::RelayConfig) or the limits given to a running
@@ -71,7 +64,13 @@ mod tests {
             "invalid relay configuration: max_streams_per_connection must be at least 1"
         );
         assert!(matches!(&e, RelayError::Config(RelayConfigError::Limits(LimitsError::NoStreams))));
-        assert!(e.source().is_none(), "the detail is in the message, so the binary prints it once");
+        assert!(e.source().is_some(), "the detail is kept as the source");
+        #[cfg(feature = "cli")]
+        assert_eq!(
+            keyway_proto::cli::error_report(&e),
+            "invalid relay configuration: max_streams_per_connection must be at least 1",
+            "the binary says the detail once"
+        );
         let e = RelayError::from(RelayConfigError::ZeroTimeout);
         assert_eq!(
             e.to_string(),
