@@ -120,3 +120,65 @@ async fn after_a_relay_crash_cached_connections_are_reset_and_the_first_connect_
         app.connect(&name("home"), &hub_id.public_key()).await.expect("first connect after the crash");
     assert_eq!(round_trip(stream, b"after".to_vec()).await.unwrap(), b"after");
 }
+
+/// After a crash, hubs are back within about one keep-alive interval because the restarted
+/// relay answers every keep-alive of the dead run with a stateless reset, not at quinn's
+/// default pace of one reset per 20 ms for the whole endpoint (which left most of 1 000 hubs
+/// waiting for their liveness ping: 40 s). The liveness ping (60 s) and the idle timeout
+/// (120 s) are set far beyond the bound checked here, so only the reset can bring the hubs
+/// back that soon. The bound is one keep-alive interval, the reconnect jitter and a generous
+/// slack for a busy machine; it is the property under test, not a speed measurement
+/// (`keyway-loadtest storm --signal KILL` measures that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_relay_crash_every_hub_is_back_within_one_keep_alive_through_the_reset() {
+    use std::time::{Duration, Instant};
+    const HUBS: usize = 300;
+    const KEEP_ALIVE: Duration = Duration::from_secs(10);
+    const BACKOFF_MIN: Duration = Duration::from_millis(200);
+    const SLACK: Duration = Duration::from_secs(8);
+    let ids: Vec<_> = (0..HUBS).map(|_| identity()).collect();
+    let names: Vec<String> = (0..HUBS).map(|i| format!("hub{i}")).collect();
+    let hubs_list: Vec<(&str, _)> =
+        names.iter().map(String::as_str).zip(ids.iter().map(|id| id.public_key())).collect();
+    // Per-IP admission lifted: every hub dials from 127.0.0.1, as no real deployment does.
+    let mut relay = RelayProcess::start(&hubs_list, &["--new-connections-per-ip", "0"]);
+    relay.wait_ready().await;
+    let service = echo_service(b"").await;
+    let dir = tempfile::tempdir().unwrap();
+    let apps_file = dir.path().join("authorized_apps");
+    write_apps(&apps_file, &[identity().public_key()]);
+    let mut hubs = Vec::with_capacity(HUBS);
+    for (id, hub_name) in ids.iter().zip(&names) {
+        let mut config = keyway_hub::HubConfig::new(
+            relay.addr,
+            relay.key,
+            name(hub_name),
+            id.duplicate(),
+            apps_file.clone(),
+            service,
+        );
+        config.keep_alive = KEEP_ALIVE;
+        config.ping_interval = Duration::from_secs(60);
+        config.idle_timeout = Duration::from_secs(120);
+        config.backoff_min = BACKOFF_MIN;
+        hubs.push(keyway_hub::start(config).await.unwrap());
+    }
+    for hub in &hubs {
+        hub.wait_registered(PATIENCE).await.unwrap();
+    }
+    let before: Vec<u64> = hubs.iter().map(|h| h.stats().registrations()).collect();
+
+    relay.crash_and_restart().await;
+    let crashed = Instant::now();
+    // Jitter: the first reconnect delay is at most twice the minimum backoff.
+    let bound = KEEP_ALIVE + 2 * BACKOFF_MIN + SLACK;
+    let mut back = vec![false; HUBS];
+    while back.iter().any(|b| !b) && crashed.elapsed() < bound {
+        for ((hub, was), back) in hubs.iter().zip(&before).zip(back.iter_mut()) {
+            *back |= hub.stats().registrations() > *was;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let missing = back.iter().filter(|b| !**b).count();
+    assert_eq!(missing, 0, "{missing} of {HUBS} hubs not back within {bound:?} of the crash");
+}

@@ -383,6 +383,16 @@ pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
     let cid = identity.derive_secret("keyway quic connection id v1");
     let cid_key = u64::from_le_bytes([cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7]]);
     config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // quinn sends at most one stateless reset per `min_reset_interval` (20 ms by default) for
+    // the whole endpoint, and judges it by one timestamp per receive batch: after a crash that
+    // is ~50 resets/s, while every hub of the previous run sends a keep-alive per interval
+    // (100 000 hubs / 15 s ≈ 6 700/s), so most hubs waited for their liveness ping. No
+    // interval: every packet of a previous run is answered. What bounds it instead: a reset
+    // answers only a short-header packet whose connection ID this key generated, it is always
+    // smaller than that packet (quinn pads to at most one byte less; so a reflected flood is
+    // never amplified and two endpoints resetting each other shrink to nothing), and its cost
+    // is one HMAC and one send, below what quinn already spends on the packet that caused it.
+    config.min_reset_interval(std::time::Duration::ZERO);
     config
 }
 
