@@ -44,10 +44,10 @@ pub enum ClientError {
     Tls(#[from] TlsConfigError),
     /// The hub answered a pairing request with something other than success.
     #[error("pairing refused by the hub ({status}): {message}")]
-    PairingRejected { status: crate::pairing::PairStatus, message: String },
+    PairingRejected { status: keyway_proto::pairing::PairStatus, message: String },
     /// A pairing code could not be understood.
     #[error(transparent)]
-    BadPairingCode(#[from] crate::pairing::BadPairingCode),
+    BadPairingCode(#[from] keyway_proto::pairing::BadPairingCode),
     /// Local I/O failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
