@@ -34,8 +34,9 @@ fn base32() -> data_encoding::Encoding {
 /// Why an identity could not be parsed, loaded or stored.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// Boxed: the quoted input would otherwise make every `Result<_, IdentityError>` large.
     #[error("not a Keyway public key: {0}")]
-    BadPublicKey(String),
+    BadPublicKey(#[source] Box<PublicKeyError>),
     #[error("cannot read key file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write key file {path}: {source}")]
@@ -50,7 +51,31 @@ pub enum IdentityError {
     #[error("key file {path} already exists; refusing to overwrite an identity")]
     AlreadyExists { path: PathBuf },
     #[error("the operating system random generator failed: {0}")]
-    Random(String),
+    Random(#[source] getrandom::Error),
+    #[error("PKCS#8 encoding of the private key failed: {0}")]
+    Pkcs8Encode(#[source] Box<ed25519_dalek::pkcs8::Error>),
+}
+
+impl From<PublicKeyError> for IdentityError {
+    fn from(e: PublicKeyError) -> Self {
+        Self::BadPublicKey(Box::new(e))
+    }
+}
+
+/// Why a text or byte form is not a Keyway public key (the input is quoted so that a stray
+/// character or a truncated paste is visible).
+#[derive(Debug, thiserror::Error)]
+pub enum PublicKeyError {
+    #[error("not a valid Ed25519 point")]
+    NotAPoint,
+    #[error("not an Ed25519 SubjectPublicKeyInfo")]
+    NotSubjectPublicKeyInfo,
+    #[error("{text:?} does not start with \"{TEXT_PREFIX}\"")]
+    NoPrefix { text: String },
+    #[error("{text:?}: {source}")]
+    BadBase32 { text: String, source: data_encoding::DecodeError },
+    #[error("{text:?} holds {len} bytes, not 32")]
+    WrongLength { text: String, len: usize },
 }
 
 /// An Ed25519 public key: the identity of a relay, a hub or an app.
@@ -60,8 +85,7 @@ pub struct PublicKey([u8; 32]);
 impl PublicKey {
     /// Wraps 32 raw bytes. Fails if they are not a valid Ed25519 point.
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, IdentityError> {
-        VerifyingKey::from_bytes(&bytes)
-            .map_err(|_| IdentityError::BadPublicKey("not a valid Ed25519 point".into()))?;
+        VerifyingKey::from_bytes(&bytes).map_err(|_| PublicKeyError::NotAPoint)?;
         Ok(Self(bytes))
     }
 
@@ -83,7 +107,7 @@ impl PublicKey {
         let key = der
             .strip_prefix(&ED25519_SPKI_PREFIX[..])
             .filter(|rest| rest.len() == 32)
-            .ok_or_else(|| IdentityError::BadPublicKey("not an Ed25519 SubjectPublicKeyInfo".into()))?;
+            .ok_or(PublicKeyError::NotSubjectPublicKeyInfo)?;
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(key);
         Self::from_bytes(bytes)
@@ -115,15 +139,13 @@ impl FromStr for PublicKey {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let body = s.strip_prefix(TEXT_PREFIX).ok_or_else(|| {
-            IdentityError::BadPublicKey(format!("{s:?} does not start with \"{TEXT_PREFIX}\""))
-        })?;
+        let body = s.strip_prefix(TEXT_PREFIX).ok_or_else(|| PublicKeyError::NoPrefix { text: s.into() })?;
         let raw = base32()
             .decode(body.as_bytes())
-            .map_err(|e| IdentityError::BadPublicKey(format!("{s:?}: {e}")))?;
-        let bytes: [u8; 32] = raw.try_into().map_err(|v: Vec<u8>| {
-            IdentityError::BadPublicKey(format!("{s:?} holds {} bytes, not 32", v.len()))
-        })?;
+            .map_err(|source| PublicKeyError::BadBase32 { text: s.into(), source })?;
+        let bytes: [u8; 32] = raw
+            .try_into()
+            .map_err(|v: Vec<u8>| PublicKeyError::WrongLength { text: s.into(), len: v.len() })?;
         Self::from_bytes(bytes)
     }
 }
@@ -144,7 +166,7 @@ impl Identity {
     /// Generates a new key from the operating system's random generator.
     pub fn generate() -> Result<Self, IdentityError> {
         let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
+        getrandom::fill(&mut seed).map_err(IdentityError::Random)?;
         Ok(Self { signing: SigningKey::from_bytes(&seed) })
     }
 
@@ -163,7 +185,7 @@ impl Identity {
         self.signing
             .to_pkcs8_der()
             .map(|doc| doc.as_bytes().to_vec())
-            .map_err(|e| IdentityError::Random(format!("PKCS#8 encoding failed: {e}")))
+            .map_err(|e| IdentityError::Pkcs8Encode(Box::new(e)))
     }
 
     /// A 32-byte secret for one purpose, derived from the private key: HMAC-SHA256 keyed by the

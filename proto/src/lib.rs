@@ -36,7 +36,7 @@ pub mod pairing;
 pub mod tls;
 
 pub use codec::{Frame, FrameError, HubName, RefusalReason, SessionPurpose};
-pub use identity::{Identity, IdentityError, PublicKey};
+pub use identity::{Identity, IdentityError, PublicKey, PublicKeyError};
 
 /// ALPN of the app/hub ↔ relay QUIC connection. The version is part of the name so that a
 /// relay and a peer that speak different major versions fail the handshake with a clear alert.
