@@ -13,7 +13,9 @@
 //! its items are re-exported here so `keyway_client::pairing::PairingCode` and friends keep
 //! working.
 
-use keyway_proto::{HubName, Identity, PublicKey, SessionPurpose};
+use std::time::Duration;
+
+use keyway_proto::{HubName, Identity, PublicKey, RefusalReason, SessionPurpose};
 use tokio::io::AsyncWriteExt;
 
 pub use keyway_proto::pairing::{
@@ -46,9 +48,30 @@ pub async fn pair(code: &PairingCode, identity: Identity) -> Result<PairedHub, C
     result
 }
 
+/// How long a pairing keeps asking while the relay says the hub has no window open. A code is
+/// printed the moment `keyway-hub pair` writes the window file; the running connector notices
+/// it at its next poll (250 ms by default) and only then tells the relay, so a code used at
+/// once would otherwise be refused although its window is open. After this long, "no
+/// pairing window open" is the truth (expired, used, or no connector running).
+pub const WINDOW_PUBLISH_GRACE: Duration = Duration::from_secs(3);
+/// Pause between two pairing attempts within [`WINDOW_PUBLISH_GRACE`] (each refused attempt
+/// costs the relay one session frame, no handshake with the hub).
+const WINDOW_RETRY: Duration = Duration::from_millis(100);
+
 /// Pairs over an existing [`Client`] (whose relay must be the code's relay).
 pub async fn pair_with(client: &Client, code: &PairingCode) -> Result<PairedHub, ClientError> {
-    let mut stream = client.connect_for(&code.hub, &code.hub_key, SessionPurpose::Pair).await?;
+    let deadline = tokio::time::Instant::now() + WINDOW_PUBLISH_GRACE;
+    let mut stream = loop {
+        match client.connect_for(&code.hub, &code.hub_key, SessionPurpose::Pair).await {
+            Err(e)
+                if e.refusal() == Some(RefusalReason::PairingClosed)
+                    && tokio::time::Instant::now() + WINDOW_RETRY < deadline =>
+            {
+                tokio::time::sleep(WINDOW_RETRY).await;
+            }
+            other => break other?,
+        }
+    };
     write_request(&mut stream, &code.secret).await?;
     let (status, message) = read_answer(&mut stream).await?;
     let _ = stream.shutdown().await;

@@ -115,6 +115,40 @@ async fn pairing_then_connect_with_only_the_stored_info_and_the_code_works_once(
     hub.shutdown().await;
 }
 
+/// A code works the moment it is printed, although the running connector learns of the new
+/// window only at its next poll and only then tells the relay: the connector's poll is made
+/// deliberately late here (1 s), the window is opened without asking the connector to look,
+/// and the app pairs at once, with no retry of its own.
+#[tokio::test]
+async fn a_code_used_before_the_connector_has_published_its_window_still_pairs() {
+    let hub_id = identity();
+    let relay = TestRelay::start(&[("home", hub_id.public_key())]).await;
+    let service = echo_service(b"").await;
+    let apps_file = relay.dir.path().join("authorized_apps.home");
+    write_apps(&apps_file, &[]);
+    let mut config =
+        HubConfig::new(relay.addr(), relay.key(), name("home"), hub_id, apps_file.clone(), service);
+    config.poll_interval = Duration::from_secs(1);
+    let hub = keyway_hub::start(config).await.expect("hub starts");
+    hub.wait_registered(PATIENCE).await.expect("hub registers");
+
+    let secret = keyway_hub::pairing::open_window(&apps_file, "late poll", Duration::from_secs(600)).unwrap();
+    let code = PairingCode {
+        relay: relay.addr().to_string(),
+        relay_key: relay.key(),
+        hub: name("home"),
+        hub_key: hub.public_key(),
+        secret,
+    };
+    let app = identity();
+    keyway_client::pair(&code, app.duplicate()).await.expect("pairing succeeds at once");
+    assert_eq!(
+        list_apps(&apps_file).unwrap().iter().map(|e| e.key).collect::<Vec<_>>(),
+        vec![app.public_key()]
+    );
+    hub.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_expired_code_is_refused() {
     let service = echo_service(b"").await;

@@ -40,8 +40,13 @@ pub struct HubConfig {
     /// The hub's own key; apps pin its public half.
     pub identity: Identity,
     /// `authorized_apps` (`KEY [LABEL]` lines). Re-read when it changes (polled every
-    /// 250 ms); a missing file is an empty list. The pairing window file lives next to it.
+    /// `poll_interval`); a missing file is an empty list. The pairing window file lives next
+    /// to it.
     pub apps_file: PathBuf,
+    /// How often `authorized_apps` and the pairing window file are polled
+    /// ([`POLL_INTERVAL`](crate::POLL_INTERVAL) by default): it bounds how long a revocation
+    /// by file edit takes, and how long a new pairing window waits to be published.
+    pub poll_interval: Duration,
     /// The local TCP service every accepted session is bridged to.
     pub forward: SocketAddr,
     /// QUIC keep-alive interval (NAT bindings often expire after 30 s).
@@ -85,6 +90,7 @@ impl HubConfig {
             name,
             identity,
             apps_file,
+            poll_interval: crate::POLL_INTERVAL,
             forward,
             keep_alive: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
@@ -124,6 +130,9 @@ impl HubConfig {
         if self.ping_interval.is_zero() {
             return Err(ConfigError::ZeroPingInterval);
         }
+        if self.poll_interval.is_zero() {
+            return Err(ConfigError::ZeroPollInterval);
+        }
         if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
             return Err(ConfigError::Backoff);
         }
@@ -146,6 +155,8 @@ pub enum ConfigError {
     RelayListedTwice(SocketAddr),
     #[error("configuration: ping interval must be greater than zero")]
     ZeroPingInterval,
+    #[error("configuration: poll interval must be greater than zero")]
+    ZeroPollInterval,
     #[error("configuration: backoff must satisfy 0 < backoff_min <= backoff_max")]
     Backoff,
     #[error("configuration: timeouts must be greater than zero")]

@@ -250,13 +250,14 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
     Ok(HubHandle { shared, endpoints, stop, tunnels, watcher: Some(watcher), metrics })
 }
 
-/// How often `authorized_apps` and the pairing window file are polled. Two `stat`s (and one
+/// How often `authorized_apps` and the pairing window file are polled by default
+/// ([`HubConfig::poll_interval`](crate::HubConfig::poll_interval)). Two `stat`s (and one
 /// small read while a window is open) per tick cost nothing, and this bounds how long a
 /// revocation by file edit (`keyway-hub apps revoke`) takes to cut live sessions.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 async fn watch_apps(shared: Arc<Shared>, mut shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    let mut tick = tokio::time::interval(shared.config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
