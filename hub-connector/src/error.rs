@@ -30,7 +30,9 @@ pub enum HubError {
     Apps { path: PathBuf, source: keyway_proto::lists::ListError },
     #[error("cannot read authorized apps file {path}: {source}")]
     AppsRead { path: PathBuf, source: std::io::Error },
-    #[error("TLS configuration: {0}")]
+    /// Transparent: each `TlsConfigError` already says it is about the TLS configuration
+    /// (a prefix here printed "TLS configuration: TLS configuration: …").
+    #[error(transparent)]
     Tls(#[from] keyway_proto::tls::TlsConfigError),
     #[error(transparent)]
     Client(#[from] keyway_client::ClientError),
@@ -38,4 +40,17 @@ pub enum HubError {
     NotRegistered { waited: Duration, last: TunnelStatus },
     #[error("the connector has stopped")]
     Stopped,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tls_configuration_error_says_so_once() {
+        let e = HubError::from(keyway_proto::tls::TlsConfigError::Rustls(rustls::Error::General(
+            "no key".into(),
+        )));
+        assert_eq!(e.to_string(), "TLS configuration: unexpected error: no key");
+    }
 }
