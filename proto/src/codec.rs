@@ -18,6 +18,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::channel::ChannelId;
 use crate::identity::PublicKey;
 
 /// The only protocol version this codec speaks.
@@ -286,6 +287,32 @@ pub enum Frame {
         retry_after_ms: u32,
         message: String,
     },
+    /// app → relay, first frame of a channel stream (data plane v2): introduce me to `hub` for
+    /// an end-to-end QUIC connection. The stream stays open for the channel's life; either side
+    /// ending it ends the channel.
+    ChannelOpen {
+        hub: HubName,
+        hub_key: PublicKey,
+        purpose: SessionPurpose,
+    },
+    /// relay → hub, first frame of a stream the relay opens for a channel: the relay authorized
+    /// `app_key` and will carry its end-to-end QUIC packets under `channel` (the hub's id).
+    ChannelAnnounce {
+        app_key: PublicKey,
+        observed: SocketAddr,
+        purpose: SessionPurpose,
+        channel: ChannelId,
+    },
+    /// hub → relay: the hub accepts the channel and expects the app's first flight on it.
+    ChannelAccepted,
+    /// relay → app: the channel is up; send end-to-end packets under `channel` (the app's id).
+    ChannelReady {
+        channel: ChannelId,
+    },
+    /// app → hub, first frame of every stream on the end-to-end connection.
+    StreamOpen,
+    /// hub → app, first frame back on a stream: it reaches the hub's local service.
+    StreamAccepted,
 }
 
 mod kind {
@@ -299,6 +326,14 @@ mod kind {
     pub const PING: u8 = 8;
     pub const PONG: u8 = 9;
     pub const GO_AWAY: u8 = 10;
+    pub const CHANNEL_OPEN: u8 = 11;
+    pub const CHANNEL_ANNOUNCE: u8 = 12;
+    pub const CHANNEL_ACCEPTED: u8 = 13;
+    pub const CHANNEL_READY: u8 = 14;
+    pub const STREAM_OPEN: u8 = 15;
+    pub const STREAM_ACCEPTED: u8 = 16;
+    /// The highest kind this build knows.
+    pub const LAST: u8 = STREAM_ACCEPTED;
 }
 
 /// A validated frame header: what a reader needs to know before reading the payload.
@@ -315,7 +350,7 @@ impl Header {
         if version != PROTOCOL_VERSION {
             return Err(FrameError::UnsupportedVersion { got: version });
         }
-        if !(kind::REGISTER..=kind::GO_AWAY).contains(&kind) {
+        if !(kind::REGISTER..=kind::LAST).contains(&kind) {
             return Err(FrameError::UnknownType(kind));
         }
         let payload_len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
@@ -340,6 +375,12 @@ impl Frame {
             Frame::Ping { .. } => "Ping",
             Frame::Pong { .. } => "Pong",
             Frame::GoAway { .. } => "GoAway",
+            Frame::ChannelOpen { .. } => "ChannelOpen",
+            Frame::ChannelAnnounce { .. } => "ChannelAnnounce",
+            Frame::ChannelAccepted => "ChannelAccepted",
+            Frame::ChannelReady { .. } => "ChannelReady",
+            Frame::StreamOpen => "StreamOpen",
+            Frame::StreamAccepted => "StreamAccepted",
         }
     }
 
@@ -360,6 +401,12 @@ impl Frame {
             Frame::Ping { .. } => kind::PING,
             Frame::Pong { .. } => kind::PONG,
             Frame::GoAway { .. } => kind::GO_AWAY,
+            Frame::ChannelOpen { .. } => kind::CHANNEL_OPEN,
+            Frame::ChannelAnnounce { .. } => kind::CHANNEL_ANNOUNCE,
+            Frame::ChannelAccepted => kind::CHANNEL_ACCEPTED,
+            Frame::ChannelReady { .. } => kind::CHANNEL_READY,
+            Frame::StreamOpen => kind::STREAM_OPEN,
+            Frame::StreamAccepted => kind::STREAM_ACCEPTED,
         }
     }
 
@@ -400,6 +447,19 @@ impl Frame {
                 w.u32(*retry_after_ms);
                 w.message("message", message)?;
             }
+            Frame::ChannelOpen { hub, hub_key, purpose } => {
+                w.name(hub);
+                w.key(hub_key);
+                w.u8(purpose.code());
+            }
+            Frame::ChannelAnnounce { app_key, observed, purpose, channel } => {
+                w.key(app_key);
+                w.addr(observed);
+                w.u8(purpose.code());
+                w.u64(channel.get());
+            }
+            Frame::ChannelReady { channel } => w.u64(channel.get()),
+            Frame::ChannelAccepted | Frame::StreamOpen | Frame::StreamAccepted => {}
         }
         let payload_len = out.len() - HEADER_LEN;
         if payload_len > MAX_PAYLOAD {
@@ -443,6 +503,19 @@ impl Frame {
             kind::GO_AWAY => {
                 Frame::GoAway { retry_after_ms: r.u32("retry_after_ms")?, message: r.message("message")? }
             }
+            kind::CHANNEL_OPEN => {
+                Frame::ChannelOpen { hub: r.name()?, hub_key: r.key("hub_key")?, purpose: r.purpose()? }
+            }
+            kind::CHANNEL_ANNOUNCE => Frame::ChannelAnnounce {
+                app_key: r.key("app_key")?,
+                observed: r.addr()?,
+                purpose: r.purpose()?,
+                channel: ChannelId::new(r.u64("channel")?),
+            },
+            kind::CHANNEL_ACCEPTED => Frame::ChannelAccepted,
+            kind::CHANNEL_READY => Frame::ChannelReady { channel: ChannelId::new(r.u64("channel")?) },
+            kind::STREAM_OPEN => Frame::StreamOpen,
+            kind::STREAM_ACCEPTED => Frame::StreamAccepted,
             other => return Err(FrameError::UnknownType(other)),
         };
         if !r.0.is_empty() {
@@ -665,6 +738,17 @@ mod tests {
             Frame::Ping { nonce: u64::MAX },
             Frame::Pong { nonce: 0 },
             Frame::GoAway { retry_after_ms: 1500, message: "relay restarting".into() },
+            Frame::ChannelOpen { hub: name("home"), hub_key: key(6), purpose: SessionPurpose::Connect },
+            Frame::ChannelAnnounce {
+                app_key: key(7),
+                observed: "198.51.100.9:5000".parse().unwrap(),
+                purpose: SessionPurpose::Pair,
+                channel: ChannelId::new(0x0123_4567_89ab_cdef),
+            },
+            Frame::ChannelAccepted,
+            Frame::ChannelReady { channel: ChannelId::new(u64::MAX) },
+            Frame::StreamOpen,
+            Frame::StreamAccepted,
         ]
     }
 
@@ -709,7 +793,7 @@ mod tests {
 
     #[test]
     fn unknown_type_is_refused() {
-        for t in [0u8, 11, 200, 255] {
+        for t in [0u8, 17, 200, 255] {
             let bytes = [PROTOCOL_VERSION, t, 0, 0, 0, 0];
             assert_eq!(Frame::decode(&bytes), Err(FrameError::UnknownType(t)));
         }
@@ -897,6 +981,23 @@ mod tests {
                 retry_after_ms,
                 message: truncate_message(m)
             }),
+            (arb_name(), arb_key(), arb_purpose()).prop_map(|(hub, hub_key, purpose)| Frame::ChannelOpen {
+                hub,
+                hub_key,
+                purpose
+            }),
+            (arb_key(), any::<SocketAddr>(), arb_purpose(), any::<u64>()).prop_map(
+                |(app_key, observed, purpose, id)| Frame::ChannelAnnounce {
+                    app_key,
+                    observed,
+                    purpose,
+                    channel: ChannelId::new(id)
+                }
+            ),
+            Just(Frame::ChannelAccepted),
+            any::<u64>().prop_map(|id| Frame::ChannelReady { channel: ChannelId::new(id) }),
+            Just(Frame::StreamOpen),
+            Just(Frame::StreamAccepted),
         ]
     }
 
@@ -907,7 +1008,11 @@ mod tests {
             let (decoded, used) = Frame::decode(&bytes).unwrap().unwrap();
             prop_assert_eq!(used, bytes.len());
             // SocketAddr V6 flow info / scope are not carried on the wire.
-            if let (Frame::SessionAnnounce { observed: a, .. }, Frame::SessionAnnounce { observed: b, .. }) = (&frame, &decoded) {
+            let observed = |f: &Frame| match f {
+                Frame::SessionAnnounce { observed, .. } | Frame::ChannelAnnounce { observed, .. } => Some(*observed),
+                _ => None,
+            };
+            if let (Some(a), Some(b)) = (observed(&frame), observed(&decoded)) {
                 prop_assert_eq!(a.ip(), b.ip());
                 prop_assert_eq!(a.port(), b.port());
             } else {
@@ -921,7 +1026,7 @@ mod tests {
         }
 
         #[test]
-        fn valid_header_random_payload_never_panics(kind in 0u8..=12, payload in prop::collection::vec(any::<u8>(), 0..300)) {
+        fn valid_header_random_payload_never_panics(kind in 0u8..=18, payload in prop::collection::vec(any::<u8>(), 0..300)) {
             let _ = Frame::decode(&frame_with_payload(kind, &payload));
         }
     }

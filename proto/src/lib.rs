@@ -4,6 +4,7 @@
 //! Most of it is pure, in the spirit of `quinn-proto` (no sockets, no files, no clock), so it
 //! is unit-tested exhaustively and fuzzed (`proto/fuzz`):
 //! * [`codec`]: the frames and their limits;
+//! * [`channel`]: the header of end-to-end packets carried through the relay;
 //! * [`codes`]: the QUIC application error codes;
 //! * [`identity`]: keys, their one text form and fingerprints (but see key files below);
 //! * [`lists`]: parsing and formatting `authorized_hubs` / `authorized_apps`;
@@ -22,6 +23,7 @@
 //! Without features the crate pulls no HTTP server and no command-line parser.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+pub mod channel;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod codec;
@@ -43,3 +45,6 @@ pub use identity::{Identity, IdentityError, PublicKey, PublicKeyError};
 pub const ALPN_RELAY: &[u8] = b"keyway-relay/1";
 /// ALPN of the end-to-end TLS session that app and hub run inside a spliced stream.
 pub const ALPN_E2E: &[u8] = b"keyway-e2e/1";
+/// ALPN of the end-to-end QUIC connection between app and hub (data plane v2), whose packets
+/// the relay carries in a channel without decrypting them.
+pub const ALPN_E2E_QUIC: &[u8] = b"keyway-e2e/2";

@@ -393,6 +393,18 @@ pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
     // never amplified and two endpoints resetting each other shrink to nothing), and its cost
     // is one HMAC and one send, below what quinn already spends on the packet that caused it.
     config.min_reset_interval(std::time::Duration::ZERO);
+    // The relay's socket also carries channel datagrams (first byte below 0x40): quinn must
+    // never send a packet that looks like one, nor ask its peers to.
+    config.grease_quic_bit(false);
+    config
+}
+
+/// The QUIC endpoint config of an app or hub endpoint, whose socket carries the relay
+/// connection and, under the channel header, end-to-end connections: QUIC-bit greasing off (see
+/// [`crate::channel`]); random reset and connection-ID keys, as quinn draws them.
+pub fn peer_endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.grease_quic_bit(false);
     config
 }
 
