@@ -22,6 +22,7 @@ pub mod error;
 pub mod forward;
 pub mod known_hubs;
 pub mod pairing;
+pub mod path;
 pub mod relay_link;
 pub mod session;
 

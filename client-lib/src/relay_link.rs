@@ -24,6 +24,15 @@ pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Binds a client-side quinn endpoint on port 0 of `relay_addr`'s address family, with
 /// enlarged socket buffers when the OS allows. Must be called inside a tokio runtime.
 pub fn bind_endpoint(relay_addr: SocketAddr) -> Result<Endpoint, ClientError> {
+    let socket = bind_socket(relay_addr)?;
+    let runtime = quinn::default_runtime().ok_or(ConfigError::NoRuntime)?;
+    let endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)?;
+    Ok(endpoint)
+}
+
+/// The UDP socket of a relay link: port 0 of `relay_addr`'s address family, non-blocking,
+/// 4 MiB buffers when the OS allows. Shared with the path socket ([`crate::path`]).
+pub fn bind_socket(relay_addr: SocketAddr) -> Result<std::net::UdpSocket, ClientError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let local: SocketAddr = match relay_addr {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -39,9 +48,7 @@ pub fn bind_endpoint(relay_addr: SocketAddr) -> Result<Endpoint, ClientError> {
     }
     socket.bind(&local.into())?;
     socket.set_nonblocking(true)?;
-    let runtime = quinn::default_runtime().ok_or(ConfigError::NoRuntime)?;
-    let endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), runtime)?;
-    Ok(endpoint)
+    Ok(socket.into())
 }
 
 /// Transport timers for a relay link: keep-alive (NAT bindings) and idle timeout.
