@@ -1,6 +1,12 @@
 //! Who may reach one hub now: its published allow-list, whether it pairs, and its live
 //! sessions ([`HubAccess`]), with the guard that un-enrols a session when it ends.
 //!
+//! Enrolment is also where the session caps apply ([`SessionCaps`]): one hub's sessions, and
+//! one app's sessions at that hub, so that one app cannot take every session a hub may carry.
+//! v1 sessions and v2 channels are both enrolled here, so both count. The caps refuse at once
+//! with a typed `OverLimit` naming the limit, and count their own hits, so every caller counts
+//! the same way.
+//!
 //! Plain state, no connection handle and no I/O (like iroh's `clients.rs` beside its server),
 //! so the authorization-and-enrolment rules are tested without a socket; `registry::Hub` is
 //! the thin wrapper that pairs this state with the hub's QUIC connection.
@@ -15,7 +21,32 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use keyway_proto::{HubName, PublicKey, RefusalReason, SessionPurpose};
 use tokio::sync::oneshot;
 
+use crate::limits::Limits;
 use crate::policy::{decide_session, OnlineHub, Refusal};
+use crate::stats::{LimitKind, RelayStats};
+
+/// The caps [`HubAccess::enrol`] applies after authorization (0: no cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SessionCaps {
+    /// `max_sessions_per_hub`.
+    pub per_hub: u32,
+    /// `max_sessions_per_app`: sessions one app key holds at one hub.
+    pub per_app: u32,
+}
+
+impl From<&Limits> for SessionCaps {
+    fn from(limits: &Limits) -> Self {
+        Self { per_hub: limits.max_sessions_per_hub, per_app: limits.max_sessions_per_app }
+    }
+}
+
+/// Live sessions of one app key at one hub.
+#[derive(Default)]
+struct AppTally {
+    sessions: u32,
+    /// Counted in `keyway_relay_apps_at_session_cap`; cleared when one of its sessions ends.
+    at_cap: bool,
+}
 
 struct LiveSession {
     app_key: PublicKey,
@@ -27,6 +58,9 @@ struct Inner {
     allowed: HashSet<PublicKey>,
     pairing_open: bool,
     sessions: HashMap<u64, LiveSession>,
+    /// Per app key with a live session; entries go when their last session ends, so the map
+    /// is never larger than `sessions`.
+    per_app: HashMap<PublicKey, AppTally>,
 }
 
 /// The allow-list and live sessions of one hub (hub `name`, key `key`); cheap to clone, every
@@ -36,12 +70,25 @@ pub(crate) struct HubAccess {
     name: HubName,
     key: PublicKey,
     inner: Arc<Mutex<Inner>>,
+    /// Where the caps count their hits and the apps at their cap.
+    stats: Arc<RelayStats>,
 }
 
 impl HubAccess {
-    pub fn new(name: HubName, key: PublicKey, allowed: Vec<PublicKey>, pairing_open: bool) -> Self {
-        let inner = Inner { allowed: allowed.into_iter().collect(), pairing_open, sessions: HashMap::new() };
-        Self { name, key, inner: Arc::new(Mutex::new(inner)) }
+    pub fn new(
+        name: HubName,
+        key: PublicKey,
+        allowed: Vec<PublicKey>,
+        pairing_open: bool,
+        stats: Arc<RelayStats>,
+    ) -> Self {
+        let inner = Inner {
+            allowed: allowed.into_iter().collect(),
+            pairing_open,
+            sessions: HashMap::new(),
+            per_app: HashMap::new(),
+        };
+        Self { name, key, inner: Arc::new(Mutex::new(inner)), stats }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -70,8 +117,9 @@ impl HubAccess {
 
     /// Decides a session for `app_key` against this hub's current allow-list and, if it may
     /// proceed, enrols it (atomically, see the module docs).
-    /// `max_sessions` (0: no limit) is checked last, after every authorization check, so an
-    /// unauthorized app learns nothing about the hub's load.
+    /// The caps are checked last, after every authorization check, so an unauthorized app
+    /// learns nothing about the hub's load; the app's own cap first, since it is the one the
+    /// app can do something about. A cap's refusal is counted in `limit_hits_total` here.
     pub fn enrol(
         &self,
         bound: Option<&PublicKey>,
@@ -79,28 +127,72 @@ impl HubAccess {
         app_key: &PublicKey,
         purpose: SessionPurpose,
         session_id: u64,
-        max_sessions: u32,
+        caps: SessionCaps,
     ) -> Result<Enrolled, Refusal> {
         let mut inner = self.lock();
         let online = OnlineHub { key: &self.key, allowed: &inner.allowed, pairing_open: inner.pairing_open };
         decide_session(&self.name, bound, pinned, Some(online), app_key, purpose)?;
-        if max_sessions > 0 && inner.sessions.len() >= max_sessions as usize {
+        let app_sessions = inner.per_app.get(app_key).map_or(0, |t| t.sessions);
+        if caps.per_app > 0 && app_sessions >= caps.per_app {
+            self.stats.limit_hit(LimitKind::MaxSessionsPerApp);
+            return Err(Refusal::new(
+                RefusalReason::OverLimit,
+                format!(
+                    "app key {} already holds {} sessions to hub {}, this relay's max_sessions_per_app \
+                     limit; close one first",
+                    app_key.fingerprint(),
+                    caps.per_app,
+                    self.name
+                ),
+            ));
+        }
+        if caps.per_hub > 0 && inner.sessions.len() >= caps.per_hub as usize {
+            self.stats.limit_hit(LimitKind::MaxSessionsPerHub);
             return Err(Refusal::new(
                 RefusalReason::OverLimit,
                 format!(
                     "hub {} already carries {} sessions, this relay's max_sessions_per_hub limit",
-                    self.name, max_sessions
+                    self.name, caps.per_hub
                 ),
             ));
         }
         let (tx, rx) = oneshot::channel();
         inner.sessions.insert(session_id, LiveSession { app_key: *app_key, revoke: Some(tx) });
+        let tally = inner.per_app.entry(*app_key).or_default();
+        tally.sessions += 1;
+        if caps.per_app > 0 && tally.sessions >= caps.per_app && !tally.at_cap {
+            tally.at_cap = true;
+            self.stats.app_at_session_cap(true);
+        }
         Ok(Enrolled { guard: SessionGuard { access: self.clone(), id: session_id }, revoked: rx })
+    }
+
+    /// Un-enrols session `id` (its guard was dropped).
+    fn end(&self, id: u64) {
+        let mut inner = self.lock();
+        let Some(session) = inner.sessions.remove(&id) else { return };
+        let std::collections::hash_map::Entry::Occupied(mut tally) = inner.per_app.entry(session.app_key)
+        else {
+            return;
+        };
+        let tally_mut = tally.get_mut();
+        tally_mut.sessions = tally_mut.sessions.saturating_sub(1);
+        if std::mem::take(&mut tally_mut.at_cap) {
+            self.stats.app_at_session_cap(false);
+        }
+        if tally_mut.sessions == 0 {
+            tally.remove();
+        }
     }
 
     #[cfg(test)]
     fn session_count(&self) -> usize {
         self.lock().sessions.len()
+    }
+
+    #[cfg(test)]
+    fn apps_with_sessions(&self) -> usize {
+        self.lock().per_app.len()
     }
 }
 
@@ -120,7 +212,7 @@ pub(crate) struct SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.access.lock().sessions.remove(&self.id);
+        self.access.end(self.id);
     }
 }
 
@@ -133,22 +225,32 @@ mod tests {
         Identity::from_seed([seed; 32]).public_key()
     }
 
+    fn hub_access(hub_key: PublicKey, allowed: Vec<PublicKey>, pairing_open: bool) -> HubAccess {
+        let stats = Arc::new(RelayStats::default());
+        HubAccess::new(HubName::new("home").unwrap(), hub_key, allowed, pairing_open, stats)
+    }
+
+    fn caps(per_hub: u32, per_app: u32) -> SessionCaps {
+        SessionCaps { per_hub, per_app }
+    }
+    const NO_CAPS: SessionCaps = SessionCaps { per_hub: 0, per_app: 0 };
+
     #[test]
     fn removing_a_key_revokes_exactly_its_sessions() {
-        let name = HubName::new("home").unwrap();
         let (hub_key, a, b) = (key(1), key(2), key(3));
-        let hub = HubAccess::new(name, hub_key, vec![a, b], false);
-        let mut sa = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 10, 0).unwrap();
-        let mut sb = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 11, 0).unwrap();
+        let hub = hub_access(hub_key, vec![a, b], false);
+        let mut sa = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 10, NO_CAPS).unwrap();
+        let mut sb = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 11, NO_CAPS).unwrap();
         assert_eq!(hub.session_count(), 2);
 
         assert_eq!(hub.set_allow_list(vec![b], true), 1);
         assert!(sa.revoked.try_recv().is_ok());
         assert!(sb.revoked.try_recv().is_err());
         // Revoked key: new sessions are refused; pairing (now open) is allowed regardless.
-        let err = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 12, 0).err().unwrap();
+        let err =
+            hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 12, NO_CAPS).err().unwrap();
         assert_eq!(err.reason, RefusalReason::AppNotAuthorized);
-        assert!(hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Pair, 13, 0).is_ok());
+        assert!(hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Pair, 13, NO_CAPS).is_ok());
         assert_eq!(hub.session_count(), 2, "the pairing session's guard was dropped at once");
 
         drop(sa);
@@ -156,27 +258,75 @@ mod tests {
         assert_eq!(hub.session_count(), 0);
 
         // The per-hub session limit comes after authorization and counts live sessions only.
-        let held = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 14, 1).unwrap();
-        let err = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 15, 1).err().unwrap();
+        let held = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 14, caps(1, 0)).unwrap();
+        let err =
+            hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 15, caps(1, 0)).err().unwrap();
         assert_eq!(err.reason, RefusalReason::OverLimit);
         assert!(err.message.contains("max_sessions_per_hub"), "{}", err.message);
-        let err = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 16, 1).err().unwrap();
+        let err =
+            hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 16, caps(1, 0)).err().unwrap();
         assert_eq!(err.reason, RefusalReason::AppNotAuthorized, "authorization first");
         drop(held);
-        assert!(hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 17, 1).is_ok());
+        assert!(hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 17, caps(1, 0)).is_ok());
     }
 
     #[test]
     fn a_session_revoked_once_is_not_cut_again_and_a_kept_key_is_never_cut() {
-        let name = HubName::new("home").unwrap();
         let (hub_key, a, b) = (key(1), key(2), key(3));
-        let hub = HubAccess::new(name, hub_key, vec![a, b], false);
-        let _sa = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 1, 0).unwrap();
-        let _sb = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 2, 0).unwrap();
+        let hub = hub_access(hub_key, vec![a, b], false);
+        let _sa = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 1, NO_CAPS).unwrap();
+        let _sb = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 2, NO_CAPS).unwrap();
         assert_eq!(hub.set_allow_list(vec![b], false), 1);
         // Removing `a` again (it stays removed) cuts nothing more; `b` stays untouched.
         assert_eq!(hub.set_allow_list(vec![b], false), 0);
         assert_eq!(hub.set_allow_list(vec![a, b], false), 0, "re-adding a key cuts nothing");
         assert_eq!(hub.session_count(), 2, "a revoked session stays enrolled until it ends");
+    }
+
+    #[test]
+    fn one_app_at_its_cap_is_refused_while_another_app_is_still_served() {
+        let (hub_key, a, b) = (key(1), key(2), key(3));
+        let hub = hub_access(hub_key, vec![a, b], false);
+        let caps = caps(3, 2);
+        let a1 = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 1, caps).unwrap();
+        let _a2 = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 2, caps).unwrap();
+        assert_eq!(hub.stats.apps_at_session_cap(), 1, "a is at its cap");
+        let err = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 3, caps).err().unwrap();
+        assert_eq!(err.reason, RefusalReason::OverLimit);
+        assert!(err.message.contains("max_sessions_per_app"), "{}", err.message);
+        assert!(err.message.contains(&a.fingerprint().to_string()), "names the app: {}", err.message);
+        assert_eq!(hub.stats.limit_hits(LimitKind::MaxSessionsPerApp), 1);
+        // The other app gets the hub's remaining session; then the hub's cap speaks.
+        let _b1 = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 4, caps).unwrap();
+        let err = hub.enrol(Some(&hub_key), &hub_key, &b, SessionPurpose::Connect, 5, caps).err().unwrap();
+        assert!(err.message.contains("max_sessions_per_hub"), "{}", err.message);
+        assert_eq!(hub.stats.limit_hits(LimitKind::MaxSessionsPerHub), 1);
+        // An unauthorized key hears about neither cap.
+        let err =
+            hub.enrol(Some(&hub_key), &hub_key, &key(9), SessionPurpose::Connect, 6, caps).err().unwrap();
+        assert_eq!(err.reason, RefusalReason::AppNotAuthorized);
+        // One of a's sessions ends: a is below its cap again and may open one more.
+        drop(a1);
+        assert_eq!(hub.stats.apps_at_session_cap(), 0);
+        let _a3 = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 7, caps).unwrap();
+        assert_eq!(hub.stats.apps_at_session_cap(), 1);
+    }
+
+    #[test]
+    fn per_app_tallies_go_with_their_last_session() {
+        let (hub_key, a) = (key(1), key(2));
+        let hub = hub_access(hub_key, vec![a], false);
+        let sessions: Vec<Enrolled> = (0..5)
+            .map(|id| {
+                hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, id, caps(0, 5)).unwrap()
+            })
+            .collect();
+        assert_eq!((hub.apps_with_sessions(), hub.stats.apps_at_session_cap()), (1, 1));
+        drop(sessions);
+        assert_eq!((hub.session_count(), hub.apps_with_sessions()), (0, 0));
+        assert_eq!(hub.stats.apps_at_session_cap(), 0, "the gauge never drifts");
+        // No cap: never counted as at it.
+        let _s = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 9, NO_CAPS).unwrap();
+        assert_eq!(hub.stats.apps_at_session_cap(), 0);
     }
 }

@@ -95,6 +95,9 @@ pub struct LimitArgs {
     /// Sessions one hub carries at once.
     #[arg(long, env = "KEYWAY_RELAY_MAX_SESSIONS_PER_HUB", default_value_t = crate::DEFAULT_MAX_SESSIONS_PER_HUB)]
     pub max_sessions_per_hub: u32,
+    /// Sessions one app key holds at one hub at once (keep it below max_sessions_per_hub).
+    #[arg(long, env = "KEYWAY_RELAY_MAX_SESSIONS_PER_APP", default_value_t = crate::DEFAULT_MAX_SESSIONS_PER_APP)]
+    pub max_sessions_per_app: u32,
     /// Bidirectional streams a peer may have open on one connection (at least 1).
     #[arg(long, env = "KEYWAY_RELAY_MAX_STREAMS_PER_CONNECTION", default_value_t = crate::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
     pub max_streams_per_connection: u32,
@@ -104,6 +107,10 @@ pub struct LimitArgs {
     /// Connections one source IP address may open back to back.
     #[arg(long, env = "KEYWAY_RELAY_NEW_CONNECTIONS_BURST", default_value_t = crate::DEFAULT_NEW_CONNECTIONS_BURST)]
     pub new_connections_burst: u32,
+    /// IPv6 prefix length that counts as one source for the two limits above (1-128; IPv4
+    /// sources are single addresses).
+    #[arg(long, env = "KEYWAY_RELAY_NEW_CONNECTIONS_IPV6_PREFIX", default_value_t = crate::DEFAULT_NEW_CONNECTIONS_IPV6_PREFIX)]
+    pub new_connections_ipv6_prefix: u8,
     /// Payload bytes per second per key (app or hub), both directions and all sessions together.
     #[arg(long, env = "KEYWAY_RELAY_BYTES_PER_SECOND_PER_KEY", default_value_t = crate::DEFAULT_BYTES_PER_SECOND_PER_KEY)]
     pub bytes_per_second_per_key: u64,
@@ -125,9 +132,11 @@ impl LimitArgs {
         Limits {
             max_hubs: self.max_hubs,
             max_sessions_per_hub: self.max_sessions_per_hub,
+            max_sessions_per_app: self.max_sessions_per_app,
             max_streams_per_connection: self.max_streams_per_connection,
             new_connections_per_ip: self.new_connections_per_ip,
             new_connections_burst: self.new_connections_burst,
+            new_connections_ipv6_prefix: self.new_connections_ipv6_prefix,
             bytes_per_second_per_key: self.bytes_per_second_per_key,
             handshake_timeout: self.handshake_timeout,
             idle_session_timeout: self.idle_session_timeout,

@@ -86,6 +86,7 @@ pub(crate) async fn run(
         allowed_apps,
         pairing_open,
         commands_tx,
+        Arc::clone(&shared.stats),
     ));
     let old = shared.registry.insert(Arc::clone(&hub));
     let replaced = old.is_some();

@@ -1,5 +1,9 @@
 //! [`Limits`]: what one relay allows, and the token buckets that enforce the rate limits.
 //!
+//! New connections are rate-limited per *source*, and a source is an IPv4 address or an IPv6
+//! prefix ([`rate_key`]): a home line gets a whole /64 (often a /56 or /48), so keying IPv6 by
+//! the full address would hand every such line 2^64 buckets.
+//!
 //! Every limit can be changed at run time ([`RelayHandle::set_limits`](crate::RelayHandle::set_limits),
 //! SIGHUP in the binary): the rates live here, not in the buckets, so a new rate applies to the
 //! next token taken. A value of `0` switches a limit off (except `max_streams_per_connection`,
@@ -11,7 +15,7 @@
 //! their own: every call is told the time (`now`, as quinn-proto is), so they are tested
 //! deterministically and the callers decide which clock counts.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,14 +31,21 @@ pub struct Limits {
     pub max_hubs: u32,
     /// Sessions (connect or pair) one hub carries at once. 0: no limit.
     pub max_sessions_per_hub: u32,
+    /// Sessions one app key holds at one hub at once, below `max_sessions_per_hub` so that
+    /// one app cannot take all of a hub's sessions. 0: no limit.
+    pub max_sessions_per_app: u32,
     /// Bidirectional streams a peer may have open on one connection (QUIC flow control; the
     /// peer simply cannot open more). Applies to connections made after a change.
     pub max_streams_per_connection: u32,
-    /// New QUIC connections per second from one source IP address (token bucket rate); over
-    /// it, the connection is refused before any handshake work. 0: no limit.
+    /// New QUIC connections per second from one source (an IPv4 address, or an IPv6 prefix
+    /// of `new_connections_ipv6_prefix` bits; token bucket rate); over it, the connection is
+    /// refused before any handshake work. 0: no limit.
     pub new_connections_per_ip: f64,
-    /// Burst of the per-IP bucket: connections one address may open back to back.
+    /// Burst of the per-source bucket: connections one source may open back to back.
     pub new_connections_burst: u32,
+    /// Prefix length (1–128) that makes one IPv6 source for `new_connections_per_ip`: every
+    /// address of one /64 (the default) shares one bucket. 128 keys by the full address.
+    pub new_connections_ipv6_prefix: u8,
     /// Payload bytes per second one key (app or hub) may move through the relay, both
     /// directions and all its sessions together. 0: no limit.
     pub bytes_per_second_per_key: u64,
@@ -51,12 +62,17 @@ pub struct Limits {
 pub const DEFAULT_MAX_HUBS: u32 = 1000;
 /// Default `max_sessions_per_hub`.
 pub const DEFAULT_MAX_SESSIONS_PER_HUB: u32 = 256;
+/// Default `max_sessions_per_app`: a quarter of a hub's sessions, far above what a browser
+/// behind `keyway forward` keeps open (about six connections per site).
+pub const DEFAULT_MAX_SESSIONS_PER_APP: u32 = 64;
 /// Default `max_streams_per_connection`.
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Default `new_connections_per_ip` (per second).
 pub const DEFAULT_NEW_CONNECTIONS_PER_IP: f64 = 10.0;
 /// Default `new_connections_burst`.
 pub const DEFAULT_NEW_CONNECTIONS_BURST: u32 = 30;
+/// Default `new_connections_ipv6_prefix`: a /64, the smallest prefix a home line is given.
+pub const DEFAULT_NEW_CONNECTIONS_IPV6_PREFIX: u8 = 64;
 /// Default `bytes_per_second_per_key`: 25 MiB/s (about 200 Mbit/s), more than a home uplink.
 pub const DEFAULT_BYTES_PER_SECOND_PER_KEY: u64 = 25 * 1024 * 1024;
 /// Default `handshake_timeout`.
@@ -71,9 +87,11 @@ impl Default for Limits {
         Self {
             max_hubs: DEFAULT_MAX_HUBS,
             max_sessions_per_hub: DEFAULT_MAX_SESSIONS_PER_HUB,
+            max_sessions_per_app: DEFAULT_MAX_SESSIONS_PER_APP,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             new_connections_per_ip: DEFAULT_NEW_CONNECTIONS_PER_IP,
             new_connections_burst: DEFAULT_NEW_CONNECTIONS_BURST,
+            new_connections_ipv6_prefix: DEFAULT_NEW_CONNECTIONS_IPV6_PREFIX,
             bytes_per_second_per_key: DEFAULT_BYTES_PER_SECOND_PER_KEY,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_session_timeout: DEFAULT_IDLE_SESSION_TIMEOUT,
@@ -88,9 +106,11 @@ impl Limits {
         Self {
             max_hubs: 0,
             max_sessions_per_hub: 0,
+            max_sessions_per_app: 0,
             max_streams_per_connection: u32::MAX >> 2,
             new_connections_per_ip: 0.0,
             new_connections_burst: 1,
+            new_connections_ipv6_prefix: 128,
             bytes_per_second_per_key: 0,
             handshake_timeout: Duration::ZERO,
             idle_session_timeout: Duration::ZERO,
@@ -109,6 +129,9 @@ impl Limits {
         if self.new_connections_per_ip > 0.0 && self.new_connections_burst == 0 {
             return Err(LimitsError::NoBurst);
         }
+        if !(1..=128).contains(&self.new_connections_ipv6_prefix) {
+            return Err(LimitsError::BadIpv6Prefix(self.new_connections_ipv6_prefix));
+        }
         Ok(())
     }
 }
@@ -122,6 +145,23 @@ pub enum LimitsError {
     BadConnectionRate,
     #[error("new_connections_burst must be at least 1")]
     NoBurst,
+    #[error("new_connections_ipv6_prefix must be a prefix length from 1 to 128, not {0}")]
+    BadIpv6Prefix(u8),
+}
+
+/// The source a connection from `ip` is rate-limited as: an IPv4 address as it is (an
+/// IPv4-mapped IPv6 address from a dual-stack socket counts as the IPv4 address), an IPv6
+/// address cut to its first `ipv6_prefix` bits (values above 128 count as 128).
+pub fn rate_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let keep = u32::from(ipv6_prefix.min(128));
+            // A shift by 128 (prefix 0) is out of range for u128: nothing is kept then.
+            let mask = u128::MAX.checked_shl(128 - keep).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    }
 }
 
 /// The limits in force, swapped as a whole on reload; readers take a cheap `Arc` snapshot.
@@ -209,13 +249,15 @@ impl Buckets {
         Self { per_ip: DashMap::new(), per_key: DashMap::new(), arrivals: TokenBucket::new(f64::MAX, now) }
     }
 
-    /// Whether a new connection from `ip` at `now` is within `new_connections_per_ip`.
+    /// Whether a new connection from `ip` at `now` is within `new_connections_per_ip` for its
+    /// source ([`rate_key`]).
     pub fn admit_ip(&self, ip: IpAddr, limits: &Limits, now: Instant) -> bool {
         if limits.new_connections_per_ip <= 0.0 {
             return true;
         }
         let burst = f64::from(limits.new_connections_burst.max(1));
-        let bucket = self.per_ip.entry(ip.to_canonical()).or_insert_with(|| TokenBucket::new(burst, now));
+        let source = rate_key(ip, limits.new_connections_ipv6_prefix);
+        let bucket = self.per_ip.entry(source).or_insert_with(|| TokenBucket::new(burst, now));
         bucket.try_take(limits.new_connections_per_ip, burst, now)
     }
 
@@ -307,6 +349,44 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_sources_are_prefixes_and_ipv4_sources_are_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // One /64: every address in it is one source; the next /64 is another.
+        assert_eq!(rate_key(ip("2001:db8:1:2:aaaa::1"), 64), ip("2001:db8:1:2::"));
+        assert_eq!(rate_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), 64), ip("2001:db8:1:2::"));
+        assert_eq!(rate_key(ip("2001:db8:1:3::1"), 64), ip("2001:db8:1:3::"));
+        // Other lengths, including ones that cut inside a 16-bit group.
+        assert_eq!(rate_key(ip("2001:db8:1:2ff::1"), 56), ip("2001:db8:1:200::"));
+        assert_eq!(rate_key(ip("2001:db8:ffff::1"), 48), ip("2001:db8:ffff::"));
+        assert_eq!(rate_key(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+        assert_eq!(rate_key(ip("2001:db8::1"), 200), ip("2001:db8::1"), "above 128 keeps all");
+        assert_eq!(rate_key(ip("2001:db8::1"), 1), ip("::"));
+        assert_eq!(rate_key(ip("a001:db8::1"), 1), ip("8000::"));
+        assert_eq!(rate_key(ip("2001:db8::1"), 0), ip("::"), "no shift overflow");
+        assert_eq!(rate_key(ip("::1"), 64), ip("::"));
+        // IPv4 keeps its full address, whether it arrives plain or IPv4-mapped.
+        assert_eq!(rate_key(ip("192.0.2.77"), 64), ip("192.0.2.77"));
+        assert_eq!(rate_key(ip("::ffff:192.0.2.77"), 64), ip("192.0.2.77"));
+        assert_ne!(rate_key(ip("192.0.2.77"), 1), rate_key(ip("192.0.2.78"), 1));
+    }
+
+    #[test]
+    fn one_ipv6_prefix_shares_one_bucket() {
+        let t0 = Instant::now();
+        let limits = Limits { new_connections_per_ip: 1.0, new_connections_burst: 2, ..Limits::default() };
+        let buckets = Buckets::new(t0);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(buckets.admit_ip(ip("2001:db8:0:1::1"), &limits, t0));
+        assert!(buckets.admit_ip(ip("2001:db8:0:1::2"), &limits, t0));
+        assert!(!buckets.admit_ip(ip("2001:db8:0:1:ffff::3"), &limits, t0), "same /64, bucket empty");
+        assert!(buckets.admit_ip(ip("2001:db8:0:2::1"), &limits, t0), "another /64 is unaffected");
+        // Keyed by the full address, the same sources are separate.
+        let full = Limits { new_connections_ipv6_prefix: 128, ..limits.clone() };
+        assert!(buckets.admit_ip(ip("2001:db8:0:1::4"), &full, t0));
+        assert_eq!(buckets.sizes().0, 3);
+    }
+
+    #[test]
     fn key_buckets_in_use_survive_the_sweep() {
         let t0 = Instant::now();
         let limits = Limits::default();
@@ -343,5 +423,10 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("new_connections_per_ip"));
         let bad = Limits { new_connections_burst: 0, ..Limits::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("new_connections_burst"));
+        for prefix in [0, 129] {
+            let bad = Limits { new_connections_ipv6_prefix: prefix, ..Limits::default() };
+            assert!(bad.validate().unwrap_err().to_string().contains("new_connections_ipv6_prefix"));
+        }
+        assert!(Limits { new_connections_ipv6_prefix: 128, ..Limits::default() }.validate().is_ok());
     }
 }

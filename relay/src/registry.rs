@@ -40,6 +40,7 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: HubName,
         key: PublicKey,
@@ -48,8 +49,9 @@ impl Hub {
         allowed: Vec<PublicKey>,
         pairing_open: bool,
         control: mpsc::UnboundedSender<ControlCommand>,
+        stats: Arc<RelayStats>,
     ) -> Self {
-        let access = HubAccess::new(name.clone(), key, allowed, pairing_open);
+        let access = HubAccess::new(name.clone(), key, allowed, pairing_open, stats);
         Self { name, key, conn, conn_id, control, access }
     }
 }

@@ -9,12 +9,12 @@ use keyway_proto::{Frame, HubName, PublicKey, RefusalReason, SessionPurpose};
 use quinn::{RecvStream, SendStream};
 use tracing::{debug, info};
 
-use crate::access::Enrolled;
+use crate::access::{Enrolled, SessionCaps};
 use crate::policy::{decide_session, Refusal};
 use crate::refusal::refuse;
 use crate::splice::{splice, SpliceCtx};
 use crate::state::{ConnCtx, Shared};
-use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
+use crate::stats::{HandshakeResult, HandshakeRole};
 use keyway_proto::codes;
 
 /// The app's address as the hub should see it: IPv4-mapped IPv6 (from a dual-stack socket)
@@ -90,7 +90,7 @@ async fn setup_and_splice(
             &app,
             purpose,
             session_id,
-            shared.limits.get().max_sessions_per_hub,
+            SessionCaps::from(&*shared.limits.get()),
         ),
         None => {
             Err(decide_session(&name, bound.as_ref(), &pinned, None, &app, purpose).err().unwrap_or_else(
@@ -101,10 +101,7 @@ async fn setup_and_splice(
     let (hub, Enrolled { guard, revoked }) = match (hub, decision) {
         (Some(hub), Ok(enrolled)) => (hub, enrolled),
         (_, Err(refusal)) => {
-            if refusal.reason == RefusalReason::OverLimit {
-                // Only the per-hub session limit refuses with OverLimit at enrolment.
-                shared.stats.limit_hit(LimitKind::MaxSessionsPerHub);
-            }
+            // A cap's refusal was counted by `enrol` itself.
             refuse(&shared, &mut app_send, &app, refusal.reason, refusal.message).await;
             return Setup::Refused;
         }

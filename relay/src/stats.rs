@@ -64,6 +64,7 @@ impl HandshakeResult {
 pub enum LimitKind {
     MaxHubs,
     MaxSessionsPerHub,
+    MaxSessionsPerApp,
     NewConnectionsPerIp,
     BytesPerSecondPerKey,
     HandshakeTimeout,
@@ -72,9 +73,10 @@ pub enum LimitKind {
 
 impl LimitKind {
     /// Every limit, in label order.
-    pub const ALL: [LimitKind; 6] = [
+    pub const ALL: [LimitKind; 7] = [
         Self::MaxHubs,
         Self::MaxSessionsPerHub,
+        Self::MaxSessionsPerApp,
         Self::NewConnectionsPerIp,
         Self::BytesPerSecondPerKey,
         Self::HandshakeTimeout,
@@ -86,6 +88,7 @@ impl LimitKind {
         match self {
             Self::MaxHubs => "max_hubs",
             Self::MaxSessionsPerHub => "max_sessions_per_hub",
+            Self::MaxSessionsPerApp => "max_sessions_per_app",
             Self::NewConnectionsPerIp => "new_connections_per_ip",
             Self::BytesPerSecondPerKey => "bytes_per_second_per_key",
             Self::HandshakeTimeout => "handshake_timeout",
@@ -102,6 +105,7 @@ pub struct RelayStats {
     hubs_connected: IntGauge,
     sessions_active: IntGauge,
     connections_active: IntGauge,
+    apps_at_session_cap: IntGauge,
     draining: IntGauge,
     sessions_accepted: IntCounter,
     sessions_refused: IntCounter,
@@ -173,6 +177,10 @@ impl RelayStats {
         let sessions_active = b.gauge("sessions_active", "Sessions currently being spliced.")?;
         let connections_active =
             b.gauge("connections_active", "QUIC connections currently established (hubs and apps).")?;
+        let apps_at_session_cap = b.gauge(
+            "apps_at_session_cap",
+            "App keys holding max_sessions_per_app sessions at one hub now (counted per hub and app).",
+        )?;
         let draining = b.gauge("draining", "1 while the relay drains before shutting down, else 0.")?;
         let sessions = b.counter_vec(
             "sessions_opened_total",
@@ -240,6 +248,7 @@ impl RelayStats {
             hubs_connected,
             sessions_active,
             connections_active,
+            apps_at_session_cap,
             draining,
             sessions_accepted: sessions.with_label_values(&["accepted"]),
             sessions_refused: sessions.with_label_values(&["refused"]),
@@ -269,6 +278,10 @@ impl RelayStats {
     /// QUIC connections currently established (gauge).
     pub fn connections_active(&self) -> u64 {
         self.connections_active.get().max(0) as u64
+    }
+    /// (Hub, app key) pairs at `max_sessions_per_app` now (gauge).
+    pub fn apps_at_session_cap(&self) -> u64 {
+        self.apps_at_session_cap.get().max(0) as u64
     }
     /// Sessions the hub accepted and the relay spliced, since start.
     pub fn sessions_opened(&self) -> u64 {
@@ -325,9 +338,11 @@ impl RelayStats {
         let values = [
             ("max_hubs", f64::from(limits.max_hubs)),
             ("max_sessions_per_hub", f64::from(limits.max_sessions_per_hub)),
+            ("max_sessions_per_app", f64::from(limits.max_sessions_per_app)),
             ("max_streams_per_connection", f64::from(limits.max_streams_per_connection)),
             ("new_connections_per_ip", limits.new_connections_per_ip),
             ("new_connections_burst", f64::from(limits.new_connections_burst)),
+            ("new_connections_ipv6_prefix", f64::from(limits.new_connections_ipv6_prefix)),
             ("bytes_per_second_per_key", limits.bytes_per_second_per_key as f64),
             ("handshake_timeout", limits.handshake_timeout.as_secs_f64()),
             ("idle_session_timeout", limits.idle_session_timeout.as_secs_f64()),
@@ -349,6 +364,14 @@ impl RelayStats {
     }
     pub(crate) fn connection_down(&self) {
         dec(&self.connections_active);
+    }
+    /// One (hub, app) pair reached its session cap (`true`) or left it (`false`).
+    pub(crate) fn app_at_session_cap(&self, at_cap: bool) {
+        if at_cap {
+            self.apps_at_session_cap.inc();
+        } else {
+            dec(&self.apps_at_session_cap);
+        }
     }
     pub(crate) fn set_draining(&self, draining: bool) {
         self.draining.set(i64::from(draining));
@@ -449,6 +472,8 @@ mod tests {
             "keyway_relay_hubs_connected 0",
             "keyway_relay_sessions_active 0",
             "keyway_relay_connections_active 0",
+            "keyway_relay_apps_at_session_cap 0",
+            "keyway_relay_limit_hits_total{limit=\"max_sessions_per_app\"} 0",
             "keyway_relay_draining 0",
             "keyway_relay_refusals_total{reason=\"over_limit\"} 1",
             "keyway_relay_refusals_total{reason=\"other\"} 0",

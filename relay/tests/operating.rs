@@ -131,6 +131,49 @@ async fn max_sessions_per_hub_refuses_the_extra_session() {
 }
 
 #[tokio::test]
+async fn one_app_at_its_session_cap_is_refused_while_another_app_is_served() {
+    let (hub, greedy, other) = (identity(), identity(), identity());
+    let limits = Limits { max_sessions_per_hub: 10, max_sessions_per_app: 2, ..Limits::default() };
+    let relay = relay_with(&[("home", hub.public_key())], limits).await;
+    let h = &relay.handle;
+    let apps = [greedy.public_key(), other.public_key()];
+    let (hub_conn, _control) = registered_hub(h, &hub, "home", &apps).await;
+    let greedy_conn = connect(h, &greedy).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (s, mut r) = open_session(&greedy_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+        let hub_side = hub_accepts(&hub_conn).await;
+        assert_eq!(within("accepted", read_frame(&mut r)).await.unwrap(), Frame::SessionAccepted);
+        held.push((s, r, hub_side));
+    }
+    assert_eq!(h.stats().apps_at_session_cap(), 1);
+    // The greedy app's next session is refused at once, without the hub hearing of it.
+    let (_s, mut r) = open_session(&greedy_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let (reason, message) = refusal_of(&mut r).await;
+    assert_eq!(reason, RefusalReason::OverLimit);
+    assert!(message.contains("max_sessions_per_app"), "{message}");
+    assert_eq!(h.stats().limit_hits(LimitKind::MaxSessionsPerApp), 1);
+    assert_eq!(h.stats().limit_hits(LimitKind::MaxSessionsPerHub), 0);
+    // Another app of the same hub is still served.
+    let other_conn = connect(h, &other).await;
+    let (_s2, mut r2) = open_session(&other_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let _other_side = hub_accepts(&hub_conn).await;
+    assert_eq!(within("accepted", read_frame(&mut r2)).await.unwrap(), Frame::SessionAccepted);
+    let m = scrape(h).await;
+    assert_eq!(series(&m, "keyway_relay_apps_at_session_cap"), 1.0);
+    assert_eq!(series(&m, "keyway_relay_limit{limit=\"max_sessions_per_app\"}"), 2.0);
+    assert_eq!(series(&m, "keyway_relay_limit_hits_total{limit=\"max_sessions_per_app\"}"), 1.0);
+    // One of the greedy app's sessions ends: it is below its cap again.
+    drop(held.pop());
+    let stats = h.stats();
+    eventually("the at-cap gauge to drop", || {
+        let stats = stats.clone();
+        async move { (stats.apps_at_session_cap() == 0).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn max_streams_per_connection_is_quic_flow_control() {
     let (hub, app) = (identity(), identity());
     let limits = Limits { max_streams_per_connection: 1, ..Limits::default() };
@@ -174,6 +217,45 @@ async fn new_connections_per_ip_refuses_before_the_handshake() {
     assert_eq!(h.stats().limit_hits(LimitKind::NewConnectionsPerIp), 1);
     let m = scrape(h).await;
     assert_eq!(series(&m, "keyway_relay_handshakes_total{result=\"refused\",role=\"quic\"}"), 1.0);
+}
+
+/// Dials `relay` from a fresh endpoint bound to `from` (port 0): `Ok` if the handshake
+/// completes, the connection error if the relay refused it.
+async fn dial_from(relay: &RelayHandle, from: &str) -> Result<Connection, String> {
+    let endpoint = quinn::Endpoint::client(format!("{from}:0").parse().unwrap()).unwrap();
+    let config = raw::client_config(&identity(), relay.public_key()).unwrap();
+    raw::dial_with(&endpoint, relay.local_addr(), config).await.map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn ipv6_sources_are_rate_limited_per_prefix_and_ipv4_sources_per_address() {
+    // Loopback only: IPv6 has just ::1 here (which prefix an address falls in is the pure
+    // `rate_key`, unit-tested with any address); IPv4 has the whole 127.0.0.0/8.
+    let limits = Limits { new_connections_per_ip: 0.001, new_connections_burst: 1, ..Limits::default() };
+    let mut config =
+        RelayConfig::new("[::1]:0".parse().unwrap(), identity(), NamePolicy::Open { state_file: None });
+    config.limits = limits.clone();
+    let v6 = Relay::start(config).await.unwrap();
+    assert_eq!(v6.limits().new_connections_ipv6_prefix, 64, "the default prefix is a /64");
+    let _first = within("first", dial_from(&v6, "[::1]")).await.unwrap();
+    let second = within("second", dial_from(&v6, "[::1]")).await;
+    assert!(second.is_err(), "the /64's bucket is empty, so a second connection is refused");
+    assert_eq!(v6.stats().limit_hits(LimitKind::NewConnectionsPerIp), 1);
+    // The prefix is reloadable; a bad one is refused and the old one stays.
+    let bad = Limits { new_connections_ipv6_prefix: 0, ..limits.clone() };
+    assert!(v6.set_limits(bad).unwrap_err().to_string().contains("new_connections_ipv6_prefix"));
+    v6.set_limits(Limits { new_connections_ipv6_prefix: 128, ..limits.clone() }).unwrap();
+    assert_eq!(v6.limits().new_connections_ipv6_prefix, 128);
+
+    let v4 = relay_with(&[], limits).await;
+    let h = &v4.handle;
+    let _first = within("first", dial_from(h, "127.0.0.1")).await.unwrap();
+    assert!(within("second", dial_from(h, "127.0.0.1")).await.is_err());
+    // Another IPv4 address is another source.
+    let _other = within("other address", dial_from(h, "127.0.0.2")).await.unwrap();
+    assert_eq!(h.stats().limit_hits(LimitKind::NewConnectionsPerIp), 1);
+    let m = scrape(h).await;
+    assert_eq!(series(&m, "keyway_relay_limit{limit=\"new_connections_ipv6_prefix\"}"), 64.0);
 }
 
 #[tokio::test]
