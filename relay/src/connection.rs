@@ -1,7 +1,8 @@
 //! One connection, from attempt to end: admission before any handshake work (draining, the
 //! per-IP rate, Retry under load, the handshake timeout), then per-stream dispatch on the
 //! stream's first frame: `Register` makes it the hub's control stream ([`crate::hub`]),
-//! `SessionOpen` an app session ([`crate::session`]).
+//! `SessionOpen` an app session ([`crate::session`]), `ChannelOpen` an app's v2 channel
+//! ([`crate::channel_session`]).
 //!
 //! Every stream gets its own task. TLS admits any valid key; authorization happens per frame,
 //! against the current state, so TLS session resumption can never bypass it.
@@ -136,8 +137,10 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
     let first = match tokio::time::timeout(shared.session_open_timeout, read_frame(&mut recv)).await {
         Ok(first) => first,
         Err(_) => {
-            let message =
-                format!("no Register or SessionOpen frame within {:?}", shared.session_open_timeout);
+            let message = format!(
+                "no Register, SessionOpen or ChannelOpen frame within {:?}",
+                shared.session_open_timeout
+            );
             refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
             return;
         }
@@ -149,9 +152,14 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
         Ok(Frame::SessionOpen { hub, hub_key, purpose }) => {
             crate::session::run(shared, ctx, send, recv, hub, hub_key, purpose).await;
         }
+        Ok(Frame::ChannelOpen { hub, hub_key, purpose }) => {
+            crate::channel_session::run(shared, ctx, send, recv, hub, hub_key, purpose).await;
+        }
         Ok(other) => {
-            let message =
-                format!("a new stream must start with Register or SessionOpen, not {}", other.name());
+            let message = format!(
+                "a new stream must start with Register, SessionOpen or ChannelOpen, not {}",
+                other.name()
+            );
             refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
         }
         Err(FrameIoError::Frame(e)) => {

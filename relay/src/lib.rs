@@ -19,6 +19,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 mod access;
+mod channel;
+mod channel_session;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod config;
@@ -26,7 +28,9 @@ mod connection;
 mod drain;
 mod endpoint;
 mod error;
+mod forward;
 mod hub;
+mod introduce;
 mod limits;
 mod metrics;
 mod policy;

@@ -21,6 +21,7 @@ use crate::connection::handle_incoming;
 use crate::drain::Drain;
 use crate::endpoint::{bind_socket, build_server_config};
 use crate::error::{RelayConfigError, RelayError};
+use crate::forward::{Channels, ForwardingSocket};
 use crate::limits::Limits;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
@@ -57,8 +58,15 @@ impl Relay {
         let crypto: Arc<dyn quinn::crypto::ServerConfig> =
             quic_server_crypto(&config.identity, Arc::new(AnyKey), ALPN_RELAY)?;
         let server_config = build_server_config(Arc::clone(&crypto), config.idle_timeout, &config.limits)?;
+        let stats = Arc::new(RelayStats::default());
+        stats.set_limits(&config.limits);
+        let limits = Arc::new(LimitsCell::new(config.limits));
+        // The socket forwards channel data itself (data plane v2) and hands quinn the rest.
+        let channels = Arc::new(Channels::new(Arc::clone(&stats), Arc::clone(&limits), config.tap.clone()));
         let socket = bind_socket(config.listen).await?;
-        let endpoint = quinn::Endpoint::new(
+        let socket = ForwardingSocket::wrap(socket, Arc::clone(&channels))
+            .map_err(|source| RelayError::Bind { addr: config.listen, source })?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             keyway_proto::tls::endpoint_config(&config.identity),
             Some(server_config),
             socket,
@@ -66,8 +74,6 @@ impl Relay {
         )?;
         let local_addr = endpoint.local_addr()?;
         let public_key = config.identity.public_key();
-        let stats = Arc::new(RelayStats::default());
-        stats.set_limits(&config.limits);
         let (shutdown, _) = watch::channel(false);
         let (sessions, drain) = crate::drain::tracker();
         let shared = Arc::new(Shared {
@@ -77,9 +83,10 @@ impl Relay {
             tap: config.tap,
             session_open_timeout: config.session_open_timeout,
             shutdown,
-            limits: LimitsCell::new(config.limits),
+            limits,
             buckets: Buckets::new(tokio::time::Instant::now()),
             sessions,
+            channels,
         });
         let policy = match &config.policy {
             NamePolicy::Closed { hubs_file } => format!("closed ({})", hubs_file.display()),

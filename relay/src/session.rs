@@ -1,16 +1,17 @@
-//! An app's session: the authorization checks (in the protocol's order, before the hub hears
-//! anything), the announce to the hub, relaying the hub's answer, then the splice.
+//! An app's v1 session: the authorization checks (in the protocol's order, before the hub hears
+//! anything) and the announce to the hub, both shared with v2 channels ([`crate::introduce`]),
+//! relaying the hub's answer, then the splice.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use keyway_proto::io::{read_frame, write_frame, FrameIoError};
-use keyway_proto::{Frame, HubName, PublicKey, RefusalReason, SessionPurpose};
+use keyway_proto::io::write_frame;
+use keyway_proto::{Frame, HubName, PublicKey, SessionPurpose};
 use quinn::{RecvStream, SendStream};
-use tracing::{debug, info};
+use tracing::debug;
 
-use crate::access::{Enrolled, SessionCaps};
-use crate::policy::{decide_session, Refusal};
+use crate::access::Enrolled;
+use crate::introduce::{announce, answer, authorize, revocation};
 use crate::refusal::refuse;
 use crate::splice::{splice, SpliceCtx};
 use crate::state::{ConnCtx, Shared};
@@ -19,14 +20,8 @@ use keyway_proto::codes;
 
 /// The app's address as the hub should see it: IPv4-mapped IPv6 (from a dual-stack socket)
 /// becomes plain IPv4.
-fn observed(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn observed(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-/// Why announcing a session to the hub failed.
-enum AnnounceError {
-    Io(String),
-    Bad(String),
 }
 
 /// How a session request ended, for `sessions_opened_total` and `handshakes_total{role="app"}`.
@@ -74,118 +69,27 @@ async fn setup_and_splice(
 ) -> Setup {
     let app = ctx.peer;
     let started = tokio::time::Instant::now();
-    if shared.is_shutting_down() {
-        let message = "the relay is shutting down; try again in a moment".to_owned();
-        refuse(&shared, &mut app_send, &app, RefusalReason::ShuttingDown, message).await;
-        return Setup::Refused;
-    }
-    // Authorization against the current state (never what the handshake saw: resumption).
-    let bound = shared.names.binding(&name);
-    let session_id = shared.registry.next_id();
-    let hub = shared.registry.get(&name);
-    let decision = match &hub {
-        Some(hub) => hub.access.enrol(
-            bound.as_ref(),
-            &pinned,
-            &app,
-            purpose,
-            session_id,
-            SessionCaps::from(&*shared.limits.get()),
-        ),
-        None => {
-            Err(decide_session(&name, bound.as_ref(), &pinned, None, &app, purpose).err().unwrap_or_else(
-                || Refusal::new(RefusalReason::HubOffline, format!("hub {name} is not connected")),
-            ))
-        }
-    };
-    let (hub, Enrolled { guard, revoked }) = match (hub, decision) {
-        (Some(hub), Ok(enrolled)) => (hub, enrolled),
-        (_, Err(refusal)) => {
-            // A cap's refusal was counted by `enrol` itself.
+    let (hub, Enrolled { guard, revoked }) = match authorize(&shared, &app, &name, &pinned, purpose) {
+        Ok(authorized) => authorized,
+        Err(refusal) => {
             refuse(&shared, &mut app_send, &app, refusal.reason, refusal.message).await;
             return Setup::Refused;
         }
-        (None, Ok(_)) => return Setup::Failed, // unreachable: no hub, no enrolment
     };
-    // Fires only on an actual revocation, not when the hub entry (and its sender) goes away.
-    let revoked = async move {
-        if revoked.await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+    let revoked = revocation(revoked);
     tokio::pin!(revoked);
-
-    let timeout = shared.session_open_timeout;
-    let opened = tokio::time::timeout(timeout, hub.conn.open_bi()).await;
-    let (mut hub_send, mut hub_recv) = match opened {
-        Ok(Ok(streams)) => streams,
-        Ok(Err(e)) => {
-            let message = format!("hub {name} went offline: {e}");
-            refuse(&shared, &mut app_send, &app, RefusalReason::HubOffline, message).await;
-            return Setup::Refused;
-        }
-        Err(_) => {
-            let message = format!("hub {name} has no stream free for a new session within {timeout:?}");
-            refuse(&shared, &mut app_send, &app, RefusalReason::OverLimit, message).await;
-            return Setup::Refused;
-        }
-    };
-    let announce =
+    let frame =
         Frame::SessionAnnounce { app_key: app, observed: observed(ctx.conn.remote_address()), purpose };
-    let exchange = async {
-        write_frame(&mut hub_send, &announce).await.map_err(|e| AnnounceError::Io(e.to_string()))?;
-        read_frame(&mut hub_recv).await.map_err(|e| match e {
-            FrameIoError::Frame(e) => AnnounceError::Bad(e.to_string()),
-            e => AnnounceError::Io(e.to_string()),
-        })
-    };
-    let answer = tokio::select! {
-        answer = tokio::time::timeout(timeout, exchange) => answer,
-        () = &mut revoked => {
-            let _ = hub_send.reset(codes::REVOKED);
-            let _ = hub_recv.stop(codes::REVOKED);
-            let message = format!("hub {name} revoked app key {}", app.fingerprint());
-            refuse(&shared, &mut app_send, &app, RefusalReason::AppNotAuthorized, message).await;
+    let introduced =
+        announce(&shared, &hub, &app, frame, Frame::SessionAccepted, "session announce", revoked.as_mut())
+            .await;
+    let (mut hub_send, hub_recv) = match introduced {
+        Ok(streams) => streams,
+        Err(unanswered) => {
+            answer(&shared, &mut app_send, &app, &name, unanswered).await;
             return Setup::Refused;
         }
     };
-    match answer {
-        Ok(Ok(Frame::SessionAccepted)) => {}
-        Ok(Ok(Frame::Refused { reason, message })) => {
-            // The hub's own refusal goes to the app verbatim (and is counted like ours).
-            shared.stats.refused(reason);
-            info!(hub = %name, app = %app.fingerprint(), %reason, "hub refused a session: {message}");
-            if let Err(e) = write_frame(&mut app_send, &Frame::Refused { reason, message }).await {
-                debug!("could not pass the hub's refusal on: {e}");
-            }
-            let _ = app_send.finish();
-            return Setup::Refused;
-        }
-        Ok(Ok(other)) => {
-            let _ = hub_send.reset(codes::PROTOCOL);
-            let message = format!("hub {name} answered the session announce with {}", other.name());
-            refuse(&shared, &mut app_send, &app, RefusalReason::ProtocolViolation, message).await;
-            return Setup::Refused;
-        }
-        Ok(Err(AnnounceError::Bad(e))) => {
-            let _ = hub_send.reset(codes::PROTOCOL);
-            let message = format!("hub {name} answered with a malformed frame: {e}");
-            refuse(&shared, &mut app_send, &app, RefusalReason::ProtocolViolation, message).await;
-            return Setup::Refused;
-        }
-        Ok(Err(AnnounceError::Io(e))) => {
-            let message = format!("hub {name} went offline during the session announce: {e}");
-            refuse(&shared, &mut app_send, &app, RefusalReason::HubOffline, message).await;
-            return Setup::Refused;
-        }
-        Err(_) => {
-            let _ = hub_send.reset(codes::NORMAL);
-            let _ = hub_recv.stop(codes::NORMAL);
-            let message = format!("hub {name} did not answer the session announce within {timeout:?}");
-            refuse(&shared, &mut app_send, &app, RefusalReason::HubOffline, message).await;
-            return Setup::Refused;
-        }
-    }
     if let Err(e) = write_frame(&mut app_send, &Frame::SessionAccepted).await {
         debug!("app went away before the session was spliced: {e}");
         let _ = hub_send.reset(codes::NORMAL);

@@ -15,6 +15,7 @@ use tracing::info;
 
 use crate::config::ForwardTap;
 use crate::drain::LiveSessions;
+use crate::forward::Channels;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
 use crate::registry::{ControlCommand, Registry};
@@ -37,12 +38,14 @@ pub(crate) struct Shared {
     pub session_open_timeout: Duration,
     /// `true` once the relay is shutting down: no new registrations or sessions.
     pub shutdown: watch::Sender<bool>,
-    /// The limits in force (replaced on reload).
-    pub limits: LimitsCell,
+    /// The limits in force (replaced on reload); shared with the forwarding socket.
+    pub limits: Arc<LimitsCell>,
     /// Rate-limit state per source address and per key.
     pub buckets: Buckets,
-    /// Tokens for spliced sessions, which a graceful shutdown waits for.
+    /// Tokens for spliced sessions and live channels, which a graceful shutdown waits for.
     pub sessions: LiveSessions,
+    /// The live end-to-end channels (data plane v2), which the socket forwards.
+    pub channels: Arc<Channels>,
 }
 
 impl Shared {

@@ -10,6 +10,8 @@
 use std::time::Duration;
 
 use keyway_proto::RefusalReason;
+
+use crate::channel::DropReason;
 use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Namespace of every metric name (`keyway_relay_...`).
@@ -120,6 +122,11 @@ pub struct RelayStats {
     limit_hits: Vec<IntCounter>,
     address_validations: IntCounter,
     limits: GaugeVec,
+    channels_active: IntGauge,
+    /// Channel packets forwarded, app→hub and hub→app.
+    channel_packets: [IntCounter; 2],
+    /// Channel packets dropped, by [`DropReason::ALL`] order.
+    channel_drops: Vec<IntCounter>,
 }
 
 impl Default for RelayStats {
@@ -233,6 +240,19 @@ impl RelayStats {
                 .namespace(NAMESPACE),
             &["limit"],
         )?)?;
+        let channels_active =
+            b.gauge("channels_active", "End-to-end channels (data plane v2) currently forwarded.")?;
+        let packets = b.counter_vec(
+            "channel_packets_forwarded_total",
+            "End-to-end packets forwarded on channels, by direction (their bytes count in bytes_forwarded_total).",
+            &["direction"],
+        )?;
+        let drops = b.counter_vec(
+            "channel_packets_dropped_total",
+            "Channel packets not forwarded, by reason: unknown_channel, wrong_source, rate_limited, send_failed.",
+            &["reason"],
+        )?;
+        let channel_drops = DropReason::ALL.iter().map(|r| drops.with_label_values(&[r.label()])).collect();
         for role in [HandshakeRole::Quic, HandshakeRole::Hub, HandshakeRole::App] {
             for result in [
                 HandshakeResult::Ok,
@@ -263,6 +283,12 @@ impl RelayStats {
             limit_hits,
             address_validations,
             limits: limits_in_force,
+            channels_active,
+            channel_packets: [
+                packets.with_label_values(&["app_to_hub"]),
+                packets.with_label_values(&["hub_to_app"]),
+            ],
+            channel_drops,
             registry: b.0,
         })
     }
@@ -323,6 +349,11 @@ impl RelayStats {
     /// QUIC Retry packets sent (address validation under load).
     pub fn address_validations(&self) -> u64 {
         self.address_validations.get()
+    }
+
+    /// End-to-end channels currently forwarded (gauge).
+    pub fn channels_active(&self) -> u64 {
+        self.channels_active.get().max(0) as u64
     }
 
     /// Every metric in the Prometheus text exposition format.
@@ -418,6 +449,35 @@ impl RelayStats {
             crate::config::Direction::HubToApp => &self.bytes_hub_to_app,
         };
         counter.inc_by(bytes as u64);
+    }
+    /// `segments` end-to-end packets (`bytes` without their channel headers) left for the other
+    /// side of a channel.
+    pub(crate) fn channel_forwarded(
+        &self,
+        direction: crate::config::Direction,
+        segments: usize,
+        bytes: usize,
+    ) {
+        let [app_to_hub, hub_to_app] = &self.channel_packets;
+        match direction {
+            crate::config::Direction::AppToHub => app_to_hub.inc_by(segments as u64),
+            crate::config::Direction::HubToApp => hub_to_app.inc_by(segments as u64),
+        }
+        self.forwarded(direction, bytes);
+    }
+    pub(crate) fn channel_dropped(&self, reason: DropReason, segments: usize) {
+        if let Some(c) =
+            DropReason::ALL.iter().position(|r| *r == reason).and_then(|i| self.channel_drops.get(i))
+        {
+            c.inc_by(segments as u64);
+        }
+    }
+    pub(crate) fn channel_up(&self) {
+        self.sessions_accepted.inc();
+        self.channels_active.inc();
+    }
+    pub(crate) fn channel_down(&self) {
+        dec(&self.channels_active);
     }
     pub(crate) fn registered(&self, replaced: bool) {
         self.registrations.inc();

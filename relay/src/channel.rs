@@ -1,0 +1,351 @@
+//! The channel table of data plane v2: which end-to-end QUIC packets the relay forwards, and
+//! where to ([`ChannelTable::route`]).
+//!
+//! A channel joins an app and a hub that the relay has authorized. Each side has its own
+//! [`ChannelId`] (the relay draws both), so a datagram names the side it comes from; the relay
+//! writes the *other* side's id over the header and sends it to the other side's address. A side's
+//! id is only valid from the address the relay authenticated for that side: the address of that
+//! side's relay connection. That address may change (NAT rebinding), and quinn follows it on the
+//! relay connection after validating it, so a datagram from an address other than the cached one
+//! is checked against the connection's current `remote_address()`: equal, the cache moves and
+//! the datagram goes on; different, it is dropped as `wrong_source`.
+//!
+//! No I/O and no clock of its own (the caller passes `now`, as quinn-proto is told the time):
+//! the socket wrapper ([`crate::forward`]) asks, the control flow ([`crate::channel_session`])
+//! inserts and removes. The one call out is `quinn::Connection::remote_address`, a read of the
+//! address quinn validated, made only when a source differs from the cache.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use keyway_proto::channel::{self, ChannelId};
+use tokio::time::Instant;
+
+use crate::config::Direction;
+use crate::limits::TokenBucket;
+
+/// One side of a channel as the relay knows it.
+pub(crate) struct Leg {
+    /// The id this side puts in its headers (and finds in the datagrams it receives).
+    pub id: ChannelId,
+    /// The relay connection of this side: its `remote_address()` is the authenticated address.
+    pub conn: quinn::Connection,
+    /// The last address this side's datagrams were seen from (and validated), where the other
+    /// side's datagrams go.
+    addr: SocketAddr,
+    /// The relay's own address this side's connection uses (so replies leave from the address the
+    /// peer sends to, on a relay bound to a wildcard address).
+    local_ip: Option<IpAddr>,
+}
+
+impl Leg {
+    /// The leg for `id` on relay connection `conn`, at the address quinn validated for it now.
+    pub fn new(id: ChannelId, conn: quinn::Connection) -> Self {
+        let addr = conn.remote_address();
+        let local_ip = conn.local_ip();
+        Self { id, conn, addr, local_ip }
+    }
+}
+
+/// Which side of a channel a datagram came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    App,
+    Hub,
+}
+
+/// One live channel: the app's leg, the hub's leg, the byte buckets both keys pay into, and
+/// when a packet last moved.
+struct Channel {
+    app: Leg,
+    hub: Leg,
+    /// The app key's and the hub key's byte buckets; `None` when the per-key rate is off.
+    buckets: Option<[Arc<TokenBucket>; 2]>,
+    last_moved: Instant,
+}
+
+/// Why a datagram was not forwarded (the `reason` label of the drop counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DropReason {
+    /// No live channel has this id (or the datagram is too short for a header).
+    UnknownChannel,
+    /// The id is live but the datagram came from an address that is not that side's.
+    WrongSource,
+    /// A key's `bytes_per_second_per_key` budget is spent.
+    RateLimited,
+    /// The socket would not take it now (full send buffer) or failed.
+    SendFailed,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 4] =
+        [Self::UnknownChannel, Self::WrongSource, Self::RateLimited, Self::SendFailed];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::UnknownChannel => "unknown_channel",
+            Self::WrongSource => "wrong_source",
+            Self::RateLimited => "rate_limited",
+            Self::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// Where a channel datagram goes.
+#[derive(Debug)]
+pub(crate) struct Forward<'a> {
+    /// The other side's address.
+    pub to: SocketAddr,
+    /// The other side's id, to be written over the header.
+    pub new_id: ChannelId,
+    /// The local address to send from (the other side's connection's).
+    pub src_ip: Option<IpAddr>,
+    pub direction: Direction,
+    /// The byte buckets to charge (app key's and hub key's), if the rate is on.
+    pub buckets: Option<&'a [Arc<TokenBucket>; 2]>,
+}
+
+/// What to do with a datagram.
+#[derive(Debug)]
+pub(crate) enum Route<'a> {
+    Forward(Forward<'a>),
+    Drop(DropReason),
+}
+
+/// A channel id that is already taken (ids are random: drawing again fixes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("channel id {0} is already in use")]
+pub(crate) struct IdTaken(pub ChannelId);
+
+/// Every live channel, by both of its ids.
+#[derive(Default)]
+pub(crate) struct ChannelTable {
+    /// Keyed by the app side's id.
+    channels: HashMap<ChannelId, Channel>,
+    /// Hub side's id → app side's id.
+    hub_ids: HashMap<ChannelId, ChannelId>,
+}
+
+impl ChannelTable {
+    /// Adds a channel between `app` and `hub` (its key buckets, if the rate is on) that has
+    /// moved nothing yet at `now`. Refused if either id is already in use by any side.
+    pub fn insert(
+        &mut self,
+        app: Leg,
+        hub: Leg,
+        buckets: Option<[Arc<TokenBucket>; 2]>,
+        now: Instant,
+    ) -> Result<(), IdTaken> {
+        for id in [app.id, hub.id] {
+            if self.contains(id) {
+                return Err(IdTaken(id));
+            }
+        }
+        if app.id == hub.id {
+            return Err(IdTaken(app.id));
+        }
+        self.hub_ids.insert(hub.id, app.id);
+        self.channels.insert(app.id, Channel { app, hub, buckets, last_moved: now });
+        Ok(())
+    }
+
+    /// Removes the channel whose app side is `app_id`; true if it was there.
+    pub fn remove(&mut self, app_id: ChannelId) -> bool {
+        match self.channels.remove(&app_id) {
+            Some(channel) => {
+                self.hub_ids.remove(&channel.hub.id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `id` names a side of a live channel.
+    pub fn contains(&self, id: ChannelId) -> bool {
+        self.channels.contains_key(&id) || self.hub_ids.contains_key(&id)
+    }
+
+    /// Live channels.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// When the channel whose app side is `app_id` last forwarded a packet (or was inserted).
+    pub fn last_moved(&self, app_id: ChannelId) -> Option<Instant> {
+        self.channels.get(&app_id).map(|c| c.last_moved)
+    }
+
+    /// Decides what to do with `datagram`, received from `src` at `now`: forward it (the
+    /// caller rewrites the header to `new_id` and sends it to `to`) or drop it, and why.
+    /// A forward counts as the channel's activity at `now`.
+    pub fn route(&mut self, src: SocketAddr, datagram: &[u8], now: Instant) -> Route<'_> {
+        let Some((id, _)) = channel::parse(datagram) else {
+            return Route::Drop(DropReason::UnknownChannel);
+        };
+        let (key, side) = match self.hub_ids.get(&id) {
+            Some(app_id) => (*app_id, Side::Hub),
+            None => (id, Side::App),
+        };
+        let Some(channel) = self.channels.get_mut(&key) else {
+            return Route::Drop(DropReason::UnknownChannel);
+        };
+        let (from, to, direction) = match side {
+            Side::App => (&mut channel.app, &channel.hub, Direction::AppToHub),
+            Side::Hub => (&mut channel.hub, &channel.app, Direction::HubToApp),
+        };
+        if src != from.addr {
+            // Maybe the side's relay connection migrated: quinn's validated address decides.
+            if from.conn.remote_address() != src {
+                return Route::Drop(DropReason::WrongSource);
+            }
+            from.addr = src;
+        }
+        channel.last_moved = now;
+        Route::Forward(Forward {
+            to: to.addr,
+            new_id: to.id,
+            src_ip: to.local_ip,
+            direction,
+            buckets: channel.buckets.as_ref(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use keyway_proto::channel::{encode_into, HEADER_LEN};
+
+    use crate::testing::endpoint_pair;
+
+    /// A relay-side connection (what a leg holds) and the peer's endpoint that made it.
+    async fn relay_connection(
+        server: &quinn::Endpoint,
+        client: &quinn::Endpoint,
+    ) -> (quinn::Connection, quinn::Connection) {
+        let dial = client.connect(server.local_addr().unwrap(), keyway_proto::tls::SERVER_NAME).unwrap();
+        let accept = async { server.accept().await.unwrap().await.unwrap() };
+        let (peer, relay_side) = tokio::join!(dial, accept);
+        (relay_side, peer.unwrap())
+    }
+
+    fn datagram(id: ChannelId) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_into(&mut out, id, &[0x40, 1, 2, 3]);
+        out
+    }
+
+    #[tokio::test]
+    async fn datagrams_go_to_the_other_side_with_its_id_and_others_are_dropped() {
+        // Two peers with endpoints of their own (two source addresses), one relay endpoint.
+        let (server, app_ep) = endpoint_pair().await;
+        let (_other_server, hub_ep) = endpoint_pair().await;
+        let (app_conn, _app_peer) = relay_connection(&server, &app_ep).await;
+        let (hub_conn, _hub_peer) = relay_connection(&server, &hub_ep).await;
+        let (app_addr, hub_addr) = (app_conn.remote_address(), hub_conn.remote_address());
+        let (a, h) = (ChannelId::new(1), ChannelId::new(2));
+        let t0 = Instant::now();
+        let mut table = ChannelTable::default();
+        table.insert(Leg::new(a, app_conn.clone()), Leg::new(h, hub_conn.clone()), None, t0).unwrap();
+        assert_eq!(table.len(), 1);
+
+        let later = t0 + Duration::from_secs(5);
+        match table.route(app_addr, &datagram(a), later) {
+            Route::Forward(f) => {
+                assert_eq!((f.to, f.new_id, f.direction), (hub_addr, h, Direction::AppToHub));
+                assert!(f.buckets.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(table.last_moved(a), Some(later));
+        match table.route(hub_addr, &datagram(h), later) {
+            Route::Forward(f) => {
+                assert_eq!((f.to, f.new_id, f.direction), (app_addr, a, Direction::HubToApp))
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // The hub's id from the app's address (and the other way round) is a spoof.
+        let spoof = later + Duration::from_secs(1);
+        assert!(matches!(table.route(app_addr, &datagram(h), spoof), Route::Drop(DropReason::WrongSource)));
+        assert!(matches!(table.route(hub_addr, &datagram(a), spoof), Route::Drop(DropReason::WrongSource)));
+        let stranger: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert!(matches!(table.route(stranger, &datagram(a), spoof), Route::Drop(DropReason::WrongSource)));
+        assert_eq!(table.last_moved(a), Some(later), "a dropped datagram is no activity");
+        assert!(matches!(
+            table.route(app_addr, &datagram(ChannelId::new(3)), spoof),
+            Route::Drop(DropReason::UnknownChannel)
+        ));
+        assert!(matches!(
+            table.route(app_addr, &datagram(a)[..HEADER_LEN - 1], spoof),
+            Route::Drop(DropReason::UnknownChannel)
+        ));
+        assert!(matches!(table.route(app_addr, &[0x40; 20], spoof), Route::Drop(DropReason::UnknownChannel)));
+
+        // Ids are unique across sides and channels.
+        let (c, d) = (ChannelId::new(3), ChannelId::new(4));
+        assert_eq!(
+            table.insert(Leg::new(h, app_conn.clone()), Leg::new(d, hub_conn.clone()), None, t0),
+            Err(IdTaken(h))
+        );
+        assert_eq!(
+            table.insert(Leg::new(c, app_conn.clone()), Leg::new(c, hub_conn.clone()), None, t0),
+            Err(IdTaken(c))
+        );
+        assert_eq!(table.len(), 1);
+
+        assert!(table.remove(a));
+        assert!(!table.remove(a));
+        assert_eq!(table.len(), 0);
+        assert!(matches!(
+            table.route(hub_addr, &datagram(h), spoof),
+            Route::Drop(DropReason::UnknownChannel)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_leg_whose_relay_connection_migrated_follows_it_and_its_old_address_is_dropped() {
+        let (server, app_ep) = endpoint_pair().await;
+        let (_other_server, hub_ep) = endpoint_pair().await;
+        let (app_conn, app_peer) = relay_connection(&server, &app_ep).await;
+        let (hub_conn, _hub_peer) = relay_connection(&server, &hub_ep).await;
+        let old = app_conn.remote_address();
+        let (a, h) = (ChannelId::new(10), ChannelId::new(20));
+        let t0 = Instant::now();
+        let mut table = ChannelTable::default();
+        table.insert(Leg::new(a, app_conn.clone()), Leg::new(h, hub_conn.clone()), None, t0).unwrap();
+
+        // NAT rebinding, as quinn sees it: the app's packets now come from another port.
+        app_ep.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let new = app_ep.local_addr().unwrap();
+        assert_ne!(new, old);
+        // Before quinn has seen the new address on the relay connection, it is a stranger.
+        assert!(matches!(table.route(new, &datagram(a), t0), Route::Drop(DropReason::WrongSource)));
+        // Traffic on the relay connection makes quinn validate and adopt the new path.
+        let deadline = Instant::now() + keyway_test_support::PATIENCE;
+        while app_conn.remote_address() != new {
+            assert!(Instant::now() < deadline, "the relay connection never migrated");
+            // Any ack-eliciting packet will do; the relay need not accept the stream.
+            if let Ok((mut send, _recv)) = app_peer.open_bi().await {
+                let _ = send.write_all(b"x").await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match table.route(new, &datagram(a), t0) {
+            Route::Forward(f) => assert_eq!(f.new_id, h),
+            other => panic!("{other:?}"),
+        }
+        // The hub's datagrams now go to the new address, and the old one is a stranger.
+        match table.route(hub_conn.remote_address(), &datagram(h), t0) {
+            Route::Forward(f) => assert_eq!(f.to, new),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(table.route(old, &datagram(a), t0), Route::Drop(DropReason::WrongSource)));
+    }
+}
