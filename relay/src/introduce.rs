@@ -1,7 +1,8 @@
 //! Authorizing an app's request for a hub and introducing the app to the hub: the part a v1
 //! session ([`crate::session`], `SessionOpen`) and a v2 channel ([`crate::channel_session`],
 //! `ChannelOpen`) share, so both refuse the same requests, in the same order, with the same
-//! typed refusals, and both count against the session caps (`max_sessions_per_app`, `max_sessions_per_hub`).
+//! typed refusals, and both count against the session caps (`max_sessions_per_app`,
+//! `max_sessions_per_hub`).
 //!
 //! [`authorize`] decides against the current state (never what the handshake saw: TLS
 //! resumption can never bypass it) and enrols the request with its hub; [`announce`] opens a
