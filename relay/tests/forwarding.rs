@@ -53,6 +53,9 @@ enum Way {
     FromRelay,
 }
 
+/// One datagram a tap saw: its way, the tap's relay-facing address it passed, its bytes.
+type Tapped = (Way, SocketAddr, Vec<u8>);
+
 /// A UDP hop between one peer and the relay that records every channel datagram both ways
 /// (the "tap on the leg"), and can move its relay-facing side to a new port (NAT rebinding).
 struct Tap {
@@ -60,7 +63,7 @@ struct Tap {
     back: Arc<Mutex<Arc<UdpSocket>>>,
     peer: Arc<Mutex<Option<SocketAddr>>>,
     /// Channel datagrams by way, with the tap's relay-facing address they passed.
-    seen: Arc<Mutex<Vec<(Way, SocketAddr, Vec<u8>)>>>,
+    seen: Arc<Mutex<Vec<Tapped>>>,
 }
 
 impl Tap {
