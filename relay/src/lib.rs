@@ -4,7 +4,10 @@
 //! session stream naming the hub and the hub key they pin. The relay checks the name policy
 //! and the hub's published allow-list *before* the hub hears anything, announces the session
 //! to the hub, and then splices the two streams byte for byte. It never sees plaintext: app
-//! and hub run TLS end to end inside the spliced stream. See `docs/protocol.md`.
+//! and hub run TLS end to end inside the spliced stream. Data plane v2, beside it: after the same
+//! checks the relay introduces app and hub (`ChannelOpen`) and forwards the UDP datagrams of
+//! their end-to-end QUIC connection, which it cannot read, inside its own socket. See
+//! `docs/protocol.md`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keyway_relay::RelayError> {
