@@ -105,6 +105,10 @@ pub struct RunOnlyOptions {
     pub proxy_protocol: Option<String>,
     #[arg(long, env = "KEYWAY_HUB_METRICS_LISTEN", hide = true)]
     pub metrics_listen: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_MAX_CONNECTIONS_PER_APP", hide = true)]
+    pub max_connections_per_app: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_MAX_STREAMS_PER_APP", hide = true)]
+    pub max_streams_per_app: Option<String>,
 }
 
 /// `keyway-hub apps …`
@@ -181,6 +185,13 @@ pub struct RunArgs {
     /// address, e.g. 127.0.0.1:9465. Off unless given; keep it on loopback or a private network.
     #[arg(long, env = "KEYWAY_HUB_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Cap on one app's concurrent end-to-end connections to this hub (0: none).
+    #[arg(long, env = "KEYWAY_HUB_MAX_CONNECTIONS_PER_APP", default_value_t = crate::load::DEFAULT_MAX_CONNECTIONS_PER_APP)]
+    pub max_connections_per_app: usize,
+    /// Cap on one app's concurrent streams (forwarded connections) to this hub; the streams
+    /// over it are refused at once with "over limit" (0: none).
+    #[arg(long, env = "KEYWAY_HUB_MAX_STREAMS_PER_APP", default_value_t = crate::load::DEFAULT_MAX_STREAMS_PER_APP)]
+    pub max_streams_per_app: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -243,6 +254,8 @@ impl RunArgs {
         config.backoff_max = self.backoff_max;
         config.proxy_protocol = self.proxy_protocol;
         config.metrics_listen = self.metrics_listen;
+        config.max_connections_per_app = self.max_connections_per_app;
+        config.max_streams_per_app = self.max_streams_per_app;
         Ok(config)
     }
 }

@@ -71,6 +71,12 @@ pub struct HubConfig {
     /// TCP address of an HTTP listener serving Prometheus `/metrics` and `/healthz` (see
     /// [`crate::metrics`]); `None` (the default) runs without one.
     pub metrics_listen: Option<SocketAddr>,
+    /// Cap on one app key's concurrent end-to-end connections to this hub (0: no cap); see
+    /// [`crate::load`].
+    pub max_connections_per_app: usize,
+    /// Cap on one app key's concurrent streams (forwarded connections) to this hub (0: no
+    /// cap): the streams over it are refused at once with a typed `OverLimit`.
+    pub max_streams_per_app: usize,
 }
 
 impl HubConfig {
@@ -101,6 +107,8 @@ impl HubConfig {
             service_timeout: Duration::from_secs(5),
             proxy_protocol: false,
             metrics_listen: None,
+            max_connections_per_app: crate::load::DEFAULT_MAX_CONNECTIONS_PER_APP,
+            max_streams_per_app: crate::load::DEFAULT_MAX_STREAMS_PER_APP,
         }
     }
 

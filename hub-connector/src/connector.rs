@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::relay_link::{self, RelayDialer};
+use keyway_client::relay_link::RelayDialer;
 use keyway_proto::codes;
 use keyway_proto::PublicKey;
 use quinn::Endpoint;
@@ -182,6 +182,7 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
     )?;
     pair_tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     pair_tls.send_tls13_tickets = 0;
+    let (e2e_server, pair_server) = e2e_server_configs(&config, &apps)?;
     let window_file = crate::pairing::window_path(&config.apps_file);
     let mut links = Vec::new();
     for target in config.relays() {
@@ -194,8 +195,10 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
             config.connect_timeout,
         )?;
         // An endpoint (UDP socket) per relay: each tunnel's NAT binding and path are its own.
-        let endpoint = relay_link::bind_endpoint(target.addr)?;
-        links.push((Arc::new(Tunnel::new(target)), dialer, endpoint));
+        // Its path socket also carries the end-to-end connections of the channels this relay
+        // introduces (data plane v2), which the endpoint accepts as a server.
+        let (endpoint, paths) = keyway_client::path::bind_path_endpoint(target.addr, Some((*e2e_server).clone()))?;
+        links.push((Arc::new(Tunnel::new(target, paths)), dialer, endpoint));
     }
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
@@ -213,6 +216,9 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         sessions: Arc::default(),
         tls: Arc::new(tls),
         pair_tls: Arc::new(pair_tls),
+        e2e_server,
+        pair_server,
+        load: Arc::default(),
         window_file,
         pairing_open: watch::channel(false).0,
         pair_lock: tokio::sync::Mutex::new(()),
@@ -243,11 +249,44 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
     let mut tunnels = Vec::new();
     for (tunnel, dialer, endpoint) in links {
         let span = tracing::info_span!("tunnel", relay = %tunnel.target.addr);
+        let accept = crate::e2e::serve(shared.clone(), tunnel.clone(), endpoint.clone(), shutdown.clone());
+        tunnels.push(tokio::spawn(accept.instrument(span.clone())));
         let task = crate::tunnel::run(shared.clone(), tunnel, dialer, endpoint.clone(), shutdown.clone());
         tunnels.push(tokio::spawn(task.instrument(span)));
         endpoints.push(endpoint);
     }
     Ok(HubHandle { shared, endpoints, stop, tunnels, watcher: Some(watcher), metrics })
+}
+
+/// The end-to-end QUIC server configs (data plane v2): one that admits the keys in
+/// `authorized_apps`, and one for pairing channels that admits any key and never resumes (as
+/// the v1 TLS configs above). Each connection gets the per-app stream credit plus a margin, so
+/// streams over the cap reach the hub and are refused with a typed error instead of waiting.
+fn e2e_server_configs(
+    config: &HubConfig,
+    apps: &Apps,
+) -> Result<(Arc<quinn::ServerConfig>, Arc<quinn::ServerConfig>), HubError> {
+    use keyway_proto::tls::{server_config, AnyKey};
+    let mut transport = keyway_client::path::e2e_transport_config(Duration::ZERO, config.idle_timeout)?;
+    let credit = match config.max_streams_per_app {
+        0 => quinn::VarInt::MAX,
+        max => quinn::VarInt::from_u64((max + crate::load::STREAM_CREDIT_MARGIN) as u64).unwrap_or(quinn::VarInt::MAX),
+    };
+    transport.max_concurrent_bidi_streams(credit).max_concurrent_uni_streams(0u32.into());
+    let transport = Arc::new(transport);
+    let authorized =
+        server_config(&config.identity, Arc::new(apps.allow_list()), keyway_proto::ALPN_E2E_QUIC)?;
+    let mut pairing = server_config(&config.identity, Arc::new(AnyKey), keyway_proto::ALPN_E2E_QUIC)?;
+    pairing.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    pairing.send_tls13_tickets = 0;
+    let quic = |tls: rustls::ServerConfig| -> Result<Arc<quinn::ServerConfig>, HubError> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(keyway_proto::tls::TlsConfigError::from)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport.clone());
+        Ok(Arc::new(server))
+    };
+    Ok((quic(authorized)?, quic(pairing)?))
 }
 
 /// How often `authorized_apps` and the pairing window file are polled by default

@@ -17,11 +17,15 @@
 
 pub mod apps;
 pub mod backoff;
+mod channel;
+mod channels;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 mod connector;
+mod e2e;
 mod error;
+pub mod load;
 pub mod metrics;
 pub mod pairing;
 pub mod proxy_protocol;

@@ -19,6 +19,8 @@
 //! | `pairings_total{result}` | counter | pairings `paired` or `failed` (wrong secret, bad request) |
 //! | `pairing_window_open` | gauge | 1 while a pairing window is open |
 //! | `authorized_apps` | gauge | keys in `authorized_apps` |
+//! | `channels_active{relay}` | gauge | channels (data plane v2) that relay introduced and that are live |
+//! | `apps_connected` | gauge | app keys holding an end-to-end connection or stream (data plane v2) |
 //!
 //! The numbers live in plain atomics ([`HubStats`](crate::HubStats) and each tunnel's own);
 //! a scrape copies them into a fresh [`prometheus::Registry`] and encodes that, so nothing on
@@ -96,9 +98,16 @@ fn gather(shared: &Shared) -> prometheus::Result<Registry> {
         ),
         &["relay"],
     )?;
+    let channels = IntGaugeVec::new(
+        opts("channels_active", "Live channels (data plane v2) this relay introduced."),
+        &["relay"],
+    )?;
     for tunnel in &shared.tunnels {
         let relay = tunnel.target.addr.to_string();
         up.with_label_values(&[relay.as_str()]).set(i64::from(tunnel.is_registered()));
+        channels
+            .with_label_values(&[relay.as_str()])
+            .set(i64::try_from(tunnel.channels.len()).unwrap_or(i64::MAX));
         registrations
             .with_label_values(&[relay.as_str()])
             .inc_by(tunnel.registrations.load(Ordering::Relaxed));
@@ -107,6 +116,7 @@ fn gather(shared: &Shared) -> prometheus::Result<Registry> {
     register(Box::new(up))?;
     register(Box::new(registrations))?;
     register(Box::new(reconnects))?;
+    register(Box::new(channels))?;
 
     let stats = &shared.stats;
     let announced = prometheus::IntCounter::with_opts(opts(
@@ -142,5 +152,11 @@ fn gather(shared: &Shared) -> prometheus::Result<Registry> {
     let apps = IntGauge::with_opts(opts("authorized_apps", "Keys in authorized_apps."))?;
     apps.set(i64::try_from(shared.apps.allow_list().len()).unwrap_or(i64::MAX));
     register(Box::new(apps))?;
+    let connected = IntGauge::with_opts(opts(
+        "apps_connected",
+        "App keys holding an end-to-end connection or stream to this hub (data plane v2).",
+    ))?;
+    connected.set(i64::try_from(shared.load.apps()).unwrap_or(i64::MAX));
+    register(Box::new(connected))?;
     Ok(registry)
 }

@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::state::{HubStats, Shared};
+use crate::state::{HubStats, Shared, Tunnel};
 
 /// How long the relay has to send `SessionAnnounce` on a stream it opened.
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,8 +53,9 @@ fn abort(send: &mut SendStream, recv: &mut RecvStream, code: VarInt) {
     let _ = recv.stop(code);
 }
 
-/// Handles one stream the relay opened on the tunnel. Never panics on what it reads.
-pub(crate) async fn handle(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+/// Handles one stream the relay opened on the tunnel: a v1 session (`SessionAnnounce`) here, a
+/// v2 channel (`ChannelAnnounce`) in [`crate::channel`]. Never panics on what it reads.
+pub(crate) async fn handle(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut send: SendStream, mut recv: RecvStream) {
     let announce = match tokio::time::timeout(ANNOUNCE_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(frame)) => frame,
         Ok(Err(e)) => {
@@ -68,6 +69,12 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut send: SendStream, mut recv: 
             return;
         }
     };
+    if let Frame::ChannelAnnounce { app_key, observed, purpose, channel } = announce {
+        let label = shared.apps.label(&app_key);
+        let span = tracing::info_span!("channel", app = %app_key.fingerprint(), label = %label, %observed);
+        let announce = crate::channel::Announce { app_key, observed, purpose, id: channel };
+        return crate::channel::handle(shared, tunnel, send, recv, announce).instrument(span).await;
+    }
     let Frame::SessionAnnounce { app_key, observed, purpose } = announce else {
         tracing::warn!(frame = announce.name(), "relay opened a stream without SessionAnnounce");
         let _ = write_frame(
@@ -278,7 +285,7 @@ async fn pair(shared: Arc<Shared>, mut send: SendStream, recv: RecvStream, app_k
 
 /// Checks `secret` against the open window and, if it matches, authorizes `app_key` and
 /// closes the window. Serialized by `pair_lock` so one code pairs one app.
-async fn consume_window(
+pub(crate) async fn consume_window(
     shared: &Shared,
     app_key: &PublicKey,
     secret: &[u8],

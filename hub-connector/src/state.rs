@@ -12,16 +12,25 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use keyway_client::path::Paths;
+
 use crate::apps::{Apps, AppsChange};
+use crate::channels::Channels;
 use crate::config::{HubConfig, RelayTarget};
+use crate::load::AppLoad;
 use crate::error::HubError;
 use crate::registry::SessionRegistry;
 use crate::status::TunnelStatus;
 
-/// The tunnel to one configured relay: its status and counters.
+/// The tunnel to one configured relay: its status and counters, and the channels the relay
+/// introduced on it (data plane v2) with the path socket that carries their packets.
 #[derive(Debug)]
 pub(crate) struct Tunnel {
     pub(crate) target: RelayTarget,
+    /// The channel table of this tunnel's UDP socket (see `keyway_client::path`).
+    pub(crate) paths: Paths,
+    /// The live channels, by the virtual address `paths` bound for each.
+    pub(crate) channels: Arc<Channels>,
     pub(crate) status: watch::Sender<TunnelStatus>,
     /// Successful registrations with this relay.
     pub(crate) registrations: AtomicU64,
@@ -30,9 +39,11 @@ pub(crate) struct Tunnel {
 }
 
 impl Tunnel {
-    pub(crate) fn new(target: RelayTarget) -> Self {
+    pub(crate) fn new(target: RelayTarget, paths: Paths) -> Self {
         Self {
             target,
+            paths,
+            channels: Arc::default(),
             status: watch::channel(TunnelStatus::Connecting).0,
             registrations: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -58,6 +69,13 @@ pub(crate) struct Shared {
     /// inside the session, is what authorizes it) and never resumes, so a pairing session
     /// leaves nothing behind that an authorized session could reuse.
     pub(crate) pair_tls: Arc<rustls::ServerConfig>,
+    /// The end-to-end QUIC server config (data plane v2): the app key checked against the
+    /// allow-list, one config for the connector's lifetime (resumption, as for `tls`).
+    pub(crate) e2e_server: Arc<quinn::ServerConfig>,
+    /// The end-to-end QUIC server config of pairing channels: any key, never resumes.
+    pub(crate) pair_server: Arc<quinn::ServerConfig>,
+    /// What each app holds (end-to-end connections, streams) against the per-app caps.
+    pub(crate) load: Arc<AppLoad>,
     /// The pairing window file (see [`crate::pairing`]).
     pub(crate) window_file: std::path::PathBuf,
     /// Whether a pairing window is open, as last published to the relay.

@@ -143,7 +143,7 @@ fn frame_error(conn: &Connection, registered: bool, what: &str, e: FrameIoError)
 
 async fn attempt(
     shared: &Arc<Shared>,
-    tunnel: &Tunnel,
+    tunnel: &Arc<Tunnel>,
     dialer: &RelayDialer,
     endpoint: &Endpoint,
     shutdown: &mut Shutdown,
@@ -174,7 +174,7 @@ async fn attempt(
 }
 
 /// Registers on `conn` and serves it until something ends the tunnel.
-async fn serve(shared: &Arc<Shared>, tunnel: &Tunnel, conn: &Connection) -> Outcome {
+async fn serve(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, conn: &Connection) -> Outcome {
     let config = &shared.config;
     // Subscribe before taking the snapshot, so a change in between is published afterwards.
     let mut apps_changed = shared.apps.subscribe();
@@ -221,7 +221,7 @@ async fn serve(shared: &Arc<Shared>, tunnel: &Tunnel, conn: &Connection) -> Outc
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    tokio::spawn(crate::session::handle(shared.clone(), send, recv).in_current_span());
+                    tokio::spawn(crate::session::handle(shared.clone(), tunnel.clone(), send, recv).in_current_span());
                 }
                 Err(e) => return from_connection_error(true, e),
             },

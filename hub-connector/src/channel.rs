@@ -1,0 +1,93 @@
+//! One channel announced by the relay (data plane v2): authorize the app, bind the channel in
+//! the tunnel's path socket, answer, and hold the binding for as long as the relay's stream
+//! lives.
+//!
+//! The hub trusts nothing the relay says beyond "this app key authenticated to me": the
+//! announced key must be in the *current* allow-list (or, for `Pair`, a pairing window must be
+//! open), and the end-to-end handshake that follows must prove that same key ([`crate::e2e`]
+//! checks it, and the allow-list again, after every handshake). The stream the relay opened is
+//! the channel's lifeline: when the relay ends it (the app left, was revoked, the channel idled
+//! out) the binding is dropped, so the app's packets stop reaching quinn, and the end-to-end
+//! connection on it is closed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use keyway_proto::channel::ChannelId;
+use keyway_proto::codes;
+use keyway_proto::io::write_frame;
+use keyway_proto::{Frame, PublicKey, RefusalReason, SessionPurpose};
+use quinn::{RecvStream, SendStream};
+
+use crate::state::{Shared, Tunnel};
+
+async fn refuse(shared: &Shared, send: &mut SendStream, reason: RefusalReason, message: String) {
+    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%reason, %message, "channel refused");
+    let _ = write_frame(send, &Frame::refused(reason, message)).await;
+    let _ = send.finish();
+}
+
+/// What the relay's `ChannelAnnounce` said.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Announce {
+    pub(crate) app_key: PublicKey,
+    pub(crate) observed: SocketAddr,
+    pub(crate) purpose: SessionPurpose,
+    /// The hub's id for the channel (what its datagrams carry).
+    pub(crate) id: ChannelId,
+}
+
+/// Handles a stream whose first frame was `ChannelAnnounce`.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    announce: Announce,
+) {
+    let Announce { app_key, observed, purpose, id } = announce;
+    shared.stats.announced.fetch_add(1, Ordering::Relaxed);
+    let name = &shared.config.name;
+    match purpose {
+        SessionPurpose::Connect if !shared.apps.contains(&app_key) => {
+            let message = format!("app key {} is not in hub {name}'s authorized_apps", app_key.fingerprint());
+            return refuse(&shared, &mut send, RefusalReason::AppNotAuthorized, message).await;
+        }
+        SessionPurpose::Pair if !shared.refresh_pairing() => {
+            let message = format!(
+                "hub {name} has no pairing window open (it expired, was used, or was never opened)"
+            );
+            return refuse(&shared, &mut send, RefusalReason::PairingClosed, message).await;
+        }
+        _ => {}
+    }
+    // Bound before the answer goes out: the app's first flight follows the relay's
+    // `ChannelReady` at once and must find the binding.
+    let binding = tunnel.paths.bind(id);
+    let entry = tunnel.channels.add(binding.addr(), app_key, observed, purpose);
+    if let Err(e) = write_frame(&mut send, &Frame::ChannelAccepted).await {
+        tracing::debug!(error = %e, "could not accept the channel");
+        return;
+    }
+    tracing::debug!(channel = %id, ?purpose, "channel accepted");
+    // The relay sends nothing more on this stream; it ends it (finish or reset) when the channel
+    // ends. Anything else is a protocol violation, which ends the channel too.
+    let mut scratch = [0u8; 64];
+    let ended = loop {
+        match recv.read(&mut scratch).await {
+            Ok(None) => break "the relay finished the channel stream".to_owned(),
+            Ok(Some(0)) => continue,
+            Ok(Some(_)) => {
+                let _ = recv.stop(codes::PROTOCOL);
+                break "the relay sent data on a channel stream".to_owned();
+            }
+            Err(e) => break format!("channel stream: {e}"),
+        }
+    };
+    tracing::debug!(channel = %id, %ended, "channel ended");
+    let _ = send.finish();
+    drop(entry);
+    drop(binding);
+}
