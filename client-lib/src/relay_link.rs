@@ -94,6 +94,22 @@ impl RelayDialer {
         Ok(Self { config, mismatch, relay_addr, relay_key, connect_timeout })
     }
 
+    /// Lets the relay keep up to `streams` bidirectional streams open at once on the
+    /// connection. A hub needs this: every session (v1) or channel (v2) the relay introduces is
+    /// a stream the relay opens, and quinn's default credit of 100 would make the 101st wait
+    /// while the relay's own limit allows more. Apps never accept streams and keep the default.
+    pub fn accept_streams(
+        mut self,
+        streams: u32,
+        keep_alive: Duration,
+        idle_timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let mut transport = transport_config(keep_alive, idle_timeout)?;
+        transport.max_concurrent_bidi_streams(streams.into());
+        self.config.transport_config(Arc::new(transport));
+        Ok(self)
+    }
+
     /// The relay address this dialer connects to.
     pub fn relay_addr(&self) -> SocketAddr {
         self.relay_addr

@@ -56,9 +56,8 @@ pub(crate) async fn handle(
             return refuse(&shared, &mut send, RefusalReason::AppNotAuthorized, message).await;
         }
         SessionPurpose::Pair if !shared.refresh_pairing() => {
-            let message = format!(
-                "hub {name} has no pairing window open (it expired, was used, or was never opened)"
-            );
+            let message =
+                format!("hub {name} has no pairing window open (it expired, was used, or was never opened)");
             return refuse(&shared, &mut send, RefusalReason::PairingClosed, message).await;
         }
         _ => {}

@@ -193,11 +193,13 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
             config.keep_alive,
             config.idle_timeout,
             config.connect_timeout,
-        )?;
+        )?
+        .accept_streams(RELAY_STREAMS, config.keep_alive, config.idle_timeout)?;
         // An endpoint (UDP socket) per relay: each tunnel's NAT binding and path are its own.
         // Its path socket also carries the end-to-end connections of the channels this relay
         // introduces (data plane v2), which the endpoint accepts as a server.
-        let (endpoint, paths) = keyway_client::path::bind_path_endpoint(target.addr, Some((*e2e_server).clone()))?;
+        let (endpoint, paths) =
+            keyway_client::path::bind_path_endpoint(target.addr, Some((*e2e_server).clone()))?;
         links.push((Arc::new(Tunnel::new(target, paths)), dialer, endpoint));
     }
     let metrics_listener = match config.metrics_listen {
@@ -258,6 +260,11 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
     Ok(HubHandle { shared, endpoints, stop, tunnels, watcher: Some(watcher), metrics })
 }
 
+/// How many streams the hub lets a relay keep open at once on its tunnel (one per session or
+/// channel the relay introduces): above any relay's `max_sessions_per_hub` default (256), so
+/// the relay's limit, which refuses with a typed error, is the one that applies.
+const RELAY_STREAMS: u32 = 4096;
+
 /// The end-to-end QUIC server configs (data plane v2): one that admits the keys in
 /// `authorized_apps`, and one for pairing channels that admits any key and never resumes (as
 /// the v1 TLS configs above). Each connection gets the per-app stream credit plus a margin, so
@@ -270,7 +277,8 @@ fn e2e_server_configs(
     let mut transport = keyway_client::path::e2e_transport_config(Duration::ZERO, config.idle_timeout)?;
     let credit = match config.max_streams_per_app {
         0 => quinn::VarInt::MAX,
-        max => quinn::VarInt::from_u64((max + crate::load::STREAM_CREDIT_MARGIN) as u64).unwrap_or(quinn::VarInt::MAX),
+        max => quinn::VarInt::from_u64((max + crate::load::STREAM_CREDIT_MARGIN) as u64)
+            .unwrap_or(quinn::VarInt::MAX),
     };
     transport.max_concurrent_bidi_streams(credit).max_concurrent_uni_streams(0u32.into());
     let transport = Arc::new(transport);

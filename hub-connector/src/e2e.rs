@@ -42,7 +42,12 @@ const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const PAIR_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts end-to-end connections on one tunnel's endpoint until the hub stops.
-pub(crate) async fn serve(shared: Arc<Shared>, tunnel: Arc<Tunnel>, endpoint: Endpoint, mut shutdown: Shutdown) {
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    endpoint: Endpoint,
+    mut shutdown: Shutdown,
+) {
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => match incoming {
@@ -160,8 +165,9 @@ async fn stream_opened(send: &mut SendStream, recv: &mut RecvStream) -> bool {
         Ok(Ok(Frame::StreamOpen)) => true,
         Ok(Ok(other)) => {
             tracing::debug!(frame = other.name(), "stream did not start with StreamOpen");
-            let _ = write_frame(send, &Frame::refused(RefusalReason::ProtocolViolation, "expected StreamOpen"))
-                .await;
+            let _ =
+                write_frame(send, &Frame::refused(RefusalReason::ProtocolViolation, "expected StreamOpen"))
+                    .await;
             let _ = send.finish();
             let _ = recv.stop(codes::PROTOCOL);
             false

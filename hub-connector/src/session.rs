@@ -55,7 +55,12 @@ fn abort(send: &mut SendStream, recv: &mut RecvStream, code: VarInt) {
 
 /// Handles one stream the relay opened on the tunnel: a v1 session (`SessionAnnounce`) here, a
 /// v2 channel (`ChannelAnnounce`) in [`crate::channel`]. Never panics on what it reads.
-pub(crate) async fn handle(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut send: SendStream, mut recv: RecvStream) {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let announce = match tokio::time::timeout(ANNOUNCE_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(frame)) => frame,
         Ok(Err(e)) => {

@@ -17,8 +17,8 @@ use keyway_client::path::Paths;
 use crate::apps::{Apps, AppsChange};
 use crate::channels::Channels;
 use crate::config::{HubConfig, RelayTarget};
-use crate::load::AppLoad;
 use crate::error::HubError;
+use crate::load::AppLoad;
 use crate::registry::SessionRegistry;
 use crate::status::TunnelStatus;
 
