@@ -54,6 +54,30 @@ pub enum ClientError {
     /// The configuration cannot work (bad timer, relay address that does not resolve).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Data plane v2: the relay ended the channel that carried the end-to-end connection.
+    #[error(transparent)]
+    ChannelEnded(#[from] ChannelEnd),
+    /// Data plane v2: the hub cut the end-to-end connection or stream with code `REVOKED`.
+    #[error("the hub revoked this app's access: its key is no longer in the hub's authorized_apps")]
+    Revoked,
+    /// Data plane v2: the end-to-end QUIC connection to the hub failed or was closed.
+    #[error("end-to-end connection to the hub: {0}")]
+    HubConnection(#[source] quinn::ConnectionError),
+}
+
+/// Why the relay ended a channel (data plane v2), read from how it ended the channel stream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChannelEnd {
+    #[error("the relay ended the channel: this app's key was revoked")]
+    Revoked,
+    #[error("the relay ended the channel: idle for longer than the relay's idle session timeout")]
+    Idle,
+    #[error("the relay ended the channel: the hub's connection was replaced by a newer one")]
+    HubReplaced,
+    #[error("the relay ended the channel: the hub went away or closed it")]
+    Closed,
+    #[error("the relay ended the channel: the relay connection was lost: {0}")]
+    RelayLost(#[source] quinn::ConnectionError),
 }
 
 /// Why a client's configuration cannot work. Each message starts with `configuration:`.
@@ -69,6 +93,8 @@ pub enum ConfigError {
     Resolve { relay: String, source: std::io::Error },
     #[error("configuration: relay {relay} resolves to no address")]
     NoAddress { relay: String },
+    #[error("configuration: cannot dial the end-to-end connection to the hub: {source}")]
+    DialHub { source: quinn::ConnectError },
 }
 
 /// The relay or the hub broke the protocol. Each message starts with `protocol error:`.
@@ -85,6 +111,9 @@ pub enum ProtocolError {
     NoAnswer { hub: HubName, waited: Duration },
     #[error("protocol error: expected SessionAccepted or Refused, got {got}")]
     UnexpectedAnswer { got: &'static str },
+    /// Data plane v2: a relay or hub answer that is not the one the request asks for.
+    #[error("protocol error: expected {expected} or Refused, got {got}")]
+    UnexpectedFrame { expected: &'static str, got: &'static str },
     /// The hub's pairing answer announced a message over the limit.
     #[error("protocol error: {0}")]
     PairingAnswer(#[source] keyway_proto::pairing::AnswerError),
@@ -98,6 +127,9 @@ pub enum HandshakeError {
     Tls(std::io::Error),
     #[error("the end-to-end TLS handshake did not finish within {}", humantime::format_duration(*waited))]
     TimedOut { waited: Duration },
+    /// Data plane v2: the end-to-end QUIC handshake failed (TLS runs inside it).
+    #[error(transparent)]
+    Quic(quinn::ConnectionError),
 }
 
 impl ClientError {

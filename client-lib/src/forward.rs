@@ -3,6 +3,10 @@
 //! This lives in the library (not the binary) so tests and other tools can run a forwarder
 //! in-process. A failed session is logged with its typed error and only that TCP connection
 //! is closed: the forwarder itself keeps running, since the hub may come back.
+//!
+//! Each connection uses [`Client::connect_pipelined`]: on data plane v2 its first bytes leave
+//! with the stream's `StreamOpen` instead of a round trip later; a refusal by the hub then
+//! ends the copy with the typed error, logged like a refused `connect`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -55,7 +59,7 @@ async fn bridge(
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "could not set TCP_NODELAY");
     }
-    let mut stream = match client.connect(&hub, &hub_key).await {
+    let mut stream = match client.connect_pipelined(&hub, &hub_key).await {
         Ok(stream) => stream,
         Err(e) => {
             tracing::warn!(%peer, %hub, refusal = ?e.refusal(), error = %e, "session failed; closing the local connection");
@@ -65,6 +69,11 @@ async fn bridge(
     tracing::info!(%peer, %hub, hub_key = %hub_key.fingerprint(), "session open");
     match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
         Ok((up, down)) => tracing::info!(%peer, %hub, bytes_up = up, bytes_down = down, "session closed"),
-        Err(e) => tracing::info!(%peer, %hub, error = %e, "session ended with an error"),
+        Err(e) => match e.get_ref().and_then(|inner| inner.downcast_ref::<crate::ClientError>()) {
+            Some(typed) => {
+                tracing::warn!(%peer, %hub, refusal = ?typed.refusal(), error = %typed, "session failed; closing the local connection")
+            }
+            None => tracing::info!(%peer, %hub, error = %e, "session ended with an error"),
+        },
     }
 }

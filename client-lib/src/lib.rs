@@ -15,9 +15,15 @@
 //! A [`Client`] holds one quinn endpoint and one relay connection, dialed lazily and redialed
 //! when it is found closed, shared by every session: each [`Client::connect`] is one QUIC
 //! stream, so opening a session costs one round trip to the hub, not a handshake with the relay.
+//!
+//! With [`DataPlane::Quic`] (data plane v2) the endpoint sits on a path socket ([`path`]) and
+//! the client also holds one end-to-end QUIC connection per (hub, hub key), dialed lazily
+//! through a relay channel (one dial for concurrent callers) and redialed when lost ([`e2e`]);
+//! each `connect` is then one stream on it, so a new session costs no handshake at all.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod config;
+mod e2e;
 pub mod error;
 pub mod forward;
 pub mod known_hubs;
@@ -30,11 +36,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use keyway_proto::tls::MismatchSlot;
-use keyway_proto::{HubName, PublicKey, SessionPurpose};
+use keyway_proto::{Frame, HubName, PublicKey, SessionPurpose};
 use quinn::{Connection, Endpoint};
 
-pub use config::ClientConfig;
-pub use error::{ClientError, ConfigError, HandshakeError, ProtocolError};
+pub use config::{ClientConfig, DataPlane};
+pub use error::{ChannelEnd, ClientError, ConfigError, HandshakeError, ProtocolError};
 pub use pairing::{pair, PairedHub, PairingCode};
 pub use session::HubStream;
 
@@ -55,6 +61,22 @@ struct Inner {
     /// One end-to-end TLS config per hub key, kept so that rustls' session cache lets later
     /// sessions to the same hub resume.
     e2e: Mutex<HashMap<PublicKey, (Arc<rustls::ClientConfig>, MismatchSlot)>>,
+    /// Data plane v2 state; `None` on v1.
+    quic: Option<QuicPlane>,
+}
+
+/// Where one (hub, hub key)'s end-to-end connection is kept, once dialed.
+type LinkSlot = tokio::sync::Mutex<Option<e2e::Link>>;
+
+/// What a v2 client keeps besides the relay link.
+#[derive(Debug)]
+struct QuicPlane {
+    paths: path::Paths,
+    /// One slot per (hub, hub key) holding its end-to-end connection. An async mutex per slot
+    /// so that concurrent `connect`s that find no live connection wait for one dial.
+    links: Mutex<HashMap<(HubName, PublicKey), Arc<LinkSlot>>>,
+    /// One QUIC client config per hub key, kept for rustls' session cache (resumption).
+    configs: Mutex<HashMap<PublicKey, (quinn::ClientConfig, MismatchSlot)>>,
 }
 
 impl Client {
@@ -69,7 +91,14 @@ impl Client {
             config.idle_timeout,
             config.connect_timeout,
         )?;
-        let endpoint = relay_link::bind_endpoint(config.relay_addr)?;
+        let (endpoint, quic) = match config.data_plane {
+            DataPlane::Splice => (relay_link::bind_endpoint(config.relay_addr)?, None),
+            DataPlane::Quic => {
+                let (endpoint, paths) = path::bind_path_endpoint(config.relay_addr, None)?;
+                let plane = QuicPlane { paths, links: Mutex::default(), configs: Mutex::default() };
+                (endpoint, Some(plane))
+            }
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 config,
@@ -77,6 +106,7 @@ impl Client {
                 dialer,
                 conn: tokio::sync::Mutex::new(None),
                 e2e: Mutex::new(HashMap::new()),
+                quic,
             }),
         })
     }
@@ -88,33 +118,23 @@ impl Client {
 
     /// [`connect`](Client::connect) with an explicit purpose. `Pair` sessions use a fresh TLS
     /// config with resumption disabled: the hub accepts any app key on a pairing session, and
-    /// nothing learned there should be reused for (or confused with) authorized sessions.
+    /// nothing learned there should be reused for (or confused with) authorized sessions. (On
+    /// data plane v2 a `Pair` session is one stream on an end-to-end connection of its own,
+    /// closed when the stream is dropped.)
     pub async fn connect_for(
         &self,
         hub: &HubName,
         hub_key: &PublicKey,
         purpose: SessionPurpose,
     ) -> Result<HubStream, ClientError> {
+        if let Some(plane) = &self.inner.quic {
+            return self.quic_connect(plane, hub, hub_key, purpose, true).await;
+        }
         let timeout = self.inner.config.session_timeout();
-        let (conn, fresh) = self.relay_connection(None).await?;
-        let stream = match session::open(&conn, hub, hub_key, purpose, timeout).await {
-            Ok(stream) => stream,
-            // The cached connection died since its last use (relay restart, network change):
-            // redial once. A freshly dialed connection that fails is reported as is.
-            Err(f) if !fresh && matches!(f.error, ClientError::Connection(_)) => {
-                tracing::debug!(error = %f.error, "relay connection was closed; redialing");
-                let (conn, _) = self.relay_connection(Some(&conn)).await?;
-                session::open(&conn, hub, hub_key, purpose, timeout).await.map_err(|f| f.error)?
-            }
-            Err(f) => {
-                if f.no_answer {
-                    // A relay that vanished without closing looks exactly like this. Do not
-                    // close the connection (other sessions may still be fine on it), but let
-                    // the next `connect` dial a fresh one instead of waiting on it again.
-                    self.forget(&conn).await;
-                }
-                return Err(f.error);
-            }
+        let open = Frame::SessionOpen { hub: hub.clone(), hub_key: *hub_key, purpose };
+        let stream = match self.relay_request(&open, hub).await? {
+            (stream, Frame::SessionAccepted) => stream,
+            (_, other) => return Err(ProtocolError::UnexpectedAnswer { got: other.name() }.into()),
         };
         let (tls, mismatch) = match purpose {
             SessionPurpose::Connect => self.e2e_config(hub_key)?,
@@ -131,6 +151,188 @@ impl Client {
         session::handshake(tls, &mismatch, *hub_key, stream, timeout).await
     }
 
+    /// [`connect`](Client::connect) without waiting for the hub's answer, for callers that
+    /// have bytes to send at once (`keyway forward`): on data plane v2 the stream is handed out
+    /// as soon as `StreamOpen` is queued, so the first bytes leave in the same flight. The
+    /// answer is read before the first byte the stream yields; a refusal then surfaces as an
+    /// `io::Error` whose inner error is the [`ClientError`] (`get_ref()` and downcast). Errors
+    /// before the stream exists (no relay, channel refused, wrong hub key) are returned here as
+    /// usual. On v1 this is `connect`.
+    pub async fn connect_pipelined(
+        &self,
+        hub: &HubName,
+        hub_key: &PublicKey,
+    ) -> Result<HubStream, ClientError> {
+        match &self.inner.quic {
+            Some(plane) => self.quic_connect(plane, hub, hub_key, SessionPurpose::Connect, false).await,
+            None => self.connect(hub, hub_key).await,
+        }
+    }
+
+    /// Sends `request` on a new stream of the relay connection and returns the stream and the
+    /// relay's answer (a `Refused` already turned into the typed error). A cached connection
+    /// found dead is redialed once.
+    async fn relay_request(
+        &self,
+        request: &Frame,
+        hub: &HubName,
+    ) -> Result<(session::QuicBiStream, Frame), ClientError> {
+        let timeout = self.inner.config.session_timeout();
+        let (conn, fresh) = self.relay_connection(None).await?;
+        match session::request(&conn, request, hub, timeout).await {
+            Ok(answer) => Ok(answer),
+            // The cached connection died since its last use (relay restart, network change):
+            // redial once. A freshly dialed connection that fails is reported as is.
+            Err(f) if !fresh && matches!(f.error, ClientError::Connection(_)) => {
+                tracing::debug!(error = %f.error, "relay connection was closed; redialing");
+                let (conn, _) = self.relay_connection(Some(&conn)).await?;
+                session::request(&conn, request, hub, timeout).await.map_err(|f| f.error)
+            }
+            Err(f) => {
+                if f.no_answer {
+                    // A relay that vanished without closing looks exactly like this. Do not
+                    // close the connection (other sessions may still be fine on it), but let
+                    // the next `connect` dial a fresh one instead of waiting on it again.
+                    self.forget(&conn).await;
+                }
+                Err(f.error)
+            }
+        }
+    }
+
+    /// Data plane v2: one stream on the (hub, hub key)'s end-to-end connection, dialing it if
+    /// there is none; a cached connection found dead is redialed once.
+    async fn quic_connect(
+        &self,
+        plane: &QuicPlane,
+        hub: &HubName,
+        hub_key: &PublicKey,
+        purpose: SessionPurpose,
+        wait: bool,
+    ) -> Result<HubStream, ClientError> {
+        let wait = wait.then(|| self.inner.config.session_timeout());
+        if purpose == SessionPurpose::Pair {
+            let link = self.dial_link(plane, hub, hub_key, purpose).await?;
+            let stream = e2e::open_stream(&link, hub, wait, false).await?;
+            return Ok(HubStream::quic(stream, *hub_key));
+        }
+        let slot = {
+            let mut links = plane.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            links.entry((hub.clone(), *hub_key)).or_default().clone()
+        };
+        let (link, fresh) = self.live_link(plane, &slot, hub, hub_key, None).await?;
+        let stream = match e2e::open_stream(&link, hub, wait, !fresh).await {
+            Ok(stream) => stream,
+            Err(e) if !fresh && link.is_closed() => {
+                tracing::debug!(error = %e, %hub, "end-to-end connection was lost; redialing");
+                let (link, _) = self.live_link(plane, &slot, hub, hub_key, Some(&link)).await?;
+                e2e::open_stream(&link, hub, wait, false).await?
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(HubStream::quic(stream, *hub_key))
+    }
+
+    /// The live end-to-end connection in `slot`, dialing one if there is none, it is closed, or
+    /// it is `stale`. Returns whether it was just dialed.
+    async fn live_link(
+        &self,
+        plane: &QuicPlane,
+        slot: &LinkSlot,
+        hub: &HubName,
+        hub_key: &PublicKey,
+        stale: Option<&e2e::Link>,
+    ) -> Result<(e2e::Link, bool), ClientError> {
+        let mut slot = slot.lock().await;
+        if let Some(link) = slot.as_ref() {
+            if !link.is_closed() && !stale.is_some_and(|s| s.same(link)) {
+                return Ok((link.clone(), false));
+            }
+        }
+        *slot = None;
+        let link = self.dial_link(plane, hub, hub_key, SessionPurpose::Connect).await?;
+        tracing::debug!(%hub, hub_key = %hub_key.fingerprint(), "end-to-end connection up");
+        *slot = Some(link.clone());
+        Ok((link, true))
+    }
+
+    /// Opens a channel to `hub` at the relay and dials the end-to-end connection through it.
+    async fn dial_link(
+        &self,
+        plane: &QuicPlane,
+        hub: &HubName,
+        hub_key: &PublicKey,
+        purpose: SessionPurpose,
+    ) -> Result<e2e::Link, ClientError> {
+        let open = Frame::ChannelOpen { hub: hub.clone(), hub_key: *hub_key, purpose };
+        let (channel, id) = match self.relay_request(&open, hub).await? {
+            (stream, Frame::ChannelReady { channel }) => (stream, channel),
+            (_, other) => {
+                return Err(
+                    ProtocolError::UnexpectedFrame { expected: "ChannelReady", got: other.name() }.into()
+                )
+            }
+        };
+        let (config, mismatch) = match purpose {
+            SessionPurpose::Connect => self.quic_config(plane, hub_key)?,
+            SessionPurpose::Pair => {
+                let (mut tls, slot) = keyway_proto::tls::client_config(
+                    &self.inner.config.identity,
+                    *hub_key,
+                    keyway_proto::ALPN_E2E_QUIC,
+                )?;
+                tls.resumption = rustls::client::Resumption::disabled();
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+                    .map_err(keyway_proto::tls::TlsConfigError::from)?;
+                (self.with_e2e_transport(quinn::ClientConfig::new(Arc::new(crypto)))?, slot)
+            }
+        };
+        let params = e2e::DialParams {
+            endpoint: &self.inner.endpoint,
+            paths: &plane.paths,
+            config,
+            mismatch: &mismatch,
+            hub_key: *hub_key,
+            timeout: self.inner.config.session_timeout(),
+            one_off: purpose == SessionPurpose::Pair,
+        };
+        e2e::dial(params, channel, id).await
+    }
+
+    fn quic_config(
+        &self,
+        plane: &QuicPlane,
+        hub_key: &PublicKey,
+    ) -> Result<(quinn::ClientConfig, MismatchSlot), ClientError> {
+        // As for `e2e`: one insert of a finished config, so a poisoned cache is still good.
+        let mut cache = plane.configs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((config, slot)) = cache.get(hub_key) {
+            return Ok((config.clone(), slot.clone()));
+        }
+        let (crypto, slot) = keyway_proto::tls::quic_client_crypto(
+            &self.inner.config.identity,
+            *hub_key,
+            keyway_proto::ALPN_E2E_QUIC,
+        )?;
+        let config = self.with_e2e_transport(quinn::ClientConfig::new(crypto))?;
+        cache.insert(*hub_key, (config.clone(), slot.clone()));
+        Ok((config, slot))
+    }
+
+    fn with_e2e_transport(
+        &self,
+        mut config: quinn::ClientConfig,
+    ) -> Result<quinn::ClientConfig, ClientError> {
+        let c = &self.inner.config;
+        config.transport_config(Arc::new(path::e2e_transport_config(c.keep_alive, c.idle_timeout)?));
+        Ok(config)
+    }
+
+    /// Counters of the path socket (data plane v2; `None` on v1).
+    pub fn path_stats(&self) -> Option<path::PathStats> {
+        self.inner.quic.as_ref().map(|plane| plane.paths.stats())
+    }
+
     /// The app's public key (what the hub owner adds to `authorized_apps`).
     pub fn public_key(&self) -> PublicKey {
         self.inner.config.identity.public_key()
@@ -143,6 +345,17 @@ impl Client {
 
     /// Closes the relay connection and the endpoint, waiting briefly for the close to be sent.
     pub async fn close(&self) {
+        if let Some(plane) = &self.inner.quic {
+            let slots: Vec<_> = {
+                let links = plane.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                links.values().cloned().collect()
+            };
+            for slot in slots {
+                if let Some(link) = slot.lock().await.take() {
+                    link.close("client closed");
+                }
+            }
+        }
         if let Some(conn) = self.inner.conn.lock().await.take() {
             relay_link::close(&conn, keyway_proto::codes::NORMAL, "client closed");
         }

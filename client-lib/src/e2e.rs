@@ -1,0 +1,478 @@
+//! Data plane v2, the app side: the end-to-end QUIC connection to a hub and its streams.
+//!
+//! It owns the life of one connection and what each of its streams says first:
+//! * **Channel.** `ChannelOpen` on a bi stream of the relay connection; the relay answers
+//!   `ChannelReady { channel }` (or a typed `Refused`, the hub's passed on verbatim). The app
+//!   binds the id in its path socket ([`crate::path`]) and dials the hub at the binding's
+//!   virtual address, hub key pinned, ALPN `keyway-e2e/2`.
+//! * **Guard.** The channel stream is held for the connection's life by one task: the relay
+//!   ending it (reset `REVOKED`, `LIMIT` when idle, `REPLACED`, a finish, or the relay
+//!   connection dying) closes the end-to-end connection and records why, so every later error
+//!   on it is that typed reason; the end-to-end connection closing finishes the channel stream
+//!   (the relay then drops the channel) and unbinds the id.
+//! * **Streams.** Each session is one bi stream: the app writes `StreamOpen`, the hub answers
+//!   `StreamAccepted` or `Refused` and finishes, then raw bytes flow both ways. The hub's reset
+//!   codes become typed errors: `REVOKED` is [`ClientError::Revoked`], `LIMIT` (a per-app cap)
+//!   a `Refused` with [`RefusalReason::OverLimit`]. An [`E2eStream`] may be handed out before
+//!   the answer arrived (`keyway forward`: a TCP connection's first bytes leave at once); it
+//!   then reads the answer before the first byte it yields, and a refusal surfaces as an
+//!   `io::Error` whose inner error is the [`ClientError`].
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use keyway_proto::channel::ChannelId;
+use keyway_proto::codec::{Header, HEADER_LEN};
+use keyway_proto::codes;
+use keyway_proto::io::write_frame;
+use keyway_proto::tls::MismatchSlot;
+use keyway_proto::{Frame, HubName, PublicKey, RefusalReason};
+use quinn::{Connection, ConnectionError, Endpoint, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::{ChannelEnd, ClientError, ConfigError, HandshakeError, ProtocolError};
+use crate::path::{ChannelBinding, Paths};
+use crate::session::QuicBiStream;
+
+/// How long the guard keeps a channel bound after its connection closed: long enough for quinn
+/// to send the `CONNECTION_CLOSE` it just queued (microseconds on a live driver), so the hub
+/// hears of the close directly rather than only through the relay's reset of its channel stream.
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
+
+/// One end-to-end connection to a hub, and why the relay ended its channel once it did.
+#[derive(Clone, Debug)]
+pub(crate) struct Link {
+    conn: Connection,
+    ended: Arc<OnceLock<ChannelEnd>>,
+    /// For one-off connections (pairing): closes the connection when the last handle goes.
+    _owner: Option<Arc<CloseOnDrop>>,
+}
+
+#[derive(Debug)]
+struct CloseOnDrop(Connection);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(codes::NORMAL, b"done");
+    }
+}
+
+impl Link {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    pub(crate) fn same(&self, other: &Link) -> bool {
+        self.conn.stable_id() == other.conn.stable_id()
+    }
+
+    /// Closes the connection (the guard then ends the channel).
+    pub(crate) fn close(&self, reason: &str) {
+        crate::relay_link::close(&self.conn, codes::NORMAL, reason);
+    }
+
+    /// The typed error for the connection being gone.
+    fn lost(&self, e: ConnectionError) -> ClientError {
+        connection_error(self.ended.get(), e)
+    }
+}
+
+/// A closed end-to-end connection as a typed error: the relay's reason for ending the channel
+/// if it did, the hub's `REVOKED` / `LIMIT` close codes, else quinn's error.
+fn connection_error(ended: Option<&ChannelEnd>, e: ConnectionError) -> ClientError {
+    if let Some(end) = ended {
+        return ClientError::ChannelEnded(end.clone());
+    }
+    match &e {
+        ConnectionError::ApplicationClosed(close) if close.error_code == codes::REVOKED => {
+            ClientError::Revoked
+        }
+        ConnectionError::ApplicationClosed(close) if close.error_code == codes::LIMIT => {
+            ClientError::Refused {
+                reason: RefusalReason::OverLimit,
+                message: format!(
+                    "the hub closed the end-to-end connection: over a per-app limit ({})",
+                    String::from_utf8_lossy(&close.reason)
+                ),
+            }
+        }
+        _ => ClientError::HubConnection(e),
+    }
+}
+
+/// A stream reset or stop code from the hub as a typed error, for the codes that mean one.
+fn stream_code_error(code: VarInt) -> Option<ClientError> {
+    if code == codes::REVOKED {
+        Some(ClientError::Revoked)
+    } else if code == codes::LIMIT {
+        Some(ClientError::Refused {
+            reason: RefusalReason::OverLimit,
+            message: "the hub reset the stream: this app is over its per-app limit of concurrent streams"
+                .into(),
+        })
+    } else {
+        None
+    }
+}
+
+/// What a dial needs besides the channel.
+pub(crate) struct DialParams<'a> {
+    pub(crate) endpoint: &'a Endpoint,
+    pub(crate) paths: &'a Paths,
+    pub(crate) config: quinn::ClientConfig,
+    pub(crate) mismatch: &'a MismatchSlot,
+    pub(crate) hub_key: PublicKey,
+    pub(crate) timeout: Duration,
+    /// One-off connection (pairing): closed when its last stream is dropped.
+    pub(crate) one_off: bool,
+}
+
+/// Binds `id`, dials the hub through the channel and starts the guard that ties the channel
+/// stream and the connection together.
+pub(crate) async fn dial(
+    p: DialParams<'_>,
+    channel: QuicBiStream,
+    id: ChannelId,
+) -> Result<Link, ClientError> {
+    let binding = p.paths.bind(id);
+    // A mismatch left over from an earlier attempt must not be blamed on this one.
+    let _ = p.mismatch.take();
+    let connecting = p
+        .endpoint
+        .connect_with(p.config, binding.addr(), keyway_proto::tls::SERVER_NAME)
+        .map_err(|source| ConfigError::DialHub { source })?;
+    // On every error path below, dropping `channel` finishes it: the relay drops the channel.
+    let conn = match tokio::time::timeout(p.timeout, connecting).await {
+        Err(_) => {
+            return Err(match p.mismatch.take() {
+                Some(m) => ClientError::HubKeyMismatch(m),
+                None => ClientError::HubRejected(HandshakeError::TimedOut { waited: p.timeout }),
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(match p.mismatch.take() {
+                Some(m) => ClientError::HubKeyMismatch(m),
+                None => match connection_error(None, e) {
+                    ClientError::HubConnection(e) => ClientError::HubRejected(HandshakeError::Quic(e)),
+                    typed => typed,
+                },
+            })
+        }
+        Ok(Ok(conn)) => conn,
+    };
+    // Belt and braces, as for the relay: the verifier pinned the key on a full handshake; the
+    // connection's own report covers resumed ones too.
+    if let Some(seen) = keyway_proto::tls::quic_peer_key(&conn) {
+        if seen != p.hub_key {
+            conn.close(codes::PROTOCOL, b"unexpected hub key");
+            return Err(ClientError::HubKeyMismatch(keyway_proto::tls::KeyMismatch {
+                expected: p.hub_key,
+                seen,
+            }));
+        }
+    }
+    let ended = Arc::new(OnceLock::new());
+    tokio::spawn(guard(conn.clone(), channel, binding, ended.clone()));
+    let owner = p.one_off.then(|| Arc::new(CloseOnDrop(conn.clone())));
+    Ok(Link { conn, ended, _owner: owner })
+}
+
+/// Holds the channel stream for the connection's life (see the module docs).
+async fn guard(
+    conn: Connection,
+    channel: QuicBiStream,
+    binding: ChannelBinding,
+    ended: Arc<OnceLock<ChannelEnd>>,
+) {
+    let QuicBiStream { mut send, mut recv } = channel;
+    let relay_ended = tokio::select! {
+        end = channel_end(&mut recv) => Some(end),
+        _ = conn.closed() => None,
+    };
+    if let Some(end) = relay_ended {
+        tracing::debug!(channel = %binding.id(), reason = %end, "the relay ended the channel");
+        let code = match end {
+            ChannelEnd::Revoked => codes::REVOKED,
+            ChannelEnd::Idle => codes::LIMIT,
+            ChannelEnd::HubReplaced => codes::REPLACED,
+            ChannelEnd::Closed | ChannelEnd::RelayLost(_) => codes::NORMAL,
+        };
+        let reason = end.to_string();
+        // Recorded before the close, so no stream can see the close without the reason.
+        let _ = ended.set(end);
+        crate::relay_link::close(&conn, code, &reason);
+    }
+    tokio::time::sleep(CLOSE_GRACE).await;
+    let _ = send.finish();
+    drop(binding);
+}
+
+/// Waits for the relay to end the channel stream and says how it did.
+async fn channel_end(recv: &mut RecvStream) -> ChannelEnd {
+    let mut buf = [0u8; 256];
+    loop {
+        match recv.read(&mut buf).await {
+            // Nothing follows `ChannelReady` today; a later protocol may add frames here.
+            Ok(Some(_)) => continue,
+            Ok(None) => return ChannelEnd::Closed,
+            Err(ReadError::Reset(code)) if code == codes::REVOKED => return ChannelEnd::Revoked,
+            Err(ReadError::Reset(code)) if code == codes::LIMIT => return ChannelEnd::Idle,
+            Err(ReadError::Reset(code)) if code == codes::REPLACED => return ChannelEnd::HubReplaced,
+            Err(ReadError::ConnectionLost(e)) => return ChannelEnd::RelayLost(e),
+            Err(_) => return ChannelEnd::Closed,
+        }
+    }
+}
+
+/// Opens one stream on `link`: writes `StreamOpen`, then either waits up to `wait` for the
+/// hub's answer or (`None`) hands the stream out at once with the answer still to read.
+pub(crate) async fn open_stream(
+    link: &Link,
+    hub: &HubName,
+    wait: Option<Duration>,
+    reused: bool,
+) -> Result<E2eStream, ClientError> {
+    let (mut send, recv) = link.conn.open_bi().await.map_err(|e| link.lost(e))?;
+    if let Err(e) = write_frame(&mut send, &Frame::StreamOpen).await {
+        return Err(match link.conn.close_reason() {
+            Some(reason) => link.lost(reason),
+            None => ClientError::Io(io::Error::other(e)),
+        });
+    }
+    let mut stream =
+        E2eStream { send, recv, link: link.clone(), answer: Answer::Pending(Vec::new()), reused };
+    if let Some(wait) = wait {
+        match tokio::time::timeout(wait, std::future::poll_fn(|cx| stream.poll_answer(cx))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                stream.abort();
+                return Err(ProtocolError::NoAnswer { hub: hub.clone(), waited: wait }.into());
+            }
+        }
+    }
+    Ok(stream)
+}
+
+/// The hub's answer on a stream, as far as it has been read.
+#[derive(Debug)]
+enum Answer {
+    /// Not yet complete: the bytes of the frame so far (never more than the frame).
+    Pending(Vec<u8>),
+    Accepted,
+    /// Refused, or the answer was broken: every later read and write fails with this.
+    Failed(Failure),
+}
+
+#[derive(Debug, Clone)]
+enum Failure {
+    Refused { reason: RefusalReason, message: String },
+    Revoked,
+    Closed,
+    Unexpected { got: &'static str },
+    BadFrame(keyway_proto::FrameError),
+}
+
+impl Failure {
+    fn error(&self) -> ClientError {
+        match self.clone() {
+            Failure::Refused { reason, message } => ClientError::Refused { reason, message },
+            Failure::Revoked => ClientError::Revoked,
+            Failure::Closed => ProtocolError::StreamClosed { what: "before answering" }.into(),
+            Failure::Unexpected { got } => {
+                ProtocolError::UnexpectedFrame { expected: "StreamAccepted", got }.into()
+            }
+            Failure::BadFrame(source) => {
+                ProtocolError::BadFrame { what: "in the hub's answer", source }.into()
+            }
+        }
+    }
+}
+
+/// One session on the end-to-end connection (see the module docs).
+#[derive(Debug)]
+pub(crate) struct E2eStream {
+    send: SendStream,
+    recv: RecvStream,
+    link: Link,
+    answer: Answer,
+    reused: bool,
+}
+
+impl E2eStream {
+    pub(crate) fn reused(&self) -> bool {
+        self.reused
+    }
+
+    pub(crate) fn abort(&mut self) {
+        let _ = self.send.reset(codes::NORMAL);
+        let _ = self.recv.stop(codes::NORMAL);
+    }
+
+    /// Reads the hub's answer (only the bytes of that one frame).
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ClientError>> {
+        loop {
+            let buf = match &mut self.answer {
+                Answer::Accepted => return Poll::Ready(Ok(())),
+                Answer::Failed(f) => return Poll::Ready(Err(f.error())),
+                Answer::Pending(buf) => buf,
+            };
+            let missing = match Frame::decode(buf) {
+                Ok(Some((frame, _))) => {
+                    self.answer = match frame {
+                        Frame::StreamAccepted => Answer::Accepted,
+                        Frame::Refused { reason, message } => {
+                            Answer::Failed(Failure::Refused { reason, message })
+                        }
+                        other => Answer::Failed(Failure::Unexpected { got: other.name() }),
+                    };
+                    continue;
+                }
+                Ok(None) => match buf.first_chunk::<HEADER_LEN>() {
+                    None => Ok(HEADER_LEN - buf.len()),
+                    Some(head) => Header::decode(head).map(|h| HEADER_LEN + h.payload_len - buf.len()),
+                },
+                Err(e) => Err(e),
+            };
+            let missing = match missing {
+                Ok(missing) => missing,
+                Err(e) => {
+                    self.answer = Answer::Failed(Failure::BadFrame(e));
+                    continue;
+                }
+            };
+            let start = buf.len();
+            buf.resize(start + missing, 0);
+            let read = self.recv.poll_read(cx, &mut buf[start..]);
+            let got = match read {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Pending => {
+                    buf.truncate(start);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => {
+                    buf.truncate(start);
+                    return Poll::Ready(Err(self.fail_on_read(e)));
+                }
+            };
+            buf.truncate(start + got);
+            if got == 0 {
+                self.answer = Answer::Failed(match start {
+                    0 => Failure::Closed,
+                    _ => Failure::BadFrame(keyway_proto::FrameError::Truncated {
+                        field: "answer",
+                        needed: missing,
+                    }),
+                });
+            }
+        }
+    }
+
+    /// A read error before the answer: typed, and remembered when it is final.
+    fn fail_on_read(&mut self, e: ReadError) -> ClientError {
+        match e {
+            ReadError::Reset(code) => {
+                let error = stream_code_error(code);
+                if matches!(error, Some(ClientError::Revoked)) {
+                    self.answer = Answer::Failed(Failure::Revoked);
+                }
+                error.unwrap_or(ClientError::Io(io::Error::from(ReadError::Reset(code))))
+            }
+            ReadError::ConnectionLost(e) => self.link.lost(e),
+            other => ClientError::Io(io::Error::from(other)),
+        }
+    }
+
+    /// Replaces quinn's error with the typed reason behind it, where there is one.
+    fn typed_io(&self, e: io::Error) -> io::Error {
+        let kind = e.kind();
+        let typed = match e.get_ref() {
+            Some(inner) => {
+                if let Some(read) = inner.downcast_ref::<ReadError>() {
+                    match read {
+                        ReadError::Reset(code) => stream_code_error(*code),
+                        ReadError::ConnectionLost(c) => Some(self.link.lost(c.clone())),
+                        _ => None,
+                    }
+                } else if let Some(write) = inner.downcast_ref::<WriteError>() {
+                    match write {
+                        WriteError::Stopped(code) => stream_code_error(*code),
+                        WriteError::ConnectionLost(c) => Some(self.link.lost(c.clone())),
+                        _ => None,
+                    }
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        match typed {
+            Some(ClientError::HubConnection(_)) | None => e,
+            Some(typed) => io::Error::new(kind, typed),
+        }
+    }
+
+    /// A write failed: if the hub's answer explains why (it refused and stopped the stream),
+    /// that is the error; else the typed write error.
+    fn write_failure(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
+        if let Poll::Ready(Err(answer)) = self.poll_answer(cx) {
+            return into_io(answer);
+        }
+        self.typed_io(e)
+    }
+}
+
+/// A [`ClientError`] as the `io::Error` an `AsyncRead`/`AsyncWrite` must return; the inner
+/// error is the `ClientError` (`e.get_ref()` and downcast to read it).
+fn into_io(e: ClientError) -> io::Error {
+    let kind = match &e {
+        ClientError::Refused { .. } => io::ErrorKind::ConnectionRefused,
+        ClientError::Revoked | ClientError::ChannelEnded(_) => io::ErrorKind::ConnectionReset,
+        ClientError::Io(e) => e.kind(),
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for E2eStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_answer(cx)).map_err(into_io)?;
+        match std::task::ready!(Pin::new(&mut self.recv).poll_read(cx, buf)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(self.typed_io(e))),
+        }
+    }
+}
+
+impl AsyncWrite for E2eStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Answer::Failed(f) = &self.answer {
+            return Poll::Ready(Err(into_io(f.error())));
+        }
+        match std::task::ready!(AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)) {
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(e) => Poll::Ready(Err(self.write_failure(cx, e))),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match std::task::ready!(AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(self.write_failure(cx, e))),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match std::task::ready!(AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(self.write_failure(cx, e))),
+        }
+    }
+}
