@@ -46,6 +46,13 @@ impl Leg {
         let local_ip = conn.local_ip();
         Self { id, conn, addr, local_ip }
     }
+
+    /// The leg for `id` as if quinn had validated `addr` for it (a test's socket stands in for
+    /// the peer's).
+    #[cfg(test)]
+    pub fn at(id: ChannelId, conn: quinn::Connection, addr: SocketAddr) -> Self {
+        Self { id, conn, addr, local_ip: None }
+    }
 }
 
 /// Which side of a channel a datagram came from.
@@ -216,7 +223,7 @@ impl ChannelTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
 
@@ -225,7 +232,7 @@ mod tests {
     use crate::testing::endpoint_pair;
 
     /// A relay-side connection (what a leg holds) and the peer's endpoint that made it.
-    async fn relay_connection(
+    pub(crate) async fn relay_connection(
         server: &quinn::Endpoint,
         client: &quinn::Endpoint,
     ) -> (quinn::Connection, quinn::Connection) {

@@ -255,3 +255,104 @@ impl AsyncUdpSocket for ForwardingSocket {
         self.inner.may_fragment()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyway_proto::channel::{encode_into, ChannelId};
+
+    use crate::channel::tests::relay_connection;
+    use crate::channel::Leg;
+    use crate::testing::endpoint_pair;
+
+    const STRIDE: usize = 64;
+
+    /// One segment of `STRIDE` bytes (or `len`): a channel datagram under `id`, or QUIC.
+    fn segment(id: Option<ChannelId>, fill: u8, len: usize) -> Vec<u8> {
+        match id {
+            Some(id) => {
+                let mut out = Vec::new();
+                encode_into(&mut out, id, &vec![fill; len - HEADER_LEN]);
+                out
+            }
+            None => vec![0x40 | (fill & 0x3f); len],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gro_batch_mixing_channels_and_quic_is_forwarded_in_runs_and_the_quic_compacted() {
+        let stats = Arc::new(RelayStats::default());
+        let limits = Arc::new(LimitsCell::new(Limits::unlimited()));
+        let channels = Arc::new(Channels::new(Arc::clone(&stats), limits, None));
+        let socket = ForwardingSocket {
+            inner: quinn::default_runtime()
+                .unwrap()
+                .wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+                .unwrap(),
+            channels: Arc::clone(&channels),
+        };
+        // The hubs' side of two channels is one plain socket here, to see what arrives.
+        let hubs = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        hubs.set_read_timeout(Some(keyway_test_support::PATIENCE)).unwrap();
+        let app: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let (server, client) = endpoint_pair().await;
+        let (conn, _peer) = relay_connection(&server, &client).await;
+        let ids = [(ChannelId::new(1), ChannelId::new(11)), (ChannelId::new(2), ChannelId::new(22))];
+        for (a, h) in ids {
+            let legs = (Leg::at(a, conn.clone(), app), Leg::at(h, conn.clone(), hubs.local_addr().unwrap()));
+            channels.table().insert(legs.0, legs.1, None, Instant::now()).unwrap();
+        }
+        let (one, two) = (Some(ids[0].0), Some(ids[1].0));
+        let segments = [
+            segment(None, 1, STRIDE),
+            segment(one, 2, STRIDE),
+            segment(one, 3, STRIDE),
+            segment(None, 4, STRIDE),
+            segment(Some(ChannelId::new(99)), 5, STRIDE),
+            segment(two, 6, STRIDE),
+            segment(None, 7, STRIDE),
+            segment(two, 8, 20),
+        ];
+        let mut buf: Vec<u8> = segments.concat();
+        let kept = socket.filter(&mut buf, STRIDE, app, None, &mut Batch::default());
+
+        // quinn gets the QUIC segments, in order, at the front.
+        assert_eq!(&buf[..kept], [segments[0].clone(), segments[3].clone(), segments[6].clone()].concat());
+        // The hubs get every channel segment but the unknown one, under their own ids.
+        let mut got = Vec::new();
+        let mut datagram = [0u8; 2048];
+        for _ in 0..4 {
+            let n = hubs.recv(&mut datagram).unwrap();
+            got.push(datagram[..n].to_vec());
+        }
+        let expected: Vec<Vec<u8>> = [(1, ids[0].1), (2, ids[0].1), (5, ids[1].1), (7, ids[1].1)]
+            .iter()
+            .map(|&(i, to)| {
+                let mut s = segments[i].clone();
+                assert!(channel::write_header(&mut s, to));
+                s
+            })
+            .collect();
+        assert_eq!(got, expected);
+        let text = stats.encode();
+        let series = |s: &str| keyway_test_support::http::series(&text, s).unwrap();
+        assert_eq!(series("keyway_relay_channel_packets_forwarded_total{direction=\"app_to_hub\"}"), 4.0);
+        assert_eq!(series("keyway_relay_channel_packets_dropped_total{reason=\"unknown_channel\"}"), 1.0);
+        assert_eq!(stats.bytes_app_to_hub(), (3 * (STRIDE - HEADER_LEN) + 20 - HEADER_LEN) as u64);
+
+        // A buffer of channel data only leaves nothing for quinn; a spoofed source, nothing out.
+        let mut only = [segment(one, 9, STRIDE), segment(one, 10, STRIDE)].concat();
+        assert_eq!(socket.filter(&mut only, STRIDE, app, None, &mut Batch::default()), 0);
+        let stranger: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        let mut spoof = segment(one, 11, STRIDE);
+        assert_eq!(socket.filter(&mut spoof, STRIDE, stranger, None, &mut Batch::default()), 0);
+        let text = stats.encode();
+        assert_eq!(
+            keyway_test_support::http::series(
+                &text,
+                "keyway_relay_channel_packets_dropped_total{reason=\"wrong_source\"}"
+            ),
+            Some(1.0)
+        );
+    }
+}
