@@ -233,8 +233,8 @@ impl RelayHandle {
     /// for it to arrive), lets live sessions finish for up to the drain timeout, then closes
     /// every connection with `SHUTTING_DOWN` and waits, bounded, for the endpoint to go idle.
     pub async fn shutdown(mut self) {
-        let sessions = self.shared.stats.sessions_active();
-        info!(sessions, drain_timeout = ?self.drain_timeout, "relay draining");
+        let (sessions, channels) = (self.shared.stats.sessions_active(), self.shared.stats.channels_active());
+        info!(sessions, channels, drain_timeout = ?self.drain_timeout, "relay draining");
         self.shared.stats.set_draining(true);
         self.shared.shutdown.send_replace(true);
         // New connection attempts now fail at once instead of waiting for a handshake.
@@ -266,7 +266,9 @@ impl RelayHandle {
             Ok(()) => info!("all sessions ended"),
             Err(_) => warn!(
                 sessions = stats.sessions_active(),
-                "drain timeout of {:?} reached; closing the remaining sessions", self.drain_timeout
+                channels = stats.channels_active(),
+                "drain timeout of {:?} reached; closing the remaining sessions and channels",
+                self.drain_timeout
             ),
         }
         self.endpoint.close(codes::SHUTTING_DOWN, b"relay shutting down");
