@@ -1,18 +1,24 @@
-//! Bulk throughput: app → relay → hub → local echo service → back, end-to-end TLS inside,
-//! beside a direct quinn connection that carries the same payload the same way (client writes,
-//! server echoes on the same stream) as the physical reference.
+//! Bulk throughput: app → relay → hub → local echo service → back, beside a direct quinn
+//! connection that carries the same payload the same way (client writes, server echoes on the
+//! same stream) as the physical reference. Two relayed paths run side by side in the same run:
+//! `relayed` (data plane v1: the relay terminates QUIC on both legs and splices streams,
+//! end-to-end TLS inside) and `relayed-quic` (v2: one end-to-end QUIC connection whose packets
+//! the relay forwards without decrypting them).
 //!
 //! The number reported is goodput in one direction (bytes echoed back per second) while both
-//! directions are loaded, for 1 stream and for N parallel streams. Everything except the relay
-//! runs in this process, so on a 2-core machine the app, hub, both TLS layers and the echo
-//! service share the cores with the relay process; the direct path only has quinn at both ends.
+//! directions are loaded, for 1 stream and for N parallel streams, and for the relayed paths
+//! the relay process's CPU time (utime + stime from `/proc`) per GiB of payload crossing it
+//! (each direction's bytes counted once). Everything except the relay runs in this process, so
+//! on a 2-core machine the app, hub and echo service share the cores with the relay process;
+//! the direct path only has quinn at both ends. Loopback flatters GSO/GRO (64 KiB MTU, no
+//! wire): compare paths within one run, not with other machines.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::{Client, ClientConfig};
+use keyway_client::{Client, ClientConfig, DataPlane};
 use keyway_proto::tls::{quic_client_crypto, quic_server_crypto, AnyKey};
 use keyway_proto::ALPN_RELAY;
 use serde_json::json;
@@ -38,18 +44,26 @@ pub struct BulkOpts {
 pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
     let setup = crate::common::OneHub::start(&opts.relay_bin, (1, 2)).await?;
     let client = Client::new(ClientConfig::new(setup.app.duplicate(), setup.relay.addr, setup.relay.key))?;
+    let mut quic_config = ClientConfig::new(setup.app.duplicate(), setup.relay.addr, setup.relay.key);
+    quic_config.data_plane = DataPlane::Quic;
+    let quic_client = Client::new(quic_config)?;
     let direct = DirectServer::start().await?;
     let (name, hub_key) = (setup.name.clone(), setup.hub_key);
 
     let mut records = Vec::new();
-    let bar = crate::common::progress((opts.repeat * opts.streams.len() * 2) as u64, "bulk runs", opts.quiet);
+    let bar = crate::common::progress(
+        (opts.repeat * opts.streams.len() * PATHS.len()) as u64,
+        "bulk runs",
+        opts.quiet,
+    );
     for run in 0..opts.repeat {
         for &streams in &opts.streams {
             let streams = streams.max(1);
             let per_stream = (opts.bytes / streams as u64).max(1);
-            for path in ["direct", "relayed"] {
+            for path in PATHS {
                 // Open every stream first, then start all transfers together: the time is the
                 // wall time from the common start to the last echoed byte.
+                let before = setup.relay.usage()?.cpu_s;
                 let slowest = if path == "direct" {
                     let mut set = Vec::with_capacity(streams);
                     for _ in 0..streams {
@@ -58,18 +72,23 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
                     }
                     transfer_all(set, per_stream).await?
                 } else {
+                    let client = if path == "relayed" { &client } else { &quic_client };
                     let mut set = Vec::with_capacity(streams);
                     for _ in 0..streams {
                         set.push(client.connect(&name, &hub_key).await?);
                     }
                     transfer_all(set, per_stream).await?
                 };
+                let relay_cpu_s = setup.relay.usage()?.cpu_s - before;
                 let total = per_stream * streams as u64;
                 let gbps = total as f64 * 8.0 / slowest.as_secs_f64() / 1e9;
+                // Both directions cross the relay: 2 × total payload bytes.
+                let gib = 2.0 * total as f64 / f64::from(1u32 << 30);
+                let cpu_per_gib = if path == "direct" { None } else { Some(round(relay_cpu_s / gib, 3)) };
                 records.push(json!({
                     "scenario": "bulk", "kind": "run", "path": path, "streams": streams, "run": run,
                     "bytes": total, "secs": round(slowest.as_secs_f64(), 4), "gbps": round(gbps, 3),
-                    "time": unix_time(),
+                    "relay_cpu_s_per_gib": cpu_per_gib, "time": unix_time(),
                 }));
                 bar.inc(1);
             }
@@ -79,25 +98,34 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
 
     for &streams in &opts.streams {
         let streams = streams.max(1);
-        let pick = |path: &str| {
+        let pick = |path: &str, field: &str| {
             let mut v: Vec<f64> = records
                 .iter()
                 .filter(|r| r["kind"] == "run" && r["path"] == path && r["streams"] == streams)
-                .filter_map(|r| r["gbps"].as_f64())
+                .filter_map(|r| r[field].as_f64())
                 .collect();
             median(&mut v)
         };
-        let (direct_gbps, relayed_gbps) = (pick("direct"), pick("relayed"));
+        let direct_gbps = pick("direct", "gbps");
+        let (relayed_gbps, quic_gbps) = (pick("relayed", "gbps"), pick("relayed-quic", "gbps"));
         records.push(json!({
             "scenario": "bulk", "kind": "summary", "streams": streams, "repeat": opts.repeat,
             "bytes": opts.bytes, "direct_gbps": round(direct_gbps, 3), "relayed_gbps": round(relayed_gbps, 3),
-            "ratio": round(relayed_gbps / direct_gbps, 3), "time": unix_time(),
+            "ratio": round(relayed_gbps / direct_gbps, 3),
+            "relay_cpu_s_per_gib": round(pick("relayed", "relay_cpu_s_per_gib"), 3),
+            "quic_gbps": round(quic_gbps, 3), "quic_ratio": round(quic_gbps / direct_gbps, 3),
+            "quic_relay_cpu_s_per_gib": round(pick("relayed-quic", "relay_cpu_s_per_gib"), 3),
+            "time": unix_time(),
         }));
     }
     client.close().await;
+    quic_client.close().await;
     setup.stop().await;
     Ok(records)
 }
+
+/// The paths measured, in the order each repetition runs them.
+const PATHS: [&str; 3] = ["direct", "relayed", "relayed-quic"];
 
 /// Runs [`echo_transfer`] on every stream at once; returns the wall time until all are done.
 async fn transfer_all<S>(streams: Vec<S>, bytes: u64) -> anyhow::Result<Duration>

@@ -1,0 +1,166 @@
+//! Data plane v2 end to end: real relay, real hub connector, real client library over real
+//! UDP; the app and hub run one end-to-end QUIC connection whose packets the relay forwards.
+//!
+//! While v2 is built beside v1 these tests ask for it explicitly (`DataPlane::Quic`); the rest
+//! of the suite runs on the default data plane.
+
+use std::sync::Arc;
+
+use keyway_client::{Client, ClientConfig, ClientError, DataPlane};
+use keyway_e2e::*;
+use keyway_proto::RefusalReason;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn quic_client(relay: &TestRelay, id: keyway_proto::Identity) -> Client {
+    let mut config = ClientConfig::new(id, relay.addr(), relay.key());
+    config.data_plane = DataPlane::Quic;
+    Client::new(config).expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_mib_round_trip_through_the_channel_is_byte_exact() {
+    let (hub_id, app_id) = (identity(), identity());
+    let relay = TestRelay::start(&[("home", hub_id.public_key())]).await;
+    let service = echo_service(b"").await;
+    let (hub, _) = start_hub(&relay, "home", hub_id.duplicate(), &[app_id.public_key()], service).await;
+    hub.wait_registered(PATIENCE).await.expect("hub registers");
+
+    let client = quic_client(&relay, app_id);
+    let stream = client.connect(&name("home"), &hub_id.public_key()).await.expect("stream");
+    let data = payload(100 << 20, 7);
+    let expected = sha256(&data);
+    let back = round_trip(stream, data).await.expect("round trip");
+    assert_eq!(back.len(), 100 << 20);
+    assert_eq!(sha256(&back), expected);
+    // The relay carried it (forwarded datagrams count toward its byte counters), and no
+    // session was spliced.
+    assert!(relay.handle.stats().bytes_app_to_hub() >= 100 << 20);
+    assert!(relay.handle.stats().bytes_hub_to_app() >= 100 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams_from_one_app_are_all_served() {
+    let (hub_id, app_id) = (identity(), identity());
+    let relay = TestRelay::start(&[("home", hub_id.public_key())]).await;
+    let service = echo_service(b"").await;
+    let (hub, _) = start_hub(&relay, "home", hub_id.duplicate(), &[app_id.public_key()], service).await;
+    hub.wait_registered(PATIENCE).await.expect("hub registers");
+
+    let client = Arc::new(quic_client(&relay, app_id));
+    // All open before any closes, so they are concurrent on one end-to-end connection.
+    let mut streams = Vec::new();
+    for _ in 0..1000 {
+        streams.push(client.connect(&name("home"), &hub_id.public_key()).await.expect("stream"));
+    }
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, stream)| {
+            tokio::spawn(async move {
+                let data = payload(4096, i as u64);
+                let back = round_trip(stream, data.clone()).await.expect("round trip");
+                assert_eq!(back, data, "stream {i} came back wrong");
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("stream task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_over_its_stream_cap_is_refused_at_once_and_others_are_not_starved() {
+    let hub_id = identity();
+    let apps: Vec<_> = (0..3).map(|_| identity()).collect();
+    let relay = TestRelay::start(&[("home", hub_id.public_key())]).await;
+    let service = echo_service(b"").await;
+    let keys: Vec<_> = apps.iter().map(|a| a.public_key()).collect();
+    let apps_file = relay.dir.path().join("authorized_apps.capped");
+    write_apps(&apps_file, &keys);
+    let mut config = keyway_hub::HubConfig::new(
+        relay.addr(),
+        relay.key(),
+        name("home"),
+        hub_id.duplicate(),
+        apps_file,
+        service,
+    );
+    config.max_streams_per_app = 10;
+    let hub = keyway_hub::start(config).await.expect("hub starts");
+    hub.wait_registered(PATIENCE).await.expect("hub registers");
+
+    let greedy = quic_client(&relay, apps[0].duplicate());
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(greedy.connect(&name("home"), &hub_id.public_key()).await.expect("within the cap"));
+    }
+    let err = greedy.connect(&name("home"), &hub_id.public_key()).await.expect_err("over the cap");
+    assert!(
+        matches!(&err, ClientError::Refused { reason: RefusalReason::OverLimit, message } if message.contains("max_streams_per_app")),
+        "{err}"
+    );
+    // The other apps still get all of theirs while the greedy one holds its cap.
+    for app in &apps[1..] {
+        let client = quic_client(&relay, app.duplicate());
+        for i in 0..10u64 {
+            let stream = client.connect(&name("home"), &hub_id.public_key()).await.expect("not starved");
+            let data = payload(1000, i);
+            assert_eq!(round_trip(stream, data.clone()).await.expect("round trip"), data);
+        }
+    }
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_app_is_cut_mid_transfer_and_cannot_come_back() {
+    let (hub_id, app_id) = (identity(), identity());
+    let relay = TestRelay::start(&[("home", hub_id.public_key())]).await;
+    let service = echo_service(b"").await;
+    let (hub, apps_file) =
+        start_hub(&relay, "home", hub_id.duplicate(), &[app_id.public_key()], service).await;
+    hub.wait_registered(PATIENCE).await.expect("hub registers");
+
+    let client = quic_client(&relay, app_id);
+    let mut stream = client.connect(&name("home"), &hub_id.public_key()).await.expect("stream");
+    // Keep bytes flowing until the revocation lands.
+    let chunk = payload(64 << 10, 1);
+    let mut back = vec![0u8; chunk.len()];
+    stream.write_all(&chunk).await.expect("write");
+    stream.read_exact(&mut back).await.expect("echo");
+    write_apps(&apps_file, &[]);
+    let cut = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if stream.write_all(&chunk).await.is_err() || stream.read_exact(&mut back).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the transfer kept going after the revocation");
+    let again = client.connect(&name("home"), &hub_id.public_key()).await.expect_err("revoked");
+    assert!(
+        matches!(&again, ClientError::Refused { reason: RefusalReason::AppNotAuthorized, .. }),
+        "{again}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_hub_key_and_a_down_service_are_typed_errors() {
+    let (hub_id, app_id, other) = (identity(), identity(), identity());
+    let relay = TestRelay::start(&[("home", hub_id.public_key())]).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (hub, _) = start_hub(&relay, "home", hub_id.duplicate(), &[app_id.public_key()], closed).await;
+    hub.wait_registered(PATIENCE).await.expect("hub registers");
+    let client = quic_client(&relay, app_id);
+    let err = client.connect(&name("home"), &other.public_key()).await.expect_err("wrong key");
+    assert!(matches!(err, ClientError::Refused { reason: RefusalReason::HubKeyMismatch, .. }), "{err}");
+    let err = client.connect(&name("home"), &hub_id.public_key()).await.expect_err("service down");
+    assert!(matches!(err, ClientError::Refused { reason: RefusalReason::ServiceUnavailable, .. }), "{err}");
+    // The end-to-end connection survives a refused stream: the next one is refused the same
+    // way, not with a connection error.
+    let err = client.connect(&name("home"), &hub_id.public_key()).await.expect_err("still down");
+    assert!(matches!(err, ClientError::Refused { reason: RefusalReason::ServiceUnavailable, .. }), "{err}");
+}
