@@ -77,7 +77,12 @@ struct QuicPlane {
     links: Mutex<HashMap<(HubName, PublicKey), Arc<LinkSlot>>>,
     /// One QUIC client config per hub key, kept for rustls' session cache (resumption).
     configs: Mutex<HashMap<PublicKey, (quinn::ClientConfig, MismatchSlot)>>,
+    /// When [`Client::nudge_relay`] last touched the relay connection.
+    last_nudge: Mutex<Option<tokio::time::Instant>>,
 }
+
+/// At most one nudge of the relay connection per this interval (see [`Client::nudge_relay`]).
+const NUDGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Client {
     /// Binds a UDP socket of the relay's address family on port 0. Needs a tokio runtime.
@@ -95,7 +100,12 @@ impl Client {
             DataPlane::Splice => (relay_link::bind_endpoint(config.relay_addr)?, None),
             DataPlane::Quic => {
                 let (endpoint, paths) = path::bind_path_endpoint(config.relay_addr, None)?;
-                let plane = QuicPlane { paths, links: Mutex::default(), configs: Mutex::default() };
+                let plane = QuicPlane {
+                    paths,
+                    links: Mutex::default(),
+                    configs: Mutex::default(),
+                    last_nudge: Mutex::default(),
+                };
                 (endpoint, Some(plane))
             }
         };
@@ -221,9 +231,19 @@ impl Client {
             links.entry((hub.clone(), *hub_key)).or_default().clone()
         };
         let (link, fresh) = self.live_link(plane, &slot, hub, hub_key, None).await?;
+        if !fresh {
+            self.nudge_relay(plane).await;
+        }
         let stream = match e2e::open_stream(&link, hub, wait, !fresh).await {
             Ok(stream) => stream,
-            Err(e) if !fresh && link.is_closed() => {
+            Err(e)
+                if !fresh
+                    && (link.is_closed()
+                        || matches!(e, ClientError::Protocol(ProtocolError::NoAnswer { .. }))) =>
+            {
+                // No answer on a connection that looked fine: its channel is most likely gone
+                // (a relay restarted before it told us), so give up on it rather than wait again.
+                link.close("no answer from the hub on this connection");
                 tracing::debug!(error = %e, %hub, "end-to-end connection was lost; redialing");
                 let (link, _) = self.live_link(plane, &slot, hub, hub_key, Some(&link)).await?;
                 e2e::open_stream(&link, hub, wait, false).await?
@@ -231,6 +251,38 @@ impl Client {
             Err(e) => return Err(e),
         };
         Ok(HubStream::quic(stream, *hub_key))
+    }
+
+    /// Sends one empty stream on the cached relay connection (at most once per
+    /// [`NUDGE_INTERVAL`]), so a relay that restarted since answers with a stateless reset now.
+    ///
+    /// Why: on v1 every session was a stream on the relay connection, so the first session
+    /// after a relay crash met the reset and redialed. On v2 a session touches only the
+    /// end-to-end connection, whose packets a restarted relay drops without a word (it never
+    /// held their keys), and the relay connection would learn of the crash only at its next
+    /// keep-alive. The reset closes the relay connection, the channel guard then closes the
+    /// end-to-end connection with [`ChannelEnd::RelayLost`], and `connect` redials. The relay
+    /// ignores a stream that ends before its first frame (it only logs it at debug level);
+    /// quinn 0.11 has no `PING` of its own to send instead.
+    async fn nudge_relay(&self, plane: &QuicPlane) {
+        let now = tokio::time::Instant::now();
+        {
+            let mut last = plane.last_nudge.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|at| now.duration_since(at) < NUDGE_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let Some(conn) = self.inner.conn.lock().await.clone() else { return };
+        if conn.close_reason().is_some() {
+            return;
+        }
+        // Spawned: opening waits for stream credit, which a session must not wait for.
+        tokio::spawn(async move {
+            if let Ok((mut send, _recv)) = conn.open_bi().await {
+                let _ = send.finish();
+            }
+        });
     }
 
     /// The live end-to-end connection in `slot`, dialing one if there is none, it is closed, or
