@@ -66,7 +66,17 @@ struct Inner {
 }
 
 /// Where one (hub, hub key)'s end-to-end connection is kept, once dialed.
-type LinkSlot = tokio::sync::Mutex<Option<e2e::Link>>;
+type LinkSlot = tokio::sync::Mutex<Link>;
+
+/// A slot's content: the connection, and the last dial's refusal, so that callers who queued
+/// behind a dial that was refused get that answer instead of each asking the relay in turn
+/// (1 000 TCP connections of a `keyway forward` to an offline hub would otherwise queue 1 000
+/// round trips).
+#[derive(Debug, Default)]
+struct Link {
+    live: Option<e2e::Link>,
+    refused: Option<(tokio::time::Instant, keyway_proto::RefusalReason, String)>,
+}
 
 /// What a v2 client keeps besides the relay link.
 #[derive(Debug)]
@@ -232,7 +242,7 @@ impl Client {
         };
         let (link, fresh) = self.live_link(plane, &slot, hub, hub_key, None).await?;
         if !fresh {
-            self.nudge_relay(plane).await;
+            self.nudge_relay(plane);
         }
         let stream = match e2e::open_stream(&link, hub, wait, !fresh).await {
             Ok(stream) => stream,
@@ -264,7 +274,7 @@ impl Client {
     /// end-to-end connection with [`ChannelEnd::RelayLost`], and `connect` redials. The relay
     /// ignores a stream that ends before its first frame (it only logs it at debug level);
     /// quinn 0.11 has no `PING` of its own to send instead.
-    async fn nudge_relay(&self, plane: &QuicPlane) {
+    fn nudge_relay(&self, plane: &QuicPlane) {
         let now = tokio::time::Instant::now();
         {
             let mut last = plane.last_nudge.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -273,7 +283,9 @@ impl Client {
             }
             *last = Some(now);
         }
-        let Some(conn) = self.inner.conn.lock().await.clone() else { return };
+        // `try_lock`: a held lock means a dial is under way, which needs no nudge (and a
+        // session must not wait for it here).
+        let Some(conn) = self.inner.conn.try_lock().ok().and_then(|slot| slot.clone()) else { return };
         if conn.close_reason().is_some() {
             return;
         }
@@ -295,16 +307,31 @@ impl Client {
         hub_key: &PublicKey,
         stale: Option<&e2e::Link>,
     ) -> Result<(e2e::Link, bool), ClientError> {
+        let queued_at = tokio::time::Instant::now();
         let mut slot = slot.lock().await;
-        if let Some(link) = slot.as_ref() {
+        if let Some(link) = slot.live.as_ref() {
             if !link.is_closed() && !stale.is_some_and(|s| s.same(link)) {
                 return Ok((link.clone(), false));
             }
         }
-        *slot = None;
-        let link = self.dial_link(plane, hub, hub_key, SessionPurpose::Connect).await?;
+        if let Some((at, reason, message)) = &slot.refused {
+            if *at >= queued_at {
+                return Err(ClientError::Refused { reason: *reason, message: message.clone() });
+            }
+        }
+        slot.live = None;
+        slot.refused = None;
+        let link = match self.dial_link(plane, hub, hub_key, SessionPurpose::Connect).await {
+            Ok(link) => link,
+            Err(e) => {
+                if let ClientError::Refused { reason, message } = &e {
+                    slot.refused = Some((tokio::time::Instant::now(), *reason, message.clone()));
+                }
+                return Err(e);
+            }
+        };
         tracing::debug!(%hub, hub_key = %hub_key.fingerprint(), "end-to-end connection up");
-        *slot = Some(link.clone());
+        slot.live = Some(link.clone());
         Ok((link, true))
     }
 
@@ -403,7 +430,7 @@ impl Client {
                 links.values().cloned().collect()
             };
             for slot in slots {
-                if let Some(link) = slot.lock().await.take() {
+                if let Some(link) = slot.lock().await.live.take() {
                     link.close("client closed");
                 }
             }

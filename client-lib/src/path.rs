@@ -464,7 +464,9 @@ impl RecvState {
             let start = self.next * self.slot_len;
             let data = &self.slots[start..start + m.len.min(self.slot_len)];
             let stride = if m.stride == 0 { data.len().max(1) } else { m.stride };
-            if m.addr != relay {
+            // Address and port only: a scope id or flow label the kernel reports is no
+            // reason to drop the relay's own datagrams.
+            if (m.addr.ip(), m.addr.port()) != (relay.ip(), relay.port()) {
                 tally.foreign += data.len().div_ceil(stride).max(1) as u64;
                 self.advance_batch();
                 continue;

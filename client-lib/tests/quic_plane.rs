@@ -94,6 +94,8 @@ impl AsyncUdpSocket for RelaySocket {
 /// What the test relay answers to `ChannelOpen`.
 const RELAY_ACCEPTS: u8 = 0;
 const RELAY_HUB_OFFLINE: u8 = 1;
+/// Refuses with `HubOffline` too, but only once the test adds a permit to `Bed::gate`.
+const RELAY_HOLDS_THEN_OFFLINE: u8 = 2;
 
 /// What the test hub answers to `StreamOpen`.
 const HUB_ECHOES: u8 = 0;
@@ -108,6 +110,10 @@ struct Bed {
     app_seed: [u8; 32],
     relay_mode: Arc<AtomicU8>,
     hub_mode: Arc<AtomicU8>,
+    /// `ChannelOpen`s received.
+    channel_requests: Arc<AtomicU64>,
+    /// Permits for answers held back in `RELAY_HOLDS_THEN_OFFLINE`.
+    gate: Arc<tokio::sync::Semaphore>,
     /// `ChannelOpen`s answered with `ChannelReady`.
     channels_opened: Arc<AtomicU64>,
     /// Channels whose app stream ended (the app finished or reset it).
@@ -157,6 +163,8 @@ async fn bed() -> Bed {
         app_seed,
         relay_mode: Arc::default(),
         hub_mode: Arc::default(),
+        channel_requests: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
         channels_opened: Arc::default(),
         channels_ended: Arc::default(),
         live: Arc::default(),
@@ -166,6 +174,7 @@ async fn bed() -> Bed {
     // The relay's control plane: every bi stream of an app connection asks for a channel.
     let (mode, opened, ended, live) =
         (bed.relay_mode.clone(), bed.channels_opened.clone(), bed.channels_ended.clone(), bed.live.clone());
+    let (requests, gate) = (bed.channel_requests.clone(), bed.gate.clone());
     tokio::spawn(async move {
         while let Some(incoming) = relay.accept().await {
             let Ok(conn) = incoming.await else { continue };
@@ -177,10 +186,16 @@ async fn bed() -> Bed {
                 routes.clone(),
                 hub_paths.clone(),
             );
+            let (requests, gate) = (requests.clone(), gate.clone());
             tokio::spawn(async move {
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                     let Ok(Frame::ChannelOpen { .. }) = read_frame(&mut recv).await else { continue };
-                    if mode.load(Ordering::SeqCst) == RELAY_HUB_OFFLINE {
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    let mode = mode.load(Ordering::SeqCst);
+                    if mode == RELAY_HOLDS_THEN_OFFLINE {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    if mode != RELAY_ACCEPTS {
                         let refusal = Frame::refused(RefusalReason::HubOffline, "hub home is offline");
                         write_frame(&mut send, &refusal).await.unwrap();
                         let _ = send.finish();
@@ -441,4 +456,36 @@ async fn a_hub_that_closes_with_revoked_gives_a_typed_error_and_the_channel_is_r
     })
     .await;
     assert_eq!(client.path_stats().unwrap().bound, 0);
+}
+
+#[tokio::test]
+async fn callers_queued_behind_a_refused_dial_get_its_refusal_without_asking_again() {
+    let bed = bed().await;
+    let client = bed.client();
+    bed.relay_mode.store(RELAY_HOLDS_THEN_OFFLINE, Ordering::SeqCst);
+    let started = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (client, key, started) = (client.clone(), bed.hub_key, started.clone());
+        tasks.push(tokio::spawn(async move {
+            started.fetch_add(1, Ordering::SeqCst);
+            client.connect(&home(), &key).await
+        }));
+    }
+    eventually("the first dial reaches the relay and every caller has queued", || async {
+        let asked = bed.channel_requests.load(Ordering::SeqCst) == 1;
+        (asked && started.load(Ordering::SeqCst) == 20).then_some(())
+    })
+    .await;
+    bed.gate.add_permits(1);
+    for t in tasks {
+        let err = within("a refused connect", t).await.unwrap().unwrap_err();
+        assert_eq!(err.refusal(), Some(RefusalReason::HubOffline), "{err}");
+    }
+    assert_eq!(bed.channel_requests.load(Ordering::SeqCst), 1, "one question for twenty callers");
+
+    // A caller that comes after the refusal asks again.
+    bed.relay_mode.store(RELAY_ACCEPTS, Ordering::SeqCst);
+    let mut stream = client.connect(&home(), &bed.hub_key).await.unwrap();
+    assert_eq!(echo(&mut stream, b"back").await.unwrap(), b"back");
 }
