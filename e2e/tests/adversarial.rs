@@ -110,7 +110,12 @@ impl Outcomes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attacks_are_refused_counted_and_the_legitimate_session_keeps_flowing() {
     let (hub_id, app_id) = (identity(), identity());
-    let mut relay = RelayProcess::start(&[("home", hub_id.public_key())], &["--session-open-timeout", "1s"]);
+    // The frame-level attackers use connections dialed before the handshake flood; the grace
+    // that ends strangers' connections (tested in strangers.rs) must not end them mid-attack.
+    let mut relay = RelayProcess::start(
+        &[("home", hub_id.public_key())],
+        &["--session-open-timeout", "1s", "--unauthorized-grace", "10m"],
+    );
     relay.wait_ready().await;
     let pid = relay.bin.child.id();
 

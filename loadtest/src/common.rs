@@ -113,10 +113,11 @@ impl RelayProc {
         }
         // The relay's default limits protect a small self-hosted relay from strangers; a
         // benchmark from one source address would measure them instead (the per-IP connection
-        // bucket, max_hubs, the per-app and per-key caps). An operator sizing a relay for N hubs
-        // lifts them the same way. No metrics listener: runs may overlap on its default port.
+        // bucket, the cap on connections not yet authorized, max_hubs, the per-app and per-key
+        // caps). An operator sizing a relay for N hubs lifts them the same way. No metrics
+        // listener: runs may overlap on its default port.
         cmd.args(["--max-hubs", "0", "--max-sessions-per-hub", "0", "--max-sessions-per-app", "0"]);
-        cmd.args(["--new-connections-per-ip", "0"]).args([
+        cmd.args(["--new-connections-per-ip", "0", "--max-unauthorized-connections", "0"]).args([
             "--bytes-per-second-per-key",
             "0",
             "--retry-threshold",

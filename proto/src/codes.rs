@@ -47,10 +47,13 @@ pub const PROTOCOL: VarInt = VarInt::from_u32(3);
 /// post-handshake re-check).
 pub const REVOKED: VarInt = VarInt::from_u32(4);
 
-/// 5 — a relay limit cut the stream.
+/// 5 — a relay limit cut the stream or the connection.
 ///
 /// Sent by the relay, as resets/stops of both streams of a spliced session, when the session
-/// is idle for longer than `idle_session_timeout`.
+/// is idle for longer than `idle_session_timeout`; and as a connection close (the reason names
+/// the limit) to a connection that holds nothing authorized at its review
+/// (`unauthorized_grace`, `max_idle_apps_per_hub`) or to a stranger's connection over
+/// `max_unauthorized_connections`.
 pub const LIMIT: VarInt = VarInt::from_u32(5);
 
 /// Every code with its name, in code order (for logs, docs and tests).

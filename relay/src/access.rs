@@ -7,6 +7,10 @@
 //! with a typed `OverLimit` naming the limit, and count their own hits, so every caller counts
 //! the same way.
 //!
+//! An app connection with nothing authorized on it may still stay if this hub lists its key;
+//! it is then charged to this hub ([`HubAccess::charge_idle`], at most `max_idle_apps_per_hub`
+//! of them), so the allow-list a hub publishes bounds what it lets strangers hold.
+//!
 //! Plain state, no connection handle and no I/O (like iroh's `clients.rs` beside its server),
 //! so the authorization-and-enrolment rules are tested without a socket; `registry::Hub` is
 //! the thin wrapper that pairs this state with the hub's QUIC connection.
@@ -61,6 +65,8 @@ struct Inner {
     /// Per app key with a live session; entries go when their last session ends, so the map
     /// is never larger than `sessions`.
     per_app: HashMap<PublicKey, AppTally>,
+    /// Idle app connections charged to this hub ([`IdleCharge`]s alive).
+    idle_apps: u32,
 }
 
 /// The allow-list and live sessions of one hub (hub `name`, key `key`); cheap to clone, every
@@ -87,6 +93,7 @@ impl HubAccess {
             pairing_open,
             sessions: HashMap::new(),
             per_app: HashMap::new(),
+            idle_apps: 0,
         };
         Self { name, key, inner: Arc::new(Mutex::new(inner)), stats }
     }
@@ -167,6 +174,26 @@ impl HubAccess {
         Ok(Enrolled { guard: SessionGuard { access: self.clone(), id: session_id }, revoked: rx })
     }
 
+    /// Whether the published allow-list holds `key` now.
+    pub fn lists(&self, key: &PublicKey) -> bool {
+        self.lock().allowed.contains(key)
+    }
+
+    /// Charges one idle connection of `key` to this hub if the allow-list holds the key and
+    /// fewer than `budget` (0: no limit) idle app connections are charged already.
+    pub fn charge_idle(&self, key: &PublicKey, budget: u32) -> Charge {
+        let mut inner = self.lock();
+        if !inner.allowed.contains(key) {
+            return Charge::Unlisted;
+        }
+        if budget > 0 && inner.idle_apps >= budget {
+            return Charge::Full;
+        }
+        inner.idle_apps += 1;
+        self.stats.idle_app(true);
+        Charge::Charged(IdleCharge { access: self.clone(), key: *key })
+    }
+
     /// Un-enrols session `id` (its guard was dropped).
     fn end(&self, id: u64) {
         let mut inner = self.lock();
@@ -193,6 +220,35 @@ impl HubAccess {
     #[cfg(test)]
     fn apps_with_sessions(&self) -> usize {
         self.lock().per_app.len()
+    }
+}
+
+/// The outcome of [`HubAccess::charge_idle`].
+pub(crate) enum Charge {
+    Charged(IdleCharge),
+    /// Listed, but the hub carries its budget of idle app connections already.
+    Full,
+    Unlisted,
+}
+
+/// One idle app connection charged to a hub; uncharged when dropped.
+pub(crate) struct IdleCharge {
+    access: HubAccess,
+    key: PublicKey,
+}
+
+impl IdleCharge {
+    /// Whether the hub still lists the key (a revoked key's charge lapses).
+    pub fn still_listed(&self) -> bool {
+        self.access.lists(&self.key)
+    }
+}
+
+impl Drop for IdleCharge {
+    fn drop(&mut self) {
+        let mut inner = self.access.lock();
+        inner.idle_apps = inner.idle_apps.saturating_sub(1);
+        self.access.stats.idle_app(false);
     }
 }
 
@@ -328,5 +384,26 @@ mod tests {
         // No cap: never counted as at it.
         let _s = hub.enrol(Some(&hub_key), &hub_key, &a, SessionPurpose::Connect, 9, NO_CAPS).unwrap();
         assert_eq!(hub.stats.apps_at_session_cap(), 0);
+    }
+
+    #[test]
+    fn idle_app_connections_are_charged_up_to_the_budget_and_only_for_listed_keys() {
+        let (hub_key, a, b) = (key(1), key(2), key(3));
+        let hub = hub_access(hub_key, vec![a], false);
+        assert!(matches!(hub.charge_idle(&b, 2), Charge::Unlisted));
+        let Charge::Charged(first) = hub.charge_idle(&a, 2) else { panic!("a is listed") };
+        let Charge::Charged(second) = hub.charge_idle(&a, 2) else { panic!("room for two") };
+        assert!(matches!(hub.charge_idle(&a, 2), Charge::Full), "a long allow-list buys nothing more");
+        assert_eq!(hub.stats.idle_app_connections(), 2);
+        drop(first);
+        assert!(matches!(hub.charge_idle(&a, 2), Charge::Charged(_)), "a charge freed makes room");
+        assert_eq!(hub.stats.idle_app_connections(), 1, "the charge just taken was dropped at once");
+        // A revoked key's charge lapses (the connection's next review drops it).
+        assert!(second.still_listed());
+        hub.set_allow_list(vec![b], false);
+        assert!(!second.still_listed());
+        drop(second);
+        assert_eq!(hub.stats.idle_app_connections(), 0);
+        assert!(matches!(hub.charge_idle(&b, 0), Charge::Charged(_)), "0: no budget");
     }
 }

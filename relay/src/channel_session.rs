@@ -111,6 +111,8 @@ async fn setup_and_hold(
             return Setup::Refused;
         }
     };
+    // An authorized channel keeps the app's connection (see `standing`) while it lives.
+    let _authorized = ctx.standing.hold();
     let revoked = revocation(revoked);
     tokio::pin!(revoked);
     let (app_id, hub_id) = match draw_ids(&shared.channels) {

@@ -117,6 +117,16 @@ pub struct LimitArgs {
     /// Time a QUIC handshake may take.
     #[arg(long, env = "KEYWAY_RELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
+    /// A connection must carry something authorized (a registration, a session), or be an app
+    /// a registered hub lists, this long after its handshake (and at every review after) to stay.
+    #[arg(long, env = "KEYWAY_RELAY_UNAUTHORIZED_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub unauthorized_grace: Duration,
+    /// Connections of unknown keys not yet authorized, all sources together.
+    #[arg(long, env = "KEYWAY_RELAY_MAX_UNAUTHORIZED_CONNECTIONS", default_value_t = crate::DEFAULT_MAX_UNAUTHORIZED_CONNECTIONS)]
+    pub max_unauthorized_connections: u32,
+    /// Idle app connections one registered hub's allow-list may keep on the relay.
+    #[arg(long, env = "KEYWAY_RELAY_MAX_IDLE_APPS_PER_HUB", default_value_t = crate::DEFAULT_MAX_IDLE_APPS_PER_HUB)]
+    pub max_idle_apps_per_hub: u32,
     /// A session with no byte in either direction for this long is cut.
     #[arg(long, env = "KEYWAY_RELAY_IDLE_SESSION_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub idle_session_timeout: Duration,
@@ -139,6 +149,9 @@ impl LimitArgs {
             new_connections_ipv6_prefix: self.new_connections_ipv6_prefix,
             bytes_per_second_per_key: self.bytes_per_second_per_key,
             handshake_timeout: self.handshake_timeout,
+            unauthorized_grace: self.unauthorized_grace,
+            max_unauthorized_connections: self.max_unauthorized_connections,
+            max_idle_apps_per_hub: self.max_idle_apps_per_hub,
             idle_session_timeout: self.idle_session_timeout,
             retry_threshold: self.retry_threshold,
         }

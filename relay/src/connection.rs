@@ -1,8 +1,10 @@
 //! One connection, from attempt to end: admission before any handshake work (draining, the
-//! per-IP rate, Retry under load, the handshake timeout), then per-stream dispatch on the
-//! stream's first frame: `Register` makes it the hub's control stream ([`crate::hub`]),
-//! `SessionOpen` an app session ([`crate::session`]), `ChannelOpen` an app's v2 channel
-//! ([`crate::channel_session`]).
+//! per-source rate, Retry under load, the handshake timeout), the cap on connections not yet
+//! authorized right after it, then per-stream dispatch on the stream's first frame:
+//! `Register` makes it the hub's control stream ([`crate::hub`]), `SessionOpen` an app
+//! session ([`crate::session`]), `ChannelOpen` an app's v2 channel
+//! ([`crate::channel_session`]); and, beside the dispatch, the connection's reviews, which
+//! close it if it holds nothing authorized ([`crate::standing`]).
 //!
 //! Every stream gets its own task. TLS admits any valid key; authorization happens per frame,
 //! against the current state, so TLS session resumption can never bypass it.
@@ -13,13 +15,20 @@ use keyway_proto::io::{read_frame, FrameIoError};
 use keyway_proto::tls::quic_peer_key;
 use keyway_proto::{Frame, RefusalReason};
 use quinn::{RecvStream, SendStream, VarInt};
+use std::time::Duration;
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::refusal::{bad_frame_reason, refuse};
+use crate::registry::Charged;
+use crate::standing::{admission, cut_message, review, Admission, Verdict};
 use crate::state::{ConnCtx, Shared};
-use crate::stats::{HandshakeResult, HandshakeRole, LimitKind, RelayStats};
+use crate::stats::{CutReason, HandshakeResult, HandshakeRole, LimitKind, RelayStats};
 use keyway_proto::codes;
+
+/// When a connection with reviews switched off (`unauthorized_grace` 0) looks again whether a
+/// reload switched them on.
+const REVIEW_OFF_POLL: Duration = Duration::from_secs(60);
 
 /// Decrements the open-stream count when a stream's handler ends, however it ends.
 struct OpenStream(Arc<ConnCtx>);
@@ -103,15 +112,56 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         conn.close(codes::PROTOCOL, b"no Ed25519 raw public key presented");
         return;
     };
+    let limits = shared.limits.get();
+    let known = || shared.names.knows_key(&peer) || shared.registry.lists(&peer);
+    let pending = match admission(shared.unauthorized.count(), limits.max_unauthorized_connections, known) {
+        Admission::Counted => Some(shared.unauthorized.count_one()),
+        Admission::Known => None,
+        Admission::Refused => {
+            stats.limit_hit(LimitKind::MaxUnauthorizedConnections);
+            debug!(%remote, peer = %peer.fingerprint(), "closed a stranger: over max_unauthorized_connections");
+            let reason = format!(
+                "this relay already holds {} connections not yet authorized, its \
+                 max_unauthorized_connections limit; try again in a moment",
+                limits.max_unauthorized_connections
+            );
+            conn.close(codes::LIMIT, reason.as_bytes());
+            return;
+        }
+    };
     let ctx = Arc::new(ConnCtx::new(
         conn.clone(),
         peer,
         shared.registry.next_id(),
-        shared.limits.get().max_streams_per_connection,
+        limits.max_streams_per_connection,
+        pending,
     ));
     debug!(%remote, peer = %peer.fingerprint(), "connection established");
+    let next_review = |limits: &crate::limits::Limits| {
+        Instant::now()
+            + if limits.unauthorized_grace.is_zero() { REVIEW_OFF_POLL } else { limits.unauthorized_grace }
+    };
+    let review_at = tokio::time::sleep_until(next_review(&limits));
+    tokio::pin!(review_at);
+    drop(limits);
+    // The idle connection's charge to a hub that lists its key, while it has one.
+    let mut charged: Option<Charged> = None;
     loop {
-        match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            accepted = conn.accept_bi() => accepted,
+            () = &mut review_at => {
+                let limits = shared.limits.get();
+                if let Some(reason) = review_connection(&shared, &ctx, &mut charged, &limits) {
+                    stats.closed_unauthorized(reason);
+                    debug!(%remote, peer = %peer.fingerprint(), reason = reason.label(), "closed a connection holding nothing authorized");
+                    conn.close(codes::LIMIT, cut_message(reason));
+                    return;
+                }
+                review_at.as_mut().reset(next_review(&limits));
+                continue;
+            }
+        };
+        match accepted {
             Ok((send, recv)) => {
                 if let Some(grown) = ctx.streams.opened(shared.limits.get().max_streams_per_connection) {
                     conn.set_max_concurrent_bi_streams(VarInt::from_u32(grown));
@@ -128,6 +178,32 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
                 return;
             }
         }
+    }
+}
+
+/// One review of a connection under `limits` (see [`crate::standing`]): why to close it, or
+/// `None` to keep it, keeping `charged` (its idle charge to a hub) up to date.
+fn review_connection(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    charged: &mut Option<Charged>,
+    limits: &crate::limits::Limits,
+) -> Option<CutReason> {
+    if limits.unauthorized_grace.is_zero() {
+        return None;
+    }
+    let listing = || shared.registry.charge_idle(charged, &ctx.peer, limits.max_idle_apps_per_hub);
+    match review(ctx.standing.live(), ctx.standing.take_recent(), listing) {
+        Verdict::Active => {
+            // Busy, so not idle: it needs no hub's idle budget.
+            *charged = None;
+            None
+        }
+        Verdict::Listed => {
+            ctx.standing.authorized();
+            None
+        }
+        Verdict::Cut(reason) => Some(reason),
     }
 }
 

@@ -102,6 +102,8 @@ pub(crate) async fn run(
         refuse(&shared, &mut send, &peer, RefusalReason::NameNotAuthorized, message).await;
         return;
     }
+    // A live registration keeps the connection (see `standing`), until this function returns.
+    let _registered = ctx.standing.hold();
     shared.stats.registered(replaced);
     info!(
         hub = %name,

@@ -42,6 +42,7 @@ mod registry;
 mod server;
 mod session;
 mod splice;
+mod standing;
 mod state;
 mod stats;
 
@@ -52,7 +53,7 @@ pub use config::{
 pub use error::{RelayConfigError, RelayError};
 pub use limits::*;
 pub use server::{Relay, RelayHandle};
-pub use stats::{LimitKind, RelayStats};
+pub use stats::{CutReason, LimitKind, RelayStats};
 
 /// QUIC application error codes, for connection closes and stream resets: the wire's one
 /// list, re-exported so that `keyway_relay::codes` keeps naming the codes the relay sends.

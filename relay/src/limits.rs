@@ -51,6 +51,17 @@ pub struct Limits {
     pub bytes_per_second_per_key: u64,
     /// Time a QUIC handshake may take before it is abandoned. 0: QUIC's idle timeout only.
     pub handshake_timeout: Duration,
+    /// How long after its handshake (and how often after that) a connection must carry
+    /// something authorized, or be an app connection a registered hub lists, to stay; else
+    /// it is closed with the `LIMIT` code (see `docs/security.md`). 0: never reviewed.
+    pub unauthorized_grace: Duration,
+    /// Connections of keys the relay does not know that are not yet authorized, all sources
+    /// together; over it, a stranger's connection is closed with the `LIMIT` code right after
+    /// its handshake (known keys still pass). 0: no limit.
+    pub max_unauthorized_connections: u32,
+    /// Idle app connections (nothing authorized on them) one registered hub's allow-list may
+    /// keep on the relay; the others are closed at their review. 0: no limit.
+    pub max_idle_apps_per_hub: u32,
     /// A spliced session with no byte in either direction for this long is cut. 0: never.
     pub idle_session_timeout: Duration,
     /// New connections per second (all sources together) above which the relay asks for QUIC
@@ -77,6 +88,13 @@ pub const DEFAULT_NEW_CONNECTIONS_IPV6_PREFIX: u8 = 64;
 pub const DEFAULT_BYTES_PER_SECOND_PER_KEY: u64 = 25 * 1024 * 1024;
 /// Default `handshake_timeout`.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `unauthorized_grace`: long enough for a hub to register and an app to open its
+/// first session over a slow link, short enough that a stranger holds little.
+pub const DEFAULT_UNAUTHORIZED_GRACE: Duration = Duration::from_secs(10);
+/// Default `max_unauthorized_connections`: about 35 MiB of strangers at most.
+pub const DEFAULT_MAX_UNAUTHORIZED_CONNECTIONS: u32 = 1000;
+/// Default `max_idle_apps_per_hub`: a household's phones and laptops, with room to spare.
+pub const DEFAULT_MAX_IDLE_APPS_PER_HUB: u32 = 32;
 /// Default `idle_session_timeout`.
 pub const DEFAULT_IDLE_SESSION_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default `retry_threshold` (new connections per second).
@@ -94,6 +112,9 @@ impl Default for Limits {
             new_connections_ipv6_prefix: DEFAULT_NEW_CONNECTIONS_IPV6_PREFIX,
             bytes_per_second_per_key: DEFAULT_BYTES_PER_SECOND_PER_KEY,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            unauthorized_grace: DEFAULT_UNAUTHORIZED_GRACE,
+            max_unauthorized_connections: DEFAULT_MAX_UNAUTHORIZED_CONNECTIONS,
+            max_idle_apps_per_hub: DEFAULT_MAX_IDLE_APPS_PER_HUB,
             idle_session_timeout: DEFAULT_IDLE_SESSION_TIMEOUT,
             retry_threshold: DEFAULT_RETRY_THRESHOLD,
         }
@@ -113,6 +134,9 @@ impl Limits {
             new_connections_ipv6_prefix: 128,
             bytes_per_second_per_key: 0,
             handshake_timeout: Duration::ZERO,
+            unauthorized_grace: Duration::ZERO,
+            max_unauthorized_connections: 0,
+            max_idle_apps_per_hub: 0,
             idle_session_timeout: Duration::ZERO,
             retry_threshold: u32::MAX,
         }

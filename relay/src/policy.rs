@@ -203,6 +203,15 @@ impl NameBook {
     }
 
     /// The key `name` is listed or bound to right now.
+    /// Whether `key` is listed or bound under some name (a hub key this relay knows). A scan:
+    /// admission asks only when the relay is at `max_unauthorized_connections`.
+    pub fn knows_key(&self, key: &PublicKey) -> bool {
+        match self {
+            Self::Closed { book, .. } => book.read().is_ok_and(|b| b.hubs.values().any(|k| k == key)),
+            Self::Open { bindings, .. } => bindings.lock().is_ok_and(|b| b.values().any(|k| k == key)),
+        }
+    }
+
     pub fn binding(&self, name: &HubName) -> Option<PublicKey> {
         match self {
             Self::Closed { book, .. } => book.read().ok()?.hubs.get(name).copied(),

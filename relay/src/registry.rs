@@ -15,7 +15,8 @@ use dashmap::DashMap;
 use keyway_proto::{HubName, PublicKey};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::access::HubAccess;
+use crate::access::{Charge, HubAccess, IdleCharge};
+use crate::standing::Listing;
 use crate::stats::RelayStats;
 
 /// Something the relay wants a hub's control task to do (it owns the control stream).
@@ -120,6 +121,50 @@ impl<H: Entry> Registry<H> {
     /// A snapshot of every registered hub.
     pub fn all(&self) -> Vec<Arc<H>> {
         self.hubs.iter().map(|e| Arc::clone(e.value())).collect()
+    }
+}
+
+/// An idle app connection's charge to a registered hub, and which registration it was.
+pub(crate) struct Charged {
+    charge: IdleCharge,
+    name: HubName,
+    conn_id: u64,
+}
+
+impl Registry<Hub> {
+    /// Whether some registered hub lists `key` now.
+    pub fn lists(&self, key: &PublicKey) -> bool {
+        self.hubs.iter().any(|e| e.value().access.lists(key))
+    }
+
+    /// Keeps `held` if its hub is still the registered one and still lists the key; else
+    /// charges the idle connection of `key` to the first registered hub that lists it and has
+    /// room under `budget`. Scans the table only when `held` lapsed.
+    pub fn charge_idle(&self, held: &mut Option<Charged>, key: &PublicKey, budget: u32) -> Listing {
+        if let Some(c) = held.as_ref() {
+            let current = self.hubs.get(&c.name).is_some_and(|h| h.conn_id == c.conn_id);
+            if current && c.charge.still_listed() {
+                return Listing::Charged;
+            }
+        }
+        *held = None;
+        let mut listed = false;
+        for entry in self.hubs.iter() {
+            let hub = entry.value();
+            match hub.access.charge_idle(key, budget) {
+                Charge::Charged(charge) => {
+                    *held = Some(Charged { charge, name: hub.name.clone(), conn_id: hub.conn_id });
+                    return Listing::Charged;
+                }
+                Charge::Full => listed = true,
+                Charge::Unlisted => {}
+            }
+        }
+        if listed {
+            Listing::Full
+        } else {
+            Listing::Unlisted
+        }
     }
 }
 

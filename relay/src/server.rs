@@ -78,6 +78,7 @@ impl Relay {
         let (sessions, drain) = crate::drain::tracker();
         let shared = Arc::new(Shared {
             registry: Registry::new(Arc::clone(&stats)),
+            unauthorized: crate::standing::Unauthorized::new(Arc::clone(&stats)),
             stats,
             names,
             tap: config.tap,

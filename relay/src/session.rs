@@ -76,6 +76,8 @@ async fn setup_and_splice(
             return Setup::Refused;
         }
     };
+    // An authorized session keeps the app's connection (see `standing`) while it lives.
+    let _authorized = ctx.standing.hold();
     let revoked = revocation(revoked);
     tokio::pin!(revoked);
     let frame =

@@ -1,5 +1,5 @@
 //! The relay's shared state: [`Shared`] (what every task of one relay reads and updates) and
-//! [`ConnCtx`] (what one accepted connection is, with its [`StreamCredit`]).
+//! [`ConnCtx`] (what one accepted connection is, with its [`StreamCredit`] and its standing).
 //!
 //! It lives beside the drivers that use it (`server`, `connection`, `hub`, `session`), as
 //! mini-redis's `db.rs` lives beside its `server.rs`: the callees import the state, never the
@@ -19,6 +19,7 @@ use crate::forward::Channels;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
 use crate::registry::{ControlCommand, Registry};
+use crate::standing::{ConnStanding, Pending, Unauthorized};
 use crate::stats::RelayStats;
 use keyway_proto::codes;
 
@@ -46,6 +47,8 @@ pub(crate) struct Shared {
     pub sessions: LiveSessions,
     /// The live end-to-end channels (data plane v2), which the socket forwards.
     pub channels: Arc<Channels>,
+    /// Connections of unknown keys not yet authorized (`max_unauthorized_connections`).
+    pub unauthorized: Arc<Unauthorized>,
 }
 
 impl Shared {
@@ -84,18 +87,28 @@ pub(crate) struct ConnCtx {
     has_control: AtomicBool,
     /// Streams the peer has open now, and how many it may open.
     pub streams: StreamCredit,
+    /// What authorized things live on it, which decides whether it may stay (`standing`).
+    pub standing: ConnStanding,
 }
 
 impl ConnCtx {
     /// A connection that has registered nothing yet, with the initial stream credit under
-    /// `max_streams` (`max_streams_per_connection`).
-    pub fn new(conn: quinn::Connection, peer: PublicKey, conn_id: u64, max_streams: u32) -> Self {
+    /// `max_streams` (`max_streams_per_connection`), counted as not yet authorized while it
+    /// holds `pending`.
+    pub fn new(
+        conn: quinn::Connection,
+        peer: PublicKey,
+        conn_id: u64,
+        max_streams: u32,
+        pending: Option<Pending>,
+    ) -> Self {
         Self {
             conn,
             peer,
             conn_id,
             has_control: AtomicBool::new(false),
             streams: StreamCredit::new(StreamCredit::initial(max_streams)),
+            standing: ConnStanding::new(pending),
         }
     }
 

@@ -67,6 +67,7 @@ pub enum LimitKind {
     MaxHubs,
     MaxSessionsPerHub,
     MaxSessionsPerApp,
+    MaxUnauthorizedConnections,
     NewConnectionsPerIp,
     BytesPerSecondPerKey,
     HandshakeTimeout,
@@ -75,10 +76,11 @@ pub enum LimitKind {
 
 impl LimitKind {
     /// Every limit, in label order.
-    pub const ALL: [LimitKind; 7] = [
+    pub const ALL: [LimitKind; 8] = [
         Self::MaxHubs,
         Self::MaxSessionsPerHub,
         Self::MaxSessionsPerApp,
+        Self::MaxUnauthorizedConnections,
         Self::NewConnectionsPerIp,
         Self::BytesPerSecondPerKey,
         Self::HandshakeTimeout,
@@ -91,10 +93,35 @@ impl LimitKind {
             Self::MaxHubs => "max_hubs",
             Self::MaxSessionsPerHub => "max_sessions_per_hub",
             Self::MaxSessionsPerApp => "max_sessions_per_app",
+            Self::MaxUnauthorizedConnections => "max_unauthorized_connections",
             Self::NewConnectionsPerIp => "new_connections_per_ip",
             Self::BytesPerSecondPerKey => "bytes_per_second_per_key",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::IdleSessionTimeout => "idle_session_timeout",
+        }
+    }
+}
+
+/// Why the relay closed a connection that was not authorized (see `standing`), as the `reason`
+/// label of `keyway_relay_unauthorized_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutReason {
+    /// Nothing authorized on it, and no registered hub lists its key.
+    Stranger,
+    /// Its key is listed, but every hub that lists it already carries `max_idle_apps_per_hub`
+    /// idle app connections.
+    IdleOverHubBudget,
+}
+
+impl CutReason {
+    /// Every reason, in label order.
+    pub const ALL: [CutReason; 2] = [Self::Stranger, Self::IdleOverHubBudget];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Stranger => "stranger",
+            Self::IdleOverHubBudget => "idle_over_hub_budget",
         }
     }
 }
@@ -108,6 +135,9 @@ pub struct RelayStats {
     sessions_active: IntGauge,
     connections_active: IntGauge,
     apps_at_session_cap: IntGauge,
+    connections_unauthorized: IntGauge,
+    idle_app_connections: IntGauge,
+    unauthorized_closed: Vec<IntCounter>,
     draining: IntGauge,
     sessions_accepted: IntCounter,
     sessions_refused: IntCounter,
@@ -188,6 +218,23 @@ impl RelayStats {
             "apps_at_session_cap",
             "App keys holding max_sessions_per_app sessions at one hub now (counted per hub and app).",
         )?;
+        let connections_unauthorized = b.gauge(
+            "connections_unauthorized",
+            "Connections not yet authorized (by a registration, a session or channel, or a hub's listing); \
+             at max_unauthorized_connections only known keys are let in, uncounted.",
+        )?;
+        let idle_app_connections = b.gauge(
+            "idle_app_connections",
+            "App connections with nothing authorized on them, kept because a registered hub lists the \
+             key (charged to that hub, at most max_idle_apps_per_hub each).",
+        )?;
+        let closed = b.counter_vec(
+            "unauthorized_closed_total",
+            "Connections closed at their review for holding nothing authorized, by reason.",
+            &["reason"],
+        )?;
+        let unauthorized_closed =
+            CutReason::ALL.iter().map(|r| closed.with_label_values(&[r.label()])).collect();
         let draining = b.gauge("draining", "1 while the relay drains before shutting down, else 0.")?;
         let sessions = b.counter_vec(
             "sessions_opened_total",
@@ -269,6 +316,9 @@ impl RelayStats {
             sessions_active,
             connections_active,
             apps_at_session_cap,
+            connections_unauthorized,
+            idle_app_connections,
+            unauthorized_closed,
             draining,
             sessions_accepted: sessions.with_label_values(&["accepted"]),
             sessions_refused: sessions.with_label_values(&["refused"]),
@@ -308,6 +358,23 @@ impl RelayStats {
     /// (Hub, app key) pairs at `max_sessions_per_app` now (gauge).
     pub fn apps_at_session_cap(&self) -> u64 {
         self.apps_at_session_cap.get().max(0) as u64
+    }
+    /// Connections not yet authorized now (gauge; known keys admitted over the cap are not
+    /// counted).
+    pub fn connections_unauthorized(&self) -> u64 {
+        self.connections_unauthorized.get().max(0) as u64
+    }
+    /// Idle app connections kept because a registered hub lists their key (gauge).
+    pub fn idle_app_connections(&self) -> u64 {
+        self.idle_app_connections.get().max(0) as u64
+    }
+    /// Connections closed at their review for `reason`, since start.
+    pub fn unauthorized_closed(&self, reason: CutReason) -> u64 {
+        CutReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.unauthorized_closed.get(i))
+            .map_or(0, IntCounter::get)
     }
     /// Sessions the hub accepted and the relay spliced, since start.
     pub fn sessions_opened(&self) -> u64 {
@@ -370,6 +437,9 @@ impl RelayStats {
             ("max_hubs", f64::from(limits.max_hubs)),
             ("max_sessions_per_hub", f64::from(limits.max_sessions_per_hub)),
             ("max_sessions_per_app", f64::from(limits.max_sessions_per_app)),
+            ("unauthorized_grace", limits.unauthorized_grace.as_secs_f64()),
+            ("max_unauthorized_connections", f64::from(limits.max_unauthorized_connections)),
+            ("max_idle_apps_per_hub", f64::from(limits.max_idle_apps_per_hub)),
             ("max_streams_per_connection", f64::from(limits.max_streams_per_connection)),
             ("new_connections_per_ip", limits.new_connections_per_ip),
             ("new_connections_burst", f64::from(limits.new_connections_burst)),
@@ -402,6 +472,27 @@ impl RelayStats {
             self.apps_at_session_cap.inc();
         } else {
             dec(&self.apps_at_session_cap);
+        }
+    }
+    pub(crate) fn unauthorized(&self, up: bool) {
+        if up {
+            self.connections_unauthorized.inc();
+        } else {
+            dec(&self.connections_unauthorized);
+        }
+    }
+    pub(crate) fn idle_app(&self, up: bool) {
+        if up {
+            self.idle_app_connections.inc();
+        } else {
+            dec(&self.idle_app_connections);
+        }
+    }
+    pub(crate) fn closed_unauthorized(&self, reason: CutReason) {
+        if let Some(c) =
+            CutReason::ALL.iter().position(|r| *r == reason).and_then(|i| self.unauthorized_closed.get(i))
+        {
+            c.inc();
         }
     }
     pub(crate) fn set_draining(&self, draining: bool) {
@@ -533,6 +624,11 @@ mod tests {
             "keyway_relay_sessions_active 0",
             "keyway_relay_connections_active 0",
             "keyway_relay_apps_at_session_cap 0",
+            "keyway_relay_connections_unauthorized 0",
+            "keyway_relay_idle_app_connections 0",
+            "keyway_relay_unauthorized_closed_total{reason=\"stranger\"} 0",
+            "keyway_relay_unauthorized_closed_total{reason=\"idle_over_hub_budget\"} 0",
+            "keyway_relay_limit_hits_total{limit=\"max_unauthorized_connections\"} 0",
             "keyway_relay_limit_hits_total{limit=\"max_sessions_per_app\"} 0",
             "keyway_relay_draining 0",
             "keyway_relay_refusals_total{reason=\"over_limit\"} 1",
