@@ -36,6 +36,8 @@ pub struct BulkOpts {
     pub streams: Vec<usize>,
     /// Runs per configuration; the summary reports the median.
     pub repeat: usize,
+    /// Which of [`PATHS`] to measure.
+    pub paths: Vec<String>,
     pub quiet: bool,
 }
 
@@ -51,16 +53,17 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
     let (name, hub_key) = (setup.name.clone(), setup.hub_key);
 
     let mut records = Vec::new();
-    let bar = crate::common::progress(
-        (opts.repeat * opts.streams.len() * PATHS.len()) as u64,
-        "bulk runs",
-        opts.quiet,
-    );
+    let paths: Vec<&str> = PATHS.into_iter().filter(|p| opts.paths.iter().any(|q| q == p)).collect();
+    if let Some(unknown) = opts.paths.iter().find(|q| !PATHS.contains(&q.as_str())) {
+        anyhow::bail!("unknown bulk path {unknown:?}; known: {}", PATHS.join(", "));
+    }
+    let runs = opts.repeat * opts.streams.len() * paths.len();
+    let bar = crate::common::progress(runs as u64, "bulk runs", opts.quiet);
     for run in 0..opts.repeat {
         for &streams in &opts.streams {
             let streams = streams.max(1);
             let per_stream = (opts.bytes / streams as u64).max(1);
-            for path in PATHS {
+            for &path in &paths {
                 // Open every stream first, then start all transfers together: the time is the
                 // wall time from the common start to the last echoed byte.
                 let before = setup.relay.usage()?.cpu_s;
@@ -125,7 +128,7 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
 }
 
 /// The paths measured, in the order each repetition runs them.
-const PATHS: [&str; 3] = ["direct", "relayed", "relayed-quic"];
+pub const PATHS: [&str; 3] = ["direct", "relayed", "relayed-quic"];
 
 /// Runs [`echo_transfer`] on every stream at once; returns the wall time until all are done.
 async fn transfer_all<S>(streams: Vec<S>, bytes: u64) -> anyhow::Result<Duration>

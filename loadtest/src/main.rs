@@ -38,7 +38,8 @@ struct Common {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Throughput app → relay → hub → back (E2E TLS) beside a direct quinn connection.
+    /// Throughput app → relay → hub → back, v1 splice and v2 end-to-end QUIC, beside a direct
+    /// quinn connection.
     Bulk {
         #[command(flatten)]
         common: Common,
@@ -51,6 +52,9 @@ enum Command {
         /// Runs per configuration (median reported).
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// Paths to measure: direct, relayed (v1 splice), relayed-quic (v2).
+        #[arg(long, value_delimiter = ',', default_value = "direct,relayed,relayed-quic")]
+        paths: Vec<String>,
     },
     /// Many idle registered hubs: server RSS per hub and idle CPU.
     IdleHubs {
@@ -151,12 +155,13 @@ fn relay_bin(common: &Common) -> anyhow::Result<PathBuf> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Bulk { common, mib, streams, repeat } => {
+        Command::Bulk { common, mib, streams, repeat, paths } => {
             let opts = bulk::BulkOpts {
                 relay_bin: relay_bin(&common)?,
                 bytes: mib << 20,
                 streams,
                 repeat,
+                paths,
                 quiet: common.quiet,
             };
             finish(&common, bulk::run(&opts).await?)

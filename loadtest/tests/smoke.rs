@@ -36,12 +36,15 @@ async fn bulk_runs() {
         bytes: 1 << 20,
         streams: vec![1, 2],
         repeat: 1,
+        paths: bulk::PATHS.iter().map(|p| p.to_string()).collect(),
         quiet: true,
     };
     let records = bulk::run(&opts).await.expect("bulk");
     let summaries: Vec<_> = records.iter().filter(|r| r["kind"] == "summary").collect();
     assert_eq!(summaries.len(), 2);
     assert!(summaries.iter().all(|r| r["relayed_gbps"].as_f64().unwrap() > 0.0));
+    assert!(summaries.iter().all(|r| r["quic_gbps"].as_f64().unwrap() > 0.0));
+    assert!(summaries.iter().all(|r| r["quic_relay_cpu_s_per_gib"].as_f64().is_some()));
     plots(&records);
 }
 
