@@ -37,21 +37,50 @@ pub(crate) struct Leg {
     /// The relay's own address this side's connection uses (so replies leave from the address the
     /// peer sends to, on a relay bound to a wildcard address).
     local_ip: Option<IpAddr>,
+    /// What the connection's `remote_address()` said when last read, and when that was: a side
+    /// that only receives (a hub waiting for the app's packets) never sends a datagram that would
+    /// move `addr`, but its relay connection migrates (keep-alives) when its NAT rebinds, so
+    /// the address datagrams go *to* follows the connection too, read at most every
+    /// [`DESTINATION_RECHECK`].
+    validated: SocketAddr,
+    checked: Option<Instant>,
 }
+
+/// How often the address a side's datagrams are sent to is re-read from its relay connection.
+/// Bounds how long forwarding to a side whose NAT rebound stays stale after its relay
+/// connection migrated, at one read of quinn's connection state per leg per interval.
+pub(crate) const DESTINATION_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Leg {
     /// The leg for `id` on relay connection `conn`, at the address quinn validated for it now.
     pub fn new(id: ChannelId, conn: quinn::Connection) -> Self {
         let addr = conn.remote_address();
         let local_ip = conn.local_ip();
-        Self { id, conn, addr, local_ip }
+        Self { id, conn, addr, local_ip, validated: addr, checked: None }
+    }
+
+    /// The address to send this side's datagrams to at `now`: the cached one, unless the
+    /// connection's validated address moved since it was last read.
+    fn destination(&mut self, now: Instant) -> SocketAddr {
+        let due = self.checked.is_none_or(|t| now.saturating_duration_since(t) >= DESTINATION_RECHECK);
+        if due {
+            self.checked = Some(now);
+            let current = self.conn.remote_address();
+            if current != self.validated {
+                self.validated = current;
+                self.addr = current;
+                self.local_ip = self.conn.local_ip();
+            }
+        }
+        self.addr
     }
 
     /// The leg for `id` as if quinn had validated `addr` for it (a test's socket stands in for
     /// the peer's).
     #[cfg(test)]
     pub fn at(id: ChannelId, conn: quinn::Connection, addr: SocketAddr) -> Self {
-        Self { id, conn, addr, local_ip: None }
+        let validated = conn.remote_address();
+        Self { id, conn, addr, local_ip: None, validated, checked: None }
     }
 }
 
@@ -201,8 +230,8 @@ impl ChannelTable {
             return Route::Drop(DropReason::UnknownChannel);
         };
         let (from, to, direction) = match side {
-            Side::App => (&mut channel.app, &channel.hub, Direction::AppToHub),
-            Side::Hub => (&mut channel.hub, &channel.app, Direction::HubToApp),
+            Side::App => (&mut channel.app, &mut channel.hub, Direction::AppToHub),
+            Side::Hub => (&mut channel.hub, &mut channel.app, Direction::HubToApp),
         };
         if src != from.addr {
             // Maybe the side's relay connection migrated: quinn's validated address decides.
@@ -210,10 +239,11 @@ impl ChannelTable {
                 return Route::Drop(DropReason::WrongSource);
             }
             from.addr = src;
+            from.validated = src;
         }
         channel.last_moved = now;
         Route::Forward(Forward {
-            to: to.addr,
+            to: to.destination(now),
             new_id: to.id,
             src_ip: to.local_ip,
             direction,
@@ -354,5 +384,45 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(table.route(old, &datagram(a), t0), Route::Drop(DropReason::WrongSource)));
+    }
+
+    #[tokio::test]
+    async fn datagrams_to_a_silent_side_follow_its_relay_connection_when_it_migrates() {
+        let (server, app_ep) = endpoint_pair().await;
+        let (_other_server, hub_ep) = endpoint_pair().await;
+        let (app_conn, _app_peer) = relay_connection(&server, &app_ep).await;
+        let (hub_conn, hub_peer) = relay_connection(&server, &hub_ep).await;
+        let old = hub_conn.remote_address();
+        let (a, h) = (ChannelId::new(30), ChannelId::new(40));
+        let t0 = Instant::now();
+        let mut table = ChannelTable::default();
+        table.insert(Leg::new(a, app_conn.clone()), Leg::new(h, hub_conn.clone()), None, t0).unwrap();
+        let app = app_conn.remote_address();
+        match table.route(app, &datagram(a), t0) {
+            Route::Forward(f) => assert_eq!(f.to, old),
+            other => panic!("{other:?}"),
+        }
+        // The hub's NAT rebinds; the hub only receives on the channel, but its relay connection
+        // (keep-alives) migrates.
+        hub_ep.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let new = hub_ep.local_addr().unwrap();
+        let deadline = Instant::now() + keyway_test_support::PATIENCE;
+        while hub_conn.remote_address() != new {
+            assert!(Instant::now() < deadline, "the relay connection never migrated");
+            if let Ok((mut send, _recv)) = hub_peer.open_bi().await {
+                let _ = send.write_all(b"x").await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Within the recheck interval the cached address still serves...
+        match table.route(app, &datagram(a), t0) {
+            Route::Forward(f) => assert_eq!(f.to, old),
+            other => panic!("{other:?}"),
+        }
+        // ...after it, the app's datagrams go where the hub's connection now is.
+        match table.route(app, &datagram(a), t0 + DESTINATION_RECHECK) {
+            Route::Forward(f) => assert_eq!(f.to, new),
+            other => panic!("{other:?}"),
+        }
     }
 }
