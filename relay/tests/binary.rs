@@ -144,7 +144,9 @@ fn sighup_reloads_limits_and_hubs_and_sigterm_drains() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("relay.toml");
     let base = "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndrain_timeout = \"30s\"\n";
-    std::fs::write(&config, format!("{base}max_hubs = 7\n")).unwrap();
+    let strangers =
+        "unauthorized_grace = \"10s\"\nmax_sessions_per_app = 64\nnew_connections_ipv6_prefix = 64\n";
+    std::fs::write(&config, format!("{base}max_hubs = 7\n{strangers}")).unwrap();
     let mut relay = Running(
         Command::new(BIN)
             .args(["run", "--config", "relay.toml"])
@@ -175,10 +177,19 @@ fn sighup_reloads_limits_and_hubs_and_sigterm_drains() {
     let limit = |m: &str| series(&http_get(m, "/metrics").1, "keyway_relay_limit{limit=\"max_hubs\"}");
     assert_eq!(limit(&metrics), Some(7.0));
 
-    // SIGHUP re-reads the config file's limits...
-    std::fs::write(&config, format!("{base}max_hubs = 9\n")).unwrap();
+    // SIGHUP re-reads the config file's limits (those that bound strangers too)...
+    let strangers =
+        "unauthorized_grace = \"30s\"\nmax_sessions_per_app = 8\nnew_connections_ipv6_prefix = 56\n";
+    std::fs::write(&config, format!("{base}max_hubs = 9\n{strangers}")).unwrap();
     signal(&relay, "-HUP");
     eventually_blocking("max_hubs reloaded", || (limit(&metrics) == Some(9.0)).then_some(()));
+    let exposition = http_get(&metrics, "/metrics").1;
+    for (name, value) in
+        [("unauthorized_grace", 30.0), ("max_sessions_per_app", 8.0), ("new_connections_ipv6_prefix", 56.0)]
+    {
+        let series_name = format!("keyway_relay_limit{{limit=\"{name}\"}}");
+        assert_eq!(series(&exposition, &series_name), Some(value), "{name} reloaded");
+    }
 
     // ...and authorized_hubs: a hub added is admitted, a hub removed is disconnected at once.
     let hub = Identity::generate().unwrap();
