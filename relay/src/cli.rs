@@ -306,9 +306,18 @@ async fn run(args: RunArgs, argv: Vec<OsString>) -> anyhow::Result<()> {
     config.metrics_listen = (!args.no_metrics).then_some(args.metrics_listen);
     config.drain_timeout = args.drain_timeout;
     let relay = Relay::start(config).await?;
+    // Signal handlers go in before the banner: whoever waits for the banner (an operator's
+    // script, a test) may send SIGHUP at once, and without a handler that would kill the relay.
+    #[cfg(unix)]
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::hangup()), signal(SignalKind::terminate()))
+    };
+    #[cfg(not(unix))]
+    let signals = ();
     print_banner(&args, &relay, created_key, created_hubs);
     let config_file = config_path(&argv, "KEYWAY_RELAY_CONFIG");
-    serve(relay, argv, config_file).await;
+    serve(relay, argv, config_file, signals).await;
     Ok(())
 }
 
@@ -369,9 +378,15 @@ fn stamp(path: &Path) -> Option<(Option<SystemTime>, u64)> {
     Some((meta.modified().ok(), meta.len()))
 }
 
+/// The SIGHUP and SIGTERM streams, installed before the banner (see `run`).
+#[cfg(unix)]
+type Signals = (std::io::Result<tokio::signal::unix::Signal>, std::io::Result<tokio::signal::unix::Signal>);
+#[cfg(not(unix))]
+type Signals = ();
+
 /// Serves until SIGTERM or ctrl-c (then drains and shuts down gracefully); SIGHUP, or a change
 /// of the config file, reloads the limits and the hubs file.
-async fn serve(relay: RelayHandle, argv: Vec<OsString>, config_file: Option<PathBuf>) {
+async fn serve(relay: RelayHandle, argv: Vec<OsString>, config_file: Option<PathBuf>, signals: Signals) {
     let mut last = config_file.as_deref().and_then(stamp);
     let mut poll = tokio::time::interval(CONFIG_FILE_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -383,8 +398,7 @@ async fn serve(relay: RelayHandle, argv: Vec<OsString>, config_file: Option<Path
     };
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::hangup()), signal(SignalKind::terminate())) {
+        match signals {
             (Ok(mut hup), Ok(mut term)) => loop {
                 tokio::select! {
                     _ = hup.recv() => reload(&relay, &argv, "SIGHUP"),
@@ -406,7 +420,7 @@ async fn serve(relay: RelayHandle, argv: Vec<OsString>, config_file: Option<Path
     }
     #[cfg(not(unix))]
     {
-        let _ = (&argv, &mut last, &mut poll, config_changed);
+        let _ = (&argv, &mut last, &mut poll, config_changed, signals);
         let _ = tokio::signal::ctrl_c().await;
     }
     relay.shutdown().await;
