@@ -399,3 +399,51 @@ async fn after_a_revocation_the_apps_datagrams_are_dropped_and_counted_and_never
     .await;
     assert_eq!(bed.hub_paths.stats().channel_in, reached_hub, "nothing reached the hub after the revocation");
 }
+
+#[tokio::test]
+async fn a_graceful_shutdown_waits_for_live_channels_which_keep_forwarding_meanwhile() {
+    let Bed {
+        relay,
+        taps: _taps,
+        app_paths: _ap,
+        hub_paths: _hp,
+        _bindings,
+        e2e,
+        mut control,
+        app_channel,
+        _keep,
+        ..
+    } = bed(Limits::default(), false).await;
+    let TestRelay { handle, dir: _dir, .. } = relay;
+    let stats = handle.stats();
+    let shutdown = tokio::spawn(handle.shutdown());
+    assert!(matches!(within("goaway", read_frame(&mut control.recv)).await.unwrap(), Frame::GoAway { .. }));
+    // Draining: a new channel is refused, the live one still carries the end-to-end connection
+    // (without the drain waiting for it, the relay would be gone by now).
+    let app_conn = &_keep.2;
+    let (mut send, mut recv) = app_conn.open_bi().await.unwrap();
+    // (Any hub key: the relay refuses before looking.)
+    let open = Frame::ChannelOpen {
+        hub: name("home"),
+        hub_key: identity().public_key(),
+        purpose: SessionPurpose::Connect,
+    };
+    write_frame(&mut send, &open).await.unwrap();
+    assert_eq!(refusal_of(&mut recv).await.0, RefusalReason::ShuttingDown);
+    // Once the GoAway is delivered nothing but the drain holds the relay up: give a relay that
+    // did not wait for channels the time to close (it would close the app's connection).
+    let _ = within("control stream finished", control.recv.read_to_end(1024)).await;
+    tokio::select! {
+        _ = app_conn.closed() => panic!("the relay closed while a channel was live"),
+        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+    let data = payload(256 * 1024, 29);
+    assert!(echo(&e2e, &data).await == data, "the live channel forwards during the drain");
+    assert_eq!(stats.channels_active(), 1);
+    // The app ends its channel; the relay then finishes shutting down.
+    let (mut app_send, _app_recv) = app_channel;
+    app_send.finish().unwrap();
+    within("shutdown completes", shutdown).await.unwrap();
+    assert_eq!(stats.channels_active(), 0);
+    assert_eq!(app_code(within("closed", app_conn.closed()).await), Some(codes::SHUTTING_DOWN.into_inner()));
+}
