@@ -154,3 +154,46 @@ async fn idle_app_connections_count_against_the_hub_that_lists_them() {
     assert_eq!(h.stats().idle_app_connections(), 2);
     assert_eq!(h.stats().unauthorized_closed(CutReason::Stranger), 0);
 }
+
+#[tokio::test]
+async fn pairing_sessions_and_channels_keep_a_connection_that_no_hub_lists_while_they_live() {
+    let (hub, pairer, channel_app) = (identity(), identity(), identity());
+    let relay = relay_with(&[("home", hub.public_key())], limits(300, 100, 8)).await;
+    let h = &relay.handle;
+    // A hub with an empty allow-list and an open pairing window.
+    let hub_conn = connect(h, &hub).await;
+    let (_control, answer) = register(&hub_conn, "home", &[], true).await;
+    assert_eq!(answer, Frame::Registered { replaced: false });
+
+    // A v1 pairing session from a key no hub lists...
+    let pairer_conn = connect(h, &pairer).await;
+    let (s, mut r) = open_session(&pairer_conn, "home", hub.public_key(), SessionPurpose::Pair).await;
+    let hub_side = hub_accepts(&hub_conn).await;
+    assert_eq!(within("accepted", read_frame(&mut r)).await.unwrap(), Frame::SessionAccepted);
+    // ...and a v2 pairing channel from another.
+    let channel_conn = connect(h, &channel_app).await;
+    let (mut channel_send, mut channel_recv) = channel_conn.open_bi().await.unwrap();
+    let open =
+        Frame::ChannelOpen { hub: name("home"), hub_key: hub.public_key(), purpose: SessionPurpose::Pair };
+    write_frame(&mut channel_send, &open).await.unwrap();
+    let (mut announce_send, mut announce_recv) = within("announce", hub_conn.accept_bi()).await.unwrap();
+    let announce = within("announce frame", read_frame(&mut announce_recv)).await.unwrap();
+    assert!(matches!(announce, Frame::ChannelAnnounce { .. }), "{announce:?}");
+    write_frame(&mut announce_send, &Frame::ChannelAccepted).await.unwrap();
+    let ready = within("ready", read_frame(&mut channel_recv)).await.unwrap();
+    assert!(matches!(ready, Frame::ChannelReady { .. }), "{ready:?}");
+
+    // A stranger connected now is cut at its review; the two, reviewed meanwhile, stay.
+    let stranger = connect(h, &identity()).await;
+    assert_eq!(closed_by_relay(&stranger).await.0, codes::LIMIT);
+    assert!(pairer_conn.close_reason().is_none(), "a live pairing session keeps its connection");
+    assert!(channel_conn.close_reason().is_none(), "a live pairing channel keeps its connection");
+
+    // The pairing ends and the hub does not add the key: the connection goes at a review.
+    drop((s, r, hub_side));
+    let (code, reason) = closed_by_relay(&pairer_conn).await;
+    assert_eq!(code, codes::LIMIT);
+    assert!(reason.contains("no registered hub lists it"), "{reason}");
+    assert!(channel_conn.close_reason().is_none(), "the channel still lives");
+    assert_eq!(h.stats().unauthorized_closed(CutReason::Stranger), 2);
+}
