@@ -47,17 +47,12 @@ const CLOSE_GRACE: Duration = Duration::from_millis(100);
 pub(crate) struct Link {
     conn: Connection,
     ended: Arc<OnceLock<ChannelEnd>>,
-    /// For one-off connections (pairing): closes the connection when the last handle goes.
-    _owner: Option<Arc<CloseOnDrop>>,
-}
-
-#[derive(Debug)]
-struct CloseOnDrop(Connection);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close(codes::NORMAL, b"done");
-    }
+    /// Held by every handle (the client's cache, each stream): when the last one goes, the
+    /// guard's receiver wakes and closes the connection. Without it the guard (which holds the
+    /// connection and the channel stream, and through it the relay connection) would keep both
+    /// alive, with their keep-alives, after the `Client` and its streams were dropped. A pairing
+    /// connection, never cached, is so closed when its one stream is dropped.
+    _in_use: Arc<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Link {
@@ -126,8 +121,6 @@ pub(crate) struct DialParams<'a> {
     pub(crate) mismatch: &'a MismatchSlot,
     pub(crate) hub_key: PublicKey,
     pub(crate) timeout: Duration,
-    /// One-off connection (pairing): closed when its last stream is dropped.
-    pub(crate) one_off: bool,
 }
 
 /// Binds `id`, dials the hub through the channel and starts the guard that ties the channel
@@ -175,9 +168,9 @@ pub(crate) async fn dial(
         }
     }
     let ended = Arc::new(OnceLock::new());
-    tokio::spawn(guard(conn.clone(), channel, binding, ended.clone()));
-    let owner = p.one_off.then(|| Arc::new(CloseOnDrop(conn.clone())));
-    Ok(Link { conn, ended, _owner: owner })
+    let (in_use, unused) = tokio::sync::oneshot::channel();
+    tokio::spawn(guard(conn.clone(), channel, binding, ended.clone(), unused));
+    Ok(Link { conn, ended, _in_use: Arc::new(in_use) })
 }
 
 /// Holds the channel stream for the connection's life (see the module docs).
@@ -186,11 +179,17 @@ async fn guard(
     channel: QuicBiStream,
     binding: ChannelBinding,
     ended: Arc<OnceLock<ChannelEnd>>,
+    unused: tokio::sync::oneshot::Receiver<()>,
 ) {
     let QuicBiStream { mut send, mut recv } = channel;
     let relay_ended = tokio::select! {
         end = channel_end(&mut recv) => Some(end),
         _ = conn.closed() => None,
+        // Nothing sends on it: it resolves when the last `Link` handle is dropped.
+        _ = unused => {
+            crate::relay_link::close(&conn, codes::NORMAL, "no longer used");
+            None
+        }
     };
     if let Some(end) = relay_ended {
         tracing::debug!(channel = %binding.id(), reason = %end, "the relay ended the channel");
@@ -235,7 +234,15 @@ pub(crate) async fn open_stream(
     wait: Option<Duration>,
     reused: bool,
 ) -> Result<E2eStream, ClientError> {
-    let (mut send, recv) = link.conn.open_bi().await.map_err(|e| link.lost(e))?;
+    // quinn's `open_bi` waits for stream credit; a caller who waits for the answer waits for
+    // the credit under the same bound.
+    let opened = match wait {
+        Some(wait) => tokio::time::timeout(wait, link.conn.open_bi())
+            .await
+            .map_err(|_| ClientError::from(ProtocolError::NoAnswer { hub: hub.clone(), waited: wait }))?,
+        None => link.conn.open_bi().await,
+    };
+    let (mut send, recv) = opened.map_err(|e| link.lost(e))?;
     if let Err(e) = write_frame(&mut send, &Frame::StreamOpen).await {
         return Err(match link.conn.close_reason() {
             Some(reason) => link.lost(reason),

@@ -373,7 +373,6 @@ impl Client {
             mismatch: &mismatch,
             hub_key: *hub_key,
             timeout: self.inner.config.session_timeout(),
-            one_off: purpose == SessionPurpose::Pair,
         };
         e2e::dial(params, channel, id).await
     }

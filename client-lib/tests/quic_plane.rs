@@ -101,6 +101,8 @@ const RELAY_HOLDS_THEN_OFFLINE: u8 = 2;
 const HUB_ECHOES: u8 = 0;
 const HUB_REFUSES: u8 = 1;
 const HUB_LIMITS: u8 = 2;
+/// Accepts, then runs the hub's half of the pairing exchange (any secret pairs).
+const HUB_PAIRS: u8 = 3;
 
 struct Bed {
     relay_addr: SocketAddr,
@@ -240,6 +242,14 @@ async fn bed() -> Bed {
                                 write_frame(&mut send, &refusal).await.unwrap();
                                 let _ = send.finish();
                                 let _ = recv.stop(codes::NORMAL);
+                            }
+                            HUB_PAIRS => {
+                                write_frame(&mut send, &Frame::StreamAccepted).await.unwrap();
+                                let secret = keyway_proto::pairing::read_request(&mut recv).await.unwrap();
+                                assert_eq!(secret.as_deref(), Some(&b"0123456789abcdef"[..]));
+                                let paired = keyway_proto::pairing::PairStatus::Paired;
+                                keyway_proto::pairing::write_answer(&mut send, paired, "").await.unwrap();
+                                let _ = send.finish();
                             }
                             HUB_LIMITS => {
                                 let _ = send.reset(codes::LIMIT);
@@ -488,4 +498,59 @@ async fn callers_queued_behind_a_refused_dial_get_its_refusal_without_asking_aga
     bed.relay_mode.store(RELAY_ACCEPTS, Ordering::SeqCst);
     let mut stream = client.connect(&home(), &bed.hub_key).await.unwrap();
     assert_eq!(echo(&mut stream, b"back").await.unwrap(), b"back");
+}
+
+#[tokio::test]
+async fn dropping_the_client_and_its_streams_closes_the_connection_and_its_channel() {
+    let bed = bed().await;
+    let client = bed.client();
+    let mut stream = client.connect(&home(), &bed.hub_key).await.unwrap();
+    assert_eq!(echo(&mut stream, b"once").await.unwrap(), b"once");
+    drop(client);
+    // The stream still holds the connection: the channel lives on.
+    let mut again = [0u8; 1];
+    assert_eq!(stream.read(&mut again).await.unwrap(), 0, "the echo's end, not an error");
+    assert_eq!(bed.channels_ended.load(Ordering::SeqCst), 0);
+    drop(stream);
+    eventually("the channel ends once nothing uses the connection", || async {
+        (bed.channels_ended.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let conns = bed.hub_conns.lock().unwrap().clone();
+    for conn in conns {
+        within("the hub sees the close", conn.closed()).await;
+    }
+}
+
+#[tokio::test]
+async fn pairing_runs_on_a_connection_of_its_own_closed_when_done() {
+    let bed = bed().await;
+    let client = bed.client();
+    let mut stream = client.connect(&home(), &bed.hub_key).await.unwrap();
+    assert_eq!(echo(&mut stream, b"cached").await.unwrap(), b"cached");
+
+    bed.hub_mode.store(HUB_PAIRS, Ordering::SeqCst);
+    let code = keyway_client::PairingCode {
+        relay: bed.relay_addr.to_string(),
+        relay_key: bed.relay_key,
+        hub: home(),
+        hub_key: bed.hub_key,
+        secret: b"0123456789abcdef".to_vec(),
+    };
+    let paired = within("pairing", keyway_client::pairing::pair_with(&client, &code)).await.unwrap();
+    assert_eq!((paired.hub, paired.hub_key), (home(), bed.hub_key));
+    assert_eq!(
+        bed.channels_opened.load(Ordering::SeqCst),
+        2,
+        "pairing does not ride on the cached connection"
+    );
+    eventually("the pairing connection is closed and its channel ends", || async {
+        (bed.channels_ended.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    // The cached connection is untouched.
+    bed.hub_mode.store(HUB_ECHOES, Ordering::SeqCst);
+    let mut stream = client.connect(&home(), &bed.hub_key).await.unwrap();
+    assert!(stream.resumed());
+    assert_eq!(echo(&mut stream, b"still").await.unwrap(), b"still");
 }
