@@ -337,6 +337,10 @@ mod tests {
         let text = stats.encode();
         let series = |s: &str| keyway_test_support::http::series(&text, s).unwrap();
         assert_eq!(series("keyway_relay_channel_packets_forwarded_total{direction=\"app_to_hub\"}"), 4.0);
+        // Runs of one channel leave as one send each: [2, 3] (one GSO batch where the socket
+        // does GSO), then 6 and 8 (split by the QUIC segment between them).
+        let sends = if socket.max_transmit_segments() > 1 { 3.0 } else { 4.0 };
+        assert_eq!(series("keyway_relay_channel_transmits_total"), sends);
         assert_eq!(series("keyway_relay_channel_packets_dropped_total{reason=\"unknown_channel\"}"), 1.0);
         assert_eq!(stats.bytes_app_to_hub(), (3 * (STRIDE - HEADER_LEN) + 20 - HEADER_LEN) as u64);
 

@@ -157,6 +157,8 @@ pub struct RelayStats {
     channel_packets: [IntCounter; 2],
     /// Channel packets dropped, by [`DropReason::ALL`] order.
     channel_drops: Vec<IntCounter>,
+    /// Sends (one GSO transmit each) that forwarded channel packets.
+    channel_transmits: IntCounter,
 }
 
 impl Default for RelayStats {
@@ -300,6 +302,10 @@ impl RelayStats {
             &["reason"],
         )?;
         let channel_drops = DropReason::ALL.iter().map(|r| drops.with_label_values(&[r.label()])).collect();
+        let channel_transmits = b.counter(
+            "channel_transmits_total",
+            "Socket sends that forwarded channel packets (one GSO batch each): packets per send is the batching.",
+        )?;
         for role in [HandshakeRole::Quic, HandshakeRole::Hub, HandshakeRole::App] {
             for result in [
                 HandshakeResult::Ok,
@@ -339,6 +345,7 @@ impl RelayStats {
                 packets.with_label_values(&["hub_to_app"]),
             ],
             channel_drops,
+            channel_transmits,
             registry: b.0,
         })
     }
@@ -542,7 +549,7 @@ impl RelayStats {
         counter.inc_by(bytes as u64);
     }
     /// `segments` end-to-end packets (`bytes` without their channel headers) left for the other
-    /// side of a channel.
+    /// side of a channel, in one send.
     pub(crate) fn channel_forwarded(
         &self,
         direction: crate::config::Direction,
@@ -554,6 +561,7 @@ impl RelayStats {
             crate::config::Direction::AppToHub => app_to_hub.inc_by(segments as u64),
             crate::config::Direction::HubToApp => hub_to_app.inc_by(segments as u64),
         }
+        self.channel_transmits.inc();
         self.forwarded(direction, bytes);
     }
     pub(crate) fn channel_dropped(&self, reason: DropReason, segments: usize) {
