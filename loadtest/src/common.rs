@@ -58,6 +58,8 @@ pub struct RelayProc {
     dir: tempfile::TempDir,
     open: bool,
     env: Vec<(String, String)>,
+    /// Flags (with their values) that replace the benchmark defaults of [`Self::spawn`].
+    overrides: Vec<(String, String)>,
     child: Option<Child>,
     /// The UDP address it listens on (kept across restarts).
     pub addr: SocketAddr,
@@ -69,6 +71,17 @@ impl RelayProc {
     /// Writes the key and hubs file, starts the relay and waits until it listens. `env` is
     /// added to the child's environment (e.g. `MALLOC_ARENA_MAX` for allocator experiments).
     pub async fn start(bin: &Path, policy: &Policy, env: &[(String, String)]) -> anyhow::Result<Self> {
+        Self::start_with(bin, policy, env, &[]).await
+    }
+
+    /// [`Self::start`] with some limit flags set to `overrides` (`("--retry-threshold", "100")`)
+    /// instead of the benchmark's "no limit" values, e.g. the per-source limits an operator sets.
+    pub async fn start_with(
+        bin: &Path,
+        policy: &Policy,
+        env: &[(String, String)],
+        overrides: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let (identity, _) = Identity::load_or_create(&dir.path().join("relay.key"))?;
         let open = match policy {
@@ -88,6 +101,7 @@ impl RelayProc {
             dir,
             open,
             env: env.to_vec(),
+            overrides: overrides.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
             child: None,
             addr,
             key: identity.public_key(),
@@ -116,14 +130,28 @@ impl RelayProc {
         // bucket, the cap on connections not yet authorized, max_hubs, the per-app and per-key
         // caps). An operator sizing a relay for N hubs lifts them the same way. No metrics
         // listener: runs may overlap on its default port.
-        cmd.args(["--max-hubs", "0", "--max-sessions-per-hub", "0", "--max-sessions-per-app", "0"]);
-        cmd.args(["--new-connections-per-ip", "0", "--max-unauthorized-connections", "0"]).args([
-            "--bytes-per-second-per-key",
-            "0",
-            "--retry-threshold",
-            "4294967295",
-            "--no-metrics",
-        ]);
+        let mut flags: Vec<(String, String)> = [
+            ("--max-hubs", "0"),
+            ("--max-sessions-per-hub", "0"),
+            ("--max-sessions-per-app", "0"),
+            ("--new-connections-per-ip", "0"),
+            ("--max-unauthorized-connections", "0"),
+            ("--bytes-per-second-per-key", "0"),
+            ("--retry-threshold", "4294967295"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        for (k, v) in &self.overrides {
+            match flags.iter_mut().find(|(f, _)| f == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => flags.push((k.clone(), v.clone())),
+            }
+        }
+        for (k, v) in &flags {
+            cmd.arg(k).arg(v);
+        }
+        cmd.arg("--no-metrics");
         // Info logs cost a line per registration; at 20 000 hubs that would be measured too.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join("relay.log"))?;
         cmd.env("RUST_LOG", std::env::var("KEYWAY_LOADTEST_RELAY_LOG").unwrap_or_else(|_| "warn".into()))

@@ -25,6 +25,7 @@ pub mod idle;
 pub mod plot;
 pub mod report;
 pub mod storm;
+pub mod storm_raw;
 
 /// One measurement: a flat JSON object with at least a `"scenario"` field.
 pub type Record = serde_json::Value;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use keyway_loadtest::bare::Knobs;
-use keyway_loadtest::{bulk, churn, common, idle, plot, report, storm, Record};
+use keyway_loadtest::{bulk, churn, common, idle, plot, report, storm, storm_raw, Record};
 use keyway_proto::cli::parse_duration;
 
 /// Keyway load generator: relayed vs direct throughput, idle hubs, reconnect storms, churn.
@@ -96,6 +96,25 @@ enum Command {
         ping_interval: Duration,
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         deadline: Duration,
+        /// Raw hubs (the connector's backoff and reset handling over shared endpoints) instead of
+        /// real connectors: for 10 000 hubs and more.
+        #[arg(long)]
+        raw: bool,
+        /// Raw mode: source addresses (127.0.x.y) the hubs are spread over; 0: one per 100 hubs.
+        #[arg(long, default_value_t = 0)]
+        sources: usize,
+        /// Raw mode: the relay's new_connections_per_ip (its default; 0: no limit).
+        #[arg(long, default_value_t = 10.0)]
+        per_ip_rate: f64,
+        /// Raw mode: the relay's new_connections_burst (its default).
+        #[arg(long, default_value_t = 30)]
+        per_ip_burst: u32,
+        /// Raw mode: the relay's retry_threshold (its default).
+        #[arg(long, default_value_t = 100)]
+        retry_threshold: u32,
+        /// Raw mode: first registrations in flight while the hubs come up.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
     /// Sessions opened and closed at a steady rate: set-up time and echo RTT, cold and warm.
     Churn {
@@ -187,7 +206,34 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             finish(&common, idle::run(&opts).await?)
         }
-        Command::Storm { common, hubs, signal, ping_interval, deadline } => {
+        Command::Storm {
+            common,
+            hubs,
+            signal,
+            deadline,
+            raw: true,
+            sources,
+            per_ip_rate,
+            per_ip_burst,
+            retry_threshold,
+            concurrency,
+            ..
+        } => {
+            let opts = storm_raw::RawStormOpts {
+                relay_bin: relay_bin(&common)?,
+                hubs,
+                signal: signal.to_uppercase(),
+                sources: if sources == 0 { hubs.div_ceil(100) } else { sources },
+                per_ip_rate,
+                per_ip_burst,
+                retry_threshold,
+                deadline,
+                concurrency,
+                quiet: common.quiet,
+            };
+            finish(&common, storm_raw::run(&opts).await?)
+        }
+        Command::Storm { common, hubs, signal, ping_interval, deadline, .. } => {
             let opts = storm::StormOpts {
                 relay_bin: relay_bin(&common)?,
                 hubs,

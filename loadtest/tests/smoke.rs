@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keyway_loadtest::{bare, bulk, churn, common, idle, plot, report, storm, Record};
+use keyway_loadtest::{bare, bulk, churn, common, idle, plot, report, storm, storm_raw, Record};
 
 /// The relay binary: `cargo test --workspace` builds it before any test runs; when this crate
 /// is tested alone, build it here.
@@ -92,6 +92,36 @@ async fn storm_brings_every_hub_back() {
     let back: u64 = records[0]["buckets"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).sum();
     assert_eq!(back, 5);
     plots(&records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_storm_brings_every_hub_back_after_term_and_kill() {
+    let mut opts = storm_raw::RawStormOpts {
+        relay_bin: relay_bin(),
+        hubs: 6,
+        signal: "TERM".into(),
+        sources: 3,
+        per_ip_rate: 10.0,
+        per_ip_burst: 30,
+        retry_threshold: 100,
+        deadline: Duration::from_secs(60),
+        concurrency: 4,
+        quiet: true,
+    };
+    let term = storm_raw::run(&opts).await.expect("raw storm, TERM");
+    assert_eq!(term[0]["failures"], 0, "{term:?}");
+    assert_eq!(term[0]["sources"], 3);
+    // A graceful stop tells every hub to move.
+    assert_eq!(term[0]["go_aways"], 6, "{term:?}");
+    plots(&term);
+
+    // After a crash nobody says goodbye: the hubs learn of the new run from the stateless reset
+    // that answers their next keep-alive (the raw hub has no liveness ping).
+    opts.signal = "KILL".into();
+    let kill = storm_raw::run(&opts).await.expect("raw storm, KILL");
+    assert_eq!(kill[0]["failures"], 0, "{kill:?}");
+    assert_eq!(kill[0]["resets"], 6, "{kill:?}");
+    assert_eq!(kill[0]["go_aways"], 0, "{kill:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
