@@ -42,10 +42,10 @@ pub struct ClientConfig {
 pub enum DataPlane {
     /// v1: each session is a relay stream spliced to a hub stream, end-to-end TLS inside it
     /// (the relay terminates QUIC on both legs).
-    #[default]
     Splice,
     /// v2: one end-to-end QUIC connection per (hub, hub key) whose packets the relay forwards
     /// without decrypting them (a *channel*); each session is one stream on it.
+    #[default]
     Quic,
 }
 

@@ -18,7 +18,7 @@
 //!
 //! With [`DataPlane::Quic`] (data plane v2) the endpoint sits on a path socket ([`path`]) and
 //! the client also holds one end-to-end QUIC connection per (hub, hub key), dialed lazily
-//! through a relay channel (one dial for concurrent callers) and redialed when lost ([`e2e`]);
+//! through a relay channel (one dial for concurrent callers) and redialed when lost (module `e2e`);
 //! each `connect` is then one stream on it, so a new session costs no handshake at all.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 

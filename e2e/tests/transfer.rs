@@ -68,7 +68,9 @@ async fn hundred_concurrent_sessions_to_two_hubs_do_not_cross() {
     }
     assert_eq!(ha.stats().sessions_accepted(), 50);
     assert_eq!(hb.stats().sessions_accepted(), 50);
-    assert!(relay.handle.stats().sessions_opened() >= 100);
+    // Each hub's 50 sessions are streams on one end-to-end connection: one channel per hub at
+    // the relay (a redial after a lost connection would add one).
+    assert!(relay.handle.stats().sessions_opened() >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
