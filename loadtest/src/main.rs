@@ -100,7 +100,7 @@ enum Command {
         /// real connectors: for 10 000 hubs and more.
         #[arg(long)]
         raw: bool,
-        /// Raw mode: source addresses (127.0.x.y) the hubs are spread over; 0: one per 100 hubs.
+        /// Raw mode: source addresses (127.0.x.y) the hubs are spread over; 0: one per 25 hubs.
         #[arg(long, default_value_t = 0)]
         sources: usize,
         /// Raw mode: the relay's new_connections_per_ip (its default; 0: no limit).
@@ -223,7 +223,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 relay_bin: relay_bin(&common)?,
                 hubs,
                 signal: signal.to_uppercase(),
-                sources: if sources == 0 { hubs.div_ceil(100) } else { sources },
+                sources: if sources == 0 { hubs.div_ceil(25) } else { sources },
                 per_ip_rate,
                 per_ip_burst,
                 retry_threshold,

@@ -30,7 +30,7 @@ use keyway_test_support::raw::{self, DialError};
 use serde_json::json;
 use tokio::sync::{watch, Semaphore};
 
-use crate::common::{hub_name, identity_for, percentile, round, unix_time, Policy, RelayProc};
+use crate::common::{hub_name, identity_for, percentile, round, unix_time, Policy, ProcUsage, RelayProc};
 use crate::Record;
 
 /// Options of the raw-hub storm.
@@ -63,7 +63,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const IDLE_TIMEOUT_MS: u32 = 60_000;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How attempts and registrations ended, counted over the whole run (all hubs).
 #[derive(Default)]
@@ -174,6 +174,8 @@ pub async fn run(opts: &RawStormOpts) -> anyhow::Result<Vec<Record>> {
     relay.restart().await?;
     let relay_up = t0.elapsed();
     let start_usage = relay.usage()?;
+    let gen_start = ProcUsage::read(std::process::id())?;
+    let drops_start = udp_rcvbuf_errors();
 
     let bar = crate::common::progress(n as u64, "hubs back", opts.quiet);
     let mut peak_rss = start_usage.rss_kib;
@@ -192,6 +194,8 @@ pub async fn run(opts: &RawStormOpts) -> anyhow::Result<Vec<Record>> {
         tokio::time::sleep(BUCKET).await;
     }
     let storm_s = t0.elapsed().as_secs_f64() - relay_up.as_secs_f64();
+    let gen_end = ProcUsage::read(std::process::id())?;
+    let drops = udp_rcvbuf_errors().saturating_sub(drops_start);
     bar.finish_and_clear();
     let _ = stop_tx.send(true);
 
@@ -226,6 +230,8 @@ pub async fn run(opts: &RawStormOpts) -> anyhow::Result<Vec<Record>> {
         "peak_per_100ms": regs.iter().max().copied().unwrap_or(0),
         "peak_handshakes_per_s": peak_hs,
         "relay_cpu_pct": round((end_usage.cpu_s - start_usage.cpu_s) / storm_s.max(0.001) * 100.0, 1),
+        "generator_cpu_pct": round((gen_end.cpu_s - gen_start.cpu_s) / storm_s.max(0.001) * 100.0, 1),
+        "udp_rcvbuf_drops": drops,
         "relay_rss_before_mib": before.rss_kib / 1024, "relay_peak_rss_mib": peak_rss / 1024,
         "resets": get(&c.resets), "go_aways": get(&c.go_aways), "lost_other": get(&c.lost_other),
         "refused": get(&c.refused), "limit_closed": get(&c.limit_closed), "timed_out": get(&c.timed_out),
@@ -246,6 +252,20 @@ pub async fn run(opts: &RawStormOpts) -> anyhow::Result<Vec<Record>> {
 /// from `127.0.0.1` where the relay listens.
 fn source_ip(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, (k / 250 / 250) as u8, 1 + ((k / 250) % 250) as u8, 1 + (k % 250) as u8)
+}
+
+/// The machine's UDP receive-buffer drops so far (`RcvbufErrors` in `/proc/net/snmp`; all
+/// sockets, so other processes' drops count too).
+fn udp_rcvbuf_errors() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else { return 0 };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The 1-minute load average, stated beside the figures (the machine is shared).

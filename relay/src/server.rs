@@ -38,9 +38,29 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(2);
 const DRAIN_GRACE: Duration = Duration::from_secs(3);
 /// How often idle rate-limit buckets are forgotten.
 const BUCKET_SWEEP: Duration = Duration::from_secs(30);
-/// Base of the reconnect delay hinted in `GoAway`; each hub gets up to one second more, so a
-/// relay restart does not bring every hub back in the same instant.
+/// Base of the reconnect delay hinted in `GoAway`; each hub gets a share of a window on top
+/// ([`go_away_hint`]), so a relay restart does not bring every hub back in the same instant.
 const GOAWAY_RETRY_MS: u32 = 1000;
+/// Reconnects per second and core that the `GoAway` hints plan for: below what one core
+/// admits (a handshake, Retry under load, a `Register`), so the restarted relay keeps up
+/// instead of timing handshakes out and sending hubs into their backoff.
+const GOAWAY_RECONNECTS_PER_CORE_S: u64 = 1000;
+
+/// The `GoAway` hints for `hubs` registered hubs on a relay with `cores` cores, as
+/// `(base_ms, window_ms)`: each hub is told to wait `base + its share of window`. A relay that
+/// admits all its hubs within a second keeps the hints it always had (1–2 s). A bigger one
+/// plans their return over `hubs / (cores × GOAWAY_RECONNECTS_PER_CORE_S)` seconds, leaving
+/// room for the connector's jitter (up to half the hint on top), so the last hubs are due at
+/// the end of the planned span (100 000 hubs on 2 cores: 1–50 s) instead of all within 3 s,
+/// which times handshakes out and sends the hubs into their backoff.
+fn go_away_hint(hubs: usize, cores: usize) -> (u32, u32) {
+    let rate = GOAWAY_RECONNECTS_PER_CORE_S * cores.max(1) as u64;
+    let span = (hubs as u64).saturating_mul(1000) / rate;
+    let base = u64::from(GOAWAY_RETRY_MS);
+    // Delays end up in [base, 1.5 (base + window)]; that should end at `span`.
+    let window = (2 * span).saturating_sub(3 * base) / 3;
+    (GOAWAY_RETRY_MS, u32::try_from(window.max(1000)).unwrap_or(u32::MAX))
+}
 
 /// Starts relays. See [`Relay::start`].
 #[derive(Debug)]
@@ -244,9 +264,12 @@ impl RelayHandle {
             task.abort();
         }
         let mut delivered = Vec::new();
-        for hub in self.shared.registry.all() {
+        let hubs = self.shared.registry.all();
+        let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+        let (base, window) = go_away_hint(hubs.len(), cores);
+        for hub in hubs {
             let (done, rx) = oneshot::channel();
-            let retry_after_ms = GOAWAY_RETRY_MS + spread(hub.conn_id, 1000);
+            let retry_after_ms = base.saturating_add(spread(hub.conn_id, window));
             let message = "the relay is restarting or shutting down; reconnect after the delay".to_owned();
             if hub.control.send(ControlCommand::GoAway { retry_after_ms, message, done }).is_ok() {
                 delivered.push(rx);
@@ -357,5 +380,26 @@ async fn watch_hubs_file(shared: Arc<Shared>) {
             Ok(false) => {}
             Err(e) => error!("{e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_away_hints_plan_the_return_over_what_the_cores_admit() {
+        // Small relays keep the 1–2 s hints they always had.
+        assert_eq!(go_away_hint(0, 2), (1000, 1000));
+        assert_eq!(go_away_hint(3000, 2), (1000, 1000));
+        // Bigger ones stretch the window so that hint + the connector's jitter (up to half the
+        // hint) ends where the planned span does: 100 000 hubs at 2 000 per second, 50 s.
+        let (base, window) = go_away_hint(100_000, 2);
+        assert_eq!(base, 1000);
+        assert_eq!(window, 32_333);
+        assert!((base + window) * 3 / 2 <= 50_000);
+        assert_eq!(go_away_hint(10_000, 2).1, 2333);
+        assert!(go_away_hint(100_000, 8).1 < window, "more cores, shorter window");
+        assert_eq!(go_away_hint(100_000, 0), go_away_hint(100_000, 1), "no core count reads as one core");
     }
 }
