@@ -8,9 +8,7 @@
 //! then walks every buffer segment by segment (`meta.stride`). A segment that starts with
 //! [`CHANNEL_DATA`] is channel data: its id is looked up in the [`ChannelTable`], rewritten in
 //! place to the other side's id, and consecutive segments of one channel leave as **one** GSO
-//! transmit (`segment_size = stride`) straight from quinn's buffer, with `try_send`; runs for one
-//! destination in consecutive buffers of one receive call are copied together and leave as one
-//! transmit too (see `ForwardingSocket::emit` for why and what it measured). A socket
+//! transmit (`segment_size = stride`) straight from quinn's buffer, with `try_send`. A socket
 //! that would block, or fails, loses the run and counts it (`send_failed`): forwarding never
 //! queues and never blocks the endpoint driver; the end-to-end connection's own loss recovery
 //! copes, as it would with any lossy link. Segments that are not channel data (the relay's own
@@ -25,8 +23,7 @@
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
@@ -37,7 +34,7 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::time::Instant;
 
 use crate::channel::{ChannelTable, DropReason, Route};
-use crate::config::{Direction, ForwardTap};
+use crate::config::ForwardTap;
 use crate::limits::{Limits, LimitsCell};
 use crate::stats::{LimitKind, RelayStats};
 
@@ -81,18 +78,14 @@ impl ForwardingSocket {
         Ok(Arc::new(Self { inner, channels }))
     }
 
-    /// Forwards the channel segments of buffer `here` of one receive call and compacts the
-    /// others to its front; returns the bytes left for quinn. `earlier` are the buffers before
-    /// it in the same call, where a run waiting to be merged ([`Pending::InPlace`]) may lie.
-    #[allow(clippy::too_many_arguments)]
+    /// Forwards the channel segments of one received buffer and compacts the others to its
+    /// front; returns the bytes left for quinn.
     fn filter(
         &self,
         data: &mut [u8],
         stride: usize,
         src: SocketAddr,
         ecn: Option<EcnCodepoint>,
-        here: usize,
-        earlier: &[IoSliceMut<'_>],
         ctx: &mut Batch,
     ) -> usize {
         let len = data.len();
@@ -123,19 +116,16 @@ impl ForwardingSocket {
                 }
             }
             if let Some(run) = data.get_mut(pos..run_end) {
-                if let Some(out) = self.route_run(&mut table, run, segments, stride, src, ecn, ctx) {
-                    let at_end = run_end == len;
-                    self.emit(out, run, pos..run_end, at_end, here, earlier, ctx);
-                }
+                self.forward_run(&mut table, run, segments, stride, src, ecn, ctx);
             }
             pos = run_end;
         }
         keep
     }
 
-    /// Routes one run of segments of one channel and rewrites its headers, or drops it.
+    /// Routes one run of segments of one channel and sends it as one transmit, or drops it.
     #[allow(clippy::too_many_arguments)]
-    fn route_run(
+    fn forward_run(
         &self,
         table: &mut ChannelTable,
         run: &mut [u8],
@@ -144,14 +134,14 @@ impl ForwardingSocket {
         src: SocketAddr,
         ecn: Option<EcnCodepoint>,
         ctx: &mut Batch,
-    ) -> Option<Out> {
+    ) {
         let stats = &self.channels.stats;
         let now = ctx.now();
         let forward = match table.route(src, run, now) {
             Route::Forward(forward) => forward,
             Route::Drop(reason) => {
                 stats.channel_dropped(reason, segments);
-                return None;
+                return;
             }
         };
         let payload = run.len().saturating_sub(segments * HEADER_LEN);
@@ -163,7 +153,7 @@ impl ForwardingSocket {
                 if buckets.iter().any(|b| !b.take_debt(0.0, rate, rate, now).is_zero()) {
                     stats.limit_hit(LimitKind::BytesPerSecondPerKey);
                     stats.channel_dropped(DropReason::RateLimited, segments);
-                    return None;
+                    return;
                 }
                 for bucket in buckets {
                     let _ = bucket.take_debt(payload as f64, rate, rate, now);
@@ -177,156 +167,27 @@ impl ForwardingSocket {
                 tap(forward.direction, packet);
             }
         }
-        Some(Out {
-            to: forward.to,
-            src_ip: forward.src_ip,
-            ecn,
-            stride,
-            direction: forward.direction,
-            segments,
-            len: run.len(),
-            payload,
-        })
-    }
-
-    /// Sends a routed run, merged with the pending one when they can leave as one GSO batch.
-    ///
-    /// Why merge: quinn's senders put at most 10 segments in a GSO batch, so each receive
-    /// buffer holds at most 10 segments, and one send per buffer made as many relay sends
-    /// as the peers made: 81 k `sendmsg` per GiB, 9.5 datagrams per send; merged, 48–53 k per
-    /// GiB (`keyway-loadtest bulk --paths direct,relayed-quic --streams 1`, loopback, see
-    /// loadtest/README.md). Runs of one destination in
-    /// consecutive buffers of one receive call leave as one send instead, copied together
-    /// (a user-space copy is far cheaper than a `sendmsg`, whose cost on loopback includes the
-    /// receiver's whole UDP receive path). A run that ends its buffer waits in place (nothing
-    /// is compacted over the end of a buffer); any other run is sent at once, after the
-    /// pending one, so datagrams of one destination never overtake each other.
-    #[allow(clippy::too_many_arguments)]
-    fn emit(
-        &self,
-        out: Out,
-        run: &[u8],
-        range: Range<usize>,
-        at_end: bool,
-        here: usize,
-        earlier: &[IoSliceMut<'_>],
-        ctx: &mut Batch,
-    ) {
-        let max_segments = self.inner.max_transmit_segments().max(1);
-        if let Some((mut pending, place)) = ctx.pending.take() {
-            if pending.can_take(&out, max_segments) {
-                if let Pending::InPlace { buf, range } = place {
-                    ctx.scratch.clear();
-                    if let Some(bytes) = earlier.get(buf).and_then(|b| b.get(range)) {
-                        ctx.scratch.extend_from_slice(bytes);
-                    }
-                }
-                ctx.scratch.extend_from_slice(run);
-                pending.absorb(&out);
-                ctx.pending = Some((pending, Pending::Scratch));
-                return;
-            }
-            ctx.pending = Some((pending, place));
-            self.flush(earlier, ctx);
-        }
-        if at_end && out.len % out.stride == 0 && max_segments > 1 {
-            ctx.pending = Some((out, Pending::InPlace { buf: here, range }));
-        } else {
-            self.send(&out, run);
-        }
-    }
-
-    /// Sends the pending run, if any.
-    fn flush(&self, bufs: &[IoSliceMut<'_>], ctx: &mut Batch) {
-        let Some((out, place)) = ctx.pending.take() else { return };
-        let contents = match place {
-            Pending::Scratch => Some(&ctx.scratch[..]),
-            Pending::InPlace { buf, range } => bufs.get(buf).and_then(|b| b.get(range)),
-        };
-        match contents {
-            Some(contents) => self.send(&out, contents),
-            // Cannot happen (the range was inside that buffer); counted rather than panicking.
-            None => self.channels.stats.channel_dropped(DropReason::SendFailed, out.segments),
-        }
-    }
-
-    /// One transmit: `contents` are `out.segments` segments of `out.stride` bytes (the last
-    /// possibly shorter).
-    fn send(&self, out: &Out, contents: &[u8]) {
-        let stats = &self.channels.stats;
         let transmit = Transmit {
-            destination: out.to,
-            ecn: out.ecn,
-            contents,
-            segment_size: (out.segments > 1).then_some(out.stride),
-            src_ip: out.src_ip,
+            destination: forward.to,
+            ecn,
+            contents: run,
+            segment_size: (segments > 1).then_some(stride),
+            src_ip: forward.src_ip,
         };
         match self.inner.try_send(&transmit) {
-            Ok(()) => stats.channel_forwarded(out.direction, out.segments, out.payload),
+            Ok(()) => stats.channel_forwarded(forward.direction, segments, payload),
             // WouldBlock included: never queue, never wait (see the module docs).
-            Err(_) => stats.channel_dropped(DropReason::SendFailed, out.segments),
+            Err(_) => stats.channel_dropped(DropReason::SendFailed, segments),
         }
     }
-}
-
-/// The largest transmit a merge builds: a GSO batch is one UDP datagram to the kernel until it
-/// is segmented, so its payload must fit the IP length field (65 507 bytes over IPv4); quinn-udp
-/// turns GSO off for good on the `EINVAL` an oversized batch would earn.
-const MERGE_LIMIT: usize = 65_000;
-
-/// A routed run (or several merged), ready to leave as one transmit.
-#[derive(Debug)]
-struct Out {
-    to: SocketAddr,
-    src_ip: Option<IpAddr>,
-    ecn: Option<EcnCodepoint>,
-    stride: usize,
-    direction: Direction,
-    segments: usize,
-    /// Bytes on the wire (headers included).
-    len: usize,
-    /// Payload bytes (headers excluded), as the byte counters count them.
-    payload: usize,
-}
-
-impl Out {
-    /// Whether `next` can be appended and the whole still leave as one GSO batch: same
-    /// destination, source, ECN and segment size, this one's last segment whole (only a
-    /// batch's last segment may be short), and within the kernel's bounds.
-    fn can_take(&self, next: &Out, max_segments: usize) -> bool {
-        self.to == next.to
-            && self.src_ip == next.src_ip
-            && self.ecn == next.ecn
-            && self.stride == next.stride
-            && self.direction == next.direction
-            && self.len % self.stride == 0
-            && self.segments + next.segments <= max_segments
-            && self.len + next.len <= MERGE_LIMIT
-    }
-    fn absorb(&mut self, next: &Out) {
-        self.segments += next.segments;
-        self.len += next.len;
-        self.payload += next.payload;
-    }
-}
-
-/// Where the pending run's bytes are.
-#[derive(Debug)]
-enum Pending {
-    /// In place at the end of buffer `buf` of the current receive call.
-    InPlace { buf: usize, range: Range<usize> },
-    /// Copied into [`Batch::scratch`].
-    Scratch,
 }
 
 /// What one `poll_recv` call reads at most once, and only if it meets channel data: the time
-/// and the limits in force; and the run waiting to be merged with the next one.
+/// and the limits in force.
 #[derive(Default)]
 struct Batch {
     now: Option<Instant>,
     limits: Option<Arc<Limits>>,
-    pending: Option<(Out, Pending)>,
-    scratch: Vec<u8>,
 }
 
 impl Batch {
@@ -366,18 +227,15 @@ impl AsyncUdpSocket for ForwardingSocket {
     ) -> Poll<io::Result<usize>> {
         let received = ready!(self.inner.poll_recv(cx, bufs, meta))?;
         let mut batch = Batch::default();
-        for (here, meta) in meta.iter_mut().enumerate().take(received) {
-            let (earlier, rest) = bufs.split_at_mut(here.min(bufs.len()));
-            let Some(buf) = rest.first_mut() else { break };
+        for (buf, meta) in bufs.iter_mut().zip(meta.iter_mut()).take(received) {
             let len = meta.len.min(buf.len());
             let stride = if meta.stride == 0 { len.max(1) } else { meta.stride };
             let Some(data) = buf.get_mut(..len) else { continue };
             if !has_channel_data(data, stride) {
                 continue;
             }
-            meta.len = self.filter(data, stride, meta.addr, meta.ecn, here, earlier, &mut batch);
+            meta.len = self.filter(data, stride, meta.addr, meta.ecn, &mut batch);
         }
-        self.flush(bufs, &mut batch);
         Poll::Ready(Ok(received))
     }
 
@@ -421,42 +279,6 @@ mod tests {
         }
     }
 
-    /// `data` as the only buffer of one receive call: filtered, then the pending run sent.
-    fn filter_one(socket: &ForwardingSocket, data: &mut [u8], src: SocketAddr) -> usize {
-        let mut batch = Batch::default();
-        let kept = socket.filter(data, STRIDE, src, None, 0, &[], &mut batch);
-        socket.flush(&[IoSliceMut::new(data)], &mut batch);
-        kept
-    }
-
-    /// What the endpoints behind a test's channels keep alive.
-    type Keep = (quinn::Endpoint, quinn::Endpoint, quinn::Connection);
-
-    /// A forwarding socket over `channels` with two channels (app and hub ids) from one app
-    /// address, whose hub side is one plain socket (to see what arrives there).
-    async fn forwarder(
-        channels: &Arc<Channels>,
-    ) -> (ForwardingSocket, std::net::UdpSocket, SocketAddr, [(ChannelId, ChannelId); 2], Keep) {
-        let socket = ForwardingSocket {
-            inner: quinn::default_runtime()
-                .unwrap()
-                .wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
-                .unwrap(),
-            channels: Arc::clone(channels),
-        };
-        let hubs = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        hubs.set_read_timeout(Some(keyway_test_support::PATIENCE)).unwrap();
-        let app: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        let (server, client) = endpoint_pair().await;
-        let (conn, peer) = relay_connection(&server, &client).await;
-        let ids = [(ChannelId::new(1), ChannelId::new(11)), (ChannelId::new(2), ChannelId::new(22))];
-        for (a, h) in ids {
-            let legs = (Leg::at(a, conn.clone(), app), Leg::at(h, conn.clone(), hubs.local_addr().unwrap()));
-            channels.table().insert(legs.0, legs.1, None, Instant::now()).unwrap();
-        }
-        (socket, hubs, app, ids, (server, client, peer))
-    }
-
     #[tokio::test]
     async fn a_gro_batch_mixing_channels_and_quic_is_forwarded_in_runs_and_the_quic_compacted() {
         let stats = Arc::new(RelayStats::default());
@@ -492,7 +314,7 @@ mod tests {
             segment(two, 8, 20),
         ];
         let mut buf: Vec<u8> = segments.concat();
-        let kept = filter_one(&socket, &mut buf, app);
+        let kept = socket.filter(&mut buf, STRIDE, app, None, &mut Batch::default());
 
         // quinn gets the QUIC segments, in order, at the front.
         assert_eq!(&buf[..kept], [segments[0].clone(), segments[3].clone(), segments[6].clone()].concat());
@@ -524,10 +346,10 @@ mod tests {
 
         // A buffer of channel data only leaves nothing for quinn; a spoofed source, nothing out.
         let mut only = [segment(one, 9, STRIDE), segment(one, 10, STRIDE)].concat();
-        assert_eq!(filter_one(&socket, &mut only, app), 0);
+        assert_eq!(socket.filter(&mut only, STRIDE, app, None, &mut Batch::default()), 0);
         let stranger: SocketAddr = "127.0.0.1:4001".parse().unwrap();
         let mut spoof = segment(one, 11, STRIDE);
-        assert_eq!(filter_one(&socket, &mut spoof, stranger), 0);
+        assert_eq!(socket.filter(&mut spoof, STRIDE, stranger, None, &mut Batch::default()), 0);
         let text = stats.encode();
         assert_eq!(
             keyway_test_support::http::series(
@@ -536,55 +358,5 @@ mod tests {
             ),
             Some(1.0)
         );
-    }
-
-    #[tokio::test]
-    async fn runs_of_one_destination_in_consecutive_buffers_leave_as_one_send_in_order() {
-        let stats = Arc::new(RelayStats::default());
-        let limits = Arc::new(LimitsCell::new(Limits::unlimited()));
-        let channels = Arc::new(Channels::new(Arc::clone(&stats), limits, None));
-        let (socket, hubs, app, ids, _keep) = forwarder(&channels).await;
-        let (one, two) = (Some(ids[0].0), Some(ids[1].0));
-        // Three buffers of one receive call: two of channel one (whole segments, so the first
-        // can take the second), then one of channel two, whose datagrams go to the same hub
-        // address and so may join the same batch.
-        let mut bufs: Vec<Vec<u8>> = vec![
-            [segment(one, 1, STRIDE), segment(one, 2, STRIDE)].concat(),
-            [segment(one, 3, STRIDE), segment(one, 4, STRIDE)].concat(),
-            [segment(two, 5, STRIDE), segment(two, 6, 30)].concat(),
-        ];
-        let expected: Vec<Vec<u8>> = [(&bufs[0], ids[0].1), (&bufs[1], ids[0].1), (&bufs[2], ids[1].1)]
-            .iter()
-            .flat_map(|&(buf, to)| {
-                buf.chunks(STRIDE).map(move |s| {
-                    let mut s = s.to_vec();
-                    assert!(channel::write_header(&mut s, to));
-                    s
-                })
-            })
-            .collect();
-        let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-        let mut batch = Batch::default();
-        for here in 0..slices.len() {
-            let (earlier, rest) = slices.split_at_mut(here);
-            let data = &mut rest[0][..];
-            assert_eq!(socket.filter(data, STRIDE, app, None, here, earlier, &mut batch), 0);
-        }
-        socket.flush(&slices, &mut batch);
-
-        let mut got = Vec::new();
-        let mut datagram = [0u8; 2048];
-        for _ in 0..expected.len() {
-            let n = hubs.recv(&mut datagram).unwrap();
-            got.push(datagram[..n].to_vec());
-        }
-        assert_eq!(got, expected, "every datagram arrives once, in order, under the hub's id");
-        let text = stats.encode();
-        let series = |s: &str| keyway_test_support::http::series(&text, s).unwrap();
-        assert_eq!(series("keyway_relay_channel_packets_forwarded_total{direction=\"app_to_hub\"}"), 6.0);
-        // One send for all six where the socket does GSO (the short last segment ends it).
-        let sends = if socket.max_transmit_segments() > 1 { 1.0 } else { 6.0 };
-        assert_eq!(series("keyway_relay_channel_transmits_total"), sends);
-        assert_eq!(stats.bytes_app_to_hub(), (5 * (STRIDE - HEADER_LEN) + 30 - HEADER_LEN) as u64);
     }
 }
