@@ -33,20 +33,6 @@ pub struct ClientConfig {
     pub keep_alive: Duration,
     /// QUIC idle timeout on the relay connection.
     pub idle_timeout: Duration,
-    /// How sessions reach the hub (see [`DataPlane`]).
-    pub data_plane: DataPlane,
-}
-
-/// How an app's sessions reach the hub.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DataPlane {
-    /// v1: each session is a relay stream spliced to a hub stream, end-to-end TLS inside it
-    /// (the relay terminates QUIC on both legs).
-    Splice,
-    /// v2: one end-to-end QUIC connection per (hub, hub key) whose packets the relay forwards
-    /// without decrypting them (a *channel*); each session is one stream on it.
-    #[default]
-    Quic,
 }
 
 impl ClientConfig {
@@ -59,7 +45,6 @@ impl ClientConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             keep_alive: DEFAULT_KEEP_ALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            data_plane: DataPlane::default(),
         }
     }
 

@@ -109,7 +109,7 @@ pub enum ProtocolError {
         humantime::format_duration(*waited)
     )]
     NoAnswer { hub: HubName, waited: Duration },
-    #[error("protocol error: expected SessionAccepted or Refused, got {got}")]
+    #[error("protocol error: expected StreamAccepted or Refused, got {got}")]
     UnexpectedAnswer { got: &'static str },
     /// Data plane v2: a relay or hub answer that is not the one the request asks for.
     #[error("protocol error: expected {expected} or Refused, got {got}")]

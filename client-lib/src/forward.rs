@@ -4,7 +4,7 @@
 //! in-process. A failed session is logged with its typed error and only that TCP connection
 //! is closed: the forwarder itself keeps running, since the hub may come back.
 //!
-//! Each connection uses [`Client::connect_pipelined`]: on data plane v2 its first bytes leave
+//! Each connection uses [`Client::connect_pipelined`]: its first bytes leave
 //! with the stream's `StreamOpen` instead of a round trip later; a refusal by the hub then
 //! ends the copy with the typed error, logged like a refused `connect`.
 

@@ -7,19 +7,17 @@
 //! let config = keyway_client::ClientConfig::new(identity, "203.0.113.7:443".parse().unwrap(), relay_key);
 //! let client = keyway_client::Client::new(config)?;
 //! let hub = keyway_proto::HubName::new("home").unwrap();
-//! let mut stream = client.connect(&hub, &hub_key).await?; // end-to-end TLS, hub key pinned
+//! let mut stream = client.connect(&hub, &hub_key).await?; // end-to-end QUIC, hub key pinned
 //! stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
 //! # Ok(()) }
 //! ```
 //!
-//! A [`Client`] holds one quinn endpoint and one relay connection, dialed lazily and redialed
-//! when it is found closed, shared by every session: each [`Client::connect`] is one QUIC
-//! stream, so opening a session costs one round trip to the hub, not a handshake with the relay.
-//!
-//! With [`DataPlane::Quic`] (data plane v2) the endpoint sits on a path socket ([`path`]) and
-//! the client also holds one end-to-end QUIC connection per (hub, hub key), dialed lazily
-//! through a relay channel (one dial for concurrent callers) and redialed when lost (module `e2e`);
-//! each `connect` is then one stream on it, so a new session costs no handshake at all.
+//! A [`Client`] holds one quinn endpoint on a path socket ([`path`]), one relay connection
+//! (dialed lazily, redialed when found closed), and one end-to-end QUIC connection per (hub, hub
+//! key), dialed lazily through a relay channel (one dial for concurrent callers) and redialed
+//! when lost (module `e2e`). The relay forwards that connection's packets without being able to
+//! read them. Each [`Client::connect`] is one stream on it, so a new session costs no handshake
+//! at all, only the hub's answer (and [`Client::connect_pipelined`] not even that wait).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod config;
@@ -39,7 +37,7 @@ use keyway_proto::tls::MismatchSlot;
 use keyway_proto::{Frame, HubName, PublicKey, SessionPurpose};
 use quinn::{Connection, Endpoint};
 
-pub use config::{ClientConfig, DataPlane};
+pub use config::ClientConfig;
 pub use error::{ChannelEnd, ClientError, ConfigError, HandshakeError, ProtocolError};
 pub use pairing::{pair, PairedHub, PairingCode};
 pub use session::HubStream;
@@ -58,11 +56,8 @@ struct Inner {
     /// The shared relay connection. An async mutex so that concurrent `connect`s that find no
     /// live connection wait for one dial instead of each dialing their own.
     conn: tokio::sync::Mutex<Option<Connection>>,
-    /// One end-to-end TLS config per hub key, kept so that rustls' session cache lets later
-    /// sessions to the same hub resume.
-    e2e: Mutex<HashMap<PublicKey, (Arc<rustls::ClientConfig>, MismatchSlot)>>,
-    /// Data plane v2 state; `None` on v1.
-    quic: Option<QuicPlane>,
+    /// The end-to-end connections and their channel table.
+    quic: QuicPlane,
 }
 
 /// Where one (hub, hub key)'s end-to-end connection is kept, once dialed.
@@ -78,7 +73,7 @@ struct Link {
     refused: Option<(tokio::time::Instant, keyway_proto::RefusalReason, String)>,
 }
 
-/// What a v2 client keeps besides the relay link.
+/// What a client keeps besides the relay link.
 #[derive(Debug)]
 struct QuicPlane {
     paths: path::Paths,
@@ -106,28 +101,15 @@ impl Client {
             config.idle_timeout,
             config.connect_timeout,
         )?;
-        let (endpoint, quic) = match config.data_plane {
-            DataPlane::Splice => (relay_link::bind_endpoint(config.relay_addr)?, None),
-            DataPlane::Quic => {
-                let (endpoint, paths) = path::bind_path_endpoint(config.relay_addr, None)?;
-                let plane = QuicPlane {
-                    paths,
-                    links: Mutex::default(),
-                    configs: Mutex::default(),
-                    last_nudge: Mutex::default(),
-                };
-                (endpoint, Some(plane))
-            }
+        let (endpoint, paths) = path::bind_path_endpoint(config.relay_addr, None)?;
+        let quic = QuicPlane {
+            paths,
+            links: Mutex::default(),
+            configs: Mutex::default(),
+            last_nudge: Mutex::default(),
         };
         Ok(Client {
-            inner: Arc::new(Inner {
-                config,
-                endpoint,
-                dialer,
-                conn: tokio::sync::Mutex::new(None),
-                e2e: Mutex::new(HashMap::new()),
-                quic,
-            }),
+            inner: Arc::new(Inner { config, endpoint, dialer, conn: tokio::sync::Mutex::new(None), quic }),
         })
     }
 
@@ -136,57 +118,33 @@ impl Client {
         self.connect_for(hub, hub_key, SessionPurpose::Connect).await
     }
 
-    /// [`connect`](Client::connect) with an explicit purpose. `Pair` sessions use a fresh TLS
-    /// config with resumption disabled: the hub accepts any app key on a pairing session, and
-    /// nothing learned there should be reused for (or confused with) authorized sessions. (On
-    /// data plane v2 a `Pair` session is one stream on an end-to-end connection of its own,
-    /// closed when the stream is dropped.)
+    /// [`connect`](Client::connect) with an explicit purpose. A `Pair` session is one stream on
+    /// an end-to-end connection of its own (closed when the stream is dropped), with a fresh TLS
+    /// config whose resumption is disabled: the hub accepts any app key on a pairing
+    /// connection, and nothing learned there should be reused for (or confused with) authorized
+    /// ones.
     pub async fn connect_for(
         &self,
         hub: &HubName,
         hub_key: &PublicKey,
         purpose: SessionPurpose,
     ) -> Result<HubStream, ClientError> {
-        if let Some(plane) = &self.inner.quic {
-            return self.quic_connect(plane, hub, hub_key, purpose, true).await;
-        }
-        let timeout = self.inner.config.session_timeout();
-        let open = Frame::SessionOpen { hub: hub.clone(), hub_key: *hub_key, purpose };
-        let stream = match self.relay_request(&open, hub).await? {
-            (stream, Frame::SessionAccepted) => stream,
-            (_, other) => return Err(ProtocolError::UnexpectedAnswer { got: other.name() }.into()),
-        };
-        let (tls, mismatch) = match purpose {
-            SessionPurpose::Connect => self.e2e_config(hub_key)?,
-            SessionPurpose::Pair => {
-                let (mut config, slot) = keyway_proto::tls::client_config(
-                    &self.inner.config.identity,
-                    *hub_key,
-                    keyway_proto::ALPN_E2E,
-                )?;
-                config.resumption = rustls::client::Resumption::disabled();
-                (Arc::new(config), slot)
-            }
-        };
-        session::handshake(tls, &mismatch, *hub_key, stream, timeout).await
+        self.quic_connect(&self.inner.quic, hub, hub_key, purpose, true).await
     }
 
     /// [`connect`](Client::connect) without waiting for the hub's answer, for callers that
-    /// have bytes to send at once (`keyway forward`): on data plane v2 the stream is handed out
+    /// have bytes to send at once (`keyway forward`): the stream is handed out
     /// as soon as `StreamOpen` is queued, so the first bytes leave in the same flight. The
     /// answer is read before the first byte the stream yields; a refusal then surfaces as an
     /// `io::Error` whose inner error is the [`ClientError`] (`get_ref()` and downcast). Errors
     /// before the stream exists (no relay, channel refused, wrong hub key) are returned here as
-    /// usual. On v1 this is `connect`.
+    /// usual.
     pub async fn connect_pipelined(
         &self,
         hub: &HubName,
         hub_key: &PublicKey,
     ) -> Result<HubStream, ClientError> {
-        match &self.inner.quic {
-            Some(plane) => self.quic_connect(plane, hub, hub_key, SessionPurpose::Connect, false).await,
-            None => self.connect(hub, hub_key).await,
-        }
+        self.quic_connect(&self.inner.quic, hub, hub_key, SessionPurpose::Connect, false).await
     }
 
     /// Sends `request` on a new stream of the relay connection and returns the stream and the
@@ -220,7 +178,7 @@ impl Client {
         }
     }
 
-    /// Data plane v2: one stream on the (hub, hub key)'s end-to-end connection, dialing it if
+    /// One stream on the (hub, hub key)'s end-to-end connection, dialing it if
     /// there is none; a cached connection found dead is redialed once.
     async fn quic_connect(
         &self,
@@ -266,9 +224,7 @@ impl Client {
     /// Sends one empty stream on the cached relay connection (at most once per
     /// [`NUDGE_INTERVAL`]), so a relay that restarted since answers with a stateless reset now.
     ///
-    /// Why: on v1 every session was a stream on the relay connection, so the first session
-    /// after a relay crash met the reset and redialed. On v2 a session touches only the
-    /// end-to-end connection, whose packets a restarted relay drops without a word (it never
+    /// Why: a session touches only the end-to-end connection, whose packets a restarted relay drops without a word (it never
     /// held their keys), and the relay connection would learn of the crash only at its next
     /// keep-alive. The reset closes the relay connection, the channel guard then closes the
     /// end-to-end connection with [`ChannelEnd::RelayLost`], and `connect` redials. The relay
@@ -358,7 +314,7 @@ impl Client {
                 let (mut tls, slot) = keyway_proto::tls::client_config(
                     &self.inner.config.identity,
                     *hub_key,
-                    keyway_proto::ALPN_E2E_QUIC,
+                    keyway_proto::ALPN_E2E,
                 )?;
                 tls.resumption = rustls::client::Resumption::disabled();
                 let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
@@ -382,7 +338,8 @@ impl Client {
         plane: &QuicPlane,
         hub_key: &PublicKey,
     ) -> Result<(quinn::ClientConfig, MismatchSlot), ClientError> {
-        // As for `e2e`: one insert of a finished config, so a poisoned cache is still good.
+        // One insert of a finished config: a panic elsewhere cannot leave the map half-updated,
+        // so a poisoned cache is still a good cache.
         let mut cache = plane.configs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((config, slot)) = cache.get(hub_key) {
             return Ok((config.clone(), slot.clone()));
@@ -390,7 +347,7 @@ impl Client {
         let (crypto, slot) = keyway_proto::tls::quic_client_crypto(
             &self.inner.config.identity,
             *hub_key,
-            keyway_proto::ALPN_E2E_QUIC,
+            keyway_proto::ALPN_E2E,
         )?;
         let config = self.with_e2e_transport(quinn::ClientConfig::new(crypto))?;
         cache.insert(*hub_key, (config.clone(), slot.clone()));
@@ -406,9 +363,9 @@ impl Client {
         Ok(config)
     }
 
-    /// Counters of the path socket (data plane v2; `None` on v1).
-    pub fn path_stats(&self) -> Option<path::PathStats> {
-        self.inner.quic.as_ref().map(|plane| plane.paths.stats())
+    /// Counters of the path socket.
+    pub fn path_stats(&self) -> path::PathStats {
+        self.inner.quic.paths.stats()
     }
 
     /// The app's public key (what the hub owner adds to `authorized_apps`).
@@ -423,15 +380,13 @@ impl Client {
 
     /// Closes the relay connection and the endpoint, waiting briefly for the close to be sent.
     pub async fn close(&self) {
-        if let Some(plane) = &self.inner.quic {
-            let slots: Vec<_> = {
-                let links = plane.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                links.values().cloned().collect()
-            };
-            for slot in slots {
-                if let Some(link) = slot.lock().await.live.take() {
-                    link.close("client closed");
-                }
+        let slots: Vec<_> = {
+            let links = self.inner.quic.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            links.values().cloned().collect()
+        };
+        for slot in slots {
+            if let Some(link) = slot.lock().await.live.take() {
+                link.close("client closed");
             }
         }
         if let Some(conn) = self.inner.conn.lock().await.take() {
@@ -465,22 +420,5 @@ impl Client {
         if slot.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
             *slot = None;
         }
-    }
-
-    fn e2e_config(
-        &self,
-        hub_key: &PublicKey,
-    ) -> Result<(Arc<rustls::ClientConfig>, MismatchSlot), ClientError> {
-        // A panic elsewhere while holding the lock cannot leave the map half-updated (one
-        // insert of a finished config), so a poisoned cache is still a good cache.
-        let mut cache = self.inner.e2e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((config, slot)) = cache.get(hub_key) {
-            return Ok((config.clone(), slot.clone()));
-        }
-        let (config, slot) =
-            keyway_proto::tls::client_config(&self.inner.config.identity, *hub_key, keyway_proto::ALPN_E2E)?;
-        let config = Arc::new(config);
-        cache.insert(*hub_key, (config.clone(), slot.clone()));
-        Ok((config, slot))
     }
 }

@@ -4,7 +4,7 @@
 //! It owns the translation between what quinn sees and what goes over the wire:
 //! * **Receive.** A datagram from the relay that is channel data with a bound id goes to quinn
 //!   with the header stripped and the source replaced by that channel's *virtual address*. Every
-//!   other datagram from the relay (the relay connection itself, v1 sessions) goes to quinn
+//!   other datagram from the relay (the relay connection itself) goes to quinn
 //!   unchanged. Datagrams from any other address, or for an id nobody bound, are dropped and
 //!   counted: only the relay can reach this socket.
 //! * **Send.** A transmit to a virtual address gets the header of its channel on every segment

@@ -95,7 +95,7 @@ impl RelayDialer {
     }
 
     /// Lets the relay keep up to `streams` bidirectional streams open at once on the
-    /// connection. A hub needs this: every session (v1) or channel (v2) the relay introduces is
+    /// connection. A hub needs this: every channel the relay introduces is
     /// a stream the relay opens, and quinn's default credit of 100 would make the 101st wait
     /// while the relay's own limit allows more. Apps never accept streams and keep the default.
     pub fn accept_streams(

@@ -1,27 +1,23 @@
-//! One session: `SessionOpen` on a fresh stream, the relay's (or hub's) answer, then the
-//! end-to-end TLS handshake that pins the hub key; and [`HubStream`], the byte stream a
-//! session gives the app on either data plane (v1 here, v2's streams in `e2e`).
+//! What a session gives the app, and how the client asks the relay for something.
 //!
-//! The relay splices bytes after `SessionAccepted`, so everything from here on is TLS the relay
-//! cannot read. The pinned-key verifier records a mismatch in a
-//! [`MismatchSlot`] so a wrong hub key is reported as
-//! [`ClientError::HubKeyMismatch`] naming both fingerprints rather than a bare TLS alert.
+//! [`HubStream`] is one stream of the end-to-end QUIC connection to a hub (see `e2e`): the
+//! relay forwards that connection's packets without being able to read them. [`request`] is
+//! the one exchange the app has with the relay itself: a frame on a fresh stream of the relay
+//! connection (`ChannelOpen`) and one answer (`ChannelReady` or a typed `Refused`).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use keyway_proto::io::{read_frame, write_frame, FrameIoError};
-use keyway_proto::tls::MismatchSlot;
 use keyway_proto::{Frame, HubName, PublicKey};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::error::{ClientError, HandshakeError, ProtocolError};
+use crate::error::{ClientError, ProtocolError};
 
-/// The two halves of a QUIC bidirectional stream as one tokio byte stream (what TLS runs over).
+/// The two halves of a QUIC bidirectional stream as one tokio byte stream.
 #[derive(Debug)]
 pub struct QuicBiStream {
     pub send: SendStream,
@@ -53,24 +49,16 @@ impl AsyncWrite for QuicBiStream {
 /// An end-to-end encrypted byte stream to a hub's service.
 ///
 /// `shutdown` finishes the stream (a half-close: reading still works until the hub closes its
-/// side); on data plane v1 it sends TLS `close_notify` first.
+/// side).
 #[derive(Debug)]
 pub struct HubStream {
-    inner: Transport,
+    inner: crate::e2e::E2eStream,
     hub_key: PublicKey,
-}
-
-#[derive(Debug)]
-enum Transport {
-    /// v1: TLS over a spliced relay stream.
-    Tls(Box<tokio_rustls::client::TlsStream<QuicBiStream>>),
-    /// v2: a stream of the end-to-end QUIC connection.
-    Quic(crate::e2e::E2eStream),
 }
 
 impl HubStream {
     pub(crate) fn quic(stream: crate::e2e::E2eStream, hub_key: PublicKey) -> Self {
-        Self { inner: Transport::Quic(stream), hub_key }
+        Self { inner: stream, hub_key }
     }
 
     /// The hub key this stream was authenticated against.
@@ -78,30 +66,16 @@ impl HubStream {
         self.hub_key
     }
 
-    /// v1: whether the end-to-end TLS session was resumed from a cached ticket (no certificate
-    /// verification ran; the hub re-checks the key after the handshake either way).
-    ///
-    /// v2 (one end-to-end QUIC connection per hub, each stream on it): whether this stream
-    /// rode on a connection that was already up, so it cost no handshake at all. (quinn does
-    /// not tell a client whether its handshake resumed a TLS session; the hub re-checks the
-    /// key after every handshake, resumed or not.)
+    /// Whether this stream rode on an end-to-end connection that was already up, so it cost
+    /// no handshake at all. (quinn does not tell a client whether its handshake resumed a TLS
+    /// session; the hub re-checks the key after every handshake, resumed or not.)
     pub fn resumed(&self) -> bool {
-        match &self.inner {
-            Transport::Tls(tls) => tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
-            Transport::Quic(quic) => quic.reused(),
-        }
+        self.inner.reused()
     }
 
     /// Aborts the stream at once in both directions (QUIC reset and stop-sending).
     pub fn abort(&mut self) {
-        match &mut self.inner {
-            Transport::Tls(tls) => {
-                let io = tls.get_mut().0;
-                let _ = io.send.reset(keyway_proto::codes::NORMAL);
-                let _ = io.recv.stop(keyway_proto::codes::NORMAL);
-            }
-            Transport::Quic(quic) => quic.abort(),
-        }
+        self.inner.abort();
     }
 }
 
@@ -111,47 +85,29 @@ impl AsyncRead for HubStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.inner {
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
-            Transport::Quic(quic) => Pin::new(quic).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for HubStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match &mut self.inner {
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-            Transport::Quic(quic) => Pin::new(quic).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.inner {
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-            Transport::Quic(quic) => Pin::new(quic).poll_flush(cx),
-        }
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.inner {
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
-            Transport::Quic(quic) => Pin::new(quic).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.inner {
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
-            Transport::Quic(quic) => Pin::new(quic).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        match &self.inner {
-            Transport::Tls(tls) => tls.is_write_vectored(),
-            Transport::Quic(quic) => quic.is_write_vectored(),
-        }
+        self.inner.is_write_vectored()
     }
 }
 
@@ -184,7 +140,7 @@ impl From<ClientError> for OpenFailure {
 
 /// Opens a stream on the relay connection, writes `request` about `hub` and reads one answer
 /// frame: a `Refused` becomes [`ClientError::Refused`], any other frame is the caller's to
-/// judge. Shared by v1 sessions (`SessionOpen`) and v2 channels (`ChannelOpen`).
+/// judge.
 pub(crate) async fn request(
     conn: &Connection,
     request: &Frame,
@@ -205,26 +161,5 @@ pub(crate) async fn request(
     match answer {
         Frame::Refused { reason, message } => Err(ClientError::Refused { reason, message }.into()),
         answer => Ok((QuicBiStream { send, recv }, answer)),
-    }
-}
-
-/// Runs the end-to-end TLS client over an accepted session stream.
-pub(crate) async fn handshake(
-    config: Arc<rustls::ClientConfig>,
-    mismatch: &MismatchSlot,
-    hub_key: PublicKey,
-    stream: QuicBiStream,
-    timeout: Duration,
-) -> Result<HubStream, ClientError> {
-    let connector = tokio_rustls::TlsConnector::from(config);
-    match tokio::time::timeout(timeout, connector.connect(keyway_proto::tls::server_name(), stream)).await {
-        Ok(Ok(inner)) => Ok(HubStream { inner: Transport::Tls(Box::new(inner)), hub_key }),
-        Ok(Err(e)) => Err(match mismatch.take() {
-            // The slot is shared by all sessions to this hub key, so a hit means the far end
-            // presented another key than `hub_key`, whichever session recorded it.
-            Some(m) => ClientError::HubKeyMismatch(m),
-            None => ClientError::HubRejected(HandshakeError::Tls(e)),
-        }),
-        Err(_) => Err(ClientError::HubRejected(HandshakeError::TimedOut { waited: timeout })),
     }
 }

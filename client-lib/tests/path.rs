@@ -12,7 +12,7 @@ use std::time::Duration;
 use keyway_client::path::{bind_path_endpoint, e2e_transport_config, ChannelBinding, Paths};
 use keyway_proto::channel::{self, ChannelId};
 use keyway_proto::tls::{self, AllowList};
-use keyway_proto::{Identity, ALPN_E2E_QUIC};
+use keyway_proto::{Identity, ALPN_E2E};
 use keyway_test_support::{eventually, identity, payload, within};
 use tokio::net::UdpSocket;
 
@@ -92,8 +92,7 @@ async fn pair() -> Pair {
     let (app_id, hub_id) = (identity(), identity());
     let forwarder = Forwarder::bind().await;
     let crypto =
-        tls::quic_server_crypto(&hub_id, Arc::new(AllowList::new([app_id.public_key()])), ALPN_E2E_QUIC)
-            .unwrap();
+        tls::quic_server_crypto(&hub_id, Arc::new(AllowList::new([app_id.public_key()])), ALPN_E2E).unwrap();
     let mut server = quinn::ServerConfig::with_crypto(crypto);
     server.transport_config(transport());
     let (app, app_paths) = bind_path_endpoint(forwarder.addr(), None).unwrap();
@@ -138,7 +137,7 @@ async fn connect(p: &Pair) -> quinn::Connection {
             });
         }
     });
-    let (crypto, _) = tls::quic_client_crypto(&p.app_id, p.hub_key, ALPN_E2E_QUIC).unwrap();
+    let (crypto, _) = tls::quic_client_crypto(&p.app_id, p.hub_key, ALPN_E2E).unwrap();
     let mut config = quinn::ClientConfig::new(crypto);
     config.transport_config(transport());
     let connecting = p.app.connect_with(config, p.app_binding.addr(), tls::SERVER_NAME).unwrap();

@@ -1,4 +1,4 @@
-//! The app side of data plane v2 (`DataPlane::Quic`) over real UDP on loopback, against a small
+//! The app side of the end-to-end QUIC data plane over real UDP on loopback, against a small
 //! test relay and test hub built from real quinn endpoints: the relay answers `ChannelOpen` and
 //! forwards channel datagrams inside its socket's `poll_recv`; the hub sits on a path socket
 //! whose channel the test relay binds directly (the test plays the hub's control plane).
@@ -14,11 +14,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use keyway_client::path::{bind_path_endpoint, e2e_transport_config, ChannelBinding, Paths};
-use keyway_client::{ChannelEnd, Client, ClientConfig, ClientError, DataPlane};
+use keyway_client::{ChannelEnd, Client, ClientConfig, ClientError};
 use keyway_proto::channel::{self, ChannelId};
 use keyway_proto::io::{read_frame, write_frame};
 use keyway_proto::tls::{self, AllowList, AnyKey};
-use keyway_proto::{codes, Frame, HubName, Identity, PublicKey, RefusalReason, ALPN_E2E_QUIC, ALPN_RELAY};
+use keyway_proto::{codes, Frame, HubName, Identity, PublicKey, RefusalReason, ALPN_E2E, ALPN_RELAY};
 use keyway_test_support::{eventually, fresh_seed, identity, name, payload, within};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -148,8 +148,7 @@ async fn bed() -> Bed {
     let relay_addr = relay.local_addr().unwrap();
 
     let crypto =
-        tls::quic_server_crypto(&hub_id, Arc::new(AllowList::new([app.public_key()])), ALPN_E2E_QUIC)
-            .unwrap();
+        tls::quic_server_crypto(&hub_id, Arc::new(AllowList::new([app.public_key()])), ALPN_E2E).unwrap();
     let mut server = quinn::ServerConfig::with_crypto(crypto);
     server.transport_config(Arc::new(
         e2e_transport_config(Duration::from_secs(5), Duration::from_secs(30)).unwrap(),
@@ -271,9 +270,7 @@ async fn bed() -> Bed {
 
 impl Bed {
     fn client(&self) -> Client {
-        let mut config =
-            ClientConfig::new(Identity::from_seed(self.app_seed), self.relay_addr, self.relay_key);
-        config.data_plane = DataPlane::Quic;
+        let config = ClientConfig::new(Identity::from_seed(self.app_seed), self.relay_addr, self.relay_key);
         Client::new(config).unwrap()
     }
 }
@@ -327,7 +324,7 @@ async fn sessions_are_streams_on_one_end_to_end_connection_dialed_once() {
         within("a concurrent session", t).await.unwrap();
     }
     assert_eq!(bed.channels_opened.load(Ordering::SeqCst), 1);
-    let stats = client.path_stats().unwrap();
+    let stats = client.path_stats();
     assert!(stats.channel_in > 100 && stats.channel_out > 100 && stats.relay_in > 0, "{stats:?}");
     assert_eq!((stats.dropped_foreign, stats.dropped_unknown_channel, stats.bound), (0, 0, 1), "{stats:?}");
     assert_eq!(bed.hub_paths.stats().dropped_unknown_channel, 0);
@@ -405,7 +402,7 @@ async fn a_wrong_hub_key_is_a_mismatch_naming_both_keys() {
         (bed.channels_ended.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
-    assert_eq!(client.path_stats().unwrap().bound, 0);
+    assert_eq!(client.path_stats().bound, 0);
 }
 
 #[tokio::test]
@@ -432,7 +429,7 @@ async fn a_relay_cut_ends_the_connection_with_its_reason_and_the_next_connect_re
     assert!(matches!(typed(&e), ClientError::ChannelEnded(ChannelEnd::Revoked)), "{e}");
     eventually("the app ends its channel stream and unbinds", || async {
         let ended = bed.channels_ended.load(Ordering::SeqCst) == 1;
-        (ended && client.path_stats().unwrap().bound == 0).then_some(())
+        (ended && client.path_stats().bound == 0).then_some(())
     })
     .await;
 
@@ -465,7 +462,7 @@ async fn a_hub_that_closes_with_revoked_gives_a_typed_error_and_the_channel_is_r
         (bed.channels_ended.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
-    assert_eq!(client.path_stats().unwrap().bound, 0);
+    assert_eq!(client.path_stats().bound, 0);
 }
 
 #[tokio::test]

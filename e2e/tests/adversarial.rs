@@ -144,7 +144,7 @@ async fn attacks_are_refused_counted_and_the_legitimate_session_keeps_flowing() 
     let relay_key = relay.key;
     let hub_key = hub_id.public_key();
     let legit_open =
-        encode(&Frame::SessionOpen { hub: name("home"), hub_key, purpose: SessionPurpose::Connect });
+        encode(&Frame::ChannelOpen { hub: name("home"), hub_key, purpose: SessionPurpose::Connect });
     let echoed_before = steady.echoed.load(Ordering::Relaxed);
     let attack_started = Instant::now();
     let outcomes = tokio::spawn(async move {
@@ -200,14 +200,16 @@ async fn attacks_are_refused_counted_and_the_legitimate_session_keeps_flowing() 
         }
 
         // 2. Garbage, oversized and truncated frames, each on a fresh stream.
-        let mut oversized = vec![1u8, 1];
+        const V: u8 = keyway_proto::codec::PROTOCOL_VERSION;
+        const OPEN: u8 = 11; // ChannelOpen
+        let mut oversized = vec![V, 1];
         oversized.extend(u32::MAX.to_be_bytes());
         let malformed: [(&[u8], RefusalReason); 5] = [
             (b"GET / HTTP/1.1\r\n\r\n", RefusalReason::UnsupportedVersion),
             (&oversized, RefusalReason::BadFrame),
-            (&[1, 5, 0, 0, 0, 40, 4, b'h', b'o'], RefusalReason::BadFrame), // truncated, then FIN
-            (&[1, 5, 0], RefusalReason::BadFrame),                          // truncated header
-            (&[1, 99, 0, 0, 0, 0], RefusalReason::BadFrame),                // unknown frame type
+            (&[V, OPEN, 0, 0, 0, 40, 4, b'h', b'o'], RefusalReason::BadFrame), // truncated, then FIN
+            (&[V, OPEN, 0], RefusalReason::BadFrame),                          // truncated header
+            (&[V, 99, 0, 0, 0, 0], RefusalReason::BadFrame),                   // unknown frame type
         ];
         for conn in malformed_conns {
             for _ in 0..10 {

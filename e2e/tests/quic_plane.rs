@@ -1,20 +1,16 @@
-//! Data plane v2 end to end: real relay, real hub connector, real client library over real
-//! UDP; the app and hub run one end-to-end QUIC connection whose packets the relay forwards.
-//!
-//! While v2 is built beside v1 these tests ask for it explicitly (`DataPlane::Quic`); the rest
-//! of the suite runs on the default data plane.
+//! The end-to-end QUIC data plane end to end: real relay, real hub connector, real client
+//! library over real UDP; the app and hub run one end-to-end QUIC connection whose packets the
+//! relay forwards, each session a stream on it.
 
 use std::sync::Arc;
 
-use keyway_client::{Client, ClientConfig, ClientError, DataPlane};
+use keyway_client::{Client, ClientConfig, ClientError};
 use keyway_e2e::*;
 use keyway_proto::RefusalReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn quic_client(relay: &TestRelay, id: keyway_proto::Identity) -> Client {
-    let mut config = ClientConfig::new(id, relay.addr(), relay.key());
-    config.data_plane = DataPlane::Quic;
-    Client::new(config).expect("client")
+    Client::new(ClientConfig::new(id, relay.addr(), relay.key())).expect("client")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,14 +13,55 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use keyway_proto::channel::ChannelId;
 use keyway_proto::codes;
-use keyway_proto::io::write_frame;
+use keyway_proto::io::{read_frame, write_frame};
 use keyway_proto::{Frame, PublicKey, RefusalReason, SessionPurpose};
 use quinn::{RecvStream, SendStream};
+use tracing::Instrument;
 
 use crate::state::{Shared, Tunnel};
+
+/// How long the relay has to send its announce on a stream it opened.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handles one stream the relay opened on the tunnel: its first frame must be
+/// `ChannelAnnounce`. Never panics on what it reads.
+pub(crate) async fn handle_stream(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let announce = match tokio::time::timeout(ANNOUNCE_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Ok(frame)) => frame,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "relay stream without a valid announce");
+            let _ = send.reset(codes::PROTOCOL);
+            let _ = recv.stop(codes::PROTOCOL);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("no ChannelAnnounce in time");
+            let _ = send.reset(codes::PROTOCOL);
+            let _ = recv.stop(codes::PROTOCOL);
+            return;
+        }
+    };
+    let Frame::ChannelAnnounce { app_key, observed, purpose, channel } = announce else {
+        tracing::warn!(frame = announce.name(), "relay opened a stream without ChannelAnnounce");
+        let message = "expected ChannelAnnounce";
+        let _ = write_frame(&mut send, &Frame::refused(RefusalReason::ProtocolViolation, message)).await;
+        let _ = send.finish();
+        return;
+    };
+    let label = shared.apps.label(&app_key);
+    let span = tracing::info_span!("channel", app = %app_key.fingerprint(), label = %label, %observed);
+    let announce = Announce { app_key, observed, purpose, id: channel };
+    handle(shared, tunnel, send, recv, announce).instrument(span).await
+}
 
 async fn refuse(shared: &Shared, send: &mut SendStream, reason: RefusalReason, message: String) {
     shared.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -40,7 +81,7 @@ pub(crate) struct Announce {
 }
 
 /// Handles a stream whose first frame was `ChannelAnnounce`.
-pub(crate) async fn handle(
+async fn handle(
     shared: Arc<Shared>,
     tunnel: Arc<Tunnel>,
     mut send: SendStream,

@@ -170,18 +170,6 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
             "no authorized apps yet: add \"KEY [LABEL]\" lines to the file (it is re-read automatically)"
         );
     }
-    let tls = keyway_proto::tls::server_config(
-        &config.identity,
-        Arc::new(apps.allow_list()),
-        keyway_proto::ALPN_E2E,
-    )?;
-    let mut pair_tls = keyway_proto::tls::server_config(
-        &config.identity,
-        Arc::new(keyway_proto::tls::AnyKey),
-        keyway_proto::ALPN_E2E,
-    )?;
-    pair_tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    pair_tls.send_tls13_tickets = 0;
     let (e2e_server, pair_server) = e2e_server_configs(&config, &apps)?;
     let window_file = crate::pairing::window_path(&config.apps_file);
     let mut links = Vec::new();
@@ -216,8 +204,6 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         stats: Arc::default(),
         apps,
         sessions: Arc::default(),
-        tls: Arc::new(tls),
-        pair_tls: Arc::new(pair_tls),
         e2e_server,
         pair_server,
         load: Arc::default(),
@@ -265,9 +251,11 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
 /// the relay's limit, which refuses with a typed error, is the one that applies.
 const RELAY_STREAMS: u32 = 4096;
 
-/// The end-to-end QUIC server configs (data plane v2): one that admits the keys in
-/// `authorized_apps`, and one for pairing channels that admits any key and never resumes (as
-/// the v1 TLS configs above). Each connection gets the per-app stream credit plus a margin, so
+/// The end-to-end QUIC server configs: one that admits the keys in `authorized_apps` (one config
+/// for the connector's lifetime, so rustls' session cache lets apps resume; the re-check after
+/// every handshake keeps resumption from bypassing revocation), and one for pairing channels
+/// that admits any key (the secret, checked inside, is what authorizes it) and never resumes,
+/// so a pairing leaves nothing an authorized connection could reuse. Each connection gets the per-app stream credit plus a margin, so
 /// streams over the cap reach the hub and are refused with a typed error instead of waiting.
 fn e2e_server_configs(
     config: &HubConfig,
@@ -282,9 +270,8 @@ fn e2e_server_configs(
     };
     transport.max_concurrent_bidi_streams(credit).max_concurrent_uni_streams(0u32.into());
     let transport = Arc::new(transport);
-    let authorized =
-        server_config(&config.identity, Arc::new(apps.allow_list()), keyway_proto::ALPN_E2E_QUIC)?;
-    let mut pairing = server_config(&config.identity, Arc::new(AnyKey), keyway_proto::ALPN_E2E_QUIC)?;
+    let authorized = server_config(&config.identity, Arc::new(apps.allow_list()), keyway_proto::ALPN_E2E)?;
+    let mut pairing = server_config(&config.identity, Arc::new(AnyKey), keyway_proto::ALPN_E2E)?;
     pairing.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     pairing.send_tls13_tickets = 0;
     let quic = |tls: rustls::ServerConfig| -> Result<Arc<quinn::ServerConfig>, HubError> {

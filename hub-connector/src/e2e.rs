@@ -289,9 +289,57 @@ async fn pair(shared: &Shared, conn: &Connection, channel: &ChannelInfo) {
         Ok(Err(e)) => return tracing::info!(error = %e, "pairing: no request"),
         Err(_) => return tracing::info!("pairing: no request in time"),
     };
-    let (status, message) = crate::session::consume_window(shared, &channel.app_key, &secret).await;
+    let (status, message) = consume_window(shared, &channel.app_key, &secret).await;
     let _ = write_answer(&mut quic, status, &message).await;
     let _ = quic.shutdown().await;
     // The app closes the connection once it has read the answer; bound the wait.
     let _ = tokio::time::timeout(PAIR_REQUEST_TIMEOUT, conn.closed()).await;
+}
+
+/// Checks `secret` against the open window and, if it matches, authorizes `app_key` and
+/// closes the window. Serialized by `pair_lock` so one code pairs one app.
+async fn consume_window(
+    shared: &Shared,
+    app_key: &PublicKey,
+    secret: &[u8],
+) -> (keyway_proto::pairing::PairStatus, String) {
+    use keyway_proto::pairing::PairStatus;
+    let _guard = shared.pair_lock.lock().await;
+    let window = match crate::pairing::read_window(&shared.window_file) {
+        Ok(Some(w)) if w.is_open() => w,
+        Ok(_) => return (PairStatus::WindowClosed, "the pairing window is closed".into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "pairing: cannot read the window");
+            return (PairStatus::WindowClosed, "the pairing window is closed".into());
+        }
+    };
+    if !window.matches(secret) {
+        shared.stats.pairing_failures.fetch_add(1, Ordering::Relaxed);
+        let failures = window.failures.saturating_add(1);
+        tracing::warn!(failures, limit = crate::pairing::MAX_FAILURES, "pairing: wrong secret");
+        let updated = crate::pairing::PairingWindow { failures, ..window };
+        if let Err(e) = crate::pairing::write_window(&shared.window_file, &updated) {
+            tracing::warn!(error = %e, "pairing: cannot record the failure; closing the window");
+            let _ = crate::pairing::close_window(&shared.window_file);
+        }
+        shared.refresh_pairing();
+        return (PairStatus::WrongSecret, "wrong pairing secret".into());
+    }
+    // Close first: if recording the key fails, the code is spent anyway (fail closed).
+    if let Err(e) = crate::pairing::close_window(&shared.window_file) {
+        tracing::error!(error = %e, "pairing: cannot close the window; refusing");
+        return (PairStatus::Internal, "the hub could not close its pairing window".into());
+    }
+    let label = if window.label.is_empty() { "paired app".to_owned() } else { window.label.clone() };
+    if let Err(e) = crate::apps::add_app(&shared.config.apps_file, app_key, &label) {
+        tracing::error!(error = %e, "pairing: cannot add the app key");
+        shared.refresh_pairing();
+        return (PairStatus::Internal, "the hub could not record the app key".into());
+    }
+    // Apply now rather than at the next poll, so the app's first `connect` works at once.
+    let _ = shared.reload_apps();
+    shared.refresh_pairing();
+    shared.stats.paired.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(app = %app_key.fingerprint(), %label, "app paired and authorized");
+    (PairStatus::Paired, format!("paired as {label:?}"))
 }

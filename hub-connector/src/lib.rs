@@ -30,7 +30,6 @@ pub mod metrics;
 pub mod pairing;
 pub mod proxy_protocol;
 mod registry;
-pub mod session;
 mod shutdown;
 mod state;
 mod status;

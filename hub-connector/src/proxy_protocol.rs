@@ -2,7 +2,7 @@
 //! service sees the real caller instead of 127.0.0.1 (a hub whose login ban keys on the
 //! address would otherwise ban every remote user at once).
 //!
-//! The source is the app's UDP address as the relay observed it (`SessionAnnounce.observed`),
+//! The source is the app's UDP address as the relay observed it (`ChannelAnnounce.observed`),
 //! the destination is the local service's address. Both are sent as TCP over IPv4 when both
 //! are IPv4, else as TCP over IPv6 (IPv4 addresses mapped). The app's key travels in a custom
 //! TLV (type [`TLV_APP_KEY`], the `kw…` text form) so a service that wants to can tell

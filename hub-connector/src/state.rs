@@ -64,11 +64,11 @@ pub(crate) struct Shared {
     pub(crate) sessions: Arc<SessionRegistry>,
     /// One server config for the connector's lifetime, so rustls' session cache can let apps
     /// resume (the post-handshake re-check keeps resumption from bypassing revocation).
-    pub(crate) tls: Arc<rustls::ServerConfig>,
+
     /// The end-to-end TLS config of pairing sessions: admits any app key (the secret, checked
     /// inside the session, is what authorizes it) and never resumes, so a pairing session
     /// leaves nothing behind that an authorized session could reuse.
-    pub(crate) pair_tls: Arc<rustls::ServerConfig>,
+
     /// The end-to-end QUIC server config (data plane v2): the app key checked against the
     /// allow-list, one config for the connector's lifetime (resumption, as for `tls`).
     pub(crate) e2e_server: Arc<quinn::ServerConfig>,
@@ -186,12 +186,12 @@ pub struct HubStats {
 }
 
 impl HubStats {
-    /// Sessions the relay announced.
+    /// Channels the relay announced (one per end-to-end connection).
     pub fn sessions_announced(&self) -> u64 {
         self.announced.load(Ordering::Relaxed)
     }
-    /// Sessions answered with `SessionAccepted` (counted before the end-to-end handshake,
-    /// so an app whose `connect` succeeded is always counted).
+    /// Streams answered with `StreamAccepted` (each forwarded connection; a pairing stream
+    /// too), so an app whose `connect` succeeded is always counted.
     pub fn sessions_accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
     }

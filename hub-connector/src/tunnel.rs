@@ -221,7 +221,7 @@ async fn serve(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, conn: &Connection) ->
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    tokio::spawn(crate::session::handle(shared.clone(), tunnel.clone(), send, recv).in_current_span());
+                    tokio::spawn(crate::channel::handle_stream(shared.clone(), tunnel.clone(), send, recv).in_current_span());
                 }
                 Err(e) => return from_connection_error(true, e),
             },

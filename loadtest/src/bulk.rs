@@ -1,9 +1,7 @@
-//! Bulk throughput: app → relay → hub → local echo service → back, beside a direct quinn
+//! Bulk throughput: app → relay → hub → local echo service → back (one end-to-end QUIC
+//! connection whose packets the relay forwards without decrypting them), beside a direct quinn
 //! connection that carries the same payload the same way (client writes, server echoes on the
-//! same stream) as the physical reference. Two relayed paths run side by side in the same run:
-//! `relayed` (data plane v1: the relay terminates QUIC on both legs and splices streams,
-//! end-to-end TLS inside) and `relayed-quic` (v2: one end-to-end QUIC connection whose packets
-//! the relay forwards without decrypting them).
+//! same stream) as the physical reference.
 //!
 //! The number reported is goodput in one direction (bytes echoed back per second) while both
 //! directions are loaded, for 1 stream and for N parallel streams, and for the relayed paths
@@ -18,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::{Client, ClientConfig, DataPlane};
+use keyway_client::{Client, ClientConfig};
 use keyway_proto::tls::{quic_client_crypto, quic_server_crypto, AnyKey};
 use keyway_proto::ALPN_RELAY;
 use serde_json::json;
@@ -46,9 +44,6 @@ pub struct BulkOpts {
 pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
     let setup = crate::common::OneHub::start(&opts.relay_bin, (1, 2)).await?;
     let client = Client::new(ClientConfig::new(setup.app.duplicate(), setup.relay.addr, setup.relay.key))?;
-    let mut quic_config = ClientConfig::new(setup.app.duplicate(), setup.relay.addr, setup.relay.key);
-    quic_config.data_plane = DataPlane::Quic;
-    let quic_client = Client::new(quic_config)?;
     let direct = DirectServer::start().await?;
     let (name, hub_key) = (setup.name.clone(), setup.hub_key);
 
@@ -75,7 +70,6 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
                     }
                     transfer_all(set, per_stream).await?
                 } else {
-                    let client = if path == "relayed" { &client } else { &quic_client };
                     let mut set = Vec::with_capacity(streams);
                     for _ in 0..streams {
                         set.push(client.connect(&name, &hub_key).await?);
@@ -109,26 +103,22 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
                 .collect();
             median(&mut v)
         };
-        let direct_gbps = pick("direct", "gbps");
-        let (relayed_gbps, quic_gbps) = (pick("relayed", "gbps"), pick("relayed-quic", "gbps"));
+        let (direct_gbps, relayed_gbps) = (pick("direct", "gbps"), pick("relayed", "gbps"));
         records.push(json!({
             "scenario": "bulk", "kind": "summary", "streams": streams, "repeat": opts.repeat,
             "bytes": opts.bytes, "direct_gbps": round(direct_gbps, 3), "relayed_gbps": round(relayed_gbps, 3),
             "ratio": round(relayed_gbps / direct_gbps, 3),
             "relay_cpu_s_per_gib": round(pick("relayed", "relay_cpu_s_per_gib"), 3),
-            "quic_gbps": round(quic_gbps, 3), "quic_ratio": round(quic_gbps / direct_gbps, 3),
-            "quic_relay_cpu_s_per_gib": round(pick("relayed-quic", "relay_cpu_s_per_gib"), 3),
             "time": unix_time(),
         }));
     }
     client.close().await;
-    quic_client.close().await;
     setup.stop().await;
     Ok(records)
 }
 
 /// The paths measured, in the order each repetition runs them.
-pub const PATHS: [&str; 3] = ["direct", "relayed", "relayed-quic"];
+pub const PATHS: [&str; 2] = ["direct", "relayed"];
 
 /// Runs [`echo_transfer`] on every stream at once; returns the wall time until all are done.
 async fn transfer_all<S>(streams: Vec<S>, bytes: u64) -> anyhow::Result<Duration>

@@ -38,7 +38,7 @@ struct Common {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Throughput app → relay → hub → back, v1 splice and v2 end-to-end QUIC, beside a direct
+    /// Throughput app → relay → hub → back (end-to-end QUIC through the relay) beside a direct
     /// quinn connection.
     Bulk {
         #[command(flatten)]
@@ -52,8 +52,8 @@ enum Command {
         /// Runs per configuration (median reported).
         #[arg(long, default_value_t = 3)]
         repeat: usize,
-        /// Paths to measure: direct, relayed (v1 splice), relayed-quic (v2).
-        #[arg(long, value_delimiter = ',', default_value = "direct,relayed,relayed-quic")]
+        /// Paths to measure: direct, relayed.
+        #[arg(long, value_delimiter = ',', default_value = "direct,relayed")]
         paths: Vec<String>,
     },
     /// Many idle registered hubs: server RSS per hub and idle CPU.

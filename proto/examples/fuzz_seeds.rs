@@ -1,6 +1,7 @@
 //! Writes the fuzzers' seed corpus: one file per kind of valid frame and text input.
 //! Run: `cargo run -p keyway-proto --example fuzz_seeds` (from the repository root).
 
+use keyway_proto::channel::ChannelId;
 use keyway_proto::codec::{Frame, HubName, RefusalReason, SessionPurpose};
 use keyway_proto::Identity;
 
@@ -12,13 +13,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Frame::Registered { replaced: true },
         Frame::AllowList { allowed_apps: vec![key(3)], pairing_open: true },
         Frame::refused(RefusalReason::HubOffline, "hub home is offline"),
-        Frame::SessionOpen { hub: name, hub_key: key(4), purpose: SessionPurpose::Connect },
-        Frame::SessionAnnounce {
+        Frame::ChannelOpen { hub: name, hub_key: key(4), purpose: SessionPurpose::Connect },
+        Frame::ChannelAnnounce {
             app_key: key(5),
             observed: "203.0.113.9:4433".parse()?,
             purpose: SessionPurpose::Pair,
+            channel: ChannelId::new(0x0123_4567_89ab_cdef),
         },
-        Frame::SessionAccepted,
+        Frame::ChannelAccepted,
+        Frame::ChannelReady { channel: ChannelId::new(7) },
+        Frame::StreamOpen,
+        Frame::StreamAccepted,
         Frame::Ping { nonce: 1 },
         Frame::Pong { nonce: 2 },
         Frame::GoAway { retry_after_ms: 1000, message: "restarting".into() },

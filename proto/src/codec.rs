@@ -22,7 +22,7 @@ use crate::channel::ChannelId;
 use crate::identity::PublicKey;
 
 /// The only protocol version this codec speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Bytes of the frame header: version, type, payload length.
 pub const HEADER_LEN: usize = 6;
 /// Largest payload accepted, checked from the header before anything is read or allocated.
@@ -256,25 +256,12 @@ pub enum Frame {
         allowed_apps: Vec<PublicKey>,
         pairing_open: bool,
     },
-    /// relay → anyone, or hub → relay on a session: a typed refusal with a human message.
+    /// relay → anyone, hub → relay on a channel stream, or hub → app on a stream of the
+    /// end-to-end connection: a typed refusal with a human message.
     Refused {
         reason: RefusalReason,
         message: String,
     },
-    /// app → relay, first frame of a session stream.
-    SessionOpen {
-        hub: HubName,
-        hub_key: PublicKey,
-        purpose: SessionPurpose,
-    },
-    /// relay → hub, first frame of a stream the relay opens on the hub's connection.
-    SessionAnnounce {
-        app_key: PublicKey,
-        observed: SocketAddr,
-        purpose: SessionPurpose,
-    },
-    /// hub → relay → app: the session is spliced; end-to-end TLS starts with the next byte.
-    SessionAccepted,
     /// Liveness probe on the control stream (either direction); answered by `Pong`.
     Ping {
         nonce: u64,
@@ -320,9 +307,8 @@ mod kind {
     pub const REGISTERED: u8 = 2;
     pub const ALLOW_LIST: u8 = 3;
     pub const REFUSED: u8 = 4;
-    pub const SESSION_OPEN: u8 = 5;
-    pub const SESSION_ANNOUNCE: u8 = 6;
-    pub const SESSION_ACCEPTED: u8 = 7;
+    // 5, 6 and 7 were protocol version 1's spliced sessions (SessionOpen, SessionAnnounce,
+    // SessionAccepted); they stay unassigned so no old frame can be misread.
     pub const PING: u8 = 8;
     pub const PONG: u8 = 9;
     pub const GO_AWAY: u8 = 10;
@@ -369,9 +355,6 @@ impl Frame {
             Frame::Registered { .. } => "Registered",
             Frame::AllowList { .. } => "AllowList",
             Frame::Refused { .. } => "Refused",
-            Frame::SessionOpen { .. } => "SessionOpen",
-            Frame::SessionAnnounce { .. } => "SessionAnnounce",
-            Frame::SessionAccepted => "SessionAccepted",
             Frame::Ping { .. } => "Ping",
             Frame::Pong { .. } => "Pong",
             Frame::GoAway { .. } => "GoAway",
@@ -395,9 +378,6 @@ impl Frame {
             Frame::Registered { .. } => kind::REGISTERED,
             Frame::AllowList { .. } => kind::ALLOW_LIST,
             Frame::Refused { .. } => kind::REFUSED,
-            Frame::SessionOpen { .. } => kind::SESSION_OPEN,
-            Frame::SessionAnnounce { .. } => kind::SESSION_ANNOUNCE,
-            Frame::SessionAccepted => kind::SESSION_ACCEPTED,
             Frame::Ping { .. } => kind::PING,
             Frame::Pong { .. } => kind::PONG,
             Frame::GoAway { .. } => kind::GO_AWAY,
@@ -431,17 +411,6 @@ impl Frame {
                 w.u16(reason.code());
                 w.message("message", message)?;
             }
-            Frame::SessionOpen { hub, hub_key, purpose } => {
-                w.name(hub);
-                w.key(hub_key);
-                w.u8(purpose.code());
-            }
-            Frame::SessionAnnounce { app_key, observed, purpose } => {
-                w.key(app_key);
-                w.addr(observed);
-                w.u8(purpose.code());
-            }
-            Frame::SessionAccepted => {}
             Frame::Ping { nonce } | Frame::Pong { nonce } => w.u64(*nonce),
             Frame::GoAway { retry_after_ms, message } => {
                 w.u32(*retry_after_ms);
@@ -489,15 +458,6 @@ impl Frame {
                 reason: RefusalReason::from_code(r.u16("reason")?),
                 message: r.message("message")?,
             },
-            kind::SESSION_OPEN => {
-                Frame::SessionOpen { hub: r.name()?, hub_key: r.key("hub_key")?, purpose: r.purpose()? }
-            }
-            kind::SESSION_ANNOUNCE => Frame::SessionAnnounce {
-                app_key: r.key("app_key")?,
-                observed: r.addr()?,
-                purpose: r.purpose()?,
-            },
-            kind::SESSION_ACCEPTED => Frame::SessionAccepted,
             kind::PING => Frame::Ping { nonce: r.u64("nonce")? },
             kind::PONG => Frame::Pong { nonce: r.u64("nonce")? },
             kind::GO_AWAY => {
@@ -722,19 +682,6 @@ mod tests {
             Frame::AllowList { allowed_apps: vec![key(3)], pairing_open: true },
             Frame::refused(RefusalReason::HubOffline, "hub \"home\" is offline"),
             Frame::Refused { reason: RefusalReason::Other(999), message: String::new() },
-            Frame::SessionOpen { hub: name("my-hub-2"), hub_key: key(4), purpose: SessionPurpose::Connect },
-            Frame::SessionOpen { hub: name("x"), hub_key: key(4), purpose: SessionPurpose::Pair },
-            Frame::SessionAnnounce {
-                app_key: key(5),
-                observed: "203.0.113.7:40000".parse().unwrap(),
-                purpose: SessionPurpose::Connect,
-            },
-            Frame::SessionAnnounce {
-                app_key: key(5),
-                observed: "[2001:db8::1]:443".parse().unwrap(),
-                purpose: SessionPurpose::Pair,
-            },
-            Frame::SessionAccepted,
             Frame::Ping { nonce: u64::MAX },
             Frame::Pong { nonce: 0 },
             Frame::GoAway { retry_after_ms: 1500, message: "relay restarting".into() },
@@ -775,25 +722,26 @@ mod tests {
     #[test]
     fn two_frames_back_to_back_decode_in_order() {
         let mut buf = Frame::Ping { nonce: 1 }.encode().unwrap();
-        buf.extend(Frame::SessionAccepted.encode().unwrap());
+        buf.extend(Frame::StreamAccepted.encode().unwrap());
         let (first, used) = Frame::decode(&buf).unwrap().unwrap();
         assert_eq!(first, Frame::Ping { nonce: 1 });
         let (second, _) = Frame::decode(&buf[used..]).unwrap().unwrap();
-        assert_eq!(second, Frame::SessionAccepted);
+        assert_eq!(second, Frame::StreamAccepted);
     }
 
     #[test]
     fn wrong_version_is_named() {
-        let mut bytes = Frame::SessionAccepted.encode().unwrap();
-        bytes[0] = 2;
+        let mut bytes = Frame::StreamAccepted.encode().unwrap();
+        bytes[0] = 1;
         let err = Frame::decode(&bytes).unwrap_err();
-        assert_eq!(err, FrameError::UnsupportedVersion { got: 2 });
-        assert!(err.to_string().contains("version 2"));
+        assert_eq!(err, FrameError::UnsupportedVersion { got: 1 });
+        assert!(err.to_string().contains("version 1"), "{err}");
     }
 
     #[test]
     fn unknown_type_is_refused() {
-        for t in [0u8, 17, 200, 255] {
+        // 5-7 were version 1's spliced sessions: retired, never reassigned.
+        for t in [0u8, 5, 6, 7, 17, 200, 255] {
             let bytes = [PROTOCOL_VERSION, t, 0, 0, 0, 0];
             assert_eq!(Frame::decode(&bytes), Err(FrameError::UnknownType(t)));
         }
@@ -840,13 +788,13 @@ mod tests {
         open.extend(key(1).as_bytes());
         open.push(7);
         assert_eq!(
-            Frame::decode(&frame_with_payload(kind::SESSION_OPEN, &open)),
+            Frame::decode(&frame_with_payload(kind::CHANNEL_OPEN, &open)),
             Err(FrameError::BadValue { field: "purpose", value: 7 })
         );
         let mut ann = key(1).as_bytes().to_vec();
         ann.push(5);
         assert!(matches!(
-            Frame::decode(&frame_with_payload(kind::SESSION_ANNOUNCE, &ann)),
+            Frame::decode(&frame_with_payload(kind::CHANNEL_ANNOUNCE, &ann)),
             Err(FrameError::BadValue { field: "address family", .. })
         ));
     }
@@ -887,7 +835,7 @@ mod tests {
         open.extend(bad);
         open.push(0);
         assert_eq!(
-            Frame::decode(&frame_with_payload(kind::SESSION_OPEN, &open)),
+            Frame::decode(&frame_with_payload(kind::CHANNEL_OPEN, &open)),
             Err(FrameError::BadKey { field: "hub_key" })
         );
     }
@@ -966,15 +914,6 @@ mod tests {
             (prop::collection::vec(arb_key(), 0..20), any::<bool>())
                 .prop_map(|(allowed_apps, pairing_open)| Frame::AllowList { allowed_apps, pairing_open }),
             (any::<u16>(), ".{0,300}").prop_map(|(c, m)| Frame::refused(RefusalReason::from_code(c), m)),
-            (arb_name(), arb_key(), arb_purpose()).prop_map(|(hub, hub_key, purpose)| Frame::SessionOpen {
-                hub,
-                hub_key,
-                purpose
-            }),
-            (arb_key(), any::<SocketAddr>(), arb_purpose()).prop_map(|(app_key, observed, purpose)| {
-                Frame::SessionAnnounce { app_key, observed, purpose }
-            }),
-            Just(Frame::SessionAccepted),
             any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
             (any::<u32>(), ".{0,300}").prop_map(|(retry_after_ms, m)| Frame::GoAway {
@@ -1009,7 +948,7 @@ mod tests {
             prop_assert_eq!(used, bytes.len());
             // SocketAddr V6 flow info / scope are not carried on the wire.
             let observed = |f: &Frame| match f {
-                Frame::SessionAnnounce { observed, .. } | Frame::ChannelAnnounce { observed, .. } => Some(*observed),
+                Frame::ChannelAnnounce { observed, .. } => Some(*observed),
                 _ => None,
             };
             if let (Some(a), Some(b)) = (observed(&frame), observed(&decoded)) {

@@ -32,25 +32,29 @@ pub const SHUTTING_DOWN: VarInt = VarInt::from_u32(2);
 /// 3 — the peer violated the protocol.
 ///
 /// Sent by the relay (connection close on a malformed or out-of-place control frame or a
-/// handshake without a raw Ed25519 key; stream reset when a hub answers a `SessionAnnounce` with
-/// a wrong or malformed frame), by the hub connector (connection close on an unexpected
-/// control frame; stream reset on a session stream without a valid announce, or whose
-/// end-to-end key is not the announced one), and by apps (connection close when the relay's key
+/// handshake without a raw Ed25519 key; stream reset when a hub answers a `ChannelAnnounce` with
+/// a wrong or malformed frame, or when a peer sends bytes on a channel stream), by the hub
+/// connector (connection close on an unexpected control frame; stream reset on a relay stream
+/// without a valid announce or an end-to-end stream without `StreamOpen`; close of an
+/// end-to-end connection whose key is not the announced one), and by apps (connection close when the relay's key
 /// is not the pinned one).
 pub const PROTOCOL: VarInt = VarInt::from_u32(3);
 
 /// 4 — a key was removed from an allow-list.
 ///
 /// Sent by the relay (connection close to a hub whose name is no longer authorized for its
-/// key; stream resets of the spliced sessions of a revoked app key) and by the hub connector
-/// (stream resets of its live sessions of a revoked app key, and of a session that fails the
-/// post-handshake re-check).
+/// key; resets of both channel streams of a revoked app key's channels), by the hub connector
+/// (close of a revoked app key's end-to-end connections, and of one that fails the
+/// post-handshake re-check), and by apps (close of an end-to-end connection whose channel the
+/// relay cut with this code).
 pub const REVOKED: VarInt = VarInt::from_u32(4);
 
-/// 5 — a relay limit cut the stream or the connection.
+/// 5 — a limit cut the stream or the connection.
 ///
-/// Sent by the relay, as resets/stops of both streams of a spliced session, when the session
-/// is idle for longer than `idle_session_timeout`; and as a connection close (the reason names
+/// Sent by the relay, as resets/stops of both channel streams of a channel idle for longer than
+/// `idle_session_timeout`; by the hub connector, as the stop of a stream over
+/// `max_streams_per_app` (after its typed refusal) and the close of an end-to-end connection over
+/// `max_connections_per_app`; and by the relay as a connection close (the reason names
 /// the limit) to a connection that holds nothing authorized at its review
 /// (`unauthorized_grace`, `max_idle_apps_per_hub`) or to a stranger's connection over
 /// `max_unauthorized_connections`.

@@ -128,12 +128,13 @@ mod tests {
         vec![
             Frame::Ping { nonce: 7 },
             Frame::refused(RefusalReason::HubOffline, "offline"),
-            Frame::SessionAccepted,
+            Frame::StreamAccepted,
             Frame::AllowList { allowed_apps: vec![key(1), key(2)], pairing_open: true },
-            Frame::SessionAnnounce {
+            Frame::ChannelAnnounce {
                 app_key: key(3),
                 observed: "[2001:db8::1]:443".parse().unwrap(),
                 purpose: SessionPurpose::Pair,
+                channel: crate::channel::ChannelId::new(9),
             },
             Frame::GoAway { retry_after_ms: 1500, message: "relay restarting".into() },
         ]
@@ -181,13 +182,13 @@ mod tests {
     #[tokio::test]
     async fn oversized_header_is_refused_before_reading_the_payload() {
         let (mut a, b) = tokio::io::duplex(64);
-        a.write_all(&[1, 8, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+        a.write_all(&[crate::codec::PROTOCOL_VERSION, 8, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
         a.write_all(&[0; 32]).await.unwrap();
         let mut reader = FrameReader::new(b);
         assert!(matches!(reader.read_frame().await, Err(FrameIoError::Frame(FrameError::TooLarge { .. }))));
         assert_eq!(reader.buffer.len(), HEADER_LEN, "nothing past the header was read");
         let (mut a, mut b) = tokio::io::duplex(64);
-        a.write_all(&[1, 8, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+        a.write_all(&[crate::codec::PROTOCOL_VERSION, 8, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
         assert!(matches!(read_frame(&mut b).await, Err(FrameIoError::Frame(FrameError::TooLarge { .. }))));
     }
 
@@ -205,10 +206,10 @@ mod tests {
                 other => panic!("cut at {cut}: {other:?}"),
             }
             // The same through a reader, also when a frame came first.
-            let mut stream = Frame::SessionAccepted.encode().unwrap();
+            let mut stream = Frame::StreamAccepted.encode().unwrap();
             stream.extend_from_slice(&whole[..cut]);
             let mut reader = FrameReader::new(stream.as_slice());
-            assert_eq!(reader.read_frame().await.unwrap(), Frame::SessionAccepted);
+            assert_eq!(reader.read_frame().await.unwrap(), Frame::StreamAccepted);
             match reader.read_frame().await {
                 Err(FrameIoError::Frame(FrameError::Truncated { field: f, needed })) => {
                     assert_eq!((f, needed), expected);
@@ -288,13 +289,13 @@ mod tests {
     #[tokio::test]
     async fn the_reader_never_reads_past_the_frame_it_returns() {
         // A session head, then what would be end-to-end TLS.
-        let mut stream = Frame::SessionAccepted.encode().unwrap();
+        let mut stream = Frame::StreamAccepted.encode().unwrap();
         stream.extend_from_slice(b"\x16\x03\x01 client hello");
         let mut reader = FrameReader::new(stream.as_slice());
-        assert_eq!(reader.read_frame().await.unwrap(), Frame::SessionAccepted);
+        assert_eq!(reader.read_frame().await.unwrap(), Frame::StreamAccepted);
         assert_eq!(reader.into_inner(), b"\x16\x03\x01 client hello");
         let mut rest = stream.as_slice();
-        assert_eq!(read_frame(&mut rest).await.unwrap(), Frame::SessionAccepted);
+        assert_eq!(read_frame(&mut rest).await.unwrap(), Frame::StreamAccepted);
         assert_eq!(rest, b"\x16\x03\x01 client hello");
     }
 }

@@ -42,9 +42,7 @@ pub use identity::{Identity, IdentityError, PublicKey, PublicKeyError};
 
 /// ALPN of the app/hub ↔ relay QUIC connection. The version is part of the name so that a
 /// relay and a peer that speak different major versions fail the handshake with a clear alert.
-pub const ALPN_RELAY: &[u8] = b"keyway-relay/1";
-/// ALPN of the end-to-end TLS session that app and hub run inside a spliced stream.
-pub const ALPN_E2E: &[u8] = b"keyway-e2e/1";
-/// ALPN of the end-to-end QUIC connection between app and hub (data plane v2), whose packets
-/// the relay carries in a channel without decrypting them.
-pub const ALPN_E2E_QUIC: &[u8] = b"keyway-e2e/2";
+pub const ALPN_RELAY: &[u8] = b"keyway-relay/2";
+/// ALPN of the end-to-end QUIC connection between app and hub, whose packets the relay
+/// carries in a channel without decrypting them.
+pub const ALPN_E2E: &[u8] = b"keyway-e2e/2";

@@ -305,8 +305,10 @@ impl ClientCertVerifier for AuthorizedClients {
 /// only keys the client's session cache; the pinned key, not a name, identifies the server.
 pub const SERVER_NAME: &str = "keyway.invalid";
 
-/// The same for tokio-rustls, which wants a typed name: an IP literal, so no parsing can fail.
-pub fn server_name() -> ServerName<'static> {
+/// The same for tokio-rustls (the tests below run the configs over an in-memory pipe), which
+/// wants a typed name: an IP literal, so no parsing can fail.
+#[cfg(test)]
+fn server_name() -> ServerName<'static> {
     ServerName::IpAddress(std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED).into())
 }
 

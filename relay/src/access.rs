@@ -3,7 +3,7 @@
 //!
 //! Enrolment is also where the session caps apply ([`SessionCaps`]): one hub's sessions, and
 //! one app's sessions at that hub, so that one app cannot take every session a hub may carry.
-//! v1 sessions and v2 channels are both enrolled here, so both count. The caps refuse at once
+//! Every channel is enrolled here. The caps refuse at once
 //! with a typed `OverLimit` naming the limit, and count their own hits, so every caller counts
 //! the same way.
 //!

@@ -1,8 +1,7 @@
-//! An app's v2 session: a channel between the app and the hub whose end-to-end QUIC packets
-//! the relay forwards without reading them (data plane v2, `docs/protocol.md`).
+//! An app's session: a channel between the app and the hub whose end-to-end QUIC packets the
+//! relay forwards without reading them (`docs/protocol.md`).
 //!
-//! On `ChannelOpen` the relay authorizes and enrols the request exactly as a `SessionOpen`
-//! ([`crate::introduce`]), draws the two random channel ids, announces the channel to the hub
+//! On `ChannelOpen` the relay authorizes and enrols the request ([`crate::introduce`]), draws the two random channel ids, announces the channel to the hub
 //! (`ChannelAnnounce` with the hub's id), and on `ChannelAccepted` puts the channel in the
 //! forwarding table and answers the app `ChannelReady` with the app's id. From then on the
 //! packets never pass through here (the socket forwards them, [`crate::forward`]); this task
@@ -24,10 +23,10 @@ use tracing::debug;
 use crate::access::Enrolled;
 use crate::channel::Leg;
 use crate::forward::Channels;
+use crate::introduce::observed;
 use crate::introduce::{announce, answer, authorize, revocation, Unanswered};
 use crate::policy::Refusal;
 use crate::refusal::refuse;
-use crate::session::observed;
 use crate::state::{ConnCtx, Shared};
 use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
 use keyway_proto::codes;
@@ -141,7 +140,8 @@ async fn setup_and_hold(
     };
     let limits = shared.limits.get();
     let buckets = (limits.bytes_per_second_per_key > 0).then(|| {
-        // Both ends' keys pay for every forwarded byte, as they do for spliced ones.
+        // Both ends' keys pay for every forwarded byte: neither a greedy app nor a greedy hub can
+        // take more than its share of the relay, however many channels it opens.
         let now = Instant::now();
         [shared.buckets.key_bucket(&app, &limits, now), shared.buckets.key_bucket(&hub.key, &limits, now)]
     });

@@ -56,8 +56,8 @@ pub struct RelayConfig {
     pub policy: NamePolicy,
     /// QUIC idle timeout for every connection.
     pub idle_timeout: Duration,
-    /// How long to wait for a stream's first frame (`Register` / `SessionOpen`) and for the
-    /// hub's answer to a `SessionAnnounce`.
+    /// How long to wait for a stream's first frame (`Register` / `ChannelOpen`) and for the
+    /// hub's answer to a `ChannelAnnounce`.
     pub session_open_timeout: Duration,
     /// Sees every chunk the relay forwards; `None` in production.
     pub tap: Option<ForwardTap>,

@@ -1,9 +1,8 @@
 //! One connection, from attempt to end: admission before any handshake work (draining, the
 //! per-source rate, Retry under load, the handshake timeout), the cap on connections not yet
 //! authorized right after it, then per-stream dispatch on the stream's first frame:
-//! `Register` makes it the hub's control stream ([`crate::hub`]), `SessionOpen` an app
-//! session ([`crate::session`]), `ChannelOpen` an app's v2 channel
-//! ([`crate::channel_session`]); and, beside the dispatch, the connection's reviews, which
+//! `Register` makes it the hub's control stream ([`crate::hub`]), `ChannelOpen` an app's
+//! channel ([`crate::channel_session`]); and, beside the dispatch, the connection's reviews, which
 //! close it if it holds nothing authorized ([`crate::standing`]).
 //!
 //! Every stream gets its own task. TLS admits any valid key; authorization happens per frame,
@@ -213,10 +212,8 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
     let first = match tokio::time::timeout(shared.session_open_timeout, read_frame(&mut recv)).await {
         Ok(first) => first,
         Err(_) => {
-            let message = format!(
-                "no Register, SessionOpen or ChannelOpen frame within {:?}",
-                shared.session_open_timeout
-            );
+            let message =
+                format!("no Register or ChannelOpen frame within {:?}", shared.session_open_timeout);
             refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
             return;
         }
@@ -225,17 +222,12 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
         Ok(Frame::Register { name, allowed_apps, pairing_open }) => {
             crate::hub::run(shared, ctx, send, recv, name, allowed_apps, pairing_open).await;
         }
-        Ok(Frame::SessionOpen { hub, hub_key, purpose }) => {
-            crate::session::run(shared, ctx, send, recv, hub, hub_key, purpose).await;
-        }
         Ok(Frame::ChannelOpen { hub, hub_key, purpose }) => {
             crate::channel_session::run(shared, ctx, send, recv, hub, hub_key, purpose).await;
         }
         Ok(other) => {
-            let message = format!(
-                "a new stream must start with Register, SessionOpen or ChannelOpen, not {}",
-                other.name()
-            );
+            let message =
+                format!("a new stream must start with Register or ChannelOpen, not {}", other.name());
             refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
         }
         Err(FrameIoError::Frame(e)) => {

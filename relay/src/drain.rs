@@ -1,4 +1,4 @@
-//! What a graceful shutdown waits for: every spliced session holds a [`SessionToken`] while
+//! What a graceful shutdown waits for: every live channel holds a [`SessionToken`] while
 //! it lives, and [`Drain::all_ended`] resolves once the last token is dropped.
 //!
 //! This is mini-redis's `shutdown_complete` channel: each task holds a clone of one

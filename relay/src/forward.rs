@@ -16,7 +16,7 @@
 //! none left gets `meta.len = 0`, which quinn skips.
 //!
 //! The per-key byte rate applies to forwarded runs: both keys' buckets (the app's and the
-//! hub's, as the splice charges them) must be out of debt for a run to go, which then charges
+//! hub's) must be out of debt for a run to go, which then charges
 //! both; otherwise the run is dropped (`rate_limited`) and the limit hit counted. Dropping, not
 //! delaying, is the only policing a forwarder without queues can do, and QUIC's congestion
 //! control on the end-to-end connection reads the loss as the signal to slow down.

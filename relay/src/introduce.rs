@@ -1,8 +1,8 @@
-//! Authorizing an app's request for a hub and introducing the app to the hub: the part a v1
-//! session ([`crate::session`], `SessionOpen`) and a v2 channel ([`crate::channel_session`],
-//! `ChannelOpen`) share, so both refuse the same requests, in the same order, with the same
-//! typed refusals, and both count against the session caps (`max_sessions_per_app`,
-//! `max_sessions_per_hub`).
+//! Authorizing an app's request for a hub (`ChannelOpen`) and introducing the app to the hub:
+//! the checks in the protocol's order, the typed refusals, and the enrolment that counts the
+//! channel against the session caps (`max_sessions_per_app`, `max_sessions_per_hub`) and lets a
+//! revocation cut it. Kept apart from the channel's lifetime ([`crate::channel_session`]), so
+//! that the decisions are read in one place.
 //!
 //! [`authorize`] decides against the current state (never what the handshake saw: TLS
 //! resumption can never bypass it) and enrols the request with its hub; [`announce`] opens a
@@ -10,6 +10,7 @@
 //! cut short by a revocation, for the hub's answer.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -25,6 +26,12 @@ use crate::refusal::refuse;
 use crate::registry::Hub;
 use crate::state::Shared;
 use keyway_proto::codes;
+
+/// The app's address as the hub should see it: IPv4-mapped IPv6 (from a dual-stack socket)
+/// becomes plain IPv4.
+pub(crate) fn observed(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
 
 /// Decides whether `app` may reach hub `name` (pinned to `pinned`) for `purpose`, in the
 /// protocol's order: the relay shutting down, then the name policy and the hub's state

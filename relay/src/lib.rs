@@ -1,13 +1,11 @@
 //! The Keyway relay: a blind-forwarding QUIC relay that hubs dial out to and apps reach by name.
 //!
 //! Hubs hold an outbound QUIC connection and register a name on a control stream; apps open a
-//! session stream naming the hub and the hub key they pin. The relay checks the name policy
-//! and the hub's published allow-list *before* the hub hears anything, announces the session
-//! to the hub, and then splices the two streams byte for byte. It never sees plaintext: app
-//! and hub run TLS end to end inside the spliced stream. Data plane v2, beside it: after the same
-//! checks the relay introduces app and hub (`ChannelOpen`) and forwards the UDP datagrams of
-//! their end-to-end QUIC connection, which it cannot read, inside its own socket. See
-//! `docs/protocol.md`.
+//! channel stream (`ChannelOpen`) naming the hub and the hub key they pin. The relay checks the
+//! name policy and the hub's published allow-list *before* the hub hears anything, introduces
+//! app and hub (`ChannelAnnounce`, `ChannelReady`), and then forwards the UDP datagrams of their
+//! end-to-end QUIC connection inside its own socket. It never sees plaintext and holds no key of
+//! that connection. See `docs/protocol.md`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keyway_relay::RelayError> {
@@ -40,8 +38,6 @@ mod policy;
 mod refusal;
 mod registry;
 mod server;
-mod session;
-mod splice;
 mod standing;
 mod state;
 mod stats;

@@ -62,7 +62,7 @@ pub struct Limits {
     /// Idle app connections (nothing authorized on them) one registered hub's allow-list may
     /// keep on the relay; the others are closed at their review. 0: no limit.
     pub max_idle_apps_per_hub: u32,
-    /// A spliced session with no byte in either direction for this long is cut. 0: never.
+    /// A channel with no datagram in either direction for this long is cut. 0: never.
     pub idle_session_timeout: Duration,
     /// New connections per second (all sources together) above which the relay asks for QUIC
     /// address validation (a Retry round trip) before spending a handshake. 0: always.

@@ -101,7 +101,6 @@ impl Relay {
             unauthorized: crate::standing::Unauthorized::new(Arc::clone(&stats)),
             stats,
             names,
-            tap: config.tap,
             session_open_timeout: config.session_open_timeout,
             shutdown,
             limits,
@@ -250,12 +249,12 @@ impl RelayHandle {
     }
 
     /// Graceful shutdown: reports unhealthy (`/healthz` 503), stops accepting connections,
-    /// registrations and sessions, sends `GoAway` to every registered hub (and waits, bounded,
-    /// for it to arrive), lets live sessions finish for up to the drain timeout, then closes
+    /// registrations and channels, sends `GoAway` to every registered hub (and waits, bounded,
+    /// for it to arrive), lets live channels finish for up to the drain timeout, then closes
     /// every connection with `SHUTTING_DOWN` and waits, bounded, for the endpoint to go idle.
     pub async fn shutdown(mut self) {
-        let (sessions, channels) = (self.shared.stats.sessions_active(), self.shared.stats.channels_active());
-        info!(sessions, channels, drain_timeout = ?self.drain_timeout, "relay draining");
+        let channels = self.shared.stats.channels_active();
+        info!(channels, drain_timeout = ?self.drain_timeout, "relay draining");
         self.shared.stats.set_draining(true);
         self.shared.shutdown.send_replace(true);
         // New connection attempts now fail at once instead of waiting for a handshake.
@@ -287,12 +286,10 @@ impl RelayHandle {
             None => Ok(()),
         };
         match drained {
-            Ok(()) => info!("all sessions ended"),
+            Ok(()) => info!("all channels ended"),
             Err(_) => warn!(
-                sessions = stats.sessions_active(),
                 channels = stats.channels_active(),
-                "drain timeout of {:?} reached; closing the remaining sessions and channels",
-                self.drain_timeout
+                "drain timeout of {:?} reached; closing the remaining channels", self.drain_timeout
             ),
         }
         self.endpoint.close(codes::SHUTTING_DOWN, b"relay shutting down");

@@ -1,7 +1,7 @@
 //! The relay's shared state: [`Shared`] (what every task of one relay reads and updates) and
 //! [`ConnCtx`] (what one accepted connection is, with its [`StreamCredit`] and its standing).
 //!
-//! It lives beside the drivers that use it (`server`, `connection`, `hub`, `session`), as
+//! It lives beside the drivers that use it (`server`, `connection`, `hub`, `channel_session`), as
 //! mini-redis's `db.rs` lives beside its `server.rs`: the callees import the state, never the
 //! start-up code, so no module imports back from a module that imports it.
 
@@ -13,7 +13,6 @@ use keyway_proto::PublicKey;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::config::ForwardTap;
 use crate::drain::LiveSessions;
 use crate::forward::Channels;
 use crate::limits::{Buckets, LimitsCell};
@@ -35,7 +34,7 @@ pub(crate) struct Shared {
     pub stats: Arc<RelayStats>,
     pub registry: Registry,
     pub names: NameBook,
-    pub tap: Option<ForwardTap>,
+
     pub session_open_timeout: Duration,
     /// `true` once the relay is shutting down: no new registrations or sessions.
     pub shutdown: watch::Sender<bool>,
@@ -43,7 +42,7 @@ pub(crate) struct Shared {
     pub limits: Arc<LimitsCell>,
     /// Rate-limit state per source address and per key.
     pub buckets: Buckets,
-    /// Tokens for spliced sessions and live channels, which a graceful shutdown waits for.
+    /// Tokens for live channels, which a graceful shutdown waits for.
     pub sessions: LiveSessions,
     /// The live end-to-end channels (data plane v2), which the socket forwards.
     pub channels: Arc<Channels>,

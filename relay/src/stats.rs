@@ -24,7 +24,7 @@ pub(crate) enum HandshakeRole {
     Quic,
     /// A hub's registration (`Register` → `Registered` / `Refused`).
     Hub,
-    /// An app's session set-up (`SessionOpen` → `SessionAccepted` / `Refused`).
+    /// An app's channel set-up (`ChannelOpen` → `ChannelReady` / `Refused`).
     App,
 }
 
@@ -132,7 +132,6 @@ impl CutReason {
 pub struct RelayStats {
     registry: Registry,
     hubs_connected: IntGauge,
-    sessions_active: IntGauge,
     connections_active: IntGauge,
     apps_at_session_cap: IntGauge,
     connections_unauthorized: IntGauge,
@@ -213,7 +212,6 @@ impl RelayStats {
     fn try_new() -> prometheus::Result<Self> {
         let b = Builder(Registry::new());
         let hubs_connected = b.gauge("hubs_connected", "Hubs currently registered.")?;
-        let sessions_active = b.gauge("sessions_active", "Sessions currently being spliced.")?;
         let connections_active =
             b.gauge("connections_active", "QUIC connections currently established (hubs and apps).")?;
         let apps_at_session_cap = b.gauge(
@@ -240,7 +238,7 @@ impl RelayStats {
         let draining = b.gauge("draining", "1 while the relay drains before shutting down, else 0.")?;
         let sessions = b.counter_vec(
             "sessions_opened_total",
-            "Session requests by result: accepted (spliced), refused (typed refusal), failed (peer gone).",
+            "Channel requests by result: accepted (listed), refused (typed refusal), failed (peer gone).",
             &["result"],
         )?;
         let refusals_vec = b.counter_vec(
@@ -263,7 +261,7 @@ impl RelayStats {
         )?;
         let setup_seconds = HistogramOpts::new(
             "session_setup_seconds",
-            "Time from an app's SessionOpen to the splice start (includes the hub's answer).",
+            "Time from an app's ChannelOpen to its ChannelReady (includes the hub's answer).",
         )
         .namespace(NAMESPACE)
         .buckets(SETUP_BUCKETS.to_vec());
@@ -319,7 +317,6 @@ impl RelayStats {
         }
         Ok(Self {
             hubs_connected,
-            sessions_active,
             connections_active,
             apps_at_session_cap,
             connections_unauthorized,
@@ -354,10 +351,6 @@ impl RelayStats {
     pub fn hubs_connected(&self) -> u64 {
         self.hubs_connected.get().max(0) as u64
     }
-    /// Sessions currently being spliced (gauge).
-    pub fn sessions_active(&self) -> u64 {
-        self.sessions_active.get().max(0) as u64
-    }
     /// QUIC connections currently established (gauge).
     pub fn connections_active(&self) -> u64 {
         self.connections_active.get().max(0) as u64
@@ -383,7 +376,7 @@ impl RelayStats {
             .and_then(|i| self.unauthorized_closed.get(i))
             .map_or(0, IntCounter::get)
     }
-    /// Sessions the hub accepted and the relay spliced, since start.
+    /// Channels the hub accepted and the relay listed, since start.
     pub fn sessions_opened(&self) -> u64 {
         self.sessions_accepted.get()
     }
@@ -505,14 +498,7 @@ impl RelayStats {
     pub(crate) fn set_draining(&self, draining: bool) {
         self.draining.set(i64::from(draining));
     }
-    pub(crate) fn session_up(&self) {
-        self.sessions_accepted.inc();
-        self.sessions_active.inc();
-    }
-    pub(crate) fn session_down(&self) {
-        dec(&self.sessions_active);
-    }
-    /// A session request that never reached the splice: `refused` with a typed refusal, or
+    /// A channel request that was never listed: `refused` with a typed refusal, or
     /// failed because a peer went away.
     pub(crate) fn session_not_opened(&self, refused: bool) {
         if refused {
@@ -610,13 +596,13 @@ mod tests {
     fn gauges_never_wrap() {
         let stats = RelayStats::default();
         stats.hub_down();
-        stats.session_down();
+        stats.channel_down();
         assert_eq!(stats.hubs_connected(), 0);
-        assert_eq!(stats.sessions_active(), 0);
-        stats.session_up();
-        assert_eq!((stats.sessions_active(), stats.sessions_opened()), (1, 1));
-        stats.session_down();
-        assert_eq!((stats.sessions_active(), stats.sessions_opened()), (0, 1));
+        assert_eq!(stats.channels_active(), 0);
+        stats.channel_up();
+        assert_eq!((stats.channels_active(), stats.sessions_opened()), (1, 1));
+        stats.channel_down();
+        assert_eq!((stats.channels_active(), stats.sessions_opened()), (0, 1));
     }
 
     #[test]
@@ -629,7 +615,7 @@ mod tests {
         let text = stats.encode();
         for needle in [
             "keyway_relay_hubs_connected 0",
-            "keyway_relay_sessions_active 0",
+            "keyway_relay_channels_active 0",
             "keyway_relay_connections_active 0",
             "keyway_relay_apps_at_session_cap 0",
             "keyway_relay_connections_unauthorized 0",

@@ -219,27 +219,27 @@ fn sighup_reloads_limits_and_hubs_and_sigterm_drains() {
         registered.then_some(h)
     });
     // A live session, which the drain must wait for.
-    let (mut app_send, mut app_recv, mut hub_send, _app_conn) = rt.block_on(async {
+    let (mut app_send, mut app_recv, mut hub_send, _held) = rt.block_on(async {
         use keyway_proto::io::{read_frame, write_frame};
         let (endpoint, conn) = quic::connect(udp, relay_key, &app).await;
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let open = Frame::SessionOpen {
+        let open = Frame::ChannelOpen {
             hub: "home".parse().unwrap(),
             hub_key: hub.public_key(),
             purpose: keyway_proto::SessionPurpose::Connect,
         };
         write_frame(&mut send, &open).await.unwrap();
         let (mut hub_send, mut hub_recv) = hub_conn.conn.accept_bi().await.unwrap();
-        assert!(matches!(read_frame(&mut hub_recv).await.unwrap(), Frame::SessionAnnounce { .. }));
-        write_frame(&mut hub_send, &Frame::SessionAccepted).await.unwrap();
-        assert_eq!(read_frame(&mut recv).await.unwrap(), Frame::SessionAccepted);
-        (send, recv, hub_send, (endpoint, conn))
+        assert!(matches!(read_frame(&mut hub_recv).await.unwrap(), Frame::ChannelAnnounce { .. }));
+        write_frame(&mut hub_send, &Frame::ChannelAccepted).await.unwrap();
+        assert!(matches!(read_frame(&mut recv).await.unwrap(), Frame::ChannelReady { .. }));
+        (send, recv, hub_send, (endpoint, conn, hub_recv))
     });
     signal(&relay, "-TERM");
     assert!(matches!(rt.block_on(quic::next_frame(&mut hub_conn)), Frame::GoAway { .. }));
     let (status, body) = http_get(&metrics, "/healthz");
     assert_eq!((status, body.as_str()), (503, "draining\n"));
-    assert_eq!(series(&http_get(&metrics, "/metrics").1, "keyway_relay_sessions_active"), Some(1.0));
+    assert_eq!(series(&http_get(&metrics, "/metrics").1, "keyway_relay_channels_active"), Some(1.0));
     // The session ends; the drain is over and the process exits cleanly.
     rt.block_on(async {
         app_send.finish().unwrap();

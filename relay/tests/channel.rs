@@ -150,15 +150,15 @@ async fn the_hubs_refusal_is_passed_on_verbatim_and_nothing_is_listed() {
     // An answer that is neither acceptance nor refusal is the hub's protocol violation.
     let (_send, mut recv) = open_channel(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
     let mut announced = hub_gets_announce(&hub_conn).await;
-    write_frame(&mut announced.send, &Frame::SessionAccepted).await.unwrap();
+    write_frame(&mut announced.send, &Frame::StreamAccepted).await.unwrap();
     let (reason, message) = refusal_of(&mut recv).await;
     assert_eq!(reason, RefusalReason::ProtocolViolation, "{message}");
-    assert!(message.contains("SessionAccepted"), "{message}");
+    assert!(message.contains("StreamAccepted"), "{message}");
     assert_eq!(reset_code(&mut announced.recv).await, codes::PROTOCOL.into_inner());
 }
 
 #[tokio::test]
-async fn channels_and_sessions_count_together_against_max_sessions_per_hub() {
+async fn channels_count_against_max_sessions_per_hub_and_an_ended_one_frees_its_place() {
     let (hub, app) = (identity(), identity());
     let limits = Limits { max_sessions_per_hub: 2, ..Limits::default() };
     let relay = relay_with(&[("home", hub.public_key())], limits).await;
@@ -167,8 +167,11 @@ async fn channels_and_sessions_count_together_against_max_sessions_per_hub() {
 
     let first = ready_channel(&app_conn, &hub_conn, hub.public_key()).await;
     let (_s, mut session) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
-    let _spliced = hub_accepts(&hub_conn).await;
-    assert_eq!(within("accepted", read_frame(&mut session)).await.unwrap(), Frame::SessionAccepted);
+    let _second = hub_accepts(&hub_conn).await;
+    assert!(matches!(
+        within("accepted", read_frame(&mut session)).await.unwrap(),
+        Frame::ChannelReady { .. }
+    ));
 
     let (_send, mut recv) = open_channel(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
     let (reason, message) = refusal_of(&mut recv).await;
@@ -180,7 +183,7 @@ async fn channels_and_sessions_count_together_against_max_sessions_per_hub() {
     let Ready { app: (mut first_send, _first_recv), .. } = first;
     first_send.finish().unwrap();
     let stats = relay.handle.stats();
-    eventually("first channel gone", || async { (stats.channels_active() == 0).then_some(()) }).await;
+    eventually("first channel gone", || async { (stats.channels_active() == 1).then_some(()) }).await;
     let again = ready_channel(&app_conn, &hub_conn, hub.public_key()).await;
     assert_ne!(again.app_id, ChannelId::new(0));
 }

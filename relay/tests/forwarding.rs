@@ -15,7 +15,7 @@ use common::*;
 use keyway_client::path::{bind_path_endpoint, e2e_transport_config, ChannelBinding, Paths};
 use keyway_proto::channel::{self, ChannelId, HEADER_LEN};
 use keyway_proto::tls::{self, AllowList};
-use keyway_proto::ALPN_E2E_QUIC;
+use keyway_proto::ALPN_E2E;
 use keyway_test_support::payload;
 use tokio::net::UdpSocket;
 
@@ -170,7 +170,7 @@ async fn bed(limits: Limits, tapped: bool) -> Bed {
         taps.as_ref().map_or((relay_addr, relay_addr), |(a, h)| (a.addr(), h.addr()));
 
     let crypto =
-        tls::quic_server_crypto(&hub, Arc::new(AllowList::new([app.public_key()])), ALPN_E2E_QUIC).unwrap();
+        tls::quic_server_crypto(&hub, Arc::new(AllowList::new([app.public_key()])), ALPN_E2E).unwrap();
     let mut server = quinn::ServerConfig::with_crypto(crypto);
     server.transport_config(e2e_transport());
     let (hub_ep, hub_paths) = bind_path_endpoint(hub_relay, Some(server)).unwrap();
@@ -212,7 +212,7 @@ async fn bed(limits: Limits, tapped: bool) -> Bed {
             });
         }
     });
-    let (crypto, _) = tls::quic_client_crypto(&app, hub.public_key(), ALPN_E2E_QUIC).unwrap();
+    let (crypto, _) = tls::quic_client_crypto(&app, hub.public_key(), ALPN_E2E).unwrap();
     let mut config = quinn::ClientConfig::new(crypto);
     config.transport_config(e2e_transport());
     let connecting = app_ep.connect_with(config, app_binding.addr(), tls::SERVER_NAME).unwrap();

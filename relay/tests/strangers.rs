@@ -52,7 +52,7 @@ async fn a_stranger_is_cut_after_the_grace_while_hubs_and_their_apps_stay() {
     let app_conn = connect(h, &app).await;
     let (mut s, mut r) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
     let (mut hub_send, mut hub_recv, _, _) = hub_accepts(&hub_conn).await;
-    assert_eq!(within("accepted", read_frame(&mut r)).await.unwrap(), Frame::SessionAccepted);
+    assert!(matches!(within("accepted", read_frame(&mut r)).await.unwrap(), Frame::ChannelReady { .. }));
     let idle_conn = connect(h, &idle_app).await;
 
     let stranger = connect(h, &identity()).await;
@@ -71,14 +71,9 @@ async fn a_stranger_is_cut_after_the_grace_while_hubs_and_their_apps_stay() {
     }
     assert_eq!(h.stats().idle_app_connections(), 1);
     assert_eq!(h.stats().unauthorized_closed(CutReason::IdleOverHubBudget), 0);
-    // The session still works, byte-exact both ways.
-    s.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    within("app to hub", hub_recv.read_exact(&mut buf)).await.unwrap();
-    assert_eq!(&buf, b"ping");
-    hub_send.write_all(b"pong").await.unwrap();
-    within("hub to app", r.read_exact(&mut buf)).await.unwrap();
-    assert_eq!(&buf, b"pong");
+    // The channel is still listed (its datagrams are forwarded in forwarding.rs's tests).
+    assert_eq!(h.stats().channels_active(), 1);
+    let _held = (&mut s, &mut r, &mut hub_send, &mut hub_recv);
     let stats = h.stats();
     wait_for("the strangers to leave the gauges", || {
         stats.connections_active() == 3 && stats.connections_unauthorized() == 0
@@ -116,7 +111,7 @@ async fn the_unauthorized_cap_refuses_the_next_stranger_but_never_a_known_key() 
     let app_conn = connect(h, &app).await;
     let (_s, mut r) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
     let _hub_side = hub_accepts(&hub_conn).await;
-    assert_eq!(within("accepted", read_frame(&mut r)).await.unwrap(), Frame::SessionAccepted);
+    assert!(matches!(within("accepted", read_frame(&mut r)).await.unwrap(), Frame::ChannelReady { .. }));
     assert_eq!(h.stats().connections_unauthorized(), 2, "known keys are never counted at the cap");
     assert_eq!(h.stats().limit_hits(LimitKind::MaxUnauthorizedConnections), 1);
     // Lifting the cap at run time lets strangers in again (until their grace).
@@ -169,7 +164,7 @@ async fn pairing_sessions_and_channels_keep_a_connection_that_no_hub_lists_while
     let pairer_conn = connect(h, &pairer).await;
     let (s, mut r) = open_session(&pairer_conn, "home", hub.public_key(), SessionPurpose::Pair).await;
     let hub_side = hub_accepts(&hub_conn).await;
-    assert_eq!(within("accepted", read_frame(&mut r)).await.unwrap(), Frame::SessionAccepted);
+    assert!(matches!(within("accepted", read_frame(&mut r)).await.unwrap(), Frame::ChannelReady { .. }));
     // ...and a v2 pairing channel from another.
     let channel_conn = connect(h, &channel_app).await;
     let (mut channel_send, mut channel_recv) = channel_conn.open_bi().await.unwrap();

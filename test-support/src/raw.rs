@@ -114,17 +114,17 @@ pub async fn ping(control: &mut Control, nonce: u64) {
     );
 }
 
-/// An app's session stream: `SessionOpen` for `hub` sent, the answer not yet read.
+/// An app's channel stream: `ChannelOpen` for `hub` sent, the answer not yet read.
 pub async fn open_session(
     conn: &Connection,
     hub: &str,
     hub_key: PublicKey,
     purpose: SessionPurpose,
 ) -> (SendStream, RecvStream) {
-    let (mut send, recv) = conn.open_bi().await.expect("open a session stream");
-    write_frame(&mut send, &Frame::SessionOpen { hub: name(hub), hub_key, purpose })
+    let (mut send, recv) = conn.open_bi().await.expect("open a channel stream");
+    write_frame(&mut send, &Frame::ChannelOpen { hub: name(hub), hub_key, purpose })
         .await
-        .expect("write SessionOpen");
+        .expect("write ChannelOpen");
     (send, recv)
 }
 
@@ -136,16 +136,16 @@ pub async fn refusal_of(recv: &mut RecvStream) -> (RefusalReason, String) {
     }
 }
 
-/// The hub side of an accepted session: the announce read, `SessionAccepted` sent. Returns the
+/// The hub side of an accepted channel: the announce read, `ChannelAccepted` sent. Returns the
 /// streams, the app's key and the address the relay observed for it.
 pub async fn hub_accepts(hub: &Connection) -> (SendStream, RecvStream, PublicKey, SocketAddr) {
     let (mut send, mut recv) = within("hub gets a stream", hub.accept_bi()).await.expect("accept a stream");
-    let Frame::SessionAnnounce { app_key, observed, purpose: _ } =
+    let Frame::ChannelAnnounce { app_key, observed, .. } =
         read_frame(&mut recv).await.expect("read the announce")
     else {
-        panic!("expected SessionAnnounce")
+        panic!("expected ChannelAnnounce")
     };
-    write_frame(&mut send, &Frame::SessionAccepted).await.expect("write SessionAccepted");
+    write_frame(&mut send, &Frame::ChannelAccepted).await.expect("write ChannelAccepted");
     (send, recv, app_key, observed)
 }
 

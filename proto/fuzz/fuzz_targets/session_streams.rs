@@ -1,8 +1,8 @@
 //! What relay and hub read from QUIC streams and from inside the end-to-end session, through
 //! the same stream readers they use in production:
 //! * `keyway_proto::io::FrameReader`, frame after frame, as relay and hub read control streams,
-//!   and the one-shot `keyway_proto::io::read_frame`, as the relay reads session headers and the
-//!   hub reads `SessionAnnounce`;
+//!   and the one-shot `keyway_proto::io::read_frame`, as the relay reads `ChannelOpen`, the hub
+//!   reads `ChannelAnnounce` and `StreamOpen`, and the app reads `StreamAccepted`;
 //! * the pairing exchange (`read_request` on the hub, `read_answer` on the app);
 //! * a pairing code (`keyway://pair?...`), which an app scans from whatever QR it is shown.
 //!
