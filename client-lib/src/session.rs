@@ -1,7 +1,7 @@
 //! What a session gives the app, and how the client asks the relay for something.
 //!
 //! [`HubStream`] is one stream of the end-to-end QUIC connection to a hub (see `e2e`): the
-//! relay forwards that connection's packets without being able to read them. [`request`] is
+//! relay forwards that connection's packets without being able to read them. `request` is
 //! the one exchange the app has with the relay itself: a frame on a fresh stream of the relay
 //! connection (`ChannelOpen`) and one answer (`ChannelReady` or a typed `Refused`).
 
