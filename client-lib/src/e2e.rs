@@ -483,3 +483,68 @@ impl AsyncWrite for E2eStream {
         }
     }
 }
+
+/// An end-to-end encrypted byte stream to a hub's service.
+///
+/// `shutdown` finishes the stream (a half-close: reading still works until the hub closes its
+/// side).
+#[derive(Debug)]
+pub struct HubStream {
+    inner: E2eStream,
+    hub_key: PublicKey,
+}
+
+impl HubStream {
+    pub(crate) fn quic(stream: E2eStream, hub_key: PublicKey) -> Self {
+        Self { inner: stream, hub_key }
+    }
+
+    /// The hub key this stream was authenticated against.
+    pub fn hub_key(&self) -> PublicKey {
+        self.hub_key
+    }
+
+    /// Whether this stream rode on an end-to-end connection that was already up, so it cost
+    /// no handshake at all. (quinn does not tell a client whether its handshake resumed a TLS
+    /// session; the hub re-checks the key after every handshake, resumed or not.)
+    pub fn resumed(&self) -> bool {
+        self.inner.reused()
+    }
+
+    /// Aborts the stream at once in both directions (QUIC reset and stop-sending).
+    pub fn abort(&mut self) {
+        self.inner.abort();
+    }
+}
+
+impl AsyncRead for HubStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for HubStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

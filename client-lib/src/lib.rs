@@ -38,9 +38,9 @@ use keyway_proto::{Frame, HubName, PublicKey, SessionPurpose};
 use quinn::{Connection, Endpoint};
 
 pub use config::ClientConfig;
+pub use e2e::HubStream;
 pub use error::{ChannelEnd, ClientError, ConfigError, HandshakeError, ProtocolError};
 pub use pairing::{pair, PairedHub, PairingCode};
-pub use session::HubStream;
 
 /// A handle on the app's relay link. Cheap to clone; clones share the endpoint and connection.
 #[derive(Clone, Debug)]

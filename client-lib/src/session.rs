@@ -1,9 +1,10 @@
-//! What a session gives the app, and how the client asks the relay for something.
+//! How the client asks the relay for something, and the byte-stream view of a QUIC stream.
 //!
-//! [`HubStream`] is one stream of the end-to-end QUIC connection to a hub (see `e2e`): the
-//! relay forwards that connection's packets without being able to read them. `request` is
-//! the one exchange the app has with the relay itself: a frame on a fresh stream of the relay
-//! connection (`ChannelOpen`) and one answer (`ChannelReady` or a typed `Refused`).
+//! `request` is the one exchange the app has with the relay itself: a frame on a fresh stream
+//! of the relay connection (`ChannelOpen`) and one answer (`ChannelReady` or a typed
+//! `Refused`). [`QuicBiStream`] joins the two halves of a QUIC stream into one tokio byte
+//! stream (the hub bridges its end-to-end streams to TCP through it too). What a session gives
+//! the app, [`HubStream`](crate::HubStream), is a stream of the end-to-end connection (`e2e`).
 
 use std::io;
 use std::pin::Pin;
@@ -11,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use keyway_proto::io::{read_frame, write_frame, FrameIoError};
-use keyway_proto::{Frame, HubName, PublicKey};
+use keyway_proto::{Frame, HubName};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -43,71 +44,6 @@ impl AsyncWrite for QuicBiStream {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
-    }
-}
-
-/// An end-to-end encrypted byte stream to a hub's service.
-///
-/// `shutdown` finishes the stream (a half-close: reading still works until the hub closes its
-/// side).
-#[derive(Debug)]
-pub struct HubStream {
-    inner: crate::e2e::E2eStream,
-    hub_key: PublicKey,
-}
-
-impl HubStream {
-    pub(crate) fn quic(stream: crate::e2e::E2eStream, hub_key: PublicKey) -> Self {
-        Self { inner: stream, hub_key }
-    }
-
-    /// The hub key this stream was authenticated against.
-    pub fn hub_key(&self) -> PublicKey {
-        self.hub_key
-    }
-
-    /// Whether this stream rode on an end-to-end connection that was already up, so it cost
-    /// no handshake at all. (quinn does not tell a client whether its handshake resumed a TLS
-    /// session; the hub re-checks the key after every handshake, resumed or not.)
-    pub fn resumed(&self) -> bool {
-        self.inner.reused()
-    }
-
-    /// Aborts the stream at once in both directions (QUIC reset and stop-sending).
-    pub fn abort(&mut self) {
-        self.inner.abort();
-    }
-}
-
-impl AsyncRead for HubStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for HubStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 
