@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use keyway_client::{Client, ClientConfig, ClientError};
 use keyway_e2e::*;
+use keyway_test_support::within;
 use keyway_proto::RefusalReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -139,4 +140,55 @@ async fn a_wrong_hub_key_and_a_down_service_are_typed_errors() {
     // way, not with a connection error.
     let err = client.connect(&name("home"), &hub_id.public_key()).await.expect_err("still down");
     assert!(matches!(err, ClientError::Refused { reason: RefusalReason::ServiceUnavailable, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_tcp_connections_through_one_forward_are_all_served_byte_exact() {
+    let (hub_id, app_id) = (identity(), identity());
+    let relay = TestRelay::start(&[("home", hub_id.public_key())]).await;
+    let service = echo_service(b"").await;
+    let (hub, _) = start_hub(&relay, "home", hub_id.duplicate(), &[app_id.public_key()], service).await;
+    hub.wait_registered(PATIENCE).await.expect("hub registers");
+
+    // `keyway forward`'s own loop, on a local port, with default limits everywhere.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let forward = tokio::spawn(keyway_client::forward::run(
+        quic_client(&relay, app_id),
+        name("home"),
+        hub_id.public_key(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // Every connection is open (and has sent its first bytes) before any is read back, so all
+    // 1 000 are concurrent streams of one end-to-end connection.
+    let mut conns = Vec::new();
+    for i in 0..1000u64 {
+        let mut tcp = tokio::net::TcpStream::connect(local).await.expect("local connect");
+        let data = payload(2048, i);
+        tcp.write_all(&data).await.expect("write");
+        conns.push((tcp, data));
+    }
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut tcp, data))| {
+            tokio::spawn(async move {
+                let mut back = vec![0u8; data.len()];
+                within("echo", tcp.read_exact(&mut back))
+                    .await
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                assert_eq!(back, data, "connection {i} came back wrong");
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("connection task");
+    }
+    assert!(hub.stats().sessions_accepted() >= 1000);
+    let _ = stop.send(());
+    forward.await.expect("forward task").expect("forward loop");
 }
