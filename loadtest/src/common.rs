@@ -197,9 +197,9 @@ impl RelayProc {
         if !status.success() {
             bail!("kill -{signal} {pid} failed");
         }
-        tokio::time::timeout(Duration::from_secs(15), child.wait())
+        tokio::time::timeout(Duration::from_secs(120), child.wait())
             .await
-            .context("relay did not exit within 15 s")??;
+            .context("relay did not exit within 120 s")??;
         Ok(())
     }
 

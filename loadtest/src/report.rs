@@ -59,15 +59,30 @@ pub fn table(dir: &Path, machine: &str) -> anyhow::Result<String> {
             f(&r, "failures")
         )?;
     }
+    for r in load("storm.jsonl")?.iter().filter(|r| r["mode"] != "raw") {
+        writeln!(
+            out,
+            "| storm | {} hub connectors, relay SIG{} + restart | all back after **{} s** (first {} s, p50 {} s), peak {} per 100 ms, relay up again at {} s, **{} failures** |",
+            f(r, "hubs"),
+            f(r, "signal"),
+            f(r, "all_back_s"),
+            f(r, "first_back_s"),
+            f(r, "p50_back_s"),
+            f(r, "peak_per_100ms"),
+            f(r, "relay_up_s"),
+            f(r, "failures")
+        )?;
+    }
     for r in load("storm.jsonl")?.iter().filter(|r| r["mode"] == "raw") {
         writeln!(
             out,
-            "| storm | {} raw hubs over {} sources (per-IP {}/s burst {}, Retry above {}/s), relay SIG{} + restart | all back after **{} s** (p50 {} s, p99 {} s), peak {} handshakes/s, relay {} % CPU, RSS {} MiB peak ({} MiB before), {} resets / {} GoAways seen, {} refused + {} timed out attempts, **{} failures**, load {} |",
+            "| storm | {} raw hubs over {} sources (per-IP {}/s burst {}, Retry above {}/s), relay {} SIG{} + restart | all back after **{} s** (p50 {} s, p99 {} s), peak {} handshakes/s, relay {} % CPU, RSS {} MiB peak ({} MiB before), {} resets / {} GoAways seen, {} refused + {} timed out attempts, **{} failures**, load {} |",
             f(r, "hubs"),
             f(r, "sources"),
             f(r, "per_ip_rate"),
             f(r, "per_ip_burst"),
             f(r, "retry_threshold"),
+            f(r, "relay"),
             f(r, "signal"),
             f(r, "all_back_s"),
             f(r, "p50_back_s"),
@@ -82,20 +97,6 @@ pub fn table(dir: &Path, machine: &str) -> anyhow::Result<String> {
             f(r, "timed_out"),
             f(r, "failures"),
             f(r, "load_avg")
-        )?;
-    }
-    for r in load("storm.jsonl")?.iter().filter(|r| r["mode"] != "raw") {
-        writeln!(
-            out,
-            "| storm | {} hub connectors, relay SIG{} + restart | all back after **{} s** (first {} s, p50 {} s), peak {} per 100 ms, relay up again at {} s, **{} failures** |",
-            f(r, "hubs"),
-            f(r, "signal"),
-            f(r, "all_back_s"),
-            f(r, "first_back_s"),
-            f(r, "p50_back_s"),
-            f(r, "peak_per_100ms"),
-            f(r, "relay_up_s"),
-            f(r, "failures")
         )?;
     }
     for r in load("churn.jsonl")? {
