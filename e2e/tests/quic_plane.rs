@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use keyway_client::{Client, ClientConfig, ClientError};
 use keyway_e2e::*;
-use keyway_test_support::within;
 use keyway_proto::RefusalReason;
+use keyway_test_support::within;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn quic_client(relay: &TestRelay, id: keyway_proto::Identity) -> Client {
