@@ -27,11 +27,13 @@ pub enum ClientError {
     /// The relay or the hub refused the session.
     #[error("refused ({reason}): {message}")]
     Refused { reason: RefusalReason, message: String },
-    /// The end-to-end TLS handshake saw another hub key than the pinned one.
+    /// The end-to-end handshake saw another hub key than the pinned one.
     #[error("the hub is not the pinned one: {0}")]
     HubKeyMismatch(KeyMismatch),
-    /// The end-to-end TLS handshake failed after the hub accepted the session.
-    #[error("end-to-end TLS with the hub failed (is this app key in the hub's authorized_apps?): {0}")]
+    /// The end-to-end handshake with the hub failed after the relay introduced the two.
+    #[error(
+        "the end-to-end handshake with the hub failed (is this app key in the hub's authorized_apps?): {0}"
+    )]
     HubRejected(#[source] HandshakeError),
     /// The QUIC connection to the relay failed or was closed.
     #[error("relay connection: {0}")]
@@ -119,15 +121,12 @@ pub enum ProtocolError {
     PairingAnswer(#[source] keyway_proto::pairing::AnswerError),
 }
 
-/// Why the end-to-end TLS handshake with the hub failed.
+/// Why the end-to-end handshake with the hub failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    /// rustls gave up (an alert from the hub, or a bad message).
-    #[error(transparent)]
-    Tls(std::io::Error),
-    #[error("the end-to-end TLS handshake did not finish within {}", humantime::format_duration(*waited))]
+    #[error("the end-to-end handshake did not finish within {}", humantime::format_duration(*waited))]
     TimedOut { waited: Duration },
-    /// Data plane v2: the end-to-end QUIC handshake failed (TLS runs inside it).
+    /// The end-to-end QUIC handshake failed (TLS runs inside it).
     #[error(transparent)]
     Quic(quinn::ConnectionError),
 }
