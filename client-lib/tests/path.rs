@@ -13,6 +13,7 @@ use keyway_client::path::{bind_path_endpoint, e2e_transport_config, ChannelBindi
 use keyway_proto::channel::{self, ChannelId};
 use keyway_proto::tls::{self, AllowList};
 use keyway_proto::{Identity, ALPN_E2E};
+use keyway_test_support::raw::echo_on;
 use keyway_test_support::{eventually, identity, payload, within};
 use tokio::net::UdpSocket;
 
@@ -144,25 +145,12 @@ async fn connect(p: &Pair) -> quinn::Connection {
     within("the end-to-end handshake through the forwarder", connecting).await.unwrap()
 }
 
-/// Sends `data` on a new stream and returns what came back.
-async fn echo(conn: &quinn::Connection, data: &[u8]) -> Vec<u8> {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let data = data.to_vec();
-    let writer = tokio::spawn(async move {
-        send.write_all(&data).await.unwrap();
-        send.finish().unwrap();
-    });
-    let back = within("the echo", recv.read_to_end(usize::MAX)).await.unwrap();
-    writer.await.unwrap();
-    back
-}
-
 #[tokio::test]
 async fn an_end_to_end_connection_through_a_forwarder_echoes_10_mib_byte_exact() {
     let p = pair().await;
     let conn = connect(&p).await;
     let data = payload(10 * 1024 * 1024, 11);
-    let back = echo(&conn, &data).await;
+    let back = echo_on(&conn, &data).await;
     assert!(back == data, "echo differs: {} bytes back of {}", back.len(), data.len());
     let (app, hub) = (p.app_paths.stats(), p.hub_paths.stats());
     // Every datagram of the connection went through the forwarder under a channel header.
@@ -199,7 +187,7 @@ async fn foreign_sources_and_unknown_ids_are_dropped_and_counted_and_the_channel
     .await;
     assert_eq!((stats.dropped_foreign, stats.dropped_unknown_channel), (1, 1), "{stats:?}");
     let data = payload(64 * 1024, 3);
-    assert!(echo(&conn, &data).await == data, "the channel is unharmed");
+    assert!(echo_on(&conn, &data).await == data, "the channel is unharmed");
 
     // Once the hub unbinds its side, the app's packets reach it under an unknown id: dropped.
     let before = p.hub_paths.stats().dropped_unknown_channel;
@@ -244,7 +232,7 @@ async fn the_relay_connection_passes_unchanged() {
     let conn = within("the relay handshake", connecting).await.unwrap();
     assert_eq!(conn.remote_address(), relay_addr);
     let data = payload(1024 * 1024, 5);
-    assert!(echo(&conn, &data).await == data);
+    assert!(echo_on(&conn, &data).await == data);
     let s = paths.stats();
     assert!(s.relay_in > 100, "{s:?}");
     assert_eq!((s.channel_in, s.channel_out, s.dropped_foreign, s.dropped_malformed), (0, 0, 0, 0), "{s:?}");

@@ -17,6 +17,7 @@ use keyway_proto::channel::{self, ChannelId, HEADER_LEN};
 use keyway_proto::tls::{self, AllowList};
 use keyway_proto::ALPN_E2E;
 use keyway_test_support::payload;
+use keyway_test_support::raw::echo_on;
 use tokio::net::UdpSocket;
 
 fn e2e_transport() -> Arc<quinn::TransportConfig> {
@@ -232,24 +233,11 @@ async fn bed(limits: Limits, tapped: bool) -> Bed {
     }
 }
 
-/// Sends `data` on a new stream of `conn` and returns what the hub echoed.
-async fn echo(conn: &Connection, data: &[u8]) -> Vec<u8> {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let data = data.to_vec();
-    let writer = tokio::spawn(async move {
-        send.write_all(&data).await.unwrap();
-        send.finish().unwrap();
-    });
-    let back = within("the echo", recv.read_to_end(usize::MAX)).await.unwrap();
-    writer.await.unwrap();
-    back
-}
-
 #[tokio::test]
 async fn an_end_to_end_connection_through_the_relay_echoes_byte_exact_and_is_counted() {
     let bed = bed(Limits::default(), false).await;
     let data = payload(8 * 1024 * 1024, 21);
-    let back = echo(&bed.e2e, &data).await;
+    let back = echo_on(&bed.e2e, &data).await;
     assert!(back == data, "echo differs: {} bytes back of {}", back.len(), data.len());
 
     let relay = &bed.relay.handle;
@@ -276,7 +264,7 @@ async fn an_end_to_end_connection_through_the_relay_echoes_byte_exact_and_is_cou
 async fn the_relay_is_blind_datagrams_leave_it_as_they_came_but_for_the_header() {
     let bed = bed(Limits::default(), true).await;
     let data = payload(512 * 1024, 22);
-    assert!(echo(&bed.e2e, &data).await == data);
+    assert!(echo_on(&bed.e2e, &data).await == data);
 
     let (app_tap, hub_tap) = bed.taps.as_ref().unwrap();
     for (from, to, from_id, to_id) in
@@ -327,7 +315,7 @@ async fn spoofed_and_unknown_datagrams_are_dropped_and_counted_and_the_channel_i
     let (app, hub) = (bed.app_paths.stats(), bed.hub_paths.stats());
     assert_eq!((app.dropped_unknown_channel, hub.dropped_unknown_channel), (0, 0));
     let data = payload(256 * 1024, 23);
-    assert!(echo(&bed.e2e, &data).await == data, "the channel is unharmed");
+    assert!(echo_on(&bed.e2e, &data).await == data, "the channel is unharmed");
 }
 
 #[tokio::test]
@@ -352,7 +340,7 @@ async fn a_channel_follows_the_app_when_its_nat_mapping_changes_mid_transfer() {
     assert!(back == data, "echo differs after the rebinding: {} bytes of {}", back.len(), data.len());
     // The relay followed the app: what it forwards to the app goes to the new address.
     let data = payload(64 * 1024, 25);
-    assert!(echo(&bed.e2e, &data).await == data);
+    assert!(echo_on(&bed.e2e, &data).await == data);
     assert!(app_tap.delivered_via(new) > 10, "{} datagrams via the new address", app_tap.delivered_via(new));
     assert_eq!(bed.relay.handle.stats().channels_active(), 1);
 }
@@ -364,7 +352,7 @@ async fn the_per_key_byte_rate_drops_what_is_over_it_and_the_connection_still_co
     let limits = Limits { bytes_per_second_per_key: 512 * 1024, ..Limits::default() };
     let bed = bed(limits, false).await;
     let data = payload(1024 * 1024, 26);
-    assert!(echo(&bed.e2e, &data).await == data);
+    assert!(echo_on(&bed.e2e, &data).await == data);
     let relay = &bed.relay.handle;
     assert!(dropped(relay, "rate_limited") > 0.0);
     assert!(relay.stats().limit_hits(keyway_relay::LimitKind::BytesPerSecondPerKey) > 0);
@@ -374,7 +362,7 @@ async fn the_per_key_byte_rate_drops_what_is_over_it_and_the_connection_still_co
 async fn after_a_revocation_the_apps_datagrams_are_dropped_and_counted_and_never_reach_the_hub() {
     let mut bed = bed(Limits::default(), false).await;
     let data = payload(64 * 1024, 27);
-    assert!(echo(&bed.e2e, &data).await == data);
+    assert!(echo_on(&bed.e2e, &data).await == data);
 
     let update = Frame::AllowList { allowed_apps: Vec::new(), pairing_open: false };
     write_frame(&mut bed.control.send, &update).await.unwrap();
@@ -438,7 +426,7 @@ async fn a_graceful_shutdown_waits_for_live_channels_which_keep_forwarding_meanw
         () = tokio::time::sleep(Duration::from_secs(1)) => {}
     }
     let data = payload(256 * 1024, 29);
-    assert!(echo(&e2e, &data).await == data, "the live channel forwards during the drain");
+    assert!(echo_on(&e2e, &data).await == data, "the live channel forwards during the drain");
     assert_eq!(stats.channels_active(), 1);
     // The app ends its channel; the relay then finishes shutting down.
     let (mut app_send, _app_recv) = app_channel;

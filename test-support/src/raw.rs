@@ -149,6 +149,21 @@ pub async fn hub_accepts(hub: &Connection) -> (SendStream, RecvStream, PublicKey
     (send, recv, app_key, observed)
 }
 
+/// Sends `data` on a new stream of `conn` (then FIN) and returns everything the peer sent
+/// back before its own FIN: a round trip through an echoing peer, writing and reading at once
+/// so that flow control never stalls a transfer larger than the windows.
+pub async fn echo_on(conn: &Connection, data: &[u8]) -> Vec<u8> {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open a stream");
+    let data = data.to_vec();
+    let writer = tokio::spawn(async move {
+        send.write_all(&data).await.expect("write the payload");
+        send.finish().expect("finish the stream");
+    });
+    let back = within("the echo", recv.read_to_end(usize::MAX)).await.expect("read the echo");
+    writer.await.expect("writer task");
+    back
+}
+
 /// Opens a stream, writes `bytes` (then FIN if `finish`), and reads the relay's answer frame.
 pub async fn send_raw(conn: &Connection, bytes: &[u8], finish: bool) -> Result<Frame, FrameIoError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| FrameIoError::Io(e.into()))?;
