@@ -379,10 +379,28 @@ pub fn quic_server_crypto(
 /// can verify: hubs and apps learn at once that their connection is gone and redial, instead
 /// of waiting for a ping or an idle timeout on a dead connection.
 pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
-    let reset = identity.derive_secret("keyway quic stateless reset v1");
+    node_endpoint_config(identity, None)
+}
+
+/// [`endpoint_config`] for one node of a cluster whose nodes share `identity` (apps and hubs pin
+/// one key for the whole cluster): with `Some(node)`, both secrets are derived from the key
+/// *and* the node's stable id. Shared secrets would let every node recognise every sibling's
+/// connection IDs and answer a packet that reached the wrong node (a load balancer remap,
+/// anycast) with a reset the peer accepts, killing a live connection; per-node secrets make
+/// such a packet an unknown one, which quinn drops. The id must be stable across restarts (not
+/// drawn per start), or a crashed node could no longer reset its own old connections. `None`
+/// derives exactly what [`endpoint_config`] always did.
+pub fn node_endpoint_config(identity: &Identity, node: Option<&str>) -> quinn::EndpointConfig {
+    // The label of a node's secret adds the id after a character no node id contains, so no
+    // node's labels equal the single-node ones or another node's.
+    let label = |base: &str| match node {
+        None => base.to_owned(),
+        Some(node) => format!("{base} node={node}"),
+    };
+    let reset = identity.derive_secret(&label("keyway quic stateless reset v1"));
     let mut config =
         quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset)));
-    let cid = identity.derive_secret("keyway quic connection id v1");
+    let cid = identity.derive_secret(&label("keyway quic connection id v1"));
     let cid_key = u64::from_le_bytes([cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7]]);
     config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     // quinn sends at most one stateless reset per `min_reset_interval` (20 ms by default) for

@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// On SIGTERM, how long live sessions may continue before the relay closes them.
     #[arg(long, env = "KEYWAY_RELAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// This node's stable id in a cluster of relays sharing one key (1-63 of a-z, 0-9, '-').
+    /// Keep it across restarts: the QUIC reset secrets derive from it. Unset: a single relay.
+    #[arg(long, env = "KEYWAY_RELAY_NODE_ID", value_name = "ID")]
+    pub node_id: Option<crate::cluster::NodeId>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -305,6 +309,7 @@ async fn run(args: RunArgs, argv: Vec<OsString>) -> anyhow::Result<()> {
     config.limits = args.limits.to_limits();
     config.metrics_listen = (!args.no_metrics).then_some(args.metrics_listen);
     config.drain_timeout = args.drain_timeout;
+    config.node_id = args.node_id.clone();
     let relay = Relay::start(config).await?;
     // Signal handlers go in before the banner: whoever waits for the banner (an operator's
     // script, a test) may send SIGHUP at once, and without a handler that would kill the relay.

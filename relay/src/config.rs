@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use keyway_proto::Identity;
 
+use crate::cluster::NodeId;
 use crate::limits::Limits;
 
 /// Default QUIC idle timeout. Hubs keep their tunnel alive well inside it (about every 15 s),
@@ -67,6 +68,10 @@ pub struct RelayConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How long a graceful shutdown waits for live sessions to end before closing them.
     pub drain_timeout: Duration,
+    /// This node's stable id in a cluster of relays sharing one key; `None`: a single relay.
+    /// The QUIC reset and connection-ID secrets derive from (key, id), so siblings cannot
+    /// reset each other's connections (see [`crate::cluster`]).
+    pub node_id: Option<NodeId>,
 }
 
 impl RelayConfig {
@@ -82,6 +87,7 @@ impl RelayConfig {
             limits: Limits::default(),
             metrics_listen: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            node_id: None,
         }
     }
 }
@@ -99,6 +105,7 @@ impl fmt::Debug for RelayConfig {
             .field("limits", &self.limits)
             .field("metrics_listen", &self.metrics_listen)
             .field("drain_timeout", &self.drain_timeout)
+            .field("node_id", &self.node_id)
             .finish()
     }
 }

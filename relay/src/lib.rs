@@ -24,6 +24,7 @@ mod channel;
 mod channel_session;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod cluster;
 mod config;
 mod connection;
 mod drain;

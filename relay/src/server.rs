@@ -87,7 +87,10 @@ impl Relay {
         let socket = ForwardingSocket::wrap(socket, Arc::clone(&channels))
             .map_err(|source| RelayError::Bind { addr: config.listen, source })?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            keyway_proto::tls::endpoint_config(&config.identity),
+            keyway_proto::tls::node_endpoint_config(
+                &config.identity,
+                config.node_id.as_ref().map(crate::cluster::NodeId::as_str),
+            ),
             Some(server_config),
             socket,
             Arc::new(quinn::TokioRuntime),

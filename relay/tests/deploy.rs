@@ -45,8 +45,10 @@ fn the_example_relay_toml_is_accepted_and_documents_the_defaults() {
     let run = command.find_subcommand("run").unwrap();
     for arg in run.get_arguments().filter(|a| a.get_env().is_some()) {
         let key = arg.get_long().unwrap().replace('-', "_");
+        // An option without a default (node_id) is shown commented out.
+        let commented = arg.get_default_values().is_empty() && text.contains(&format!("\n# {key} = "));
         if key != "config" {
-            assert!(table.contains_key(&key), "deploy/relay.toml lacks {key}");
+            assert!(table.contains_key(&key) || commented, "deploy/relay.toml lacks {key}");
         }
     }
 }
