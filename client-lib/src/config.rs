@@ -5,6 +5,7 @@
 //! network that silently drops UDP is reported quickly instead of after quinn's idle timeout.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use keyway_proto::{Identity, PublicKey};
@@ -33,6 +34,14 @@ pub struct ClientConfig {
     pub keep_alive: Duration,
     /// QUIC idle timeout on the relay connection.
     pub idle_timeout: Duration,
+    /// Where the hubs' single-use session tickets are kept (resumption and 0-RTT of end-to-end
+    /// connections). `None`: a store of this client's own, gone with it. An app that drops its
+    /// `Client` when backgrounded and makes a new one when back passes one store to both, so
+    /// the new client resumes. Tickets cannot outlive the process: rustls (0.23) keeps their
+    /// values opaque, with no way to write them to a file or a platform store; after process
+    /// death every hub costs one full handshake. Entries are keyed per hub key, so one store
+    /// serves any number of hubs.
+    pub session_store: Option<Arc<dyn rustls::client::ClientSessionStore>>,
 }
 
 impl ClientConfig {
@@ -45,6 +54,7 @@ impl ClientConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             keep_alive: DEFAULT_KEEP_ALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            session_store: None,
         }
     }
 

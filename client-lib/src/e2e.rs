@@ -123,20 +123,45 @@ pub(crate) struct DialParams<'a> {
     pub(crate) timeout: Duration,
 }
 
+/// A dialed end-to-end connection.
+pub(crate) enum Dialed {
+    /// The handshake completed.
+    Established(Link),
+    /// Resumed with a ticket and usable at once: streams opened now send 0-RTT early data.
+    /// The future resolves when the handshake completes: true if the hub took the early data,
+    /// false if it did not (it lost the session, e.g. it restarted), in which case nothing sent
+    /// early reached it and those streams fail with `ZeroRttRejected`.
+    Early(Link, quinn::ZeroRttAccepted),
+}
+
 /// Binds `id`, dials the hub through the channel and starts the guard that ties the channel
-/// stream and the connection together.
+/// stream and the connection together. With `early`, a dial that holds a ticket of this hub
+/// returns before the handshake completes ([`Dialed::Early`]); without, it never does, so no
+/// byte goes as early data.
 pub(crate) async fn dial(
     p: DialParams<'_>,
     channel: QuicBiStream,
     id: ChannelId,
-) -> Result<Link, ClientError> {
+    early: bool,
+) -> Result<Dialed, ClientError> {
     let binding = p.paths.bind(id);
     // A mismatch left over from an earlier attempt must not be blamed on this one.
     let _ = p.mismatch.take();
     let connecting = p
         .endpoint
-        .connect_with(p.config, binding.addr(), keyway_proto::tls::SERVER_NAME)
+        .connect_with(p.config, binding.addr(), &keyway_proto::tls::e2e_server_name(&p.hub_key))
         .map_err(|source| ConfigError::DialHub { source })?;
+    let connecting = match early {
+        true => match connecting.into_0rtt() {
+            Ok((conn, accepted)) => {
+                let link = start(p.hub_key, conn, channel, binding)?;
+                return Ok(Dialed::Early(link, accepted));
+            }
+            // No ticket of this hub (or one without early data): a full handshake.
+            Err(connecting) => connecting,
+        },
+        false => connecting,
+    };
     // On every error path below, dropping `channel` finishes it: the relay drops the channel.
     let conn = match tokio::time::timeout(p.timeout, connecting).await {
         Err(_) => {
@@ -156,13 +181,23 @@ pub(crate) async fn dial(
         }
         Ok(Ok(conn)) => conn,
     };
+    start(p.hub_key, conn, channel, binding).map(Dialed::Established)
+}
+
+/// Checks the hub's key and starts the guard of a connection that is usable now.
+fn start(
+    hub_key: PublicKey,
+    conn: Connection,
+    channel: QuicBiStream,
+    binding: ChannelBinding,
+) -> Result<Link, ClientError> {
     // Belt and braces, as for the relay: the verifier pinned the key on a full handshake; the
-    // connection's own report covers resumed ones too.
+    // connection's own report covers resumed ones too (the key the ticket was issued with).
     if let Some(seen) = keyway_proto::tls::quic_peer_key(&conn) {
-        if seen != p.hub_key {
+        if seen != hub_key {
             conn.close(codes::PROTOCOL, b"unexpected hub key");
             return Err(ClientError::HubKeyMismatch(keyway_proto::tls::KeyMismatch {
-                expected: p.hub_key,
+                expected: hub_key,
                 seen,
             }));
         }
@@ -249,8 +284,14 @@ pub(crate) async fn open_stream(
             None => ClientError::Io(io::Error::other(e)),
         });
     }
-    let mut stream =
-        E2eStream { send, recv, link: link.clone(), answer: Answer::Pending(Vec::new()), reused };
+    let mut stream = E2eStream {
+        send,
+        recv,
+        link: link.clone(),
+        answer: Answer::Pending(Vec::new()),
+        reused,
+        early: false,
+    };
     if let Some(wait) = wait {
         match tokio::time::timeout(wait, std::future::poll_fn(|cx| stream.poll_answer(cx))).await {
             Ok(Ok(())) => {}
@@ -307,11 +348,35 @@ pub(crate) struct E2eStream {
     link: Link,
     answer: Answer,
     reused: bool,
+    /// Its first bytes went as 0-RTT early data and the hub took them.
+    early: bool,
 }
 
 impl E2eStream {
     pub(crate) fn reused(&self) -> bool {
         self.reused
+    }
+
+    /// Writes `data` at once, before the hub's answer (pipelined; early data on a 0-RTT
+    /// connection). A failure is typed as for `connect`.
+    pub(crate) async fn write_now(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        match self.send.write_all(data).await {
+            Ok(()) => Ok(()),
+            Err(WriteError::ConnectionLost(e)) => Err(self.link.lost(e)),
+            Err(e) => Err(stream_code_error(match e {
+                WriteError::Stopped(code) => code,
+                _ => codes::NORMAL,
+            })
+            .unwrap_or_else(|| ClientError::Io(io::Error::from(e)))),
+        }
+    }
+
+    pub(crate) fn mark_early(&mut self) {
+        self.early = true;
+    }
+
+    pub(crate) fn early(&self) -> bool {
+        self.early
     }
 
     pub(crate) fn abort(&mut self) {
@@ -509,6 +574,13 @@ impl HubStream {
     /// session; the hub re-checks the key after every handshake, resumed or not.)
     pub fn resumed(&self) -> bool {
         self.inner.reused()
+    }
+
+    /// Whether this stream's first bytes travelled as 0-RTT early data and the hub took them
+    /// (only ever for [`Client::connect_early`](crate::Client::connect_early), on a new
+    /// connection resumed with a ticket).
+    pub fn early_data(&self) -> bool {
+        self.inner.early()
     }
 
     /// Aborts the stream at once in both directions (QUIC reset and stop-sending).

@@ -41,6 +41,7 @@ pub use config::ClientConfig;
 pub use e2e::HubStream;
 pub use error::{ChannelEnd, ClientError, ConfigError, HandshakeError, ProtocolError};
 pub use pairing::{pair, PairedHub, PairingCode};
+pub use rustls::client::{ClientSessionMemoryCache, ClientSessionStore};
 
 /// A handle on the app's relay link. Cheap to clone; clones share the endpoint and connection.
 #[derive(Clone, Debug)]
@@ -84,7 +85,12 @@ struct QuicPlane {
     configs: Mutex<HashMap<PublicKey, (quinn::ClientConfig, MismatchSlot)>>,
     /// When [`Client::nudge_relay`] last touched the relay connection.
     last_nudge: Mutex<Option<tokio::time::Instant>>,
+    /// The hubs' session tickets ([`ClientConfig::session_store`]), one store for every hub.
+    sessions: Arc<dyn rustls::client::ClientSessionStore>,
 }
+
+/// Size of a client's own ticket store, in rustls' units (8 tickets per hub): 64 hubs.
+const SESSION_STORE_SIZE: usize = 512;
 
 /// At most one nudge of the relay connection per this interval (see [`Client::nudge_relay`]).
 const NUDGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -107,6 +113,9 @@ impl Client {
             links: Mutex::default(),
             configs: Mutex::default(),
             last_nudge: Mutex::default(),
+            sessions: config.session_store.clone().unwrap_or_else(|| {
+                Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSION_STORE_SIZE))
+            }),
         };
         Ok(Client {
             inner: Arc::new(Inner { config, endpoint, dialer, conn: tokio::sync::Mutex::new(None), quic }),
@@ -150,6 +159,105 @@ impl Client {
     /// Sends `request` on a new stream of the relay connection and returns the stream and the
     /// relay's answer (a `Refused` already turned into the typed error). A cached connection
     /// found dead is redialed once.
+    /// [`connect_pipelined`](Client::connect_pipelined) with `first`, the session's first bytes,
+    /// **which the caller declares safe to run twice** (an HTTP GET, a status poll): on a new
+    /// end-to-end connection to a hub that gave this client a ticket, they travel as 0-RTT
+    /// early data, so the answer can be back one app↔hub round trip after the call.
+    ///
+    /// Why "safe to run twice": a relay cannot replay them (each ticket resumes once at the
+    /// hub; a replayed first flight gets a full handshake and its early data refused), but a
+    /// request can still run twice when the hub's answer is lost and the app retries. And when
+    /// the hub does not take the early data (it restarted and forgot the ticket), this method
+    /// itself sends `first` again in 1-RTT. On a connection that is already up, or without a
+    /// ticket, nothing is early: `first` goes right after the handshake, as with
+    /// `connect_pipelined`. [`HubStream::early_data`] says which it was.
+    pub async fn connect_early(
+        &self,
+        hub: &HubName,
+        hub_key: &PublicKey,
+        first: &[u8],
+    ) -> Result<HubStream, ClientError> {
+        let plane = &self.inner.quic;
+        let slot = self.slot(plane, hub, hub_key);
+        let mut held = slot.lock().await;
+        if let Some(link) = held.live.as_ref().filter(|link| !link.is_closed()).cloned() {
+            drop(held);
+            self.nudge_relay(plane);
+            let mut stream = e2e::open_stream(&link, hub, None, true).await?;
+            stream.write_now(first).await?;
+            return Ok(HubStream::quic(stream, *hub_key));
+        }
+        held.live = None;
+        held.refused = None;
+        let dialed = match self.dial(plane, hub, hub_key, SessionPurpose::Connect, true).await {
+            Ok(dialed) => dialed,
+            Err(e) => {
+                if let ClientError::Refused { reason, message } = &e {
+                    held.refused = Some((tokio::time::Instant::now(), *reason, message.clone()));
+                }
+                return Err(e);
+            }
+        };
+        let (link, accepted) = match dialed {
+            e2e::Dialed::Established(link) => (link, None),
+            e2e::Dialed::Early(link, accepted) => (link, Some(accepted)),
+        };
+        let Some(accepted) = accepted else {
+            held.live = Some(link.clone());
+            drop(held);
+            let mut stream = e2e::open_stream(&link, hub, None, false).await?;
+            stream.write_now(first).await?;
+            return Ok(HubStream::quic(stream, *hub_key));
+        };
+        let mut stream = e2e::open_stream(&link, hub, None, false).await?;
+        stream.write_now(first).await?;
+        // The slot stays locked until the handshake completes: a concurrent `connect` must not
+        // find this connection while it is still in 0-RTT and send bytes early that its
+        // caller never marked safe to repeat.
+        let timeout = self.inner.config.session_timeout();
+        let took = match tokio::time::timeout(timeout, accepted).await {
+            Ok(took) => took,
+            Err(_) => {
+                link.close("end-to-end handshake timed out");
+                return Err(ClientError::HubRejected(HandshakeError::TimedOut { waited: timeout }));
+            }
+        };
+        if link.is_closed() {
+            // The handshake failed (or the channel ended): the stream's error says why.
+            return Err(match stream.write_now(b"").await {
+                Err(e) => e,
+                Ok(()) => ProtocolError::StreamClosed { what: "during the end-to-end handshake" }.into(),
+            });
+        }
+        held.live = Some(link.clone());
+        drop(held);
+        if took {
+            stream.mark_early();
+        } else {
+            // The hub did not take the early data: none of it reached it. Again, in 1-RTT.
+            tracing::debug!(%hub, "0-RTT refused by the hub; sending the first bytes again");
+            stream = e2e::open_stream(&link, hub, None, false).await?;
+            stream.write_now(first).await?;
+        }
+        Ok(HubStream::quic(stream, *hub_key))
+    }
+
+    /// Closes the end-to-end connection to this hub, if there is one (its streams end). The
+    /// relay connection and the hub's tickets stay: the next `connect` dials a new
+    /// connection, resumed. For an app that stops using a hub for a while.
+    pub async fn disconnect(&self, hub: &HubName, hub_key: &PublicKey) {
+        let slot = self.slot(&self.inner.quic, hub, hub_key);
+        let mut held = slot.lock().await;
+        if let Some(link) = held.live.take() {
+            link.close("app disconnected");
+        }
+    }
+
+    fn slot(&self, plane: &QuicPlane, hub: &HubName, hub_key: &PublicKey) -> Arc<LinkSlot> {
+        let mut links = plane.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        links.entry((hub.clone(), *hub_key)).or_default().clone()
+    }
+
     async fn relay_request(
         &self,
         request: &Frame,
@@ -194,10 +302,7 @@ impl Client {
             let stream = e2e::open_stream(&link, hub, wait, false).await?;
             return Ok(HubStream::quic(stream, *hub_key));
         }
-        let slot = {
-            let mut links = plane.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            links.entry((hub.clone(), *hub_key)).or_default().clone()
-        };
+        let slot = self.slot(plane, hub, hub_key);
         let (link, fresh) = self.live_link(plane, &slot, hub, hub_key, None).await?;
         if !fresh {
             self.nudge_relay(plane);
@@ -299,6 +404,20 @@ impl Client {
         hub_key: &PublicKey,
         purpose: SessionPurpose,
     ) -> Result<e2e::Link, ClientError> {
+        match self.dial(plane, hub, hub_key, purpose, false).await? {
+            e2e::Dialed::Established(link) | e2e::Dialed::Early(link, _) => Ok(link),
+        }
+    }
+
+    /// Asks the relay for a channel, then dials the hub through it (see [`e2e::dial`]).
+    async fn dial(
+        &self,
+        plane: &QuicPlane,
+        hub: &HubName,
+        hub_key: &PublicKey,
+        purpose: SessionPurpose,
+        early: bool,
+    ) -> Result<e2e::Dialed, ClientError> {
         let open = Frame::ChannelOpen { hub: hub.clone(), hub_key: *hub_key, purpose };
         let (channel, id) = match self.relay_request(&open, hub).await? {
             (stream, Frame::ChannelReady { channel }) => (stream, channel),
@@ -330,7 +449,7 @@ impl Client {
             hub_key: *hub_key,
             timeout: self.inner.config.session_timeout(),
         };
-        e2e::dial(params, channel, id).await
+        e2e::dial(params, channel, id, early).await
     }
 
     fn quic_config(
@@ -344,12 +463,15 @@ impl Client {
         if let Some((config, slot)) = cache.get(hub_key) {
             return Ok((config.clone(), slot.clone()));
         }
-        let (crypto, slot) = keyway_proto::tls::quic_client_crypto(
-            &self.inner.config.identity,
-            *hub_key,
-            keyway_proto::ALPN_E2E,
-        )?;
-        let config = self.with_e2e_transport(quinn::ClientConfig::new(crypto))?;
+        let (mut tls, slot) =
+            keyway_proto::tls::client_config(&self.inner.config.identity, *hub_key, keyway_proto::ALPN_E2E)?;
+        tls.resumption = rustls::client::Resumption::store(plane.sessions.clone());
+        // Lets a resumed dial offer early data; only `connect_early` ever writes any
+        // (`e2e::dial` without `early` waits for the handshake before a stream opens).
+        tls.enable_early_data = true;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(keyway_proto::tls::TlsConfigError::from)?;
+        let config = self.with_e2e_transport(quinn::ClientConfig::new(Arc::new(crypto)))?;
         cache.insert(*hub_key, (config.clone(), slot.clone()));
         Ok((config, slot))
     }

@@ -109,6 +109,8 @@ pub struct RunOnlyOptions {
     pub max_connections_per_app: Option<String>,
     #[arg(long, env = "KEYWAY_HUB_MAX_STREAMS_PER_APP", hide = true)]
     pub max_streams_per_app: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_SESSION_TICKETS", hide = true)]
+    pub session_tickets: Option<String>,
 }
 
 /// `keyway-hub apps …`
@@ -192,6 +194,10 @@ pub struct RunArgs {
     /// over it are refused at once with "over limit" (0: none).
     #[arg(long, env = "KEYWAY_HUB_MAX_STREAMS_PER_APP", default_value_t = crate::load::DEFAULT_MAX_STREAMS_PER_APP)]
     pub max_streams_per_app: usize,
+    /// Sessions kept for single-use TLS tickets, which let a returning app resume (and send
+    /// 0-RTT early data it marked safe to repeat); about apps × 2. 0 turns resumption off.
+    #[arg(long, env = "KEYWAY_HUB_SESSION_TICKETS", default_value_t = crate::config::DEFAULT_SESSION_TICKETS)]
+    pub session_tickets: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -256,6 +262,7 @@ impl RunArgs {
         config.metrics_listen = self.metrics_listen;
         config.max_connections_per_app = self.max_connections_per_app;
         config.max_streams_per_app = self.max_streams_per_app;
+        config.session_tickets = self.session_tickets;
         Ok(config)
     }
 }

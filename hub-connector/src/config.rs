@@ -77,7 +77,15 @@ pub struct HubConfig {
     /// Cap on one app key's concurrent streams (forwarded connections) to this hub (0: no
     /// cap): the streams over it are refused at once with a typed `OverLimit`.
     pub max_streams_per_app: usize,
+    /// Sessions the hub keeps for single-use TLS tickets (resumption and 0-RTT of end-to-end
+    /// connections; see `keyway_proto::tls::enable_single_use_tickets`). The oldest is
+    /// forgotten when full, and that app does one full handshake: size it as apps × 2.
+    pub session_tickets: usize,
 }
+
+/// Default of [`HubConfig::session_tickets`]: 2 048 apps with a connection each, at a few
+/// hundred bytes per session (about 1.5 MiB when full).
+pub const DEFAULT_SESSION_TICKETS: usize = 4096;
 
 impl HubConfig {
     /// A config with default timers.
@@ -109,6 +117,7 @@ impl HubConfig {
             metrics_listen: None,
             max_connections_per_app: crate::load::DEFAULT_MAX_CONNECTIONS_PER_APP,
             max_streams_per_app: crate::load::DEFAULT_MAX_STREAMS_PER_APP,
+            session_tickets: DEFAULT_SESSION_TICKETS,
         }
     }
 

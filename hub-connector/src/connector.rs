@@ -271,7 +271,14 @@ fn e2e_server_configs(
     };
     transport.max_concurrent_bidi_streams(credit).max_concurrent_uni_streams(0u32.into());
     let transport = Arc::new(transport);
-    let authorized = server_config(&config.identity, Arc::new(apps.allow_list()), keyway_proto::ALPN_E2E)?;
+    let mut authorized =
+        server_config(&config.identity, Arc::new(apps.allow_list()), keyway_proto::ALPN_E2E)?;
+    if config.session_tickets > 0 {
+        keyway_proto::tls::enable_single_use_tickets(&mut authorized, config.session_tickets);
+    } else {
+        authorized.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        authorized.send_tls13_tickets = 0;
+    }
     let mut pairing = server_config(&config.identity, Arc::new(AnyKey), keyway_proto::ALPN_E2E)?;
     pairing.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     pairing.send_tls13_tickets = 0;

@@ -73,6 +73,27 @@ pub(crate) async fn serve(
     }
 }
 
+/// A full handshake, bounded by [`HANDSHAKE_TIMEOUT`] and the channel's life.
+async fn wait_handshake(channel: &ChannelInfo, connecting: quinn::Connecting) -> Option<Connection> {
+    tokio::select! {
+        done = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting) => match done {
+            Ok(Ok(conn)) => Some(conn),
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "end-to-end handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::info!("end-to-end handshake timed out");
+                None
+            }
+        },
+        () = channel.ended() => {
+            tracing::info!("channel ended during the end-to-end handshake");
+            None
+        }
+    }
+}
+
 fn close(conn: &Connection, code: quinn::VarInt, reason: &str) {
     keyway_client::relay_link::close(conn, code, reason);
 }
@@ -87,14 +108,41 @@ async fn connection(shared: Arc<Shared>, channel: Arc<ChannelInfo>, incoming: In
         Ok(connecting) => connecting,
         Err(e) => return tracing::info!(error = %e, "end-to-end connection failed at its first packet"),
     };
-    let conn = tokio::select! {
-        done = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting) => match done {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return tracing::info!(error = %e, "end-to-end handshake failed"),
-            Err(_) => return tracing::info!("end-to-end handshake timed out"),
+    // quinn lets a server use a connection at once ("0.5-RTT"); whether it may depends on what
+    // the first flight was. A resumed session (a ticket from this hub, single-use: see
+    // `keyway_proto::tls::enable_single_use_tickets`) already names the app key the ticket was
+    // issued to, so that key is checked below and the app's early streams are served before
+    // the handshake completes. A full handshake has proven no key yet: wait for it.
+    let (conn, handshake) = match connecting.into_0rtt() {
+        Ok((conn, done)) => (conn, Some(done)),
+        // Never for a server (quinn: "into_0rtt will always return Ok"); handled all the same.
+        Err(connecting) => match wait_handshake(&channel, connecting).await {
+            Some(conn) => (conn, None),
+            None => return,
         },
-        () = channel.ended() => return tracing::info!("channel ended during the end-to-end handshake"),
     };
+    let resumed = keyway_proto::tls::quic_peer_key(&conn).is_some();
+    if let Some(done) = handshake {
+        if resumed {
+            shared.stats.resumed.fetch_add(1, Ordering::Relaxed);
+            // Served from here on, before the handshake completes (0.5-RTT). quinn 0.11 does
+            // not tell a server whether it took 0-RTT data, so that is not counted here.
+            drop(done);
+        } else {
+            tokio::select! {
+                done = tokio::time::timeout(HANDSHAKE_TIMEOUT, done) => match done {
+                    // The value says whether 0-RTT was taken (never, on a full handshake);
+                    // a failed handshake resolves it too, with the connection closed.
+                    Ok(_) => match conn.close_reason() {
+                        None => {}
+                        Some(e) => return tracing::info!(error = %e, "end-to-end handshake failed"),
+                    },
+                    Err(_) => return close(&conn, codes::NORMAL, "end-to-end handshake timed out"),
+                },
+                () = channel.ended() => return tracing::info!("channel ended during the end-to-end handshake"),
+            }
+        }
+    }
     let app_key = channel.app_key;
     if keyway_proto::tls::quic_peer_key(&conn) != Some(app_key) {
         tracing::warn!("the end-to-end key is not the key the relay announced; closing");

@@ -17,6 +17,7 @@
 //! | `sessions_total{result}` | counter | sessions `accepted` (pairing sessions included) or `refused` |
 //! | `sessions_active` | gauge | accepted sessions not yet ended |
 //! | `pairings_total{result}` | counter | pairings `paired` or `failed` (wrong secret, bad request) |
+//! | `e2e_resumed_total` | counter | end-to-end connections that resumed a session (single-use ticket) |
 //! | `pairing_window_open` | gauge | 1 while a pairing window is open |
 //! | `authorized_apps` | gauge | keys in `authorized_apps` |
 //! | `channels_active{relay}` | gauge | channels (data plane v2) that relay introduced and that are live |
@@ -145,6 +146,12 @@ fn gather(shared: &Shared) -> prometheus::Result<Registry> {
     pairings.with_label_values(&["paired"]).inc_by(stats.paired());
     pairings.with_label_values(&["failed"]).inc_by(stats.pairing_failures());
     register(Box::new(pairings))?;
+    let resumed = prometheus::IntCounter::with_opts(opts(
+        "e2e_resumed_total",
+        "End-to-end connections that resumed a TLS session with a single-use ticket of this hub.",
+    ))?;
+    resumed.inc_by(stats.resumed());
+    register(Box::new(resumed))?;
     let window =
         IntGauge::with_opts(opts("pairing_window_open", "1 while a pairing window is open, else 0."))?;
     window.set(i64::from(*shared.pairing_open.borrow()));

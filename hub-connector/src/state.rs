@@ -183,6 +183,7 @@ pub struct HubStats {
     pub(crate) reconnects: AtomicU64,
     pub(crate) paired: AtomicU64,
     pub(crate) pairing_failures: AtomicU64,
+    pub(crate) resumed: AtomicU64,
 }
 
 impl HubStats {
@@ -214,6 +215,11 @@ impl HubStats {
     /// Pairing attempts refused for a wrong secret (or a malformed request).
     pub fn pairing_failures(&self) -> u64 {
         self.pairing_failures.load(Ordering::Relaxed)
+    }
+    /// End-to-end connections that resumed a TLS session (a single-use ticket of this hub):
+    /// served from their first flight, their key re-checked before any stream was read.
+    pub fn resumed(&self) -> u64 {
+        self.resumed.load(Ordering::Relaxed)
     }
     /// Times a registered tunnel was lost (or moved after `GoAway`) and reconnecting began.
     pub fn reconnects(&self) -> u64 {

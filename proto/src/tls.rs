@@ -305,6 +305,37 @@ impl ClientCertVerifier for AuthorizedClients {
 /// only keys the client's session cache; the pinned key, not a name, identifies the server.
 pub const SERVER_NAME: &str = "keyway.invalid";
 
+/// The server name an app uses for the end-to-end connection to the hub with `hub_key`.
+///
+/// SNI is off, so it is never sent; it only keys the client's session store. One name per hub
+/// key means one store can serve every hub of an app (and a store the app provides, shared
+/// across `Client`s): a ticket from one hub is never offered to another, where it would fail
+/// and tell that hub which other hub the app talks to.
+pub fn e2e_server_name(hub_key: &PublicKey) -> String {
+    let short = hub_key.as_bytes().get(..16).unwrap_or_default();
+    format!("h{}.keyway.invalid", data_encoding::HEXLOWER.encode(short))
+}
+
+/// Number of single-use TLS 1.3 tickets a hub sends per end-to-end handshake: one for the next
+/// connection and one spare, so an app whose resumed attempt is lost still holds one.
+pub const TICKETS_PER_HANDSHAKE: usize = 2;
+
+/// Turns on single-use tickets and 0-RTT on a server config (the hub's end-to-end one).
+///
+/// Tickets are *stateful*: the hub keeps each session in a memory store of `sessions` entries
+/// and rustls `take`s it on use, so a ticket resumes at most once and a replayed first flight
+/// (a relay can capture and resend it) finds no session, gets a full handshake and its early
+/// data rejected. A hub restart forgets every session: every app is cold once (acceptable;
+/// stateless tickets would survive a restart but could be replayed). The store evicts the
+/// oldest when full: size it as apps × [`TICKETS_PER_HANDSHAKE`] × connections per app.
+/// `max_early_data_size` is the value QUIC requires (RFC 9001: the 0-RTT limit is the
+/// transport's flow control, not TLS's).
+pub fn enable_single_use_tickets(config: &mut rustls::ServerConfig, sessions: usize) {
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(sessions.max(1));
+    config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
+    config.max_early_data_size = u32::MAX;
+}
+
 /// The same for tokio-rustls (the tests below run the configs over an in-memory pipe), which
 /// wants a typed name: an IP literal, so no parsing can fail.
 #[cfg(test)]

@@ -8,7 +8,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -18,6 +18,7 @@ use keyway_proto::tls::{self, AllowList};
 use keyway_proto::ALPN_E2E;
 use keyway_test_support::payload;
 use keyway_test_support::raw::echo_on;
+use keyway_test_support::tap::{Tap, Way};
 use tokio::net::UdpSocket;
 
 fn e2e_transport() -> Arc<quinn::TransportConfig> {
@@ -45,98 +46,6 @@ fn series(relay: &RelayHandle, series: &str) -> f64 {
 
 fn dropped(relay: &RelayHandle, reason: &str) -> f64 {
     series(relay, &format!("keyway_relay_channel_packets_dropped_total{{reason=\"{reason}\"}}"))
-}
-
-/// Which way a tapped datagram went.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Way {
-    ToRelay,
-    FromRelay,
-}
-
-/// One datagram a tap saw: its way, the tap's relay-facing address it passed, its bytes.
-type Tapped = (Way, SocketAddr, Vec<u8>);
-
-/// A UDP hop between one peer and the relay that records every channel datagram both ways
-/// (the "tap on the leg"), and can move its relay-facing side to a new port (NAT rebinding).
-struct Tap {
-    front: Arc<UdpSocket>,
-    back: Arc<Mutex<Arc<UdpSocket>>>,
-    peer: Arc<Mutex<Option<SocketAddr>>>,
-    /// Channel datagrams by way, with the tap's relay-facing address they passed.
-    seen: Arc<Mutex<Vec<Tapped>>>,
-}
-
-impl Tap {
-    async fn start(relay: SocketAddr) -> Self {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let tap = Self {
-            front,
-            back: Arc::new(Mutex::new(Arc::clone(&back))),
-            peer: Arc::default(),
-            seen: Arc::default(),
-        };
-        let (front, back_cell, peer, seen) =
-            (Arc::clone(&tap.front), Arc::clone(&tap.back), Arc::clone(&tap.peer), Arc::clone(&tap.seen));
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let Ok((n, from)) = front.recv_from(&mut buf).await else { return };
-                *peer.lock().unwrap() = Some(from);
-                let back = Arc::clone(&back_cell.lock().unwrap());
-                if channel::is_channel_data(&buf[..n]) {
-                    let via = back.local_addr().unwrap();
-                    seen.lock().unwrap().push((Way::ToRelay, via, buf[..n].to_vec()));
-                }
-                let _ = back.send_to(&buf[..n], relay).await;
-            }
-        });
-        tap.serve_back(back);
-        tap
-    }
-
-    /// Carries what the relay sends to `back` on to the peer.
-    fn serve_back(&self, back: Arc<UdpSocket>) {
-        let (front, peer, seen) = (Arc::clone(&self.front), Arc::clone(&self.peer), Arc::clone(&self.seen));
-        let via = back.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let Ok((n, _)) = back.recv_from(&mut buf).await else { return };
-                if channel::is_channel_data(&buf[..n]) {
-                    seen.lock().unwrap().push((Way::FromRelay, via, buf[..n].to_vec()));
-                }
-                let to = *peer.lock().unwrap();
-                if let Some(to) = to {
-                    let _ = front.send_to(&buf[..n], to).await;
-                }
-            }
-        });
-    }
-
-    /// The address the peer sends to as if it were the relay.
-    fn addr(&self) -> SocketAddr {
-        self.front.local_addr().unwrap()
-    }
-
-    /// From now on the peer's datagrams reach the relay from a new port.
-    async fn rebind(&self) -> SocketAddr {
-        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let addr = back.local_addr().unwrap();
-        self.serve_back(Arc::clone(&back));
-        *self.back.lock().unwrap() = back;
-        addr
-    }
-
-    fn seen(&self, way: Way) -> Vec<Vec<u8>> {
-        self.seen.lock().unwrap().iter().filter(|(w, _, _)| *w == way).map(|(_, _, d)| d.clone()).collect()
-    }
-
-    /// How many channel datagrams the relay sent to the tap's relay-facing address `via`.
-    fn delivered_via(&self, via: SocketAddr) -> usize {
-        self.seen.lock().unwrap().iter().filter(|(w, v, _)| *w == Way::FromRelay && *v == via).count()
-    }
 }
 
 /// An app and a hub on path endpoints behind taps, with a channel between them through the

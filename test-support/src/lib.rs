@@ -1,7 +1,8 @@
 //! What Keyway's tests and load generator share, so that each helper exists once: the bounded
 //! waits and their one [`PATIENCE`] ([`wait`]), deterministic payloads ([`payload`](mod@payload)), the TCP
 //! echo service a hub forwards to in tests ([`echo`]), test identities and names ([`ids`]), and
-//! a raw protocol peer that speaks the relay's wire without the client library ([`raw`]); for
+//! a raw protocol peer that speaks the relay's wire without the client library ([`raw`]), a
+//! recording UDP hop on a peer's leg to the relay ([`tap`]); for
 //! the CLI-level tests, a child's stdout read line by line ([`child`]) and plain GETs against
 //! the operator listeners ([`http`]).
 //!
@@ -23,6 +24,8 @@ pub mod ids;
 pub mod payload;
 #[cfg(feature = "async")]
 pub mod raw;
+#[cfg(feature = "async")]
+pub mod tap;
 pub mod wait;
 
 #[cfg(feature = "async")]
