@@ -203,3 +203,35 @@ async fn a_revoked_app_holding_a_ticket_gets_no_early_data_to_the_service() {
     }
     assert_eq!(bed.served.load(Ordering::SeqCst), 1, "the revoked app's request reached the service");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyway_forward_sends_early_data_only_with_its_option() {
+    let bed = bed().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("listen");
+    let local = listener.local_addr().expect("local addr");
+    let options = keyway_client::forward::Options { early_data: true };
+    let forwarder = tokio::spawn(keyway_client::forward::run_with(
+        bed.client.clone(),
+        name("home"),
+        bed.hub_key,
+        listener,
+        options,
+        std::future::pending(),
+    ));
+    let get = || async {
+        let mut tcp = tokio::net::TcpStream::connect(local).await.expect("connect forwarder");
+        tcp.write_all(b"GET\n").await.expect("request");
+        let mut back = [0u8; 3];
+        within("answer through the forwarder", tcp.read_exact(&mut back)).await.expect("answer");
+        assert_eq!(&back, b"ok\n");
+    };
+    // The first connection is a full handshake; the second, on a new end-to-end connection,
+    // resumes and carries the request as early data.
+    get().await;
+    bed.client.disconnect(&name("home"), &bed.hub_key).await;
+    bed.app_tap.clear();
+    get().await;
+    assert!(packets(&bed.app_tap.seen(Way::ToRelay)).contains(&LongPacket::ZeroRtt), "no early data");
+    assert_eq!(bed.served.load(Ordering::SeqCst), 2);
+    forwarder.abort();
+}

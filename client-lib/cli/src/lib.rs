@@ -105,6 +105,11 @@ pub struct ForwardArgs {
     /// QUIC idle timeout towards the relay.
     #[arg(long, env = "KEYWAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Send each connection's first bytes as 0-RTT early data when a new end-to-end connection
+    /// resumes: one round trip saved, but a request may then run twice (a lost answer, a
+    /// retry). Only for services whose first request is safe to repeat (HTTP GETs).
+    #[arg(long, env = "KEYWAY_EARLY_DATA")]
+    pub early_data: bool,
 }
 
 /// Whether a config file should be layered in: always for `forward`, and for other
@@ -235,7 +240,9 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
         app_key = %client.public_key(),
         "forwarding"
     );
-    keyway_client::forward::run(client.clone(), args.hub, hub_key, listener, shutdown_signal()).await?;
+    let options = keyway_client::forward::Options { early_data: args.early_data };
+    keyway_client::forward::run_with(client.clone(), args.hub, hub_key, listener, options, shutdown_signal())
+        .await?;
     client.close().await;
     Ok(())
 }
