@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Frame::Ping { nonce: 1 },
         Frame::Pong { nonce: 2 },
         Frame::GoAway { retry_after_ms: 1000, message: "restarting".into() },
+        Frame::Redirect { node: "198.51.100.7:4433".parse()? },
     ];
     let dir = std::path::Path::new("proto/fuzz/seeds/frame_decode");
     std::fs::create_dir_all(dir)?;

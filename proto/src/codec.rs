@@ -300,6 +300,13 @@ pub enum Frame {
     StreamOpen,
     /// hub → app, first frame back on a stream: it reaches the hub's local service.
     StreamAccepted,
+    /// relay → app, the answer to a `ChannelOpen` at a node of a relay cluster where the hub is
+    /// not registered: it is registered at the node reachable at `node` (same relay key). The
+    /// app dials that node and asks again; nothing about the hub was checked here, so the
+    /// answer authorizes nothing.
+    Redirect {
+        node: SocketAddr,
+    },
 }
 
 mod kind {
@@ -318,8 +325,9 @@ mod kind {
     pub const CHANNEL_READY: u8 = 14;
     pub const STREAM_OPEN: u8 = 15;
     pub const STREAM_ACCEPTED: u8 = 16;
+    pub const REDIRECT: u8 = 17;
     /// The highest kind this build knows.
-    pub const LAST: u8 = STREAM_ACCEPTED;
+    pub const LAST: u8 = REDIRECT;
 }
 
 /// A validated frame header: what a reader needs to know before reading the payload.
@@ -364,6 +372,7 @@ impl Frame {
             Frame::ChannelReady { .. } => "ChannelReady",
             Frame::StreamOpen => "StreamOpen",
             Frame::StreamAccepted => "StreamAccepted",
+            Frame::Redirect { .. } => "Redirect",
         }
     }
 
@@ -387,6 +396,7 @@ impl Frame {
             Frame::ChannelReady { .. } => kind::CHANNEL_READY,
             Frame::StreamOpen => kind::STREAM_OPEN,
             Frame::StreamAccepted => kind::STREAM_ACCEPTED,
+            Frame::Redirect { .. } => kind::REDIRECT,
         }
     }
 
@@ -429,6 +439,7 @@ impl Frame {
             }
             Frame::ChannelReady { channel } => w.u64(channel.get()),
             Frame::ChannelAccepted | Frame::StreamOpen | Frame::StreamAccepted => {}
+            Frame::Redirect { node } => w.addr(node),
         }
         let payload_len = out.len() - HEADER_LEN;
         if payload_len > MAX_PAYLOAD {
@@ -476,6 +487,7 @@ impl Frame {
             kind::CHANNEL_READY => Frame::ChannelReady { channel: ChannelId::new(r.u64("channel")?) },
             kind::STREAM_OPEN => Frame::StreamOpen,
             kind::STREAM_ACCEPTED => Frame::StreamAccepted,
+            kind::REDIRECT => Frame::Redirect { node: r.addr()? },
             other => return Err(FrameError::UnknownType(other)),
         };
         if !r.0.is_empty() {
@@ -696,6 +708,7 @@ mod tests {
             Frame::ChannelReady { channel: ChannelId::new(u64::MAX) },
             Frame::StreamOpen,
             Frame::StreamAccepted,
+            Frame::Redirect { node: "[2001:db8::1]:4433".parse().unwrap() },
         ]
     }
 
@@ -937,6 +950,7 @@ mod tests {
             any::<u64>().prop_map(|id| Frame::ChannelReady { channel: ChannelId::new(id) }),
             Just(Frame::StreamOpen),
             Just(Frame::StreamAccepted),
+            any::<SocketAddr>().prop_map(|node| Frame::Redirect { node }),
         ]
     }
 
