@@ -42,6 +42,8 @@ enum Setup {
     Refused,
     /// A peer went away before the channel was ready.
     Failed,
+    /// Sent to the cluster node that holds the hub (counted by the cluster's metrics).
+    Redirected,
 }
 
 /// Handles a stream whose first frame was `ChannelOpen`.
@@ -56,7 +58,7 @@ pub(crate) async fn run(
 ) {
     let stats = Arc::clone(&shared.stats);
     match setup_and_hold(shared, ctx, app_send, app_recv, name, pinned, purpose).await {
-        Setup::Held => {}
+        Setup::Held | Setup::Redirected => {}
         Setup::Refused => {
             stats.session_not_opened(true);
             stats.handshake(HandshakeRole::App, HandshakeResult::Refused);
@@ -106,6 +108,15 @@ async fn setup_and_hold(
     let (hub, Enrolled { guard, revoked }) = match authorize(&shared, &app, &name, &pinned, purpose) {
         Ok(authorized) => authorized,
         Err(refusal) => {
+            let refusal = match crate::cluster::elsewhere(&shared, &name, refusal).await {
+                Ok(node) => {
+                    // The node that holds the hub checks everything; this answer grants nothing.
+                    let _ = write_frame(&mut app_send, &Frame::Redirect { node }).await;
+                    let _ = app_send.finish();
+                    return Setup::Redirected;
+                }
+                Err(refusal) => refusal,
+            };
             refuse(&shared, &mut app_send, &app, refusal.reason, refusal.message).await;
             return Setup::Refused;
         }

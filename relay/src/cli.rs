@@ -86,6 +86,18 @@ pub struct RunArgs {
     /// Keep it across restarts: the QUIC reset secrets derive from it. Unset: a single relay.
     #[arg(long, env = "KEYWAY_RELAY_NODE_ID", value_name = "ID")]
     pub node_id: Option<crate::cluster::NodeId>,
+    /// Be a node of a cluster that shares hub presence through this store
+    /// (`redis://HOST:PORT[/DB]`); needs --node-id and the same key file on every node.
+    #[arg(long, env = "KEYWAY_RELAY_CLUSTER", value_name = "URL")]
+    pub cluster: Option<String>,
+    /// Cluster: the UDP address apps and hubs reach this node at, which redirects name
+    /// (default: the listen address; set it when that is a wildcard or behind NAT).
+    #[arg(long, env = "KEYWAY_RELAY_ADVERTISE", value_name = "ADDR")]
+    pub advertise: Option<SocketAddr>,
+    /// Cluster: the presence lease of a hub in the store, renewed every third of it. A dead
+    /// node's hubs are redirected to it for at most this long, unless they re-register sooner.
+    #[arg(long, env = "KEYWAY_RELAY_CLUSTER_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub cluster_lease: Duration,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -310,6 +322,12 @@ async fn run(args: RunArgs, argv: Vec<OsString>) -> anyhow::Result<()> {
     config.metrics_listen = (!args.no_metrics).then_some(args.metrics_listen);
     config.drain_timeout = args.drain_timeout;
     config.node_id = args.node_id.clone();
+    if let Some(url) = &args.cluster {
+        let mut cluster = crate::cluster::ClusterConfig::new(crate::cluster::StoreConfig::Redis(url.clone()));
+        cluster.advertise = args.advertise;
+        cluster.lease = args.cluster_lease;
+        config.cluster = Some(cluster);
+    }
     let relay = Relay::start(config).await?;
     // Signal handlers go in before the banner: whoever waits for the banner (an operator's
     // script, a test) may send SIGHUP at once, and without a handler that would kill the relay.
@@ -337,6 +355,9 @@ fn print_banner(args: &RunArgs, relay: &RelayHandle, created_key: bool, created_
         println!("metrics: http://{metrics}/metrics health: http://{metrics}/healthz");
     }
     println!("relay public key: {key}");
+    if let (Some(url), Some(node)) = (&args.cluster, &args.node_id) {
+        println!("cluster node {node} (store {url})");
+    }
     println!("relay fingerprint: {}", key.fingerprint());
     if created_key {
         println!("(new key written to {})", args.key.display());

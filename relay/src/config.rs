@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use keyway_proto::Identity;
 
-use crate::cluster::NodeId;
+use crate::cluster::{ClusterConfig, NodeId};
 use crate::limits::Limits;
 
 /// Default QUIC idle timeout. Hubs keep their tunnel alive well inside it (about every 15 s),
@@ -72,6 +72,9 @@ pub struct RelayConfig {
     /// The QUIC reset and connection-ID secrets derive from (key, id), so siblings cannot
     /// reset each other's connections (see [`crate::cluster`]).
     pub node_id: Option<NodeId>,
+    /// Be a node of a cluster sharing presence through a store (needs `node_id`); `None`: a
+    /// single relay with its in-memory registry only.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl RelayConfig {
@@ -88,6 +91,7 @@ impl RelayConfig {
             metrics_listen: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             node_id: None,
+            cluster: None,
         }
     }
 }
@@ -106,6 +110,7 @@ impl fmt::Debug for RelayConfig {
             .field("metrics_listen", &self.metrics_listen)
             .field("drain_timeout", &self.drain_timeout)
             .field("node_id", &self.node_id)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }

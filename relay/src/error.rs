@@ -32,6 +32,8 @@ pub enum RelayError {
     Identity(#[from] keyway_proto::IdentityError),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// What is wrong with a [`RelayConfig`](crate::RelayConfig) or the limits given to a running

@@ -57,6 +57,14 @@ pub(crate) async fn run(
         refuse(&shared, &mut send, &peer, RefusalReason::ProtocolViolation, message.into()).await;
         return;
     }
+    // Open policy in a cluster: the first key wins across every node, not only this one.
+    if let Some(cluster) = shared.cluster.as_ref().filter(|_| shared.names.is_open()) {
+        if let Err(refusal) = cluster.admit_binding(&name, &peer).await {
+            refused();
+            refuse(&shared, &mut send, &peer, refusal.reason, refusal.message).await;
+            return;
+        }
+    }
     let admission = match shared.names.admit(&name, &peer) {
         Ok(admission) => admission,
         Err(refusal) => {
@@ -104,6 +112,10 @@ pub(crate) async fn run(
     }
     // A live registration keeps the connection (see `standing`), until this function returns.
     let _registered = ctx.standing.hold();
+    // Newest connection wins across nodes too: the claim drops an older tunnel elsewhere.
+    if let Some(cluster) = &shared.cluster {
+        cluster.claim(&shared, &name, ctx.conn_id).await;
+    }
     shared.stats.registered(replaced);
     info!(
         hub = %name,
@@ -124,6 +136,9 @@ pub(crate) async fn run(
     }
     if shared.registry.remove_if_current(&name, ctx.conn_id).is_some() {
         info!(hub = %name, key = %peer.fingerprint(), "hub disconnected");
+    }
+    if let Some(cluster) = &shared.cluster {
+        cluster.release(&name, ctx.conn_id).await;
     }
 }
 

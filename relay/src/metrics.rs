@@ -5,7 +5,8 @@
 //!
 //! `/healthz` answers 200 only while the QUIC listener accepts; it answers 503 from the moment a
 //! graceful shutdown starts, so a load balancer or Kubernetes stops sending new traffic while
-//! the relay drains.
+//! the relay drains. A cluster node also answers 503 while its store has been unreachable for
+//! longer than a blip.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use crate::stats::RelayStats;
 pub(crate) struct MetricsState {
     pub stats: Arc<RelayStats>,
     pub draining: watch::Receiver<bool>,
+    /// A cluster node reports lasting store trouble (not a blip; see `cluster::TROUBLE_GRACE`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl OpsSource for MetricsState {
@@ -31,6 +34,8 @@ impl OpsSource for MetricsState {
     fn health(&self) -> Result<(), &'static str> {
         if *self.draining.borrow() {
             Err("draining")
+        } else if let Some(cluster) = &self.cluster {
+            cluster.health()
         } else {
             Ok(())
         }

@@ -219,6 +219,22 @@ impl NameBook {
         }
     }
 
+    /// Every open-policy binding (none under the closed policy), which a cluster node
+    /// re-asserts into its store after the store lost its state.
+    pub fn open_bindings(&self) -> Vec<(HubName, PublicKey)> {
+        match self {
+            Self::Closed { .. } => Vec::new(),
+            Self::Open { bindings, .. } => {
+                bindings.lock().map(|b| b.iter().map(|(n, k)| (n.clone(), *k)).collect()).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Whether this is the open policy (bindings are first come, first served).
+    pub fn is_open(&self) -> bool {
+        matches!(self, Self::Open { .. })
+    }
+
     /// Decides a registration and, under the open policy, claims a free name atomically (two
     /// keys racing for one name cannot both win) and persists the claim before admitting it.
     pub fn admit(&self, name: &HubName, key: &PublicKey) -> Result<Admission, Refusal> {

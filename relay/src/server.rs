@@ -97,6 +97,14 @@ impl Relay {
         )?;
         let local_addr = endpoint.local_addr()?;
         let public_key = config.identity.public_key();
+        let cluster = match &config.cluster {
+            None => None,
+            Some(cluster) => {
+                let node = config.node_id.clone().ok_or(crate::cluster::ClusterError::NoNodeId)?;
+                let addr = cluster.advertise.unwrap_or(local_addr);
+                Some(crate::cluster::Cluster::start(cluster, node, addr, stats.registry()).await?)
+            }
+        };
         let (shutdown, _) = watch::channel(false);
         let (sessions, drain) = crate::drain::tracker();
         let shared = Arc::new(Shared {
@@ -110,6 +118,7 @@ impl Relay {
             buckets: Buckets::new(tokio::time::Instant::now()),
             sessions,
             channels,
+            cluster,
         });
         let policy = match &config.policy {
             NamePolicy::Closed { hubs_file } => format!("closed ({})", hubs_file.display()),
@@ -131,6 +140,7 @@ impl Relay {
                 let state = crate::metrics::MetricsState {
                     stats: Arc::clone(&shared.stats),
                     draining: shared.shutdown.subscribe(),
+                    cluster: shared.cluster.clone(),
                 };
                 // Not fatal: forwarding matters more than observing it, and a second relay on
                 // the same host (tests, a blue/green upgrade) must not fail on the default port.
@@ -149,6 +159,9 @@ impl Relay {
             }
         };
         background.push(tokio::spawn(sweep_buckets(Arc::clone(&shared))));
+        if let Some(cluster) = &shared.cluster {
+            background.push(tokio::spawn(Arc::clone(cluster).run(Arc::clone(&shared))));
+        }
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), Arc::clone(&shared)));
         let watch_task = matches!(config.policy, NamePolicy::Closed { .. })
             .then(|| tokio::spawn(watch_hubs_file(Arc::clone(&shared))));

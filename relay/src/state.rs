@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub channels: Arc<Channels>,
     /// Connections of unknown keys not yet authorized (`max_unauthorized_connections`).
     pub unauthorized: Arc<Unauthorized>,
+    /// The cluster driver of a cluster node; `None` for a single relay.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {

@@ -423,6 +423,11 @@ impl RelayStats {
         self.channels_active.get().max(0) as u64
     }
 
+    /// The registry the metrics are in, for a part that adds its own (the cluster's).
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Every metric in the Prometheus text exposition format.
     pub fn encode(&self) -> String {
         match prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()) {

@@ -1,5 +1,6 @@
 //! Several relay nodes sharing one key (issue 16): what a node must not do to a sibling's
-//! connections.
+//! connections, and what nodes sharing a real Redis agree on (presence, newest registration
+//! wins across nodes, open-policy bindings, redirects).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
@@ -10,8 +11,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use keyway_relay::cluster::NodeId;
+use keyway_relay::cluster::{ClusterConfig, NodeId, StoreConfig};
+use keyway_test_support::redis::RedisServer;
 use tokio::net::UdpSocket;
+
+/// An open-policy relay presenting `key` as node `node` of the cluster whose store is `redis`.
+async fn cluster_node(key: &Identity, node: &str, redis: &RedisServer) -> RelayHandle {
+    let mut config = RelayConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        key.duplicate(),
+        NamePolicy::Open { state_file: None },
+    );
+    config.node_id = Some(NodeId::new(node).unwrap());
+    let mut cluster = ClusterConfig::new(StoreConfig::Redis(redis.url()));
+    cluster.lease = Duration::from_secs(3);
+    config.cluster = Some(cluster);
+    Relay::start(config).await.unwrap()
+}
 
 /// An open-policy relay presenting `key` as node `node` (`None`: a single relay).
 async fn node(key: &Identity, node: Option<&str>) -> RelayHandle {
@@ -128,6 +144,66 @@ async fn without_node_ids_a_sibling_resets_the_connection_which_is_why_nodes_hav
     let error = within("the sibling's reset", conn.closed()).await;
     assert_eq!(error, quinn::ConnectionError::Reset);
     assert!(remap.heard_from_second.load(Ordering::SeqCst) >= 1);
+    node1.shutdown().await;
+    node2.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_registration_at_another_node_replaces_the_tunnel_at_once_and_another_key_is_refused() {
+    let redis = RedisServer::start();
+    let key = identity();
+    let node1 = cluster_node(&key, "node-1", &redis).await;
+    let node2 = cluster_node(&key, "node-2", &redis).await;
+    let (hub, other) = (identity(), identity());
+
+    let first = connect(&node1, &hub).await;
+    let (_c1, answer) = register(&first, "home", &[], false).await;
+    assert_eq!(answer, Frame::Registered { replaced: false });
+    assert!(redis.command("GET kw:{home}:p").contains("node-1"), "the store knows where the hub is");
+
+    // Another key cannot take the name at the other node: the binding is cluster-wide.
+    let intruder = connect(&node2, &other).await;
+    let (_c, answer) = register(&intruder, "home", &[], false).await;
+    let Frame::Refused { reason, message } = answer else { panic!("{answer:?}") };
+    assert_eq!(reason, RefusalReason::NameClaimed, "{message}");
+    assert!(message.contains("cluster"), "{message}");
+
+    // The same key at node 2 wins, and node 1 drops its tunnel at once (no lease to wait out).
+    let second = connect(&node2, &hub).await;
+    let (_c2, answer) = register(&second, "home", &[], false).await;
+    assert!(matches!(answer, Frame::Registered { .. }), "{answer:?}");
+    let closed = within("node 1 drops the replaced tunnel", first.closed()).await;
+    assert_eq!(app_code(closed), Some(codes::REPLACED.into_inner()));
+    assert!(second.close_reason().is_none());
+    assert!(redis.command("GET kw:{home}:p").contains("node-2"));
+    assert_eq!(node1.stats().hubs_connected(), 0);
+    node1.shutdown().await;
+    node2.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_app_at_a_node_without_the_hub_is_redirected_to_the_hubs_node() {
+    let redis = RedisServer::start();
+    let key = identity();
+    let node1 = cluster_node(&key, "node-1", &redis).await;
+    let node2 = cluster_node(&key, "node-2", &redis).await;
+    let hub = identity();
+    let app = identity();
+    let hub_conn = connect(&node1, &hub).await;
+    let (_control, answer) = register(&hub_conn, "home", &[app.public_key()], false).await;
+    assert_eq!(answer, Frame::Registered { replaced: false });
+
+    let app_conn = connect(&node2, &app).await;
+    let (_send, mut recv) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let answer = within("the answer at node 2", read_frame(&mut recv)).await.unwrap();
+    assert_eq!(answer, Frame::Redirect { node: node1.local_addr() });
+    // A name nobody holds is refused as at a single relay.
+    let (_send, mut recv) =
+        open_session(&app_conn, "nobody", hub.public_key(), SessionPurpose::Connect).await;
+    let (reason, _) = refusal_of(&mut recv).await;
+    assert!(matches!(reason, RefusalReason::UnknownHub | RefusalReason::HubOffline), "{reason:?}");
+    let metrics = node2.stats().encode();
+    assert!(metrics.contains("keyway_relay_cluster_redirects_total 1"), "{metrics}");
     node1.shutdown().await;
     node2.shutdown().await;
 }

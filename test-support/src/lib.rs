@@ -4,7 +4,7 @@
 //! a raw protocol peer that speaks the relay's wire without the client library ([`raw`]), a
 //! recording UDP hop on a peer's leg to the relay ([`tap`]); for
 //! the CLI-level tests, a child's stdout read line by line ([`child`]) and plain GETs against
-//! the operator listeners ([`http`]).
+//! the operator listeners ([`http`]); a real Redis for the cluster tests ([`redis`](mod@redis)).
 //!
 //! It depends on `keyway-proto` and no other workspace crate: the relay and the hub connector
 //! use it as a dev-dependency, and a dev-dependency back on them would give their unit tests
@@ -24,6 +24,7 @@ pub mod ids;
 pub mod payload;
 #[cfg(feature = "async")]
 pub mod raw;
+pub mod redis;
 #[cfg(feature = "async")]
 pub mod tap;
 pub mod wait;

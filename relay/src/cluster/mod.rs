@@ -6,9 +6,46 @@
 //! per-node QUIC secrets derive from it ([`keyway_proto::tls::node_endpoint_config`]), so a
 //! node restarted after a crash still resets its own old connections, and a packet that reached
 //! the wrong node gets no valid reset.
+//!
+//! With a store ([`ClusterConfig`], `--cluster redis://…`), the node's driver ([`Cluster`])
+//! keeps, by what losing it costs:
+//! * **presence** (soft state): each hub registered here is a lease in the store (name →
+//!   node, node address, epoch), renewed every third of the lease while the tunnel is up and
+//!   re-asserted after any store trouble. A registration claims the name with a new, higher
+//!   epoch and publishes a notice; the node holding it with a lower epoch drops that tunnel at
+//!   once (`REPLACED`). A lost notice costs at most one renewal period: the renewal finds the
+//!   higher epoch and drops the tunnel then.
+//! * **open-policy bindings** (durable state): checked in the store before a name is admitted
+//!   (first key wins across the cluster) and kept in each node's bindings file as before; a
+//!   node re-asserts its file's bindings whenever it finds that the store lost its state. Run
+//!   Redis with `appendonly yes` (checked and reported at start): the files cover only the
+//!   bindings of nodes that are up.
+//! * an app's `ChannelOpen` for a hub that is not here is answered with the hub's node address
+//!   (`Redirect`), looked up in the store; the client follows it.
+//!
+//! Without a store a relay is a single node: its in-memory registry is all there is, and
+//! nothing of this module runs.
+
+pub mod redis;
+pub mod store;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use keyway_proto::{HubName, PublicKey, RefusalReason};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+use crate::policy::Refusal;
+use crate::state::Shared;
+use keyway_proto::codes;
+pub use store::{MemoryStore, Presence, Replaced, Store, StoreError};
 
 /// The longest node id, in bytes (it is part of Redis keys and metric values).
 pub const MAX_NODE_ID: usize = 63;
@@ -60,6 +97,398 @@ impl FromStr for NodeId {
     type Err = NodeIdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::new(s)
+    }
+}
+
+/// Default presence lease: a dead node's hubs are looked up at it for at most this long
+/// (they re-register elsewhere sooner, which replaces the entry at once).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Store trouble must last this long before `/healthz` reports it: a blip (a Redis restart, a
+/// failover) must not take a node out of a load balancer that still serves its hubs.
+pub const TROUBLE_GRACE: Duration = Duration::from_secs(10);
+
+/// Which store a cluster node uses.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    /// `redis://HOST:PORT[/DB]`.
+    Redis(String),
+    /// An in-process store shared by relays of one process (tests, embedders).
+    Memory(MemoryStore),
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MemoryStore")
+    }
+}
+
+/// What a relay needs to be a node of a cluster (beside its `node_id`).
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub store: StoreConfig,
+    /// The UDP address apps and hubs reach this node at, as redirects name it. `None`: the
+    /// bound address (fine on loopback and with host networking; set it behind NAT).
+    pub advertise: Option<SocketAddr>,
+    /// The presence lease (renewed every third of it).
+    pub lease: Duration,
+}
+
+impl ClusterConfig {
+    pub fn new(store: StoreConfig) -> Self {
+        Self { store, advertise: None, lease: DEFAULT_LEASE }
+    }
+}
+
+/// Why a cluster node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("a cluster node needs a node id (--node-id)")]
+    NoNodeId,
+    #[error("the presence lease must be at least 300 ms")]
+    LeaseTooShort,
+    #[error("cannot reach the cluster store at start: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The cluster's metrics (added to the relay's registry; no per-hub label).
+struct ClusterStats {
+    redirects: IntCounter,
+    replaced_remote: IntCounter,
+    store_ops: IntCounterVec,
+    store_seconds: Histogram,
+    store_up: IntGauge,
+    claims: IntGauge,
+    durable: IntGauge,
+}
+
+impl ClusterStats {
+    fn new(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let ns = "keyway_relay_cluster";
+        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c);
+        let redirects = IntCounter::with_opts(
+            Opts::new("redirects_total", "ChannelOpens answered with the hub's node address.").namespace(ns),
+        )?;
+        let replaced_remote = IntCounter::with_opts(
+            Opts::new("replaced_total", "Tunnels dropped because the hub registered on another node.")
+                .namespace(ns),
+        )?;
+        let store_ops = IntCounterVec::new(
+            Opts::new("store_operations_total", "Store operations by result (ok, error).").namespace(ns),
+            &["result"],
+        )?;
+        let store_seconds = Histogram::with_opts(
+            HistogramOpts::new("store_seconds", "Latency of store operations.")
+                .namespace(ns)
+                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]),
+        )?;
+        let store_up = IntGauge::with_opts(
+            Opts::new("store_up", "1 while the last store operation succeeded.").namespace(ns),
+        )?;
+        let claims = IntGauge::with_opts(
+            Opts::new("hubs", "Hubs this node holds a presence lease for.").namespace(ns),
+        )?;
+        let durable = IntGauge::with_opts(
+            Opts::new("store_append_only", "1: the store runs with appendonly yes; 0: no; -1: unknown.")
+                .namespace(ns),
+        )?;
+        reg(Box::new(redirects.clone()))?;
+        reg(Box::new(replaced_remote.clone()))?;
+        reg(Box::new(store_ops.clone()))?;
+        reg(Box::new(store_seconds.clone()))?;
+        reg(Box::new(store_up.clone()))?;
+        reg(Box::new(claims.clone()))?;
+        reg(Box::new(durable.clone()))?;
+        Ok(Self { redirects, replaced_remote, store_ops, store_seconds, store_up, claims, durable })
+    }
+}
+
+/// Whether an app refused here with `refusal` should be sent to another node: `Ok(addr)` of
+/// the node holding `name` when this is a cluster node, the hub is not here (`HubOffline`, or
+/// `UnknownHub` under the open policy, whose bindings this node may not have) and the store
+/// says another node holds it. Otherwise the refusal stands; a store that cannot be asked turns
+/// `HubOffline` into a refusal that says so.
+pub(crate) async fn elsewhere(
+    shared: &Shared,
+    name: &HubName,
+    refusal: Refusal,
+) -> Result<SocketAddr, Refusal> {
+    let Some(cluster) = &shared.cluster else { return Err(refusal) };
+    let here = refusal.reason == RefusalReason::HubOffline
+        || (refusal.reason == RefusalReason::UnknownHub && shared.names.is_open());
+    if !here {
+        return Err(refusal);
+    }
+    match cluster.locate(name).await {
+        Ok(Some(node)) => Ok(node),
+        Ok(None) => Err(refusal),
+        Err(e) => Err(Refusal::new(
+            RefusalReason::HubOffline,
+            format!("hub {name} is not connected to this relay node, and the cluster store cannot be asked where it is: {e}"),
+        )),
+    }
+}
+
+/// One hub registered here, as the cluster knows it.
+#[derive(Clone, Copy)]
+struct Claim {
+    conn_id: u64,
+    /// `None` until the store confirmed the claim (store trouble): the next renewal claims.
+    epoch: Option<u64>,
+}
+
+/// A node's cluster driver (see the module doc).
+pub(crate) struct Cluster {
+    store: Store,
+    node: NodeId,
+    addr: SocketAddr,
+    lease: Duration,
+    claims: DashMap<HubName, Claim>,
+    stats: ClusterStats,
+    /// Milliseconds since `started` of the first failure of the current run of failures;
+    /// `u64::MAX`: the store is fine.
+    trouble_since: AtomicU64,
+    started: tokio::time::Instant,
+    /// The store lost its state (or trouble): re-assert the bindings on the next tick.
+    reassert: AtomicBool,
+}
+
+impl Cluster {
+    /// Connects to the store (which must answer now) as node `node` reachable at `addr`.
+    pub async fn start(
+        config: &ClusterConfig,
+        node: NodeId,
+        addr: SocketAddr,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Self>, ClusterError> {
+        if config.lease < Duration::from_millis(300) {
+            return Err(ClusterError::LeaseTooShort);
+        }
+        let store = match &config.store {
+            StoreConfig::Memory(m) => Store::Memory(m.clone()),
+            StoreConfig::Redis(url) => Store::Redis(redis::RedisStore::connect(url).await?),
+        };
+        // Constant definitions: fails only on a programming error (a duplicate name).
+        let stats = ClusterStats::new(registry)
+            .map_err(|e| ClusterError::Store(StoreError::Garbled(e.to_string())))?;
+        let durability = match &store {
+            Store::Redis(r) => r.durability().await,
+            Store::Memory(_) => redis::Durability::Unknown,
+        };
+        stats.durable.set(match durability {
+            redis::Durability::AppendOnly => 1,
+            redis::Durability::NotAppendOnly => 0,
+            redis::Durability::Unknown => -1,
+        });
+        if durability == redis::Durability::NotAppendOnly {
+            warn!(
+                "the cluster store runs without appendonly: a restart of it forgets open-policy name \
+                 bindings until the nodes that made them re-assert them (see docs/operating.md)"
+            );
+        }
+        info!(node = %node, addr = %addr, store = ?store, lease = ?config.lease, "cluster node");
+        stats.store_up.set(1);
+        Ok(Arc::new(Self {
+            store,
+            node,
+            addr,
+            lease: config.lease,
+            claims: DashMap::new(),
+            stats,
+            trouble_since: AtomicU64::new(u64::MAX),
+            started: tokio::time::Instant::now(),
+            reassert: AtomicBool::new(true),
+        }))
+    }
+
+    /// Times one store operation and keeps the trouble state.
+    async fn timed<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let start = tokio::time::Instant::now();
+        let result = op.await;
+        self.stats.store_seconds.observe(start.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => {
+                self.stats.store_ops.with_label_values(&["ok"]).inc();
+                self.stats.store_up.set(1);
+                if self.trouble_since.swap(u64::MAX, Ordering::Relaxed) != u64::MAX {
+                    info!("cluster store reachable again");
+                    self.reassert.store(true, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                self.stats.store_ops.with_label_values(&["error"]).inc();
+                self.stats.store_up.set(0);
+                let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+                if self
+                    .trouble_since
+                    .compare_exchange(u64::MAX, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    warn!("cluster store trouble: {e}");
+                }
+            }
+        }
+        result
+    }
+
+    /// `Err` once the store has failed without a success for [`TROUBLE_GRACE`] (`/healthz`).
+    pub fn health(&self) -> Result<(), &'static str> {
+        let since = self.trouble_since.load(Ordering::Relaxed);
+        if since == u64::MAX {
+            return Ok(());
+        }
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if now.saturating_sub(since) >= u64::try_from(TROUBLE_GRACE.as_millis()).unwrap_or(u64::MAX) {
+            Err("cluster store unreachable")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Open policy: whether `key` may take `name` cluster-wide (first key wins). With the
+    /// store in trouble the node's own book decides (availability over a lock nobody can
+    /// check; the store re-learns the binding when it is back).
+    pub async fn admit_binding(&self, name: &HubName, key: &PublicKey) -> Result<(), Refusal> {
+        match self.timed(self.store.bind(name, key)).await {
+            Ok(bound) if bound == *key => Ok(()),
+            Ok(bound) => Err(Refusal::new(
+                RefusalReason::NameClaimed,
+                format!(
+                    "hub name {name} is already bound to key {} in this relay cluster; your key is {}",
+                    bound.fingerprint(),
+                    key.fingerprint()
+                ),
+            )),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Records that connection `conn_id` registered `name` here and claims it in the store.
+    pub async fn claim(&self, shared: &Shared, name: &HubName, conn_id: u64) {
+        self.claims.insert(name.clone(), Claim { conn_id, epoch: None });
+        self.stats.claims.set(self.claims.len() as i64);
+        if let Ok(epoch) = self.timed(self.store.claim(name, &self.node, self.addr, self.lease)).await {
+            self.confirm(shared, name, conn_id, epoch);
+        }
+    }
+
+    /// Sets the epoch of a claim, if the connection still holds it here.
+    fn confirm(&self, shared: &Shared, name: &HubName, conn_id: u64, epoch: u64) {
+        let current = shared.registry.get(name).is_some_and(|h| h.conn_id == conn_id);
+        if let Some(mut claim) = self.claims.get_mut(name) {
+            if current && claim.conn_id == conn_id && claim.epoch.is_none_or(|e| e < epoch) {
+                claim.epoch = Some(epoch);
+            }
+        }
+    }
+
+    /// The hub's connection `conn_id` ended: give its lease back.
+    pub async fn release(&self, name: &HubName, conn_id: u64) {
+        let Some((_, claim)) = self.claims.remove_if(name, |_, c| c.conn_id == conn_id) else { return };
+        self.stats.claims.set(self.claims.len() as i64);
+        if let Some(epoch) = claim.epoch {
+            let _ = self.timed(self.store.release(name, epoch)).await;
+        }
+    }
+
+    /// Where to send an app asking for `name`, which is not registered here: `Some(addr)` of
+    /// the node holding it, `None` if no node does.
+    pub async fn locate(&self, name: &HubName) -> Result<Option<SocketAddr>, StoreError> {
+        let presence = self.timed(self.store.lookup(name)).await?;
+        let addr = presence.filter(|p| p.node != self.node).map(|p| p.addr);
+        if addr.is_some() {
+            self.stats.redirects.inc();
+        }
+        Ok(addr)
+    }
+
+    /// Drops the tunnel of `name` if connection `conn_id` still holds it here: the hub
+    /// registered again on another node.
+    fn drop_tunnel(&self, shared: &Shared, name: &HubName, conn_id: u64, why: &str) {
+        self.claims.remove_if(name, |_, c| c.conn_id == conn_id);
+        self.stats.claims.set(self.claims.len() as i64);
+        if let Some(hub) = shared.registry.remove_if_current(name, conn_id) {
+            self.stats.replaced_remote.inc();
+            info!(hub = %name, key = %hub.key.fingerprint(), why, "hub registered on another node; dropping its tunnel here");
+            hub.conn.close(
+                codes::REPLACED,
+                b"replaced by a newer connection of the same hub on another relay node",
+            );
+        }
+    }
+
+    fn on_notice(&self, shared: &Shared, notice: &Replaced) {
+        if notice.node == self.node {
+            return;
+        }
+        let Some(claim) = self.claims.get(&notice.name).map(|c| *c) else { return };
+        if claim.epoch.is_none_or(|e| e < notice.epoch) {
+            self.drop_tunnel(shared, &notice.name, claim.conn_id, "notice");
+        }
+    }
+
+    /// One renewal round: the node lease (noticing a store that lost its state), the
+    /// bindings if they need re-asserting, then every presence lease of this node.
+    async fn tick(&self, shared: &Shared) {
+        match self.timed(self.store.heartbeat(&self.node, self.addr, self.lease)).await {
+            Ok(true) => self.reassert.store(true, Ordering::Relaxed),
+            Ok(false) => {}
+            Err(_) => return,
+        }
+        if self.reassert.swap(false, Ordering::Relaxed) {
+            let bindings = shared.names.open_bindings();
+            for (name, key) in &bindings {
+                if self.timed(self.store.bind(name, key)).await.is_err() {
+                    self.reassert.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+            if !bindings.is_empty() {
+                info!(bindings = bindings.len(), "open-policy bindings re-asserted in the cluster store");
+            }
+        }
+        let claims: Vec<(HubName, Claim)> =
+            self.claims.iter().map(|e| (e.key().clone(), *e.value())).collect();
+        let rounds = futures_util::stream::iter(claims).map(|(name, claim)| async move {
+            match claim.epoch {
+                None => {
+                    if let Ok(epoch) =
+                        self.timed(self.store.claim(&name, &self.node, self.addr, self.lease)).await
+                    {
+                        self.confirm(shared, &name, claim.conn_id, epoch);
+                    }
+                }
+                Some(epoch) => {
+                    let presence = Presence { epoch, node: self.node.clone(), addr: self.addr };
+                    if let Ok(false) = self.timed(self.store.renew(&name, &presence, self.lease)).await {
+                        self.drop_tunnel(shared, &name, claim.conn_id, "renewal");
+                    }
+                }
+            }
+        });
+        use futures_util::StreamExt;
+        rounds.buffer_unordered(64).for_each(|()| async {}).await;
+    }
+
+    /// Runs the node's cluster chores until the task is aborted: renewals every third of the
+    /// lease, and the replacement notices as they come.
+    pub async fn run(self: Arc<Self>, shared: Arc<Shared>) {
+        let mut notices = self.store.notices();
+        let mut renew = tokio::time::interval(self.lease / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = renew.tick() => self.tick(&shared).await,
+                notice = notices.recv() => match notice {
+                    Ok(notice) => self.on_notice(&shared, &notice),
+                    // Missed notices are made up for by the next renewal.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => notices = self.store.notices(),
+                },
+            }
+        }
     }
 }
 

@@ -1,0 +1,301 @@
+//! The cluster store on Redis (or anything speaking its protocol: Valkey, KeyDB).
+//!
+//! Every multi-step rule runs as one Lua script, so it is atomic on the server: the claim
+//! (always wins, epoch above any the name had, publishes the notice), the renewal
+//! (compare-and-set on the epoch, re-asserting a lost lease), the release (only its own
+//! epoch) and the open-policy binding (first key wins). The keys of one hub share the hash tag
+//! `{NAME}` (`kw:{home}:p` presence, `kw:{home}:b` binding), so under Redis Cluster every
+//! script touches a single slot; node keys are `kw:node:{ID}`, the state marker `kw:state`,
+//! and the notices go out on the channel `kw:replaced` (Cluster broadcasts pub/sub to every
+//! node). One presence is one string key with a TTL (`EPOCH NODE ADDR`), about 100 bytes of
+//! Redis memory per hub.
+//!
+//! The connection is a [`redis::aio::ConnectionManager`] (multiplexed, reconnects by itself)
+//! with short timeouts: a node must notice store trouble in about a second, not hang its
+//! registrations on it. The notices come over a separate pub/sub connection that a task keeps
+//! re-subscribing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use keyway_proto::{HubName, PublicKey};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use tokio::sync::broadcast;
+use tracing::{debug, warn};
+
+use super::store::{Presence, Replaced, StoreError};
+use super::NodeId;
+
+/// Longest a store operation may take before it counts as store trouble.
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The pub/sub channel of replacement notices.
+const NOTICES: &str = "kw:replaced";
+/// A key that exists while the store keeps what nodes wrote to it (see `heartbeat`).
+const MARKER: &str = "kw:state";
+
+/// Always wins; the epoch is the server's clock in µs, or one above the epoch the name had.
+/// KEYS[1] presence; ARGV: node, addr, lease ms, notice channel, name. `%.0f`: Lua numbers are
+/// doubles, and tostring would print a µs clock as 1.7e+15 (exact below 2^53: until 2255).
+const CLAIM: &str = r"
+local t = redis.call('TIME')
+local epoch = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local e = tonumber(string.match(cur, '^(%d+) '))
+  if e and e >= epoch then epoch = e + 1 end
+end
+local text = string.format('%.0f', epoch)
+redis.call('SET', KEYS[1], text .. ' ' .. ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. text .. ' ' .. ARGV[1])
+return text
+";
+
+/// Keeps or re-asserts a lease unless a higher epoch holds the name. KEYS[1] presence; ARGV:
+/// epoch, the full record, lease ms. Returns 1 (held) or 0 (lost).
+const RENEW: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local e = tonumber(string.match(cur, '^(%d+) '))
+  if e and e > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+";
+
+/// Deletes the presence only if it still has this epoch. KEYS[1] presence; ARGV[1] epoch.
+const RELEASE: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.match(cur, '^(%d+) ') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+";
+
+/// First key wins. KEYS[1] binding; ARGV[1] key. Returns the bound key.
+const BIND: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+";
+
+fn presence_key(name: &HubName) -> String {
+    format!("kw:{{{name}}}:p")
+}
+
+fn binding_key(name: &HubName) -> String {
+    format!("kw:{{{name}}}:b")
+}
+
+/// Whether the store keeps what it is told across its own restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `appendonly yes`.
+    AppendOnly,
+    /// `appendonly no`: a restart keeps at most the last RDB snapshot.
+    NotAppendOnly,
+    /// `CONFIG GET` is not allowed (managed services): the operator must know.
+    Unknown,
+}
+
+struct Scripts {
+    claim: Script,
+    renew: Script,
+    release: Script,
+    bind: Script,
+}
+
+/// The Redis store: a multiplexed connection and the notices task.
+#[derive(Clone)]
+pub struct RedisStore {
+    url: String,
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    notices: broadcast::Sender<Replaced>,
+    _subscriber: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn bounded<T>(f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
+    match tokio::time::timeout(STORE_TIMEOUT, f).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(StoreError::Timeout(STORE_TIMEOUT)),
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://HOST:PORT[/DB]`, `rediss://` is not built in). Fails if
+    /// the store is unreachable now: a node must not start believing it is in a cluster it
+    /// cannot see. Trouble after the start is survived (see [`super::Cluster`]).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(STORE_TIMEOUT))
+            .set_response_timeout(Some(STORE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = bounded(client.get_connection_manager_with_config(config)).await?;
+        let (notices, _) = broadcast::channel(4096);
+        let (subscribed, first) = tokio::sync::oneshot::channel();
+        let subscriber = tokio::spawn(subscribe(client, notices.clone(), subscribed));
+        // Listening before the node takes hubs, so that the first replacement is heard (a
+        // subscription that takes longer is made up for by the renewals).
+        let _ = tokio::time::timeout(STORE_TIMEOUT, first).await;
+        Ok(Self {
+            url: url.to_owned(),
+            conn,
+            scripts: Arc::new(Scripts {
+                claim: Script::new(CLAIM),
+                renew: Script::new(RENEW),
+                release: Script::new(RELEASE),
+                bind: Script::new(BIND),
+            }),
+            notices,
+            _subscriber: Arc::new(AbortOnDrop(subscriber)),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Reads `appendonly` (see [`Durability`]).
+    pub async fn durability(&self) -> Durability {
+        let mut conn = self.conn.clone();
+        let reply: Result<Vec<String>, _> =
+            bounded(redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut conn)).await;
+        match reply.as_deref() {
+            Ok([_, value]) if value == "yes" => Durability::AppendOnly,
+            Ok([_, _]) => Durability::NotAppendOnly,
+            _ => Durability::Unknown,
+        }
+    }
+
+    pub(super) async fn claim(
+        &self,
+        name: &HubName,
+        node: &NodeId,
+        addr: SocketAddr,
+        lease: Duration,
+    ) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.scripts.claim.key(presence_key(name));
+        call.arg(node.as_str()).arg(addr.to_string()).arg(lease_ms(lease)).arg(NOTICES).arg(name.as_str());
+        let epoch: String = bounded(call.invoke_async(&mut conn)).await?;
+        epoch.parse().map_err(|_| StoreError::Garbled(format!("epoch {epoch:?}")))
+    }
+
+    pub(super) async fn renew(
+        &self,
+        name: &HubName,
+        presence: &Presence,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.scripts.renew.key(presence_key(name));
+        call.arg(presence.epoch.to_string()).arg(presence.encode()).arg(lease_ms(lease));
+        let held: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        Ok(held == 1)
+    }
+
+    pub(super) async fn release(&self, name: &HubName, epoch: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.scripts.release.key(presence_key(name));
+        call.arg(epoch.to_string());
+        let _: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    pub(super) async fn lookup(&self, name: &HubName) -> Result<Option<Presence>, StoreError> {
+        let mut conn = self.conn.clone();
+        let text: Option<String> =
+            bounded(redis::cmd("GET").arg(presence_key(name)).query_async(&mut conn)).await?;
+        match text {
+            None => Ok(None),
+            Some(text) => Presence::decode(&text).map(Some).ok_or(StoreError::Garbled(text)),
+        }
+    }
+
+    pub(super) async fn bind(&self, name: &HubName, key: &PublicKey) -> Result<PublicKey, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.scripts.bind.key(binding_key(name));
+        call.arg(key.to_string());
+        let bound: String = bounded(call.invoke_async(&mut conn)).await?;
+        bound.parse().map_err(|_| StoreError::Garbled(format!("binding {bound:?}")))
+    }
+
+    pub(super) async fn heartbeat(
+        &self,
+        node: &NodeId,
+        addr: SocketAddr,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let (set, _): (Option<String>, Option<String>) = bounded(
+            redis::pipe()
+                .cmd("SET")
+                .arg(MARKER)
+                .arg("1")
+                .arg("NX")
+                .cmd("SET")
+                .arg(format!("kw:node:{{{node}}}"))
+                .arg(addr.to_string())
+                .arg("PX")
+                .arg(lease_ms(lease))
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(set.is_some())
+    }
+
+    pub(super) fn notices(&self) -> broadcast::Receiver<Replaced> {
+        self.notices.subscribe()
+    }
+}
+
+fn lease_ms(lease: Duration) -> u64 {
+    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Keeps a subscription to the notices channel, re-subscribing after any trouble.
+async fn subscribe(
+    client: redis::Client,
+    notices: broadcast::Sender<Replaced>,
+    subscribed: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut subscribed = Some(subscribed);
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => match pubsub.subscribe(NOTICES).await {
+                Ok(()) => {
+                    debug!("subscribed to cluster notices");
+                    if let Some(tx) = subscribed.take() {
+                        let _ = tx.send(());
+                    }
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = messages.next().await {
+                        let Ok(text) = message.get_payload::<String>() else { continue };
+                        match Replaced::decode(&text) {
+                            Some(notice) => {
+                                let _ = notices.send(notice);
+                            }
+                            None => warn!(notice = %text, "unreadable cluster notice ignored"),
+                        }
+                    }
+                    debug!("cluster notice subscription ended; re-subscribing");
+                }
+                Err(e) => debug!("cannot subscribe to cluster notices: {e}"),
+            },
+            Err(e) => debug!("cannot open the cluster notice connection: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,0 +1,98 @@
+//! A real Redis for the cluster tests: Debian's `redis-server`, started on a free loopback
+//! port with a data directory of its own, append-only file on and RDB snapshots off (what
+//! `docs/operating.md` asks of a cluster store), killed when dropped. `.ci/run` installs
+//! `redis-server`; a test that finds none fails with a message saying so.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::wait::eventually_blocking;
+
+/// One `redis-server` process and its data directory.
+pub struct RedisServer {
+    addr: SocketAddr,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a Redis on a free loopback port and waits until it answers `PING`.
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let dir = std::env::temp_dir().join(format!("keyway-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("redis data directory");
+        let mut server = Self { addr, dir, child: None };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.addr.port().to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (Debian package redis-server; .ci/run installs it)");
+        self.child = Some(child);
+        let addr = self.addr;
+        eventually_blocking("redis-server answers PING", || ping(addr).then_some(()));
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Kills the server (SIGKILL: nothing is flushed beyond what the AOF already has).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data directory (it reloads its AOF).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Sends one command in the inline protocol and returns the raw reply (for tests that
+    /// read what the store holds, e.g. `INFO memory` or a key).
+    pub fn command(&self, line: &str) -> String {
+        let mut stream = TcpStream::connect(self.addr).expect("connect to redis");
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        stream.write_all(format!("{line}\r\nQUIT\r\n").as_bytes()).expect("write to redis");
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out);
+        out
+    }
+}
+
+fn ping(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
