@@ -65,6 +65,11 @@ pub enum ClientError {
     /// Data plane v2: the end-to-end QUIC connection to the hub failed or was closed.
     #[error("end-to-end connection to the hub: {0}")]
     HubConnection(#[source] quinn::ConnectionError),
+    /// A relay cluster node sent the request on to the node holding the hub, and this client
+    /// does not follow redirects (a [`Client`](crate::Client) does, once per connect: this
+    /// means the hub moved again meanwhile).
+    #[error("the relay node says the hub is registered at cluster node {node}")]
+    Redirected { node: SocketAddr },
 }
 
 /// Why the relay ended a channel (data plane v2), read from how it ended the channel stream.

@@ -20,6 +20,7 @@
 //! at all, only the hub's answer (and [`Client::connect_pipelined`] not even that wait).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod cluster;
 pub mod config;
 mod e2e;
 pub mod error;
@@ -59,6 +60,9 @@ struct Inner {
     conn: tokio::sync::Mutex<Option<Connection>>,
     /// The end-to-end connections and their channel table.
     quic: QuicPlane,
+    /// The other relay cluster nodes this client was redirected to; `None` in a sibling
+    /// client itself, which does not follow redirects ([`cluster`]).
+    nodes: Option<cluster::Nodes>,
 }
 
 /// Where one (hub, hub key)'s end-to-end connection is kept, once dialed.
@@ -99,6 +103,16 @@ impl Client {
     /// Binds a UDP socket of the relay's address family on port 0. Needs a tokio runtime.
     /// Does not contact the relay yet: the first [`connect`](Client::connect) does.
     pub fn new(config: ClientConfig) -> Result<Client, ClientError> {
+        Self::build(config, Some(cluster::Nodes::default()))
+    }
+
+    /// A client for another node of the relay cluster, which returns a redirect instead of
+    /// following it.
+    pub(crate) fn new_sibling(config: ClientConfig) -> Result<Client, ClientError> {
+        Self::build(config, None)
+    }
+
+    fn build(config: ClientConfig, nodes: Option<cluster::Nodes>) -> Result<Client, ClientError> {
         let dialer = relay_link::RelayDialer::new(
             &config.identity,
             config.relay_addr,
@@ -118,7 +132,14 @@ impl Client {
             }),
         };
         Ok(Client {
-            inner: Arc::new(Inner { config, endpoint, dialer, conn: tokio::sync::Mutex::new(None), quic }),
+            inner: Arc::new(Inner {
+                config,
+                endpoint,
+                dialer,
+                conn: tokio::sync::Mutex::new(None),
+                quic,
+                nodes,
+            }),
         })
     }
 
@@ -138,7 +159,40 @@ impl Client {
         hub_key: &PublicKey,
         purpose: SessionPurpose,
     ) -> Result<HubStream, ClientError> {
-        self.quic_connect(&self.inner.quic, hub, hub_key, purpose, true).await
+        self.routed(hub, hub_key, purpose, true).await
+    }
+
+    /// [`quic_connect`](Self::quic_connect) at the relay cluster node that holds `hub`: the
+    /// node it was last found at, else the configured relay, following its redirect once.
+    async fn routed(
+        &self,
+        hub: &HubName,
+        hub_key: &PublicKey,
+        purpose: SessionPurpose,
+        wait: bool,
+    ) -> Result<HubStream, ClientError> {
+        let Some(nodes) = &self.inner.nodes else {
+            return self.quic_connect(&self.inner.quic, hub, hub_key, purpose, wait).await;
+        };
+        if let Some(home) = nodes.home_of(hub) {
+            match home.quic_connect(&home.inner.quic, hub, hub_key, purpose, wait).await {
+                Err(e) if cluster::moved(&e) => {
+                    tracing::debug!(%hub, error = %e, "hub no longer at its last cluster node");
+                    nodes.forget(hub);
+                }
+                other => return other,
+            }
+        }
+        match self.quic_connect(&self.inner.quic, hub, hub_key, purpose, wait).await {
+            Err(ClientError::Redirected { node }) => {
+                tracing::debug!(%hub, %node, "redirected to the cluster node holding the hub");
+                let sibling = nodes.sibling(node, &self.inner.config)?;
+                let stream = sibling.quic_connect(&sibling.inner.quic, hub, hub_key, purpose, wait).await?;
+                nodes.remember(hub, node);
+                Ok(stream)
+            }
+            other => other,
+        }
     }
 
     /// [`connect`](Client::connect) without waiting for the hub's answer, for callers that
@@ -153,7 +207,7 @@ impl Client {
         hub: &HubName,
         hub_key: &PublicKey,
     ) -> Result<HubStream, ClientError> {
-        self.quic_connect(&self.inner.quic, hub, hub_key, SessionPurpose::Connect, false).await
+        self.routed(hub, hub_key, SessionPurpose::Connect, false).await
     }
 
     /// Sends `request` on a new stream of the relay connection and returns the stream and the
@@ -421,6 +475,7 @@ impl Client {
         let open = Frame::ChannelOpen { hub: hub.clone(), hub_key: *hub_key, purpose };
         let (channel, id) = match self.relay_request(&open, hub).await? {
             (stream, Frame::ChannelReady { channel }) => (stream, channel),
+            (_, Frame::Redirect { node }) => return Err(ClientError::Redirected { node }),
             (_, other) => {
                 return Err(
                     ProtocolError::UnexpectedFrame { expected: "ChannelReady", got: other.name() }.into()
@@ -502,6 +557,9 @@ impl Client {
 
     /// Closes the relay connection and the endpoint, waiting briefly for the close to be sent.
     pub async fn close(&self) {
+        if let Some(nodes) = &self.inner.nodes {
+            Box::pin(nodes.close()).await;
+        }
         let slots: Vec<_> = {
             let links = self.inner.quic.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             links.values().cloned().collect()
