@@ -172,6 +172,8 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
     }
     let (e2e_server, pair_server) = e2e_server_configs(&config, &apps)?;
     let window_file = crate::pairing::window_path(&config.apps_file);
+    // Relays sharing one key are the nodes of one cluster: one tunnel task for them all.
+    let mut groups: Vec<Vec<crate::tunnel::Node>> = Vec::new();
     let mut links = Vec::new();
     for target in config.relays() {
         let dialer = RelayDialer::new(
@@ -188,7 +190,12 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         // introduces (data plane v2), which the endpoint accepts as a server.
         let (endpoint, paths) =
             keyway_client::path::bind_path_endpoint(target.addr, Some((*e2e_server).clone()))?;
-        links.push((Arc::new(Tunnel::new(target, paths)), dialer, endpoint));
+        let node = (Arc::new(Tunnel::new(target, paths)), dialer, endpoint);
+        links.push(node.0.clone());
+        match groups.iter_mut().find(|g| g.first().is_some_and(|(t, _, _)| t.target.key == target.key)) {
+            Some(group) => group.push(node),
+            None => groups.push(vec![node]),
+        }
     }
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
@@ -210,7 +217,7 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         window_file,
         pairing_open: watch::channel(false).0,
         pair_lock: tokio::sync::Mutex::new(()),
-        tunnels: links.iter().map(|(tunnel, _, _)| tunnel.clone()).collect(),
+        tunnels: links,
         status,
     });
     shared.refresh_pairing();
@@ -235,13 +242,20 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
     let watcher = tokio::spawn(watch_apps(shared.clone(), shutdown.clone()));
     let mut endpoints = Vec::new();
     let mut tunnels = Vec::new();
-    for (tunnel, dialer, endpoint) in links {
-        let span = tracing::info_span!("tunnel", relay = %tunnel.target.addr);
-        let accept = crate::e2e::serve(shared.clone(), tunnel.clone(), endpoint.clone(), shutdown.clone());
-        tunnels.push(tokio::spawn(accept.instrument(span.clone())));
-        let task = crate::tunnel::run(shared.clone(), tunnel, dialer, endpoint.clone(), shutdown.clone());
+    for group in groups {
+        for (tunnel, _, endpoint) in &group {
+            let span = tracing::info_span!("tunnel", relay = %tunnel.target.addr);
+            let accept =
+                crate::e2e::serve(shared.clone(), tunnel.clone(), endpoint.clone(), shutdown.clone());
+            tunnels.push(tokio::spawn(accept.instrument(span)));
+            endpoints.push(endpoint.clone());
+        }
+        let span = match group.as_slice() {
+            [(tunnel, _, _)] => tracing::info_span!("tunnel", relay = %tunnel.target.addr),
+            nodes => tracing::info_span!("tunnel", cluster_nodes = nodes.len()),
+        };
+        let task = crate::tunnel::run(shared.clone(), group, shutdown.clone());
         tunnels.push(tokio::spawn(task.instrument(span)));
-        endpoints.push(endpoint);
     }
     Ok(HubHandle { shared, endpoints, stop, tunnels, watcher: Some(watcher), metrics })
 }

@@ -18,6 +18,11 @@
 //! * changes of `authorized_apps` and of the pairing window, published to the relay as an
 //!   `AllowList` frame (with `pairing_open` set while a window is open).
 //!
+//! Several relay addresses with one key are the nodes of one relay cluster: the task keeps
+//! one tunnel, to one node at a time, and moves to the next node whenever an attempt ends
+//! (lost, refused, `GoAway`, dial failure), so a dead node costs the hub one liveness interval
+//! and one backoff delay.
+//!
 //! A refusal (`NameNotAuthorized`, `NameClaimed`, …) is shown in [`TunnelStatus::Refused`]
 //! but still retried with backoff: the relay owner may be about to add the hub to
 //! `authorized_hubs`, and the hub owner should not have to restart anything then.
@@ -56,28 +61,27 @@ impl Outcome {
     }
 }
 
-/// Runs the tunnel to one relay until a stop is requested.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    tunnel: Arc<Tunnel>,
-    dialer: RelayDialer,
-    endpoint: Endpoint,
-    mut shutdown: Shutdown,
-) {
+/// One address a tunnel task may dial: its status slot, dialer and endpoint.
+pub(crate) type Node = (Arc<Tunnel>, RelayDialer, Endpoint);
+
+/// Runs the tunnel to one relay, or to one node at a time of a relay cluster (`nodes`, all
+/// with one key), until a stop is requested.
+pub(crate) async fn run(shared: Arc<Shared>, nodes: Vec<Node>, mut shutdown: Shutdown) {
     let mut backoff = Backoff::new(shared.config.backoff_min, shared.config.backoff_max);
-    loop {
-        let outcome = attempt(&shared, &tunnel, &dialer, &endpoint, &mut shutdown).await;
+    let mut at = 0;
+    while let Some((tunnel, dialer, endpoint)) = nodes.get(at) {
+        let outcome = attempt(&shared, tunnel, dialer, endpoint, &mut shutdown).await;
         let delay = match outcome {
             Outcome::Shutdown => break,
             Outcome::Refused { reason, message } => {
                 tracing::error!(%reason, %message, name = %shared.config.name, "relay refused the registration; retrying");
-                shared.set_status(&tunnel, TunnelStatus::Refused { reason, message });
+                shared.set_status(tunnel, TunnelStatus::Refused { reason, message });
                 backoff.next_delay(&mut rand::rng())
             }
             Outcome::GoAway { hint, message } => {
                 shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 tunnel.reconnects.fetch_add(1, Ordering::Relaxed);
-                shared.set_status(&tunnel, TunnelStatus::Connecting);
+                shared.set_status(tunnel, TunnelStatus::Connecting);
                 backoff.reset();
                 let delay = go_away_delay(hint, shared.config.backoff_min, &mut rand::rng());
                 tracing::info!(%message, delay = ?delay, "relay asked the hub to move; reconnecting");
@@ -100,18 +104,28 @@ pub(crate) async fn run(
                          connector running with this key?"
                     );
                 }
-                shared.set_status(&tunnel, TunnelStatus::Connecting);
+                shared.set_status(tunnel, TunnelStatus::Connecting);
                 let delay = backoff.next_delay(&mut rand::rng());
                 tracing::warn!(%error, registered, retry_in = ?delay, "tunnel to relay lost");
                 delay
             }
         };
+        // One cluster, one tunnel: whatever ended this attempt may be this node's alone (it
+        // died, drains, or cannot reach the store), so the next attempt goes to the next node.
+        if nodes.len() > 1 {
+            at = (at + 1) % nodes.len();
+            if let Some((next, _, _)) = nodes.get(at) {
+                tracing::info!(next = %next.target.addr, retry_in = ?delay, "moving to the next relay cluster node");
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.requested() => break,
         }
     }
-    shared.set_status(&tunnel, TunnelStatus::Stopped);
+    for (tunnel, _, _) in &nodes {
+        shared.set_status(tunnel, TunnelStatus::Stopped);
+    }
 }
 
 /// The allow-list as published to the relay (capped at the protocol limit: fail closed, the
