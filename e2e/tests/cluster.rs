@@ -1,0 +1,206 @@
+//! Several relay nodes, one namespace (issue 16), end to end: three `keyway-relay` binaries
+//! sharing one key file and a real Redis, a hub connector given all three addresses with one
+//! key (one cluster: one tunnel, to one node, moving on failure) and an app that knows only
+//! one node.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use keyway_e2e::*;
+use keyway_hub::HubConfig;
+use keyway_proto::{Identity, PublicKey, RefusalReason};
+use keyway_test_support::redis::RedisServer;
+
+/// One relay node: the `keyway-relay` binary with the cluster's key file in `dir`.
+struct Node {
+    bin: Bin,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+fn spawn_node(dir: &Path, id: &str, redis: &RedisServer, addr: SocketAddr, metrics: SocketAddr) -> Bin {
+    let (addr, metrics, url) = (addr.to_string(), metrics.to_string(), redis.url());
+    let args = [
+        "run",
+        "--listen",
+        &addr,
+        "--key",
+        "relay.key",
+        "--hubs",
+        "authorized_hubs",
+        "--metrics-listen",
+        &metrics,
+        "--node-id",
+        id,
+        "--cluster",
+        &url,
+        "--cluster-lease",
+        "3s",
+    ];
+    Bin::spawn("keyway-relay", &args, dir)
+}
+
+/// `n` nodes in `dir` (which holds the key file and `authorized_hubs`), all up.
+async fn nodes(dir: &Path, redis: &RedisServer, n: usize) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let bin = spawn_node(dir, &format!("node-{i}"), redis, addr, metrics);
+        nodes.push(Node { bin, addr, metrics });
+    }
+    for node in &nodes {
+        eventually("relay node metrics", || async {
+            scrape(node.metrics).filter(|t| t.contains("keyway_relay_cluster"))
+        })
+        .await;
+    }
+    nodes
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    redis: RedisServer,
+    nodes: Vec<Node>,
+    cluster_key: PublicKey,
+    hub_id: Identity,
+    app_id: Identity,
+}
+
+async fn world() -> World {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Identity::from_seed(fresh_seed());
+    cluster.save(&dir.path().join("relay.key")).unwrap();
+    let (hub_id, app_id) = (identity(), identity());
+    write_hubs(&dir.path().join("authorized_hubs"), &[("home", hub_id.public_key())]);
+    let nodes = nodes(dir.path(), &redis, 3).await;
+    World { dir, redis, nodes, cluster_key: cluster.public_key(), hub_id, app_id }
+}
+
+/// A hub connector given every node with the one cluster key, pinging every 500 ms so that a
+/// dead node is noticed quickly.
+async fn start_cluster_hub(w: &World, service: SocketAddr) -> keyway_hub::HubHandle {
+    let apps = w.dir.path().join("authorized_apps");
+    write_apps(&apps, &[w.app_id.public_key()]);
+    let first = w.nodes.first().unwrap();
+    let mut config =
+        HubConfig::new(first.addr, w.cluster_key, name("home"), w.hub_id.duplicate(), apps, service);
+    for node in w.nodes.iter().skip(1) {
+        config = config.with_relay(node.addr, w.cluster_key);
+    }
+    config.ping_interval = Duration::from_millis(500);
+    config.keep_alive = Duration::from_millis(250);
+    config.backoff_max = Duration::from_millis(500);
+    keyway_hub::start(config).await.expect("hub starts")
+}
+
+fn hubs_on(node: &Node) -> f64 {
+    scrape(node.metrics).map_or(-1.0, |t| metric(&t, "keyway_relay_hubs_connected", &[]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_at_node_3_reaches_a_hub_at_node_1_and_follows_it_when_node_1_dies() {
+    let mut w = world().await;
+    let service = echo_service(b"").await;
+    let hub = start_cluster_hub(&w, service).await;
+    hub.wait_registered(PATIENCE).await.unwrap();
+    eventually("the hub holds one tunnel, at node 1", || async {
+        let counts: Vec<f64> = w.nodes.iter().map(hubs_on).collect();
+        (counts == [1.0, 0.0, 0.0]).then_some(())
+    })
+    .await;
+
+    // The app knows node 3 only; node 3 redirects it to node 1 and the client follows.
+    let node3 = w.nodes.get(2).unwrap().addr;
+    // A dead node sends nothing: the app gives up on it after its connect timeout (twice it
+    // for an answer through the relay), so that is what bounds how soon it follows the hub.
+    let mut config = keyway_client::ClientConfig::new(w.app_id.duplicate(), node3, w.cluster_key);
+    config.connect_timeout = Duration::from_secs(1);
+    let app = keyway_client::Client::new(config).unwrap();
+    let data = payload(256 * 1024, 16);
+    let started = std::time::Instant::now();
+    let stream =
+        app.connect(&name("home"), &w.hub_id.public_key()).await.expect("session through a redirect");
+    let cold = started.elapsed();
+    let back = round_trip(stream, data.clone()).await.unwrap();
+    assert!(back == data, "byte-exact through node 1");
+    let started = std::time::Instant::now();
+    let stream = app.connect(&name("home"), &w.hub_id.public_key()).await.expect("second session");
+    let warm = started.elapsed();
+    drop(stream);
+    let node3_metrics = scrape(w.nodes.get(2).unwrap().metrics).unwrap();
+    assert_eq!(
+        metric(&node3_metrics, "keyway_relay_cluster_redirects_total", &[]),
+        1.0,
+        "one redirect, then remembered"
+    );
+    println!("set-up through a redirect: cold {cold:?}, warm (node remembered) {warm:?}");
+
+    // SIGKILL node 1: the hub's ping finds the tunnel dead, the hub moves to another node,
+    // and the app, asking node 3 again after its remembered node failed, follows it there.
+    let killed = std::time::Instant::now();
+    let node1 = w.nodes.get_mut(0).unwrap();
+    let _ = node1.bin.child.kill();
+    let _ = node1.bin.child.wait();
+    eventually("the hub registers at another node", || async {
+        (w.nodes.iter().skip(1).map(hubs_on).sum::<f64>() == 1.0).then_some(())
+    })
+    .await;
+    println!(
+        "node 1 SIGKILLed → hub registered at another node after {:?} (hub ping 500 ms)",
+        killed.elapsed()
+    );
+    let back = eventually("the app reaches the hub again", || async {
+        let stream = app.connect(&name("home"), &w.hub_id.public_key()).await.ok()?;
+        round_trip(stream, b"after the crash".to_vec()).await.ok()
+    })
+    .await;
+    assert_eq!(back, b"after the crash");
+    println!(
+        "node 1 SIGKILLed → app reaches the hub again after {:?} (app connect timeout 1 s)",
+        killed.elapsed()
+    );
+    let counts: Vec<f64> = w.nodes.iter().skip(1).map(hubs_on).collect();
+    assert_eq!(counts.iter().sum::<f64>(), 1.0, "one tunnel, on node 2 or 3: {counts:?}");
+    hub.shutdown().await;
+    app.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_app_is_refused_through_a_node_that_is_not_the_hubs() {
+    let w = world().await;
+    let service = echo_service(b"").await;
+    let hub = start_cluster_hub(&w, service).await;
+    hub.wait_registered(PATIENCE).await.unwrap();
+    let node2 = w.nodes.get(1).unwrap().addr;
+    let app = keyway_client::Client::new(keyway_client::ClientConfig::new(
+        w.app_id.duplicate(),
+        node2,
+        w.cluster_key,
+    ))
+    .unwrap();
+    let stream = app.connect(&name("home"), &w.hub_id.public_key()).await.expect("session via node 2");
+    assert_eq!(round_trip(stream, b"hi".to_vec()).await.unwrap(), b"hi");
+
+    write_apps(&w.dir.path().join("authorized_apps"), &[]);
+    let revoked = std::time::Instant::now();
+    // A fresh client (no end-to-end connection to reuse) asks node 2, is sent to the hub's
+    // node, and the relay there refuses it: the relay-side check, before the hub is asked.
+    let err = eventually("a revoked app is refused", || async {
+        let fresh = keyway_client::Client::new(keyway_client::ClientConfig::new(
+            w.app_id.duplicate(),
+            node2,
+            w.cluster_key,
+        ))
+        .unwrap();
+        let result = fresh.connect(&name("home"), &w.hub_id.public_key()).await;
+        fresh.close().await;
+        result.err().filter(|e| e.refusal() == Some(RefusalReason::AppNotAuthorized))
+    })
+    .await;
+    println!("revocation → refused through node 2 after {:?}: {err}", revoked.elapsed());
+    hub.shutdown().await;
+    drop(w.redis);
+}
