@@ -51,6 +51,8 @@ impl Nodes {
         sibling.connect_timeout = config.connect_timeout;
         sibling.keep_alive = config.keep_alive;
         sibling.idle_timeout = config.idle_timeout;
+        // The hubs' tickets are the hubs', whichever node carries the packets.
+        sibling.session_store = config.session_store.clone();
         let client = Client::new_sibling(sibling)?;
         siblings.insert(node, client.clone());
         Ok(client)
