@@ -11,6 +11,7 @@ use keyway_e2e::*;
 use keyway_hub::HubConfig;
 use keyway_proto::{Identity, PublicKey, RefusalReason};
 use keyway_test_support::redis::RedisServer;
+use keyway_test_support::within;
 
 /// One relay node: the `keyway-relay` binary with the cluster's key file in `dir`.
 struct Node {
@@ -203,4 +204,96 @@ async fn a_revoked_app_is_refused_through_a_node_that_is_not_the_hubs() {
     println!("revocation → refused through node 2 after {:?}: {err}", revoked.elapsed());
     hub.shutdown().await;
     drop(w.redis);
+}
+
+/// An open-policy relay node in this process, keeping its bindings in `dir`.
+async fn library_node(
+    dir: &Path,
+    key: &Identity,
+    id: &str,
+    redis: &RedisServer,
+) -> keyway_relay::RelayHandle {
+    use keyway_relay::cluster::{ClusterConfig, NodeId, StoreConfig};
+    let state_file = Some(dir.join(format!("{id}.bindings")));
+    let policy = keyway_relay::NamePolicy::Open { state_file };
+    let mut config = keyway_relay::RelayConfig::new("127.0.0.1:0".parse().unwrap(), key.duplicate(), policy);
+    config.node_id = Some(NodeId::new(id).unwrap());
+    let mut cluster = ClusterConfig::new(StoreConfig::Redis(redis.url()));
+    cluster.lease = Duration::from_secs(1);
+    config.cluster = Some(cluster);
+    keyway_relay::Relay::start(config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_everything_costs_no_live_session_and_keeps_the_open_binding() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = Identity::from_seed(fresh_seed());
+    let node1 = library_node(dir.path(), &key, "node-1", &redis).await;
+    let node2 = library_node(dir.path(), &key, "node-2", &redis).await;
+    let (hub_id, app_id) = (identity(), identity());
+    let apps = dir.path().join("authorized_apps");
+    write_apps(&apps, &[app_id.public_key()]);
+    let service = echo_service(b"").await;
+    let config =
+        HubConfig::new(node1.local_addr(), key.public_key(), name("home"), hub_id.duplicate(), apps, service)
+            .with_relay(node2.local_addr(), key.public_key());
+    let hub = keyway_hub::start(config).await.unwrap();
+    hub.wait_registered(PATIENCE).await.unwrap();
+
+    let app = keyway_client::Client::new(keyway_client::ClientConfig::new(
+        app_id.duplicate(),
+        node2.local_addr(),
+        key.public_key(),
+    ))
+    .unwrap();
+    let mut live = app.connect(&name("home"), &hub_id.public_key()).await.expect("session via node 2");
+    echo(&mut live, b"before").await;
+
+    redis.restart_empty();
+    assert!(!redis.command("GET kw:{home}:b").contains("kw"), "the store lost the binding");
+    echo(&mut live, b"the live session did not notice").await;
+
+    // The nodes re-assert what they hold: the presence (a fresh client is redirected again)
+    // and node 1's binding, from its own bindings file.
+    eventually("a new session through node 2 after the store came back", || async {
+        let fresh = keyway_client::Client::new(keyway_client::ClientConfig::new(
+            app_id.duplicate(),
+            node2.local_addr(),
+            key.public_key(),
+        ))
+        .ok()?;
+        let result = fresh.connect(&name("home"), &hub_id.public_key()).await;
+        let Ok(stream) = result else {
+            fresh.close().await;
+            return None;
+        };
+        let back = round_trip(stream, b"new".to_vec()).await;
+        fresh.close().await;
+        back.ok()
+    })
+    .await;
+    eventually("node 1 re-asserted the binding", || async {
+        redis.command("GET kw:{home}:b").contains(&hub_id.public_key().to_string()).then_some(())
+    })
+    .await;
+    let (_endpoint, intruder) = raw::connect(node2.local_addr(), key.public_key(), &identity()).await;
+    let (_control, answer) =
+        within("answer", raw::register(&intruder, name("home"), &[], false)).await.unwrap();
+    let keyway_proto::Frame::Refused { reason, message } = answer else { panic!("{answer:?}") };
+    assert_eq!(reason, RefusalReason::NameClaimed, "{message}");
+    echo(&mut live, b"after").await;
+    hub.shutdown().await;
+    app.close().await;
+    node1.shutdown().await;
+    node2.shutdown().await;
+}
+
+/// Writes `data` on a live session and reads it back from the echo service.
+async fn echo(stream: &mut keyway_client::HubStream, data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    within("echo", stream.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, data);
 }

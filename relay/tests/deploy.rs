@@ -96,3 +96,22 @@ fn the_compose_file_parses_and_keeps_metrics_on_loopback() {
     assert!(ports.contains(&"4433:4433/udp"), "{ports:?}");
     assert!(ports.iter().filter(|p| p.contains("9464")).all(|p| p.starts_with("127.0.0.1:")), "{ports:?}");
 }
+
+#[test]
+fn the_cluster_compose_file_runs_redis_with_aof_and_three_nodes_with_their_own_ids() {
+    let mut docs = yaml_docs("cluster-compose.yaml");
+    docs[0].apply_merge().unwrap(); // the nodes share a `<<: *relay` block
+    let services = &docs[0]["services"];
+    let redis = services["redis"]["command"].as_sequence().unwrap();
+    let redis: Vec<&str> = redis.iter().filter_map(|v| v.as_str()).collect();
+    assert!(redis.windows(2).any(|w| w == ["--appendonly", "yes"]), "{redis:?}");
+    let mut ids = Vec::new();
+    for node in ["relay-1", "relay-2", "relay-3"] {
+        let env = &services[node]["environment"];
+        assert!(env["KEYWAY_RELAY_CLUSTER"].as_str().unwrap().starts_with("redis://"), "{node}");
+        ids.push(env["KEYWAY_RELAY_NODE_ID"].as_str().unwrap().to_owned());
+        assert!(env["KEYWAY_RELAY_KEY"].as_str().unwrap().ends_with("shared/cluster.key"), "{node}: one key");
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "every node has its own id");
+}

@@ -68,6 +68,15 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Starts it again with its data directory emptied: a Redis that lost everything (no
+    /// persistence, or a failover to a replica that had not caught up).
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::create_dir_all(&self.dir).expect("redis data directory");
+        self.spawn();
+    }
+
     /// Sends one command in the inline protocol and returns the raw reply (for tests that
     /// read what the store holds, e.g. `INFO memory` or a key).
     pub fn command(&self, line: &str) -> String {
