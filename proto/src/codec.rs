@@ -754,7 +754,7 @@ mod tests {
     #[test]
     fn unknown_type_is_refused() {
         // 5-7 were version 1's spliced sessions: retired, never reassigned.
-        for t in [0u8, 5, 6, 7, 17, 200, 255] {
+        for t in [0u8, 5, 6, 7, kind::LAST + 1, 200, 255] {
             let bytes = [PROTOCOL_VERSION, t, 0, 0, 0, 0];
             assert_eq!(Frame::decode(&bytes), Err(FrameError::UnknownType(t)));
         }
@@ -963,6 +963,7 @@ mod tests {
             // SocketAddr V6 flow info / scope are not carried on the wire.
             let observed = |f: &Frame| match f {
                 Frame::ChannelAnnounce { observed, .. } => Some(*observed),
+                Frame::Redirect { node } => Some(*node),
                 _ => None,
             };
             if let (Some(a), Some(b)) = (observed(&frame), observed(&decoded)) {
