@@ -7,7 +7,7 @@
 //! node restarted after a crash still resets its own old connections, and a packet that reached
 //! the wrong node gets no valid reset.
 //!
-//! With a store ([`ClusterConfig`], `--cluster redis://…`), the node's driver ([`Cluster`])
+//! With a store ([`ClusterConfig`], `--cluster redis://…`), the node's driver (`Cluster`)
 //! keeps, by what losing it costs:
 //! * **presence** (soft state): each hub registered here is a lease in the store (name →
 //!   node, node address, epoch), renewed every third of the lease while the tunnel is up and

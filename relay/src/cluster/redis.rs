@@ -134,7 +134,7 @@ async fn bounded<T>(f: impl std::future::Future<Output = redis::RedisResult<T>>)
 impl RedisStore {
     /// Connects to `url` (`redis://HOST:PORT[/DB]`, `rediss://` is not built in). Fails if
     /// the store is unreachable now: a node must not start believing it is in a cluster it
-    /// cannot see. Trouble after the start is survived (see [`super::Cluster`]).
+    /// cannot see. Trouble after the start is survived (see the cluster module).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()

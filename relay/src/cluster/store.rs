@@ -1,6 +1,6 @@
 //! The shared store of a cluster: what nodes agree on through it, and its two implementations.
 //!
-//! [`Store`] is the one interface the node driver ([`super::Cluster`]) uses: presence leases
+//! [`Store`] is the one interface the node driver (`Cluster`) uses: presence leases
 //! (hub name → node, node address, epoch), open-policy name bindings, node leases, and the
 //! replacement notices a claim publishes. [`Store::Redis`] is the production store
 //! ([`super::redis`]); [`Store::Memory`] keeps the same rules in one process, so the driver
