@@ -42,6 +42,10 @@ pub struct ClientConfig {
     /// death every hub costs one full handshake. Entries are keyed per hub key, so one store
     /// serves any number of hubs.
     pub session_store: Option<Arc<dyn rustls::client::ClientSessionStore>>,
+    /// Further addresses of the same relay cluster (every node presents `relay_key`), asked in
+    /// turn when `relay_addr` does not answer; empty for a single relay. Any node will do: one
+    /// that does not hold the hub redirects to the one that does.
+    pub other_nodes: Vec<SocketAddr>,
 }
 
 impl ClientConfig {
@@ -54,6 +58,7 @@ impl ClientConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             keep_alive: DEFAULT_KEEP_ALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            other_nodes: Vec::new(),
             session_store: None,
         }
     }

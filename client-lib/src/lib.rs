@@ -183,7 +183,20 @@ impl Client {
                 other => return other,
             }
         }
-        match self.quic_connect(&self.inner.quic, hub, hub_key, purpose, wait).await {
+        let mut first = self.quic_connect(&self.inner.quic, hub, hub_key, purpose, wait).await;
+        // The configured node does not answer: any other node of the cluster will do.
+        for &other in &self.inner.config.other_nodes {
+            if !matches!(first, Err(ClientError::RelayUnreachable { .. } | ClientError::Connection(_))) {
+                break;
+            }
+            tracing::debug!(%hub, node = %other, "relay node unreachable; asking another node of the cluster");
+            let sibling = nodes.sibling(other, &self.inner.config)?;
+            first = sibling.quic_connect(&sibling.inner.quic, hub, hub_key, purpose, wait).await;
+            if first.is_ok() {
+                nodes.remember(hub, other);
+            }
+        }
+        match first {
             Err(ClientError::Redirected { node }) => {
                 tracing::debug!(%hub, %node, "redirected to the cluster node holding the hub");
                 let sibling = nodes.sibling(node, &self.inner.config)?;

@@ -165,6 +165,17 @@ async fn an_app_at_node_3_reaches_a_hub_at_node_1_and_follows_it_when_node_1_die
     );
     let counts: Vec<f64> = w.nodes.iter().skip(1).map(hubs_on).collect();
     assert_eq!(counts.iter().sum::<f64>(), 1.0, "one tunnel, on node 2 or 3: {counts:?}");
+
+    // An app configured with the dead node first and another node after it (`keyway forward
+    // --relay A --relay B --relay-key K`) gets through the other node.
+    let dead = w.nodes.first().unwrap().addr;
+    let mut config = keyway_client::ClientConfig::new(w.app_id.duplicate(), dead, w.cluster_key);
+    config.connect_timeout = Duration::from_secs(1);
+    config.other_nodes = vec![node3];
+    let late = keyway_client::Client::new(config).unwrap();
+    let stream = late.connect(&name("home"), &w.hub_id.public_key()).await.expect("through another node");
+    assert_eq!(round_trip(stream, b"late".to_vec()).await.unwrap(), b"late");
+    late.close().await;
     hub.shutdown().await;
     app.close().await;
 }

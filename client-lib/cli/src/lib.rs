@@ -78,9 +78,11 @@ pub struct PubkeyArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ForwardArgs {
-    /// Relay address (HOST:PORT, UDP). Default: what pairing with the hub recorded.
-    #[arg(long, env = "KEYWAY_RELAY")]
-    pub relay: Option<String>,
+    /// Relay address (HOST:PORT, UDP). Default: what pairing with the hub recorded. Repeated
+    /// (or comma-separated) with one --relay-key: the nodes of one relay cluster, the first
+    /// asked first and the others when it does not answer.
+    #[arg(long, env = "KEYWAY_RELAY", value_delimiter = ',')]
+    pub relay: Vec<String>,
     /// The relay's public key (pinned). Default: what pairing with the hub recorded.
     #[arg(long, env = "KEYWAY_RELAY_KEY")]
     pub relay_key: Option<PublicKey>,
@@ -188,7 +190,8 @@ async fn pair(args: PairArgs) -> anyhow::Result<()> {
 
 /// Fills the relay and hub key of `args` from the app key's known hubs where not given.
 fn resolve_target(args: &ForwardArgs) -> anyhow::Result<(String, PublicKey, PublicKey)> {
-    if let (Some(relay), Some(relay_key), Some(hub_key)) = (&args.relay, args.relay_key, args.hub_key) {
+    if let (Some(relay), Some(relay_key), Some(hub_key)) = (args.relay.first(), args.relay_key, args.hub_key)
+    {
         return Ok((relay.clone(), relay_key, hub_key));
     }
     let store_path = keyway_client::known_hubs::path_for_key(&args.key);
@@ -203,7 +206,7 @@ fn resolve_target(args: &ForwardArgs) -> anyhow::Result<(String, PublicKey, Publ
         )
     })?;
     Ok((
-        args.relay.clone().unwrap_or_else(|| known.relay.clone()),
+        args.relay.first().cloned().unwrap_or_else(|| known.relay.clone()),
         args.relay_key.unwrap_or(known.relay_key),
         args.hub_key.unwrap_or(known.hub_key),
     ))
@@ -225,6 +228,7 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     let (relay, relay_key, hub_key) = resolve_target(&args)?;
     let relay = resolve(&relay)?;
     let mut config = ClientConfig::new(identity, relay, relay_key);
+    config.other_nodes = args.relay.iter().skip(1).map(|r| resolve(r)).collect::<Result<_, _>>()?;
     config.connect_timeout = args.connect_timeout;
     config.keep_alive = args.keep_alive;
     config.idle_timeout = args.idle_timeout;
