@@ -142,11 +142,12 @@ pub struct RevokeArgs {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Relay address (HOST:PORT, UDP). Repeat it (or separate addresses with commas) to keep a
-    /// tunnel to each of several relays, so that one relay going down loses nothing.
+    /// tunnel to each of several relays, so that one relay going down loses nothing; several
+    /// addresses with one key are the nodes of one relay cluster (one tunnel, moving on failure).
     #[arg(long, env = "KEYWAY_HUB_RELAY", required = true, value_delimiter = ',')]
     pub relay: Vec<String>,
     /// The relay's public key (pinned). With several relays: one key per --relay, in the same
-    /// order, or a single key that all of them share.
+    /// order, or a single key for all of them (one relay cluster).
     #[arg(long, env = "KEYWAY_HUB_RELAY_KEY", required = true, value_delimiter = ',')]
     pub relay_key: Vec<PublicKey>,
     /// The hub's name at the relay.

@@ -3,7 +3,8 @@
 //!
 //! A hub may list several relays ([`HubConfig::with_relay`]): the connector keeps one tunnel to
 //! each (like cloudflared's HA connections), so one relay going down or draining loses nothing
-//! for apps that can reach the others.
+//! for apps that can reach the others. Relays listed with the same key are the nodes of one
+//! relay cluster instead: one tunnel for all of them, to one node at a time (`tunnel`).
 //!
 //! Defaults are tuned for home NATs: a 15 s QUIC keep-alive (UDP mappings often expire after
 //! 30 s) and an application-level ping every 20 s, because liveness must test the data path
@@ -121,7 +122,8 @@ impl HubConfig {
         }
     }
 
-    /// Adds a relay to keep a tunnel to, besides the first one.
+    /// Adds a relay to keep a tunnel to, besides the first one (with the key of a relay already
+    /// listed: another node of that relay cluster, which shares its one tunnel).
     #[must_use]
     pub fn with_relay(mut self, addr: SocketAddr, key: PublicKey) -> Self {
         self.extra_relays.push(RelayTarget { addr, key });
