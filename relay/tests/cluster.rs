@@ -26,6 +26,7 @@ async fn cluster_node(key: &Identity, node: &str, redis: &RedisServer) -> RelayH
     let mut cluster = ClusterConfig::new(StoreConfig::Redis(redis.url()));
     cluster.lease = Duration::from_secs(3);
     config.cluster = Some(cluster);
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     Relay::start(config).await.unwrap()
 }
 
@@ -206,4 +207,57 @@ async fn an_app_at_a_node_without_the_hub_is_redirected_to_the_hubs_node() {
     assert!(metrics.contains("keyway_relay_cluster_redirects_total 1"), "{metrics}");
     node1.shutdown().await;
     node2.shutdown().await;
+}
+
+/// A claim whose notice never arrived (pub/sub delivers at most once): the holder's next
+/// renewal finds the higher epoch and drops the tunnel all the same.
+#[tokio::test]
+async fn a_lost_replacement_notice_is_made_up_for_by_the_next_renewal() {
+    let redis = RedisServer::start();
+    let key = identity();
+    let node1 = cluster_node(&key, "node-1", &redis).await;
+    let hub = identity();
+    let conn = connect(&node1, &hub).await;
+    let (_control, answer) = register(&conn, "home", &[], false).await;
+    assert_eq!(answer, Frame::Registered { replaced: false });
+    let held = redis.command("GET kw:{home}:p");
+    let epoch: u64 = held.lines().nth(1).and_then(|l| l.split(' ').next()).unwrap().parse().unwrap();
+    // What another node's claim writes, without its PUBLISH.
+    let newer = format!("{} node-2 127.0.0.1:9", epoch + 1);
+    assert!(redis.command(&format!("SET kw:{{home}}:p \"{newer}\" PX 30000")).contains("OK"));
+    let closed = within("the renewal drops the tunnel", conn.closed()).await;
+    assert_eq!(app_code(closed), Some(codes::REPLACED.into_inner()));
+    assert!(redis.command("GET kw:{home}:p").contains("node-2"), "the newer claim stands");
+    node1.shutdown().await;
+}
+
+/// `/healthz` reports store trouble only once it lasts (`cluster::TROUBLE_GRACE`), and the
+/// node keeps serving its hubs meanwhile; both recover when the store is back.
+#[tokio::test]
+async fn healthz_reports_lasting_store_trouble_and_the_node_keeps_its_hubs() {
+    let mut redis = RedisServer::start();
+    let key = identity();
+    let node1 = cluster_node(&key, "node-1", &redis).await;
+    let metrics = node1.metrics_addr().unwrap();
+    let hub = identity();
+    let conn = connect(&node1, &hub).await;
+    let (mut control, _) = register(&conn, "home", &[], false).await;
+    assert_eq!(keyway_test_support::http::get(metrics, "/healthz").await.0, 200);
+
+    redis.kill();
+    let (_, body) = eventually("healthz reports the store", || async {
+        let (status, body) = keyway_test_support::http::get(metrics, "/healthz").await;
+        (status == 503).then_some((status, body))
+    })
+    .await;
+    assert!(body.contains("cluster store"), "{body}");
+    ping(&mut control, 7).await;
+    assert!(conn.close_reason().is_none(), "the hub's tunnel is untouched");
+
+    redis.restart();
+    eventually("healthz is fine again", || async {
+        (keyway_test_support::http::get(metrics, "/healthz").await.0 == 200).then_some(())
+    })
+    .await;
+    node1.shutdown().await;
 }
