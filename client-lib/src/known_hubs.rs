@@ -108,6 +108,16 @@ impl KnownHubs {
         self.hubs.get(hub)
     }
 
+    /// Every hub, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &PairedHub> {
+        self.hubs.values()
+    }
+
+    /// Forgets every hub (a store being replaced whole, as the FFI's storage interface does).
+    pub fn clear(&mut self) {
+        self.hubs.clear();
+    }
+
     /// Records (or replaces) a hub.
     pub fn insert(&mut self, paired: PairedHub) {
         self.hubs.insert(paired.hub.clone(), paired);

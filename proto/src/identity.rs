@@ -54,6 +54,9 @@ pub enum IdentityError {
     Random(#[source] getrandom::Error),
     #[error("PKCS#8 encoding of the private key failed: {0}")]
     Pkcs8Encode(#[source] Box<ed25519_dalek::pkcs8::Error>),
+    /// Key bytes handed over in memory (an app's secure storage) that are not a key.
+    #[error("the key bytes are not a PKCS#8 DER Ed25519 private key")]
+    BadKeyBytes,
 }
 
 impl From<PublicKeyError> for IdentityError {
@@ -197,6 +200,13 @@ impl Identity {
         let mut out = [0u8; 32];
         out.copy_from_slice(tag.as_ref().get(..32).unwrap_or(&[0u8; 32]));
         out
+    }
+
+    /// Parses PKCS#8 DER, the inverse of [`Identity::to_pkcs8_der`], for keys that live in an
+    /// app's secure storage (a keychain) rather than in a key file.
+    pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, IdentityError> {
+        let signing = SigningKey::from_pkcs8_der(der).map_err(|_| IdentityError::BadKeyBytes)?;
+        Ok(Self { signing })
     }
 
     /// A clone for handing the same identity to several endpoints.

@@ -1,0 +1,36 @@
+//! Keyway's client library for apps written in Kotlin, Swift and Python: one uniffi crate over
+//! [`keyway_client`], from which all three bindings are generated.
+//!
+//! What it exports, and why it has this shape:
+//! - [`Identity`]: the app's key, from a key file (0600), from key bytes kept in the platform's
+//!   secure storage, or from a [`SecureStorage`] the app implements ([`file_storage`] is the
+//!   file-based default, compatible with the `keyway` CLI's `app.key` and `app.key.hubs.toml`).
+//! - [`Client`]: one relay (address and pinned key, or a [`KnownHub`] from pairing); `connect`
+//!   gives a [`Stream`] with async `read` / `write` / `finish` / `shutdown`; `forward` a local
+//!   TCP port; `disconnect()` for a phone going to the background, after which the next
+//!   `connect` dials again.
+//! - [`pair`]: a pairing code in, a [`KnownHub`] out (and into the storage, if given).
+//! - [`KeywayError`]: every failure typed, a refusal carrying its [`Refusal`] reason and the
+//!   human message, so the foreign side gets an exception it can branch on.
+//!
+//! The network runs on a tokio runtime owned by this crate (module `runtime`), not on the foreign
+//! language's event loop: the quinn endpoint driver must outlive any one call, and a phone's
+//! UI thread must never run it. Nothing here panics on foreign input (clippy denies `unwrap`,
+//! `expect` and `panic`); uniffi would turn a panic into an exception anyway, but a typed error
+//! says what was wrong.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+uniffi::setup_scaffolding!();
+
+mod client;
+mod error;
+mod identity;
+mod runtime;
+mod storage;
+mod stream;
+
+pub use client::{pair, Client, Forward};
+pub use error::{KeywayError, Refusal};
+pub use identity::Identity;
+pub use storage::{file_storage, KnownHub, SecureStorage};
+pub use stream::Stream;
