@@ -244,6 +244,13 @@ impl Client {
         hub_key: &PublicKey,
         first: &[u8],
     ) -> Result<HubStream, ClientError> {
+        // A relay cluster: the node the hub was last found at first (see `cluster`).
+        if let Some((nodes, home)) = self.inner.nodes.as_ref().and_then(|n| Some((n, n.home_of(hub)?))) {
+            match Box::pin(home.connect_early(hub, hub_key, first)).await {
+                Err(e) if cluster::moved(&e) => nodes.forget(hub),
+                other => return other,
+            }
+        }
         let plane = &self.inner.quic;
         let slot = self.slot(plane, hub, hub_key);
         let mut held = slot.lock().await;
@@ -258,6 +265,10 @@ impl Client {
         held.refused = None;
         let dialed = match self.dial(plane, hub, hub_key, SessionPurpose::Connect, true).await {
             Ok(dialed) => dialed,
+            Err(ClientError::Redirected { node }) if self.inner.nodes.is_some() => {
+                drop(held);
+                return Box::pin(self.early_elsewhere(node, hub, hub_key, first)).await;
+            }
             Err(e) => {
                 if let ClientError::Refused { reason, message } = &e {
                     held.refused = Some((tokio::time::Instant::now(), *reason, message.clone()));

@@ -195,6 +195,19 @@ async fn a_revoked_app_is_refused_through_a_node_that_is_not_the_hubs() {
     .unwrap();
     let stream = app.connect(&name("home"), &w.hub_id.public_key()).await.expect("session via node 2");
     assert_eq!(round_trip(stream, b"hi".to_vec()).await.unwrap(), b"hi");
+    // connect_early follows the redirect too (a fresh client: no connection to reuse).
+    let early = keyway_client::Client::new(keyway_client::ClientConfig::new(
+        w.app_id.duplicate(),
+        node2,
+        w.cluster_key,
+    ))
+    .unwrap();
+    let mut stream =
+        early.connect_early(&name("home"), &w.hub_id.public_key(), b"early").await.expect("early");
+    let mut back = [0u8; 5];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut back).await.unwrap();
+    assert_eq!(&back, b"early");
+    early.close().await;
 
     write_apps(&w.dir.path().join("authorized_apps"), &[]);
     let revoked = std::time::Instant::now();
