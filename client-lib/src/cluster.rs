@@ -68,23 +68,6 @@ impl Nodes {
     }
 }
 
-impl Client {
-    /// [`Client::connect_early`] at the node a redirect named, remembered on success.
-    pub(crate) async fn early_elsewhere(
-        &self,
-        node: SocketAddr,
-        hub: &HubName,
-        hub_key: &keyway_proto::PublicKey,
-        first: &[u8],
-    ) -> Result<crate::HubStream, ClientError> {
-        let Some(nodes) = &self.inner.nodes else { return Err(ClientError::Redirected { node }) };
-        let sibling = nodes.sibling(node, &self.inner.config)?;
-        let stream = sibling.connect_early(hub, hub_key, first).await?;
-        nodes.remember(hub, node);
-        Ok(stream)
-    }
-}
-
 /// Whether `error`, from a remembered node, means the hub is no longer there (so the home
 /// relay should be asked again) rather than an answer about the hub itself.
 pub(crate) fn moved(error: &ClientError) -> bool {

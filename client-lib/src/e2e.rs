@@ -34,7 +34,7 @@ use quinn::{Connection, ConnectionError, Endpoint, ReadError, RecvStream, SendSt
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{ChannelEnd, ClientError, ConfigError, HandshakeError, ProtocolError};
-use crate::path::{ChannelBinding, Paths};
+use crate::path::ChannelBinding;
 use crate::session::QuicBiStream;
 
 /// How long the guard keeps a channel bound after its connection closed: long enough for quinn
@@ -46,7 +46,7 @@ const CLOSE_GRACE: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug)]
 pub(crate) struct Link {
     conn: Connection,
-    ended: Arc<OnceLock<ChannelEnd>>,
+    ended: Arc<OnceLock<Ended>>,
     /// Held by every handle (the client's cache, each stream): when the last one goes, the
     /// guard's receiver wakes and closes the connection. Without it the guard (which holds the
     /// connection and the channel stream, and through it the relay connection) would keep both
@@ -69,17 +69,43 @@ impl Link {
         crate::relay_link::close(&self.conn, codes::NORMAL, reason);
     }
 
+    /// Why the connection is closed, typed, if it is.
+    pub(crate) fn closed_error(&self) -> Option<ClientError> {
+        self.conn.close_reason().map(|e| self.lost(e))
+    }
+
     /// The typed error for the connection being gone.
     fn lost(&self, e: ConnectionError) -> ClientError {
         connection_error(self.ended.get(), e)
     }
 }
 
-/// A closed end-to-end connection as a typed error: the relay's reason for ending the channel
-/// if it did, the hub's `REVOKED` / `LIMIT` close codes, else quinn's error.
-fn connection_error(ended: Option<&ChannelEnd>, e: ConnectionError) -> ClientError {
-    if let Some(end) = ended {
-        return ClientError::ChannelEnded(end.clone());
+/// Why the relay ended a connection's channel, once it did.
+#[derive(Debug, Clone)]
+enum Ended {
+    /// After it was up.
+    Channel(ChannelEnd),
+    /// It refused the `ChannelOpen` whose first flight had already left (an early dial).
+    Refused { reason: RefusalReason, message: String },
+    /// It did not answer that `ChannelOpen` in time.
+    NoAnswer { hub: HubName, waited: Duration },
+    /// It is a cluster node that does not hold the hub, and named the one that does.
+    Redirected { node: std::net::SocketAddr },
+}
+
+/// A closed end-to-end connection as a typed error: the relay's reason for ending (or
+/// refusing) the channel if it did, the hub's `REVOKED` / `LIMIT` close codes, else quinn's.
+fn connection_error(ended: Option<&Ended>, e: ConnectionError) -> ClientError {
+    match ended {
+        Some(Ended::Channel(end)) => return ClientError::ChannelEnded(end.clone()),
+        Some(Ended::Refused { reason, message }) => {
+            return ClientError::Refused { reason: *reason, message: message.clone() }
+        }
+        Some(Ended::NoAnswer { hub, waited }) => {
+            return ProtocolError::NoAnswer { hub: hub.clone(), waited: *waited }.into()
+        }
+        Some(Ended::Redirected { node }) => return ClientError::Redirected { node: *node },
+        None => {}
     }
     match &e {
         ConnectionError::ApplicationClosed(close) if close.error_code == codes::REVOKED => {
@@ -116,7 +142,6 @@ fn stream_code_error(code: VarInt) -> Option<ClientError> {
 /// What a dial needs besides the channel.
 pub(crate) struct DialParams<'a> {
     pub(crate) endpoint: &'a Endpoint,
-    pub(crate) paths: &'a Paths,
     pub(crate) config: quinn::ClientConfig,
     pub(crate) mismatch: &'a MismatchSlot,
     pub(crate) hub_key: PublicKey,
@@ -134,17 +159,28 @@ pub(crate) enum Dialed {
     Early(Link, quinn::ZeroRttAccepted),
 }
 
-/// Binds `id`, dials the hub through the channel and starts the guard that ties the channel
-/// stream and the connection together. With `early`, a dial that holds a ticket of this hub
-/// returns before the handshake completes ([`Dialed::Early`]); without, it never does, so no
-/// byte goes as early data.
+/// The channel request of a dial: `ChannelOpen` written on `stream` of the relay connection
+/// `relay`, for this side's id `binding`; its answer not read yet.
+pub(crate) struct Requested<'a> {
+    pub(crate) stream: QuicBiStream,
+    pub(crate) relay: &'a Connection,
+    pub(crate) binding: ChannelBinding,
+    pub(crate) hub: &'a HubName,
+}
+
+/// Dials the hub through the requested channel and starts the guard that ties the channel
+/// stream and the connection together. The first flight leaves at once, right behind the
+/// `ChannelOpen` (the relay holds it until it has authorized, the hub until it has bound the
+/// channel), so the relay's answer and the hub's handshake arrive together. With `early`, a
+/// dial that holds a ticket of this hub returns before either ([`Dialed::Early`]; a refusal
+/// then closes the connection with the typed reason); without, it never does, so no byte
+/// goes as early data.
 pub(crate) async fn dial(
     p: DialParams<'_>,
-    channel: QuicBiStream,
-    id: ChannelId,
+    requested: Requested<'_>,
     early: bool,
 ) -> Result<Dialed, ClientError> {
-    let binding = p.paths.bind(id);
+    let Requested { mut stream, relay, binding, hub } = requested;
     // A mismatch left over from an earlier attempt must not be blamed on this one.
     let _ = p.mismatch.take();
     let connecting = p
@@ -154,7 +190,8 @@ pub(crate) async fn dial(
     let connecting = match early {
         true => match connecting.into_0rtt() {
             Ok((conn, accepted)) => {
-                let link = start(p.hub_key, conn, channel, binding)?;
+                let answer = Some((binding.id(), hub.clone(), p.timeout));
+                let link = start(p.hub_key, conn, stream, binding, answer)?;
                 return Ok(Dialed::Early(link, accepted));
             }
             // No ticket of this hub (or one without early data): a full handshake.
@@ -162,6 +199,8 @@ pub(crate) async fn dial(
         },
         false => connecting,
     };
+    // quinn drives the handshake meanwhile; a refusal wins over whatever it did.
+    channel_answer(&mut stream, relay, hub, binding.id(), p.timeout).await?;
     // On every error path below, dropping `channel` finishes it: the relay drops the channel.
     let conn = match tokio::time::timeout(p.timeout, connecting).await {
         Err(_) => {
@@ -181,15 +220,39 @@ pub(crate) async fn dial(
         }
         Ok(Ok(conn)) => conn,
     };
-    start(p.hub_key, conn, channel, binding).map(Dialed::Established)
+    start(p.hub_key, conn, stream, binding, None).map(Dialed::Established)
 }
 
-/// Checks the hub's key and starts the guard of a connection that is usable now.
+/// Reads the relay's answer to a `ChannelOpen` for `id`: `ChannelReady` for it, or a typed
+/// refusal (the hub's passed on verbatim).
+async fn channel_answer(
+    stream: &mut QuicBiStream,
+    relay: &Connection,
+    hub: &HubName,
+    id: ChannelId,
+    wait: Duration,
+) -> Result<(), ClientError> {
+    let answer = match tokio::time::timeout(wait, keyway_proto::io::read_frame(&mut stream.recv)).await {
+        Err(_) => return Err(ProtocolError::NoAnswer { hub: hub.clone(), waited: wait }.into()),
+        Ok(answer) => answer.map_err(|e| crate::session::stream_failure(relay, "before answering", e))?,
+    };
+    match answer {
+        Frame::ChannelReady { channel } if channel == id => Ok(()),
+        Frame::Refused { reason, message } => Err(ClientError::Refused { reason, message }),
+        // A cluster node that does not hold the hub names the one that does (`crate::cluster`).
+        Frame::Redirect { node } => Err(ClientError::Redirected { node }),
+        other => Err(ProtocolError::UnexpectedFrame { expected: "ChannelReady", got: other.name() }.into()),
+    }
+}
+
+/// Checks the hub's key and starts the guard of a connection that is usable now; `answer`:
+/// the relay's answer is still to be read (id, hub, how long to wait), by the guard.
 fn start(
     hub_key: PublicKey,
     conn: Connection,
     channel: QuicBiStream,
     binding: ChannelBinding,
+    answer: Option<(ChannelId, HubName, Duration)>,
 ) -> Result<Link, ClientError> {
     // Belt and braces, as for the relay: the verifier pinned the key on a full handshake; the
     // connection's own report covers resumed ones too (the key the ticket was issued with).
@@ -204,7 +267,7 @@ fn start(
     }
     let ended = Arc::new(OnceLock::new());
     let (in_use, unused) = tokio::sync::oneshot::channel();
-    tokio::spawn(guard(conn.clone(), channel, binding, ended.clone(), unused));
+    tokio::spawn(guard(conn.clone(), channel, binding, ended.clone(), unused, answer));
     Ok(Link { conn, ended, _in_use: Arc::new(in_use) })
 }
 
@@ -213,9 +276,26 @@ async fn guard(
     conn: Connection,
     channel: QuicBiStream,
     binding: ChannelBinding,
-    ended: Arc<OnceLock<ChannelEnd>>,
+    ended: Arc<OnceLock<Ended>>,
     unused: tokio::sync::oneshot::Receiver<()>,
+    answer: Option<(ChannelId, HubName, Duration)>,
 ) {
+    let mut channel = channel;
+    if let Some((id, hub, wait)) = answer {
+        if let Err(end) = channel_answer_early(&mut channel, &hub, id, wait).await {
+            tracing::debug!(channel = %id, "the relay refused the channel of an early dial");
+            let reason = match &end {
+                Ended::Refused { message, .. } => message.clone(),
+                Ended::Channel(end) => end.to_string(),
+                Ended::NoAnswer { .. } => "no answer from the relay".to_owned(),
+                Ended::Redirected { .. } => "redirected to another cluster node".to_owned(),
+            };
+            let _ = ended.set(end);
+            crate::relay_link::close(&conn, codes::NORMAL, &reason);
+            drop(binding);
+            return;
+        }
+    }
     let QuicBiStream { mut send, mut recv } = channel;
     let relay_ended = tokio::select! {
         end = channel_end(&mut recv) => Some(end),
@@ -236,12 +316,29 @@ async fn guard(
         };
         let reason = end.to_string();
         // Recorded before the close, so no stream can see the close without the reason.
-        let _ = ended.set(end);
+        let _ = ended.set(Ended::Channel(end));
         crate::relay_link::close(&conn, code, &reason);
     }
     tokio::time::sleep(CLOSE_GRACE).await;
     let _ = send.finish();
     drop(binding);
+}
+
+/// [`channel_answer`] for a dial that went ahead of it: a failure as how the channel ended.
+async fn channel_answer_early(
+    stream: &mut QuicBiStream,
+    hub: &HubName,
+    id: ChannelId,
+    wait: Duration,
+) -> Result<(), Ended> {
+    let answer = tokio::time::timeout(wait, keyway_proto::io::read_frame(&mut stream.recv)).await;
+    match answer {
+        Ok(Ok(Frame::ChannelReady { channel })) if channel == id => Ok(()),
+        Ok(Ok(Frame::Refused { reason, message })) => Err(Ended::Refused { reason, message }),
+        Ok(Ok(Frame::Redirect { node })) => Err(Ended::Redirected { node }),
+        Ok(Ok(_)) | Ok(Err(_)) => Err(Ended::Channel(ChannelEnd::Closed)),
+        Err(_) => Err(Ended::NoAnswer { hub: hub.clone(), waited: wait }),
+    }
 }
 
 /// Waits for the relay to end the channel stream and says how it did.

@@ -34,6 +34,7 @@ pub mod session;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use keyway_proto::channel::ChannelId;
 use keyway_proto::tls::MismatchSlot;
 use keyway_proto::{Frame, HubName, PublicKey, SessionPurpose};
 use quinn::{Connection, Endpoint};
@@ -244,13 +245,33 @@ impl Client {
         hub_key: &PublicKey,
         first: &[u8],
     ) -> Result<HubStream, ClientError> {
-        // A relay cluster: the node the hub was last found at first (see `cluster`).
-        if let Some((nodes, home)) = self.inner.nodes.as_ref().and_then(|n| Some((n, n.home_of(hub)?))) {
-            match Box::pin(home.connect_early(hub, hub_key, first)).await {
+        // On a cluster: the hub's remembered node first, then a redirect is followed once, as
+        // for `connect` (see `routed`).
+        let Some(nodes) = &self.inner.nodes else { return self.connect_early_here(hub, hub_key, first).await };
+        if let Some(home) = nodes.home_of(hub) {
+            match home.connect_early_here(hub, hub_key, first).await {
                 Err(e) if cluster::moved(&e) => nodes.forget(hub),
                 other => return other,
             }
         }
+        match self.connect_early_here(hub, hub_key, first).await {
+            Err(ClientError::Redirected { node }) => {
+                let sibling = nodes.sibling(node, &self.inner.config)?;
+                let stream = sibling.connect_early_here(hub, hub_key, first).await?;
+                nodes.remember(hub, node);
+                Ok(stream)
+            }
+            other => other,
+        }
+    }
+
+    /// [`connect_early`](Client::connect_early) through this client's own relay.
+    async fn connect_early_here(
+        &self,
+        hub: &HubName,
+        hub_key: &PublicKey,
+        first: &[u8],
+    ) -> Result<HubStream, ClientError> {
         let plane = &self.inner.quic;
         let slot = self.slot(plane, hub, hub_key);
         let mut held = slot.lock().await;
@@ -265,10 +286,6 @@ impl Client {
         held.refused = None;
         let dialed = match self.dial(plane, hub, hub_key, SessionPurpose::Connect, true).await {
             Ok(dialed) => dialed,
-            Err(ClientError::Redirected { node }) if self.inner.nodes.is_some() => {
-                drop(held);
-                return Box::pin(self.early_elsewhere(node, hub, hub_key, first)).await;
-            }
             Err(e) => {
                 if let ClientError::Refused { reason, message } = &e {
                     held.refused = Some((tokio::time::Instant::now(), *reason, message.clone()));
@@ -300,12 +317,9 @@ impl Client {
                 return Err(ClientError::HubRejected(HandshakeError::TimedOut { waited: timeout }));
             }
         };
-        if link.is_closed() {
-            // The handshake failed (or the channel ended): the stream's error says why.
-            return Err(match stream.write_now(b"").await {
-                Err(e) => e,
-                Ok(()) => ProtocolError::StreamClosed { what: "during the end-to-end handshake" }.into(),
-            });
+        if let Some(e) = link.closed_error() {
+            // The relay refused the channel, or the handshake failed.
+            return Err(e);
         }
         held.live = Some(link.clone());
         drop(held);
@@ -336,31 +350,21 @@ impl Client {
         links.entry((hub.clone(), *hub_key)).or_default().clone()
     }
 
-    async fn relay_request(
-        &self,
-        request: &Frame,
-        hub: &HubName,
-    ) -> Result<(session::QuicBiStream, Frame), ClientError> {
-        let timeout = self.inner.config.session_timeout();
+    /// Opens a stream on the relay connection and writes `request` on it, without waiting for
+    /// the answer (the caller's first flight follows it at once). A cached connection that
+    /// turns out to have died since its last use (relay restart, network change) is redialed
+    /// once; a freshly dialed one that fails is reported as is.
+    async fn relay_send(&self, request: &Frame) -> Result<(Connection, session::QuicBiStream), ClientError> {
         let (conn, fresh) = self.relay_connection(None).await?;
-        match session::request(&conn, request, hub, timeout).await {
-            Ok(answer) => Ok(answer),
-            // The cached connection died since its last use (relay restart, network change):
-            // redial once. A freshly dialed connection that fails is reported as is.
-            Err(f) if !fresh && matches!(f.error, ClientError::Connection(_)) => {
-                tracing::debug!(error = %f.error, "relay connection was closed; redialing");
+        match session::send(&conn, request).await {
+            Ok(stream) => Ok((conn, stream)),
+            Err(ClientError::Connection(e)) if !fresh => {
+                tracing::debug!(error = %e, "relay connection was closed; redialing");
                 let (conn, _) = self.relay_connection(Some(&conn)).await?;
-                session::request(&conn, request, hub, timeout).await.map_err(|f| f.error)
+                let stream = session::send(&conn, request).await?;
+                Ok((conn, stream))
             }
-            Err(f) => {
-                if f.no_answer {
-                    // A relay that vanished without closing looks exactly like this. Do not
-                    // close the connection (other sessions may still be fine on it), but let
-                    // the next `connect` dial a fresh one instead of waiting on it again.
-                    self.forget(&conn).await;
-                }
-                Err(f.error)
-            }
+            Err(e) => Err(e),
         }
     }
 
@@ -496,16 +500,6 @@ impl Client {
         purpose: SessionPurpose,
         early: bool,
     ) -> Result<e2e::Dialed, ClientError> {
-        let open = Frame::ChannelOpen { hub: hub.clone(), hub_key: *hub_key, purpose };
-        let (channel, id) = match self.relay_request(&open, hub).await? {
-            (stream, Frame::ChannelReady { channel }) => (stream, channel),
-            (_, Frame::Redirect { node }) => return Err(ClientError::Redirected { node }),
-            (_, other) => {
-                return Err(
-                    ProtocolError::UnexpectedFrame { expected: "ChannelReady", got: other.name() }.into()
-                )
-            }
-        };
         let (config, mismatch) = match purpose {
             SessionPurpose::Connect => self.quic_config(plane, hub_key)?,
             SessionPurpose::Pair => {
@@ -520,15 +514,27 @@ impl Client {
                 (self.with_e2e_transport(quinn::ClientConfig::new(Arc::new(crypto)))?, slot)
             }
         };
+        let id = ChannelId::random().map_err(|e| ClientError::Io(std::io::Error::other(e)))?;
+        // Bound before the request leaves: the hub's first answer may come right behind it.
+        let binding = plane.paths.bind(id);
+        let open = Frame::ChannelOpen { hub: hub.clone(), hub_key: *hub_key, purpose, channel: id };
+        let (relay, stream) = self.relay_send(&open).await?;
         let params = e2e::DialParams {
             endpoint: &self.inner.endpoint,
-            paths: &plane.paths,
             config,
             mismatch: &mismatch,
             hub_key: *hub_key,
             timeout: self.inner.config.session_timeout(),
         };
-        e2e::dial(params, channel, id, early).await
+        let requested = e2e::Requested { stream, relay: &relay, binding, hub };
+        let dialed = e2e::dial(params, requested, early).await;
+        if let Err(ClientError::Protocol(ProtocolError::NoAnswer { .. })) = &dialed {
+            // A relay that vanished without closing looks exactly like this. Do not close the
+            // connection (other sessions may still be fine on it), but let the next `connect`
+            // dial a fresh one instead of waiting on it again.
+            self.forget(&relay).await;
+        }
+        dialed
     }
 
     fn quic_config(

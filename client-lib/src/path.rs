@@ -5,8 +5,11 @@
 //! * **Receive.** A datagram from the relay that is channel data with a bound id goes to quinn
 //!   with the header stripped and the source replaced by that channel's *virtual address*. Every
 //!   other datagram from the relay (the relay connection itself) goes to quinn
-//!   unchanged. Datagrams from any other address, or for an id nobody bound, are dropped and
-//!   counted: only the relay can reach this socket.
+//!   unchanged. Datagrams from any other address are dropped and counted: only the relay can
+//!   reach this socket. Datagrams for an id nobody bound are held briefly (at most
+//!   [`HELD_MAX`], each up to [`HELD_TIME`]) and handed to quinn if the id is bound in time:
+//!   the relay sends an app's first flight on with its `ChannelAnnounce`, so at the hub it can
+//!   arrive before the announce is processed. Then they are dropped and counted.
 //! * **Send.** A transmit to a virtual address gets the header of its channel on every segment
 //!   and goes to the relay, GSO segmentation kept (`segment_size + 9`). Other transmits pass.
 //!
@@ -24,15 +27,15 @@
 //! The inner socket is quinn's own (`Runtime::wrap_udp_socket`), so quinn-udp's GRO, GSO and
 //! ECN stay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use keyway_proto::channel::{self, ChannelId, HEADER_LEN};
 use quinn::udp::{RecvMeta, Transmit};
@@ -40,6 +43,12 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 
 use crate::error::{ClientError, ConfigError};
 use crate::relay_link;
+
+/// Most channel datagrams held for ids not bound yet (a few first flights).
+pub const HELD_MAX: usize = 32;
+/// How long such a datagram is held: the relay sends the `ChannelAnnounce` and the flight at
+/// the same moment, so the announce is at most a few milliseconds behind.
+pub const HELD_TIME: Duration = Duration::from_secs(1);
 
 /// Receive slots of the socket's own buffers (one GRO batch each). quinn-udp reads up to this
 /// many batches per system call; more would only make the copy into quinn's buffers wait.
@@ -105,6 +114,13 @@ impl Paths {
     /// address, and quinn's sends to it leave under `id`. Binding an id that is already bound
     /// moves its receive side to the new address (the old binding then only sends).
     pub fn bind(&self, id: ChannelId) -> ChannelBinding {
+        self.bind_with(id, |_| ()).0
+    }
+
+    /// [`bind`](Self::bind), calling `register` with the virtual address before any datagram of
+    /// the channel can reach quinn from it (held ones included), so whatever quinn's first
+    /// packet from that address will look up (the hub's channel info) is there already.
+    pub fn bind_with<T>(&self, id: ChannelId, register: impl FnOnce(SocketAddr) -> T) -> (ChannelBinding, T) {
         let mut maps = self.table.maps.write().unwrap_or_else(PoisonError::into_inner);
         let addr = loop {
             let n = self.table.next.fetch_add(1, Ordering::Relaxed);
@@ -113,13 +129,20 @@ impl Paths {
                 break addr;
             }
         };
+        let registered = register(addr);
         maps.by_addr.insert(addr, id);
         maps.by_id.insert(id, addr);
-        ChannelBinding { table: self.table.clone(), id, addr }
+        drop(maps);
+        self.table.release_held(id, addr);
+        (ChannelBinding { table: self.table.clone(), id, addr }, registered)
     }
 
-    /// The socket's counters so far.
+    /// The socket's counters so far (held datagrams that expired are counted as dropped now).
     pub fn stats(&self) -> PathStats {
+        {
+            let mut held = self.table.held.lock().unwrap_or_else(PoisonError::into_inner);
+            self.table.expire(&mut held, Instant::now());
+        }
         let c = &self.table.counters;
         PathStats {
             channel_in: c.channel_in.load(Ordering::Relaxed),
@@ -129,6 +152,7 @@ impl Paths {
             dropped_unknown_channel: c.dropped_unknown_channel.load(Ordering::Relaxed),
             dropped_malformed: c.dropped_malformed.load(Ordering::Relaxed),
             dropped_unbound_send: c.dropped_unbound_send.load(Ordering::Relaxed),
+            held: c.held.load(Ordering::Relaxed),
             bound: self.table.maps.read().map(|m| m.by_addr.len()).unwrap_or_default(),
         }
     }
@@ -187,6 +211,9 @@ pub struct PathStats {
     /// Datagrams quinn sent to a virtual address that is no longer bound (a closing connection
     /// whose binding was dropped first).
     pub dropped_unbound_send: u64,
+    /// Channel datagrams held for an id not bound yet (those not bound in time also count in
+    /// `dropped_unknown_channel`).
+    pub held: u64,
     /// Channel ids bound right now.
     pub bound: usize,
 }
@@ -200,6 +227,7 @@ struct Counters {
     dropped_unknown_channel: AtomicU64,
     dropped_malformed: AtomicU64,
     dropped_unbound_send: AtomicU64,
+    held: AtomicU64,
 }
 
 impl Counters {
@@ -217,6 +245,89 @@ struct Table {
     next: AtomicU64,
     v6: bool,
     counters: Counters,
+    held: Mutex<Held>,
+}
+
+/// Channel datagrams for ids not bound yet, and those whose id got bound, waiting for quinn.
+#[derive(Default)]
+struct Held {
+    /// Oldest first.
+    waiting: VecDeque<(ChannelId, Instant, Vec<u8>)>,
+    /// Packets (header stripped) for quinn, from their channel's virtual address.
+    ready: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// The endpoint driver's, to wake when `ready` fills.
+    waker: Option<Waker>,
+}
+
+impl Table {
+    /// Holds `packet` of channel `id` (not bound), within [`HELD_MAX`]; false if it was not.
+    fn hold(&self, id: ChannelId, packet: &[u8], now: Instant) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        self.expire(&mut held, now);
+        if held.waiting.len() >= HELD_MAX {
+            return false;
+        }
+        held.waiting.push_back((id, now, packet.to_vec()));
+        Counters::add(&self.counters.held, 1);
+        true
+    }
+
+    /// `id` was just bound to `addr`: what was held for it goes to quinn.
+    fn release_held(&self, id: ChannelId, addr: SocketAddr) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.waiting.is_empty() {
+            return;
+        }
+        self.expire(&mut held, Instant::now());
+        let Held { waiting, ready, waker } = &mut *held;
+        let before = ready.len();
+        waiting.retain_mut(|(held_id, _, packet)| {
+            let mine = *held_id == id;
+            if mine {
+                ready.push_back((addr, std::mem::take(packet)));
+            }
+            !mine
+        });
+        if ready.len() > before {
+            if let Some(waker) = waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    fn expire(&self, held: &mut Held, now: Instant) {
+        let before = held.waiting.len();
+        while held.waiting.front().is_some_and(|(_, at, _)| now.saturating_duration_since(*at) >= HELD_TIME) {
+            held.waiting.pop_front();
+        }
+        Counters::add(&self.counters.dropped_unknown_channel, (before - held.waiting.len()) as u64);
+    }
+
+    /// Moves released packets into quinn's buffers, one per meta; how many.
+    fn drain_ready(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = 0;
+        while out < bufs.len().min(meta.len()) {
+            let Some((addr, packet)) = held.ready.pop_front() else { break };
+            let Some(dst) = bufs[out].get_mut(..packet.len()) else {
+                Counters::add(&self.counters.dropped_malformed, 1);
+                continue;
+            };
+            dst.copy_from_slice(&packet);
+            meta[out] = RecvMeta { addr, len: packet.len(), stride: packet.len(), ..RecvMeta::default() };
+            Counters::add(&self.counters.channel_in, 1);
+            out += 1;
+        }
+        out
+    }
+
+    /// Registers the waker of a `poll_recv` about to return pending.
+    fn register(&self, waker: &Waker) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if !held.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            held.waker = Some(waker.clone());
+        }
+    }
 }
 
 impl fmt::Debug for Table {
@@ -279,6 +390,7 @@ impl PathSocket {
             next: AtomicU64::new(1),
             v6,
             counters: Counters::default(),
+            held: Mutex::default(),
         });
         let recv = Mutex::new(RecvState::new(slot_len(inner.max_receive_segments())));
         let paths = Paths { table: table.clone() };
@@ -343,6 +455,10 @@ impl AsyncUdpSocket for PathSocket {
     ) -> Poll<io::Result<usize>> {
         let mut state = self.recv.lock().unwrap_or_else(PoisonError::into_inner);
         let state = &mut *state;
+        let released = self.table.drain_ready(bufs, meta);
+        if released > 0 {
+            return Poll::Ready(Ok(released));
+        }
         let mut batches = 0;
         loop {
             let filled = {
@@ -352,6 +468,14 @@ impl AsyncUdpSocket for PathSocket {
                 tally.commit(&self.table.counters);
                 filled
             };
+            let now = (!state.unbound.is_empty()).then(Instant::now);
+            for (id, packet) in state.unbound.drain(..) {
+                if let Some(now) = now {
+                    if !self.table.hold(id, &packet, now) {
+                        Counters::add(&self.table.counters.dropped_unknown_channel, 1);
+                    }
+                }
+            }
             if filled > 0 {
                 return Poll::Ready(Ok(filled));
             }
@@ -361,6 +485,11 @@ impl AsyncUdpSocket for PathSocket {
             }
             match state.refill(cx, &*self.inner) {
                 Poll::Ready(Ok(())) => batches += 1,
+                Poll::Pending => {
+                    // A bind may release held packets while this waits on the socket.
+                    self.table.register(cx.waker());
+                    return Poll::Pending;
+                }
                 other => return other.map_ok(|()| 0),
             }
         }
@@ -390,7 +519,6 @@ struct Tally {
     channel_in: u64,
     relay_in: u64,
     foreign: u64,
-    unknown: u64,
     malformed: u64,
 }
 
@@ -399,7 +527,6 @@ impl Tally {
         Counters::add(&c.channel_in, self.channel_in);
         Counters::add(&c.relay_in, self.relay_in);
         Counters::add(&c.dropped_foreign, self.foreign);
-        Counters::add(&c.dropped_unknown_channel, self.unknown);
         Counters::add(&c.dropped_malformed, self.malformed);
     }
 }
@@ -413,6 +540,8 @@ struct RecvState {
     filled: usize,
     next: usize,
     offset: usize,
+    /// Channel packets of the last drain for ids nobody bound, for the caller to hold.
+    unbound: Vec<(ChannelId, Vec<u8>)>,
 }
 
 /// Where one received segment goes.
@@ -433,6 +562,7 @@ impl RecvState {
             filled: 0,
             next: 0,
             offset: 0,
+            unbound: Vec::new(),
         }
     }
 
@@ -481,7 +611,12 @@ impl RecvState {
                     Ok(found) => found,
                     Err(discard) => {
                         match discard {
-                            Discard::Unknown => tally.unknown += 1,
+                            // Held by the caller (outside the table's read lock), or counted.
+                            Discard::Unknown(id) => {
+                                if let Some((_, packet)) = channel::parse(segment) {
+                                    self.unbound.push((id, packet.to_vec()));
+                                }
+                            }
                             Discard::Malformed => tally.malformed += 1,
                         }
                         self.offset = end;
@@ -541,7 +676,7 @@ impl RecvState {
 
 #[derive(Debug)]
 enum Discard {
-    Unknown,
+    Unknown(ChannelId),
     Malformed,
 }
 
@@ -560,7 +695,7 @@ fn classify<'a>(
     if packet.is_empty() {
         return Err(Discard::Malformed);
     }
-    let addr = bound.get(&id).ok_or(Discard::Unknown)?;
+    let addr = bound.get(&id).ok_or(Discard::Unknown(id))?;
     Ok((Class::Channel(*addr), packet))
 }
 
@@ -628,7 +763,7 @@ mod tests {
                 chan(1, 0xa2, 100),
                 chan(2, 0xb1, 100),
                 quic(0x51, 100),
-                chan(9, 0xee, 100), // unknown id: dropped in the middle of a run
+                chan(9, 0xee, 100), // unknown id: set aside (to be held) in the middle of a run
                 quic(0x52, 100),
                 chan(1, 0xa3, 100),
                 chan(1, 0xa4, 40), // GRO's short last segment
@@ -647,8 +782,37 @@ mod tests {
         assert_eq!(rest[0].2, [quic(0x51, 100), quic(0x52, 100)].concat(), "unknown id skipped");
         assert_eq!((rest[1].0, rest[1].1), (a, 91));
         assert_eq!(rest[1].2, [vec![0xa3; 91], vec![0xa4; 31]].concat());
-        assert_eq!(tally, Tally { channel_in: 5, relay_in: 2, unknown: 1, ..Tally::default() });
+        assert_eq!(tally, Tally { channel_in: 5, relay_in: 2, ..Tally::default() });
+        assert_eq!(state.unbound, vec![(ChannelId::new(9), vec![0xee; 91])], "left for the caller to hold");
         assert!(drain(&mut state, &bound, &mut tally, 8, 4096).is_empty(), "all handed over");
+    }
+
+    #[test]
+    fn a_packet_for_an_unbound_id_is_held_until_bound_then_handed_to_quinn() {
+        let table = Table {
+            maps: RwLock::new(Maps::default()),
+            next: AtomicU64::new(1),
+            v6: false,
+            counters: Counters::default(),
+            held: Mutex::default(),
+        };
+        let now = Instant::now();
+        assert!(table.hold(ChannelId::new(5), &[0x40, 1, 2], now));
+        for i in 1..HELD_MAX {
+            assert!(table.hold(ChannelId::new(100 + i as u64), &[0x40], now));
+        }
+        assert!(!table.hold(ChannelId::new(6), &[0x40], now), "bounded");
+        let addr = virtual_addr(false, 7);
+        table.release_held(ChannelId::new(5), addr);
+        let mut buf = [0u8; 64];
+        let mut bufs = [IoSliceMut::new(&mut buf)];
+        let mut metas = [RecvMeta::default()];
+        assert_eq!(table.drain_ready(&mut bufs, &mut metas), 1);
+        assert_eq!((metas[0].addr, metas[0].len), (addr, 3));
+        assert_eq!(&buf[..3], &[0x40, 1, 2]);
+        // The rest expire unbound, counted as unknown.
+        table.expire(&mut table.held.lock().unwrap(), now + HELD_TIME);
+        assert_eq!(table.counters.dropped_unknown_channel.load(Ordering::Relaxed), HELD_MAX as u64 - 1);
     }
 
     #[test]

@@ -1,18 +1,17 @@
 //! How the client asks the relay for something, and the byte-stream view of a QUIC stream.
 //!
-//! `request` is the one exchange the app has with the relay itself: a frame on a fresh stream
-//! of the relay connection (`ChannelOpen`) and one answer (`ChannelReady` or a typed
-//! `Refused`). [`QuicBiStream`] joins the two halves of a QUIC stream into one tokio byte
+//! [`send`] starts the one exchange the app has with the relay itself: a frame on a fresh
+//! stream of the relay connection (`ChannelOpen`), whose one answer (`ChannelReady` or a typed
+//! `Refused`) the end-to-end dial reads (`e2e`). [`QuicBiStream`] joins the two halves of a QUIC stream into one tokio byte
 //! stream (the hub bridges its end-to-end streams to TCP through it too). What a session gives
 //! the app, [`HubStream`](crate::HubStream), is a stream of the end-to-end connection (`e2e`).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use keyway_proto::io::{read_frame, write_frame, FrameIoError};
-use keyway_proto::{Frame, HubName};
+use keyway_proto::io::{write_frame, FrameIoError};
+use keyway_proto::Frame;
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -60,42 +59,10 @@ pub(crate) fn stream_failure(conn: &Connection, what: &'static str, err: FrameIo
     }
 }
 
-/// Why [`open`] failed, and whether the relay simply never answered (which, on a connection
-/// that looked healthy, suggests the relay is gone without having closed it).
-#[derive(Debug)]
-pub(crate) struct OpenFailure {
-    pub(crate) error: ClientError,
-    pub(crate) no_answer: bool,
-}
-
-impl From<ClientError> for OpenFailure {
-    fn from(error: ClientError) -> Self {
-        Self { error, no_answer: false }
-    }
-}
-
-/// Opens a stream on the relay connection, writes `request` about `hub` and reads one answer
-/// frame: a `Refused` becomes [`ClientError::Refused`], any other frame is the caller's to
-/// judge.
-pub(crate) async fn request(
-    conn: &Connection,
-    request: &Frame,
-    hub: &HubName,
-    answer_timeout: Duration,
-) -> Result<(QuicBiStream, Frame), OpenFailure> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(ClientError::from)?;
+/// Opens a stream on the relay connection and writes `request` on it; the answer is the
+/// caller's to read.
+pub(crate) async fn send(conn: &Connection, request: &Frame) -> Result<QuicBiStream, ClientError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(ClientError::from)?;
     write_frame(&mut send, request).await.map_err(|e| stream_failure(conn, "while asking for the hub", e))?;
-    let answer = match tokio::time::timeout(answer_timeout, read_frame(&mut recv)).await {
-        Ok(answer) => answer.map_err(|e| stream_failure(conn, "before answering", e))?,
-        Err(_) => {
-            let _ = send.reset(keyway_proto::codes::NORMAL);
-            let _ = recv.stop(keyway_proto::codes::NORMAL);
-            let error = ProtocolError::NoAnswer { hub: hub.clone(), waited: answer_timeout }.into();
-            return Err(OpenFailure { error, no_answer: true });
-        }
-    };
-    match answer {
-        Frame::Refused { reason, message } => Err(ClientError::Refused { reason, message }.into()),
-        answer => Ok((QuicBiStream { send, recv }, answer)),
-    }
+    Ok(QuicBiStream { send, recv })
 }

@@ -190,7 +190,9 @@ async fn bed() -> Bed {
             let (requests, gate) = (requests.clone(), gate.clone());
             tokio::spawn(async move {
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let Ok(Frame::ChannelOpen { .. }) = read_frame(&mut recv).await else { continue };
+                    let Ok(Frame::ChannelOpen { channel: app_id, .. }) = read_frame(&mut recv).await else {
+                        continue;
+                    };
                     requests.fetch_add(1, Ordering::SeqCst);
                     let mode = mode.load(Ordering::SeqCst);
                     if mode == RELAY_HOLDS_THEN_OFFLINE {
@@ -202,7 +204,8 @@ async fn bed() -> Bed {
                         let _ = send.finish();
                         continue;
                     }
-                    let (app_id, hub_id) = (ChannelId::random().unwrap(), ChannelId::random().unwrap());
+                    // The app chose its id; this relay holds no early flight (quinn resends it).
+                    let hub_id = ChannelId::random().unwrap();
                     let app_addr = conn.remote_address();
                     routes.lock().unwrap().insert(app_id, (app_addr, hub_addr, hub_id));
                     routes.lock().unwrap().insert(hub_id, (hub_addr, app_addr, app_id));

@@ -143,8 +143,12 @@ async fn attacks_are_refused_counted_and_the_legitimate_session_keeps_flowing() 
     let relay_addr = relay.addr;
     let relay_key = relay.key;
     let hub_key = hub_id.public_key();
-    let legit_open =
-        encode(&Frame::ChannelOpen { hub: name("home"), hub_key, purpose: SessionPurpose::Connect });
+    let legit_open = encode(&Frame::ChannelOpen {
+        hub: name("home"),
+        hub_key,
+        purpose: SessionPurpose::Connect,
+        channel: keyway_proto::channel::ChannelId::random().expect("channel id"),
+    });
     let echoed_before = steady.echoed.load(Ordering::Relaxed);
     let attack_started = Instant::now();
     let outcomes = tokio::spawn(async move {

@@ -103,10 +103,11 @@ async fn handle(
         }
         _ => {}
     }
-    // Bound before the answer goes out: the app's first flight follows the relay's
-    // `ChannelReady` at once and must find the binding.
-    let binding = tunnel.paths.bind(id);
-    let entry = tunnel.channels.add(binding.addr(), app_key, observed, purpose);
+    // The relay sent the app's first flight on with the announce, so it may be held in the
+    // path socket already: the channel info goes in before the binding lets it reach quinn,
+    // whose first packet from the address looks the info up.
+    let (binding, entry) =
+        tunnel.paths.bind_with(id, |addr| tunnel.channels.add(addr, app_key, observed, purpose));
     if let Err(e) = write_frame(&mut send, &Frame::ChannelAccepted).await {
         tracing::debug!(error = %e, "could not accept the channel");
         return;

@@ -264,6 +264,16 @@ impl OneHub {
     /// Starts relay, service and hub and waits for the registration. `purposes` (hub, app)
     /// keep the keys distinct from other scenarios'.
     pub async fn start(relay_bin: &Path, purposes: (u8, u8)) -> anyhow::Result<Self> {
+        Self::start_routed(relay_bin, purposes, async |relay| Ok(relay)).await
+    }
+
+    /// [`Self::start`] with the hub's path to the relay chosen by `route` (given the relay's
+    /// address, it returns the address the hub dials instead, e.g. a delaying forwarder's).
+    pub async fn start_routed(
+        relay_bin: &Path,
+        purposes: (u8, u8),
+        route: impl AsyncFnOnce(SocketAddr) -> anyhow::Result<SocketAddr>,
+    ) -> anyhow::Result<Self> {
         let hub_id = identity_for(purposes.0, 0);
         let app = identity_for(purposes.1, 0);
         let name = hub_name(0);
@@ -280,8 +290,14 @@ impl OneHub {
             ),
         )?;
         let service = try_echo_service(b"").await?;
-        let config =
-            keyway_hub::HubConfig::new(relay.addr, relay.key, name.clone(), hub_id, apps_file, service);
+        let config = keyway_hub::HubConfig::new(
+            route(relay.addr).await?,
+            relay.key,
+            name.clone(),
+            hub_id,
+            apps_file,
+            service,
+        );
         let hub = keyway_hub::start(config).await?;
         hub.wait_registered(Duration::from_secs(20)).await?;
         Ok(Self { relay, hub, name, hub_key, app, _dir: dir })

@@ -10,6 +10,8 @@
 //! * [`idle`]: many registered, idle hubs; the relay's RSS per hub and its idle CPU;
 //! * [`storm`]: a relay restart under N real hub connectors; time until all are back and the
 //!   reconnect-rate curve;
+//! * [`setup`]: set-up time in app↔hub round trips with real delay on both legs (cold, new
+//!   connection, ticket, ticket + early data, new stream)
 //! * [`churn`]: sessions opened and closed at a steady rate; set-up time and echo RTT
 //!   percentiles, cold (new relay connection per session) and warm (shared connection);
 //! * [`bare`]: a minimal quinn server that answers `Register` like the relay, used to separate
@@ -24,6 +26,7 @@ pub mod common;
 pub mod idle;
 pub mod plot;
 pub mod report;
+pub mod setup;
 pub mod storm;
 pub mod storm_raw;
 

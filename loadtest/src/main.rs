@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use keyway_loadtest::bare::Knobs;
-use keyway_loadtest::{bulk, churn, common, idle, plot, report, storm, storm_raw, Record};
+use keyway_loadtest::{bulk, churn, common, idle, plot, report, setup, storm, storm_raw, Record};
 use keyway_proto::cli::parse_duration;
 
 /// Keyway load generator: relayed vs direct throughput, idle hubs, reconnect storms, churn.
@@ -129,6 +129,21 @@ enum Command {
         /// Echo round trips per session.
         #[arg(long, default_value_t = 10)]
         pings: usize,
+    },
+    /// Set-up time in app↔hub round trips, one sample at a time, with a delaying UDP forwarder
+    /// on the app's and the hub's leg: cold, new connection, ticket, ticket + early data, stream.
+    Setup {
+        #[command(flatten)]
+        common: Common,
+        /// The shared UDP delay forwarder.
+        #[arg(long, default_value = "../shared/tools/udp-delay.py")]
+        delay_tool: PathBuf,
+        /// One-way delay of each forwarder (an app↔hub round trip crosses four).
+        #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+        delay: Duration,
+        /// Samples per mode.
+        #[arg(long, default_value_t = 30)]
+        samples: usize,
     },
     /// Redraw a figure from a JSON-lines file.
     Plot { input: PathBuf, output: PathBuf },
@@ -253,6 +268,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 quiet: common.quiet,
             };
             finish(&common, churn::run(&opts).await?)
+        }
+        Command::Setup { common, delay_tool, delay, samples } => {
+            let opts = setup::SetupOpts { relay_bin: relay_bin(&common)?, delay_tool, delay, samples };
+            finish(&common, setup::run(&opts).await?)
         }
         Command::Plot { input, output } => plot::scenario(&output, &common::read_records(&input)?),
         Command::Report { results, readme, machine } => write_report(&results, &readme, &machine),

@@ -13,7 +13,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Frame::Registered { replaced: true },
         Frame::AllowList { allowed_apps: vec![key(3)], pairing_open: true },
         Frame::refused(RefusalReason::HubOffline, "hub home is offline"),
-        Frame::ChannelOpen { hub: name, hub_key: key(4), purpose: SessionPurpose::Connect },
+        Frame::ChannelOpen {
+            hub: name,
+            hub_key: key(4),
+            purpose: SessionPurpose::Connect,
+            channel: keyway_proto::channel::ChannelId::new(0x0a0b_0c0d_0e0f_1011),
+        },
         Frame::ChannelAnnounce {
             app_key: key(5),
             observed: "203.0.113.9:4433".parse()?,

@@ -275,12 +275,15 @@ pub enum Frame {
         message: String,
     },
     /// app → relay, first frame of a channel stream (data plane v2): introduce me to `hub` for
-    /// an end-to-end QUIC connection. The stream stays open for the channel's life; either side
-    /// ending it ends the channel.
+    /// an end-to-end QUIC connection, under `channel`, the app's own id for it (drawn at random
+    /// by the app, so its first flight can leave with this frame instead of a round trip later;
+    /// the relay holds that flight until it has authorized). The stream stays open for the
+    /// channel's life; either side ending it ends the channel.
     ChannelOpen {
         hub: HubName,
         hub_key: PublicKey,
         purpose: SessionPurpose,
+        channel: ChannelId,
     },
     /// relay → hub, first frame of a stream the relay opens for a channel: the relay authorized
     /// `app_key` and will carry its end-to-end QUIC packets under `channel` (the hub's id).
@@ -426,10 +429,11 @@ impl Frame {
                 w.u32(*retry_after_ms);
                 w.message("message", message)?;
             }
-            Frame::ChannelOpen { hub, hub_key, purpose } => {
+            Frame::ChannelOpen { hub, hub_key, purpose, channel } => {
                 w.name(hub);
                 w.key(hub_key);
                 w.u8(purpose.code());
+                w.u64(channel.get());
             }
             Frame::ChannelAnnounce { app_key, observed, purpose, channel } => {
                 w.key(app_key);
@@ -474,9 +478,12 @@ impl Frame {
             kind::GO_AWAY => {
                 Frame::GoAway { retry_after_ms: r.u32("retry_after_ms")?, message: r.message("message")? }
             }
-            kind::CHANNEL_OPEN => {
-                Frame::ChannelOpen { hub: r.name()?, hub_key: r.key("hub_key")?, purpose: r.purpose()? }
-            }
+            kind::CHANNEL_OPEN => Frame::ChannelOpen {
+                hub: r.name()?,
+                hub_key: r.key("hub_key")?,
+                purpose: r.purpose()?,
+                channel: ChannelId::new(r.u64("channel")?),
+            },
             kind::CHANNEL_ANNOUNCE => Frame::ChannelAnnounce {
                 app_key: r.key("app_key")?,
                 observed: r.addr()?,
@@ -697,7 +704,12 @@ mod tests {
             Frame::Ping { nonce: u64::MAX },
             Frame::Pong { nonce: 0 },
             Frame::GoAway { retry_after_ms: 1500, message: "relay restarting".into() },
-            Frame::ChannelOpen { hub: name("home"), hub_key: key(6), purpose: SessionPurpose::Connect },
+            Frame::ChannelOpen {
+                hub: name("home"),
+                hub_key: key(6),
+                purpose: SessionPurpose::Connect,
+                channel: ChannelId::new(0xfeed_0000_0000_0001),
+            },
             Frame::ChannelAnnounce {
                 app_key: key(7),
                 observed: "198.51.100.9:5000".parse().unwrap(),
@@ -933,10 +945,8 @@ mod tests {
                 retry_after_ms,
                 message: truncate_message(m)
             }),
-            (arb_name(), arb_key(), arb_purpose()).prop_map(|(hub, hub_key, purpose)| Frame::ChannelOpen {
-                hub,
-                hub_key,
-                purpose
+            (arb_name(), arb_key(), arb_purpose(), any::<u64>()).prop_map(|(hub, hub_key, purpose, id)| {
+                Frame::ChannelOpen { hub, hub_key, purpose, channel: ChannelId::new(id) }
             }),
             (arb_key(), any::<SocketAddr>(), arb_purpose(), any::<u64>()).prop_map(
                 |(app_key, observed, purpose, id)| Frame::ChannelAnnounce {

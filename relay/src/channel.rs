@@ -156,13 +156,32 @@ pub(crate) enum Route<'a> {
 #[error("channel id {0} is already in use")]
 pub(crate) struct IdTaken(pub ChannelId);
 
-/// Every live channel, by both of its ids.
+/// How long a datagram for a channel that is not live yet is held (its app's `ChannelOpen`,
+/// sent before it on the same path, is being authorized): long enough for that, short enough
+/// that a stranger's datagrams leave soon. quinn retransmits a flight that was dropped.
+pub(crate) const HOLD_TIME: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Most datagrams held for one source address (a first flight is an Initial and a few 0-RTT
+/// packets), so one source cannot take the whole of `max_held_datagrams`.
+pub(crate) const HELD_PER_SOURCE: usize = 8;
+
+/// A datagram held for a channel that is not live yet.
+struct Held {
+    src: SocketAddr,
+    id: ChannelId,
+    at: Instant,
+    datagram: Vec<u8>,
+}
+
+/// Every live channel, by both of its ids, and the first flights waiting for theirs.
 #[derive(Default)]
 pub(crate) struct ChannelTable {
     /// Keyed by the app side's id.
     channels: HashMap<ChannelId, Channel>,
     /// Hub side's id → app side's id.
     hub_ids: HashMap<ChannelId, ChannelId>,
+    /// Oldest first.
+    held: std::collections::VecDeque<Held>,
 }
 
 impl ChannelTable {
@@ -215,6 +234,50 @@ impl ChannelTable {
         self.channels.get(&app_id).map(|c| c.last_moved)
     }
 
+    /// Holds a copy of `datagram` from `src`, whose channel id is not live, for up to
+    /// [`HOLD_TIME`]: an app sends its first flight with its `ChannelOpen`, so it can arrive
+    /// before the channel exists. At most `max` datagrams in all (0: none) and
+    /// [`HELD_PER_SOURCE`] per source; false if it was not held (the caller drops and counts
+    /// it). Returns with the expired ones dropped, counted in the second value.
+    pub fn hold(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, max: usize) -> (bool, usize) {
+        let expired = self.expire(now);
+        let Some((id, _)) = channel::parse(datagram) else { return (false, expired) };
+        if self.held.len() >= max || self.held.iter().filter(|h| h.src == src).count() >= HELD_PER_SOURCE {
+            return (false, expired);
+        }
+        self.held.push_back(Held { src, id, at: now, datagram: datagram.to_vec() });
+        (true, expired)
+    }
+
+    /// Takes the datagrams held for channel id `id` from `src` (the app's address), oldest
+    /// first, to be routed now that the channel is live; and how many others had expired.
+    pub fn take_held(&mut self, src: SocketAddr, id: ChannelId, now: Instant) -> (Vec<Vec<u8>>, usize) {
+        let expired = self.expire(now);
+        let mut taken = Vec::new();
+        self.held.retain_mut(|h| {
+            let mine = h.src == src && h.id == id;
+            if mine {
+                taken.push(std::mem::take(&mut h.datagram));
+            }
+            !mine
+        });
+        (taken, expired)
+    }
+
+    /// Datagrams held now.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    fn expire(&mut self, now: Instant) -> usize {
+        let before = self.held.len();
+        while self.held.front().is_some_and(|h| now.saturating_duration_since(h.at) >= HOLD_TIME) {
+            self.held.pop_front();
+        }
+        before - self.held.len()
+    }
+
     /// Decides what to do with `datagram`, received from `src` at `now`: forward it (the
     /// caller rewrites the header to `new_id` and sends it to `to`) or drop it, and why.
     /// A forward counts as the channel's activity at `now`.
@@ -257,7 +320,7 @@ pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
 
-    use keyway_proto::channel::{encode_into, HEADER_LEN};
+    use keyway_proto::channel::{encode_into, CHANNEL_DATA, HEADER_LEN};
 
     use crate::testing::endpoint_pair;
 
@@ -270,6 +333,28 @@ pub(crate) mod tests {
         let accept = async { server.accept().await.unwrap().await.unwrap() };
         let (peer, relay_side) = tokio::join!(dial, accept);
         (relay_side, peer.unwrap())
+    }
+
+    #[test]
+    fn first_flights_are_held_within_bounds_taken_by_their_channel_and_expire() {
+        let mut table = ChannelTable::default();
+        let now = Instant::now();
+        let a: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:1000".parse().unwrap();
+        let id = ChannelId::new(7);
+        for _ in 0..HELD_PER_SOURCE {
+            assert!(table.hold(a, &datagram(id), now, 100).0);
+        }
+        assert!(!table.hold(a, &datagram(id), now, 100).0, "per source");
+        assert!(table.hold(b, &datagram(id), now, 100).0);
+        assert!(!table.hold(b, &datagram(ChannelId::new(8)), now, HELD_PER_SOURCE + 1).0, "in all");
+        assert!(!table.hold(b, &[CHANNEL_DATA, 1], now, 100).0, "no header");
+        let (taken, expired) = table.take_held(a, id, now);
+        assert_eq!((taken.len(), expired), (HELD_PER_SOURCE, 0));
+        assert_eq!(taken[0], datagram(id));
+        assert_eq!(table.held(), 1, "b's is not a's channel");
+        let (taken, expired) = table.take_held(b, id, now + HOLD_TIME);
+        assert_eq!((taken.len(), expired), (0, 1), "expired");
     }
 
     fn datagram(id: ChannelId) -> Vec<u8> {

@@ -1,9 +1,11 @@
 //! An app's session: a channel between the app and the hub whose end-to-end QUIC packets the
 //! relay forwards without reading them (`docs/protocol.md`).
 //!
-//! On `ChannelOpen` the relay authorizes and enrols the request ([`crate::introduce`]), draws the two random channel ids, announces the channel to the hub
-//! (`ChannelAnnounce` with the hub's id), and on `ChannelAccepted` puts the channel in the
-//! forwarding table and answers the app `ChannelReady` with the app's id. From then on the
+//! On `ChannelOpen` the relay authorizes and enrols the request ([`crate::introduce`]), draws
+//! the hub side's random channel id (the app chose its own), puts the channel in the forwarding
+//! table and sends on the app's first flight if it was held ([`Channels::release_held`]),
+//! announces the channel to the hub (`ChannelAnnounce` with the hub's id), and on
+//! `ChannelAccepted` answers the app `ChannelReady` (on a refusal the channel leaves the table). From then on the
 //! packets never pass through here (the socket forwards them, [`crate::forward`]); this task
 //! only holds the two channel streams, app↔relay and relay↔hub, for the channel's life, and
 //! ends the channel when one of them ends, either connection closes, the app key is revoked,
@@ -24,8 +26,7 @@ use crate::access::Enrolled;
 use crate::channel::Leg;
 use crate::forward::Channels;
 use crate::introduce::observed;
-use crate::introduce::{announce, answer, authorize, revocation, Unanswered};
-use crate::policy::Refusal;
+use crate::introduce::{announce, answer, authorize, revocation};
 use crate::refusal::refuse;
 use crate::state::{ConnCtx, Shared};
 use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
@@ -46,18 +47,26 @@ enum Setup {
     Redirected,
 }
 
+/// What a `ChannelOpen` asks for.
+pub(crate) struct Request {
+    pub name: HubName,
+    /// The hub key the app pinned.
+    pub pinned: PublicKey,
+    pub purpose: SessionPurpose,
+    /// The app's own id for the channel.
+    pub app_id: ChannelId,
+}
+
 /// Handles a stream whose first frame was `ChannelOpen`.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx>,
     app_send: SendStream,
     app_recv: RecvStream,
-    name: HubName,
-    pinned: PublicKey,
-    purpose: SessionPurpose,
+    request: Request,
 ) {
     let stats = Arc::clone(&shared.stats);
-    match setup_and_hold(shared, ctx, app_send, app_recv, name, pinned, purpose).await {
+    match setup_and_hold(shared, ctx, app_send, app_recv, request).await {
         Setup::Held | Setup::Redirected => {}
         Setup::Refused => {
             stats.session_not_opened(true);
@@ -82,14 +91,13 @@ impl Drop for Listed {
     }
 }
 
-/// Two ids no live channel uses (64 random bits each: a clash is a 2^-64 event per channel,
-/// but it costs nothing to rule out here; the insert checks again).
-fn draw_ids(channels: &Channels) -> Result<(ChannelId, ChannelId), getrandom::Error> {
+/// The hub side's id: one no live channel uses and not the app's (64 random bits: a clash is a
+/// 2^-64 event per channel, but it costs nothing to rule out here; the insert checks again).
+fn draw_hub_id(channels: &Channels, app_id: ChannelId) -> Result<ChannelId, getrandom::Error> {
     loop {
-        let (app, hub) = (ChannelId::random()?, ChannelId::random()?);
-        let table = channels.table();
-        if app != hub && !table.contains(app) && !table.contains(hub) {
-            return Ok((app, hub));
+        let hub = ChannelId::random()?;
+        if hub != app_id && !channels.table().contains(hub) {
+            return Ok(hub);
         }
     }
 }
@@ -99,10 +107,9 @@ async fn setup_and_hold(
     ctx: Arc<ConnCtx>,
     mut app_send: SendStream,
     mut app_recv: RecvStream,
-    name: HubName,
-    pinned: PublicKey,
-    purpose: SessionPurpose,
+    request: Request,
 ) -> Setup {
+    let Request { name, pinned, purpose, app_id } = request;
     let app = ctx.peer;
     let started = Instant::now();
     let (hub, Enrolled { guard, revoked }) = match authorize(&shared, &app, &name, &pinned, purpose) {
@@ -125,14 +132,35 @@ async fn setup_and_hold(
     let _authorized = ctx.standing.hold();
     let revoked = revocation(revoked);
     tokio::pin!(revoked);
-    let (app_id, hub_id) = match draw_ids(&shared.channels) {
-        Ok(ids) => ids,
+    let hub_id = match draw_hub_id(&shared.channels, app_id) {
+        Ok(id) => id,
         Err(e) => {
             let message = format!("the relay cannot draw a channel id: {e}");
             refuse(&shared, &mut app_send, &app, RefusalReason::Internal, message).await;
             return Setup::Refused;
         }
     };
+    let limits = shared.limits.get();
+    let buckets = (limits.bytes_per_second_per_key > 0).then(|| {
+        // Both ends' keys pay for every forwarded byte: neither a greedy app nor a greedy hub can
+        // take more than its share of the relay, however many channels it opens.
+        let now = Instant::now();
+        [shared.buckets.key_bucket(&app, &limits, now), shared.buckets.key_bucket(&hub.key, &limits, now)]
+    });
+    // Listed before the hub is asked, so the app's first flight (sent with its `ChannelOpen`,
+    // held meanwhile) reaches the hub with the announce instead of a round trip after it; the
+    // hub holds it until it has bound the channel, and drops it if it refuses. A refusal by
+    // the hub unlists the channel again (`Listed` drops).
+    let legs = (Leg::new(app_id, ctx.conn.clone()), Leg::new(hub_id, hub.conn.clone()));
+    let inserted = shared.channels.table().insert(legs.0, legs.1, buckets, Instant::now());
+    if let Err(e) = inserted {
+        // The app's id is taken by a live channel: a 2^-64 accident, or an app reusing one.
+        let message = format!("the relay cannot list the channel: {e}; draw another id");
+        refuse(&shared, &mut app_send, &app, RefusalReason::ProtocolViolation, message).await;
+        return Setup::Refused;
+    }
+    let listed = Listed { channels: Arc::clone(&shared.channels), app_id };
+    shared.channels.release_held(ctx.conn.remote_address(), app_id);
     let frame = Frame::ChannelAnnounce {
         app_key: app,
         observed: observed(ctx.conn.remote_address()),
@@ -145,28 +173,11 @@ async fn setup_and_hold(
     let (mut hub_send, mut hub_recv) = match introduced {
         Ok(streams) => streams,
         Err(unanswered) => {
+            drop(listed);
             answer(&shared, &mut app_send, &app, &name, unanswered).await;
             return Setup::Refused;
         }
     };
-    let limits = shared.limits.get();
-    let buckets = (limits.bytes_per_second_per_key > 0).then(|| {
-        // Both ends' keys pay for every forwarded byte: neither a greedy app nor a greedy hub can
-        // take more than its share of the relay, however many channels it opens.
-        let now = Instant::now();
-        [shared.buckets.key_bucket(&app, &limits, now), shared.buckets.key_bucket(&hub.key, &limits, now)]
-    });
-    // The addresses quinn validated for both relay connections, read before the table is locked.
-    let legs = (Leg::new(app_id, ctx.conn.clone()), Leg::new(hub_id, hub.conn.clone()));
-    let inserted = shared.channels.table().insert(legs.0, legs.1, buckets, Instant::now());
-    if let Err(e) = inserted {
-        let _ = hub_send.reset(codes::NORMAL);
-        let message = format!("the relay could not list the channel: {e}");
-        let unanswered = Unanswered::Refuse(Refusal::new(RefusalReason::Internal, message));
-        answer(&shared, &mut app_send, &app, &name, unanswered).await;
-        return Setup::Refused;
-    }
-    let listed = Listed { channels: Arc::clone(&shared.channels), app_id };
     if let Err(e) = write_frame(&mut app_send, &Frame::ChannelReady { channel: app_id }).await {
         debug!("app went away before its channel was ready: {e}");
         let _ = hub_send.reset(codes::NORMAL);

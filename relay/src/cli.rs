@@ -150,6 +150,10 @@ pub struct LimitArgs {
     /// required.
     #[arg(long, env = "KEYWAY_RELAY_RETRY_THRESHOLD", default_value_t = crate::DEFAULT_RETRY_THRESHOLD)]
     pub retry_threshold: u32,
+    /// Datagrams held (all sources) for channels not live yet: an app's first flight, sent
+    /// with its channel request, waits here up to 250 ms for the authorization.
+    #[arg(long, env = "KEYWAY_RELAY_MAX_HELD_DATAGRAMS", default_value_t = crate::DEFAULT_MAX_HELD_DATAGRAMS)]
+    pub max_held_datagrams: u32,
 }
 
 impl LimitArgs {
@@ -170,6 +174,7 @@ impl LimitArgs {
             max_idle_apps_per_hub: self.max_idle_apps_per_hub,
             idle_session_timeout: self.idle_session_timeout,
             retry_threshold: self.retry_threshold,
+            max_held_datagrams: self.max_held_datagrams,
         }
     }
 }

@@ -222,8 +222,10 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
         Ok(Frame::Register { name, allowed_apps, pairing_open }) => {
             crate::hub::run(shared, ctx, send, recv, name, allowed_apps, pairing_open).await;
         }
-        Ok(Frame::ChannelOpen { hub, hub_key, purpose }) => {
-            crate::channel_session::run(shared, ctx, send, recv, hub, hub_key, purpose).await;
+        Ok(Frame::ChannelOpen { hub, hub_key, purpose, channel }) => {
+            let request =
+                crate::channel_session::Request { name: hub, pinned: hub_key, purpose, app_id: channel };
+            crate::channel_session::run(shared, ctx, send, recv, request).await;
         }
         Ok(other) => {
             let message =

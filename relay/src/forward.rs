@@ -45,11 +45,47 @@ pub(crate) struct Channels {
     stats: Arc<RelayStats>,
     limits: Arc<LimitsCell>,
     tap: Option<ForwardTap>,
+    /// The runtime's socket under [`ForwardingSocket`], for sending held first flights.
+    socket: std::sync::OnceLock<Arc<dyn AsyncUdpSocket>>,
 }
 
 impl Channels {
     pub fn new(stats: Arc<RelayStats>, limits: Arc<LimitsCell>, tap: Option<ForwardTap>) -> Self {
-        Self { table: Mutex::new(ChannelTable::default()), stats, limits, tap }
+        Self { table: Mutex::new(ChannelTable::default()), stats, limits, tap, socket: Default::default() }
+    }
+
+    /// Forwards what was held for the channel whose app side is `app_id` from `src` (the app's
+    /// first flight, which overtook its `ChannelOpen`), now that the channel is listed. Each
+    /// datagram is routed like any other (the byte budget aside: a first flight is a few
+    /// packets); a send that would block drops it, as everywhere.
+    pub fn release_held(&self, src: SocketAddr, app_id: channel::ChannelId) {
+        let Some(socket) = self.socket.get() else { return };
+        let now = Instant::now();
+        let mut table = self.table();
+        let (held, expired) = table.take_held(src, app_id, now);
+        self.stats.channel_dropped(DropReason::UnknownChannel, expired);
+        for mut datagram in held {
+            let forward = match table.route(src, &datagram, now) {
+                Route::Forward(forward) => forward,
+                Route::Drop(reason) => {
+                    self.stats.channel_dropped(reason, 1);
+                    continue;
+                }
+            };
+            let (to, src_ip, direction) = (forward.to, forward.src_ip, forward.direction);
+            let _ = channel::write_header(&mut datagram, forward.new_id);
+            if let (Some(tap), Some(packet)) = (&self.tap, datagram.get(HEADER_LEN..)) {
+                tap(direction, packet);
+            }
+            let transmit =
+                Transmit { destination: to, ecn: None, contents: &datagram, segment_size: None, src_ip };
+            match socket.try_send(&transmit) {
+                Ok(()) => {
+                    self.stats.channel_forwarded(direction, 1, datagram.len().saturating_sub(HEADER_LEN))
+                }
+                Err(_) => self.stats.channel_dropped(DropReason::SendFailed, 1),
+            }
+        }
     }
 
     /// The table, locked. Never held across an `.await`, and never while calling into a
@@ -75,6 +111,7 @@ impl ForwardingSocket {
             io::Error::new(io::ErrorKind::Unsupported, "no async runtime for the UDP socket")
         })?;
         let inner = runtime.wrap_udp_socket(socket)?;
+        let _ = channels.socket.set(inner.clone());
         Ok(Arc::new(Self { inner, channels }))
     }
 
@@ -139,6 +176,20 @@ impl ForwardingSocket {
         let now = ctx.now();
         let forward = match table.route(src, run, now) {
             Route::Forward(forward) => forward,
+            Route::Drop(DropReason::UnknownChannel) => {
+                // Maybe a first flight that overtook its `ChannelOpen`: held, within bounds.
+                let max = ctx.limits(&self.channels.limits).max_held_datagrams as usize;
+                let mut dropped = 0;
+                for segment in run.chunks(stride) {
+                    let (held, expired) = table.hold(src, segment, now, max);
+                    dropped += expired + usize::from(!held);
+                    if held {
+                        stats.channel_held();
+                    }
+                }
+                stats.channel_dropped(DropReason::UnknownChannel, dropped);
+                return;
+            }
             Route::Drop(reason) => {
                 stats.channel_dropped(reason, segments);
                 return;

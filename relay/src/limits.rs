@@ -67,6 +67,11 @@ pub struct Limits {
     /// New connections per second (all sources together) above which the relay asks for QUIC
     /// address validation (a Retry round trip) before spending a handshake. 0: always.
     pub retry_threshold: u32,
+    /// Datagrams held, all sources together, for channels that are not live yet: an app sends
+    /// its end-to-end first flight with its `ChannelOpen`, so it may arrive before the relay
+    /// has authorized (each held up to 250 ms, at most 8 per source). 0: none (the app's
+    /// first flight is then lost and resent by quinn a PTO later).
+    pub max_held_datagrams: u32,
 }
 
 /// Default `max_hubs`.
@@ -97,6 +102,8 @@ pub const DEFAULT_MAX_UNAUTHORIZED_CONNECTIONS: u32 = 1000;
 pub const DEFAULT_MAX_IDLE_APPS_PER_HUB: u32 = 32;
 /// Default `idle_session_timeout`.
 pub const DEFAULT_IDLE_SESSION_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `max_held_datagrams`: 32 first flights, under 400 KiB.
+pub const DEFAULT_MAX_HELD_DATAGRAMS: u32 = 256;
 /// Default `retry_threshold` (new connections per second).
 pub const DEFAULT_RETRY_THRESHOLD: u32 = 100;
 
@@ -117,6 +124,7 @@ impl Default for Limits {
             max_idle_apps_per_hub: DEFAULT_MAX_IDLE_APPS_PER_HUB,
             idle_session_timeout: DEFAULT_IDLE_SESSION_TIMEOUT,
             retry_threshold: DEFAULT_RETRY_THRESHOLD,
+            max_held_datagrams: DEFAULT_MAX_HELD_DATAGRAMS,
         }
     }
 }
@@ -139,6 +147,7 @@ impl Limits {
             max_idle_apps_per_hub: 0,
             idle_session_timeout: Duration::ZERO,
             retry_threshold: u32::MAX,
+            max_held_datagrams: DEFAULT_MAX_HELD_DATAGRAMS,
         }
     }
 

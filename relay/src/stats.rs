@@ -154,6 +154,7 @@ pub struct RelayStats {
     channels_active: IntGauge,
     /// Channel packets forwarded, app→hub and hub→app.
     channel_packets: [IntCounter; 2],
+    channel_held: IntCounter,
     /// Channel packets dropped, by [`DropReason::ALL`] order.
     channel_drops: Vec<IntCounter>,
     /// Sends (one GSO transmit each) that forwarded channel packets.
@@ -299,6 +300,10 @@ impl RelayStats {
             "Channel packets not forwarded, by reason: unknown_channel, wrong_source, rate_limited, send_failed.",
             &["reason"],
         )?;
+        let channel_held = b.counter(
+            "channel_packets_held_total",
+            "Channel packets held for a channel not live yet (an app's first flight, sent with its ChannelOpen); those that expire count as unknown_channel drops.",
+        )?;
         let channel_drops = DropReason::ALL.iter().map(|r| drops.with_label_values(&[r.label()])).collect();
         let channel_transmits = b.counter(
             "channel_transmits_total",
@@ -342,6 +347,7 @@ impl RelayStats {
                 packets.with_label_values(&["hub_to_app"]),
             ],
             channel_drops,
+            channel_held,
             channel_transmits,
             registry: b.0,
         })
@@ -453,6 +459,7 @@ impl RelayStats {
             ("handshake_timeout", limits.handshake_timeout.as_secs_f64()),
             ("idle_session_timeout", limits.idle_session_timeout.as_secs_f64()),
             ("retry_threshold", f64::from(limits.retry_threshold)),
+            ("max_held_datagrams", f64::from(limits.max_held_datagrams)),
         ];
         for (name, value) in values {
             self.limits.with_label_values(&[name]).set(value);
@@ -561,6 +568,9 @@ impl RelayStats {
         {
             c.inc_by(segments as u64);
         }
+    }
+    pub(crate) fn channel_held(&self) {
+        self.channel_held.inc();
     }
     pub(crate) fn channel_up(&self) {
         self.sessions_accepted.inc();

@@ -227,6 +227,7 @@ fn sighup_reloads_limits_and_hubs_and_sigterm_drains() {
             hub: "home".parse().unwrap(),
             hub_key: hub.public_key(),
             purpose: keyway_proto::SessionPurpose::Connect,
+            channel: keyway_proto::channel::ChannelId::random().expect("channel id"),
         };
         write_frame(&mut send, &open).await.unwrap();
         let (mut hub_send, mut hub_recv) = hub_conn.conn.accept_bi().await.unwrap();

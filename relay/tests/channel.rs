@@ -21,7 +21,17 @@ async fn open_channel(
     purpose: SessionPurpose,
 ) -> (SendStream, RecvStream) {
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &Frame::ChannelOpen { hub: name(hub), hub_key, purpose }).await.unwrap();
+    write_frame(
+        &mut send,
+        &Frame::ChannelOpen {
+            hub: name(hub),
+            hub_key,
+            purpose,
+            channel: keyway_proto::channel::ChannelId::random().expect("channel id"),
+        },
+    )
+    .await
+    .unwrap();
     (send, recv)
 }
 

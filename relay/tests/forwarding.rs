@@ -91,8 +91,12 @@ async fn bed(limits: Limits, tapped: bool) -> Bed {
     let (app_ep, app_paths) = bind_path_endpoint(app_relay, None).unwrap();
     let app_conn = relay_connection(&app_ep, app_relay, relay_key, &app).await;
     let (mut app_send, mut app_recv) = app_conn.open_bi().await.unwrap();
-    let open =
-        Frame::ChannelOpen { hub: name("home"), hub_key: hub.public_key(), purpose: SessionPurpose::Connect };
+    let open = Frame::ChannelOpen {
+        hub: name("home"),
+        hub_key: hub.public_key(),
+        purpose: SessionPurpose::Connect,
+        channel: keyway_proto::channel::ChannelId::random().expect("channel id"),
+    };
     write_frame(&mut app_send, &open).await.unwrap();
     let (mut hub_send, mut hub_recv) = within("announce", hub_conn.accept_bi()).await.unwrap();
     let Frame::ChannelAnnounce { channel: hub_id, .. } = read_frame(&mut hub_recv).await.unwrap() else {
@@ -324,6 +328,7 @@ async fn a_graceful_shutdown_waits_for_live_channels_which_keep_forwarding_meanw
         hub: name("home"),
         hub_key: identity().public_key(),
         purpose: SessionPurpose::Connect,
+        channel: keyway_proto::channel::ChannelId::random().expect("channel id"),
     };
     write_frame(&mut send, &open).await.unwrap();
     assert_eq!(refusal_of(&mut recv).await.0, RefusalReason::ShuttingDown);

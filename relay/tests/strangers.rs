@@ -168,8 +168,12 @@ async fn pairing_sessions_and_channels_keep_a_connection_that_no_hub_lists_while
     // ...and a v2 pairing channel from another.
     let channel_conn = connect(h, &channel_app).await;
     let (mut channel_send, mut channel_recv) = channel_conn.open_bi().await.unwrap();
-    let open =
-        Frame::ChannelOpen { hub: name("home"), hub_key: hub.public_key(), purpose: SessionPurpose::Pair };
+    let open = Frame::ChannelOpen {
+        hub: name("home"),
+        hub_key: hub.public_key(),
+        purpose: SessionPurpose::Pair,
+        channel: keyway_proto::channel::ChannelId::random().expect("channel id"),
+    };
     write_frame(&mut channel_send, &open).await.unwrap();
     let (mut announce_send, mut announce_recv) = within("announce", hub_conn.accept_bi()).await.unwrap();
     let announce = within("announce frame", read_frame(&mut announce_recv)).await.unwrap();

@@ -122,9 +122,17 @@ pub async fn open_session(
     purpose: SessionPurpose,
 ) -> (SendStream, RecvStream) {
     let (mut send, recv) = conn.open_bi().await.expect("open a channel stream");
-    write_frame(&mut send, &Frame::ChannelOpen { hub: name(hub), hub_key, purpose })
-        .await
-        .expect("write ChannelOpen");
+    write_frame(
+        &mut send,
+        &Frame::ChannelOpen {
+            hub: name(hub),
+            hub_key,
+            purpose,
+            channel: keyway_proto::channel::ChannelId::random().expect("channel id"),
+        },
+    )
+    .await
+    .expect("write ChannelOpen");
     (send, recv)
 }
 
