@@ -247,7 +247,9 @@ impl Client {
     ) -> Result<HubStream, ClientError> {
         // On a cluster: the hub's remembered node first, then a redirect is followed once, as
         // for `connect` (see `routed`).
-        let Some(nodes) = &self.inner.nodes else { return self.connect_early_here(hub, hub_key, first).await };
+        let Some(nodes) = &self.inner.nodes else {
+            return self.connect_early_here(hub, hub_key, first).await;
+        };
         if let Some(home) = nodes.home_of(hub) {
             match home.connect_early_here(hub, hub_key, first).await {
                 Err(e) if cluster::moved(&e) => nodes.forget(hub),

@@ -270,6 +270,11 @@ impl ChannelTable {
         self.held.len()
     }
 
+    /// Drops the held datagrams older than [`HOLD_TIME`]; how many.
+    pub fn expire_held(&mut self, now: Instant) -> usize {
+        self.expire(now)
+    }
+
     fn expire(&mut self, now: Instant) -> usize {
         let before = self.held.len();
         while self.held.front().is_some_and(|h| now.saturating_duration_since(h.at) >= HOLD_TIME) {

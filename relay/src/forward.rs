@@ -54,6 +54,14 @@ impl Channels {
         Self { table: Mutex::new(ChannelTable::default()), stats, limits, tap, socket: Default::default() }
     }
 
+    /// Drops (and counts as `unknown_channel`) the held datagrams that expired; the relay calls
+    /// it every [`HOLD_TIME`](crate::channel::HOLD_TIME), so nothing is held longer than
+    /// twice that even when no new datagram arrives.
+    pub fn sweep_held(&self, now: Instant) {
+        let expired = self.table().expire_held(now);
+        self.stats.channel_dropped(DropReason::UnknownChannel, expired);
+    }
+
     /// Forwards what was held for the channel whose app side is `app_id` from `src` (the app's
     /// first flight, which overtook its `ChannelOpen`), now that the channel is listed. Each
     /// datagram is routed like any other (the byte budget aside: a first flight is a few
@@ -392,6 +400,12 @@ mod tests {
         // does GSO), then 6 and 8 (split by the QUIC segment between them).
         let sends = if socket.max_transmit_segments() > 1 { 3.0 } else { 4.0 };
         assert_eq!(series("keyway_relay_channel_transmits_total"), sends);
+        // The unknown one is held (a first flight may overtake its `ChannelOpen`), then expires.
+        assert_eq!(series("keyway_relay_channel_packets_held_total"), 1.0);
+        assert_eq!(series("keyway_relay_channel_packets_dropped_total{reason=\"unknown_channel\"}"), 0.0);
+        socket.channels.sweep_held(Instant::now() + crate::channel::HOLD_TIME);
+        let text = stats.encode();
+        let series = |s: &str| keyway_test_support::http::series(&text, s).unwrap();
         assert_eq!(series("keyway_relay_channel_packets_dropped_total{reason=\"unknown_channel\"}"), 1.0);
         assert_eq!(stats.bytes_app_to_hub(), (3 * (STRIDE - HEADER_LEN) + 20 - HEADER_LEN) as u64);
 

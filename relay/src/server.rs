@@ -83,6 +83,15 @@ impl Relay {
         let limits = Arc::new(LimitsCell::new(config.limits));
         // The socket forwards channel data itself (data plane v2) and hands quinn the rest.
         let channels = Arc::new(Channels::new(Arc::clone(&stats), Arc::clone(&limits), config.tap.clone()));
+        let sweeper = Arc::downgrade(&channels);
+        tokio::spawn(async move {
+            // Ends with the relay (the last `Channels` handle goes with its socket).
+            loop {
+                tokio::time::sleep(crate::channel::HOLD_TIME).await;
+                let Some(channels) = sweeper.upgrade() else { return };
+                channels.sweep_held(tokio::time::Instant::now());
+            }
+        });
         let socket = bind_socket(config.listen).await?;
         let socket = ForwardingSocket::wrap(socket, Arc::clone(&channels))
             .map_err(|source| RelayError::Bind { addr: config.listen, source })?;
