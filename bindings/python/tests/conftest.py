@@ -86,9 +86,10 @@ class Service(http.server.BaseHTTPRequestHandler):
 
 
 class Net:
-    """A relay, a hub named ``home`` registered at it, and the HTTP service behind the hub."""
+    """A relay, a hub named ``home`` registered at it, and the HTTP service behind the hub (or
+    the service on ``service_port``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, service_port: Optional[int] = None) -> None:
         self.root = root
         self.procs: List[subprocess.Popen] = []
         relay_id = keyway.Identity.generate()
@@ -107,13 +108,14 @@ class Net:
         self.relay = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Service)
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        service_port = service_port or self.http.server_port
         relay_metrics = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
         self.spawn("keyway-relay", "run", "--listen", self.relay, "--key", "relay.key",
                    "--hubs", "authorized_hubs", "--metrics-listen", relay_metrics)
         wait_http(f"http://{relay_metrics}/metrics")
         hub_metrics = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
         self.spawn("keyway-hub", "run", *self.relay_args(), "--name", "home", "--key", "hub.key",
-                   "--apps", "authorized_apps", "--forward", f"127.0.0.1:{self.http.server_port}",
+                   "--apps", "authorized_apps", "--forward", f"127.0.0.1:{service_port}",
                    "--metrics-listen", hub_metrics)
         wait_http(f"http://{hub_metrics}/healthz")
 
