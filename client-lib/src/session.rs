@@ -1,10 +1,11 @@
 //! How the client asks the relay for something, and the byte-stream view of a QUIC stream.
 //!
-//! [`send`] starts the one exchange the app has with the relay itself: a frame on a fresh
-//! stream of the relay connection (`ChannelOpen`), whose one answer (`ChannelReady` or a typed
-//! `Refused`) the end-to-end dial reads (`e2e`). [`QuicBiStream`] joins the two halves of a QUIC stream into one tokio byte
-//! stream (the hub bridges its end-to-end streams to TCP through it too). What a session gives
-//! the app, [`HubStream`](crate::HubStream), is a stream of the end-to-end connection (`e2e`).
+//! `send` starts the one exchange the app has with the relay itself: a frame on a fresh stream of
+//! the relay connection (`ChannelOpen`), whose one answer (`ChannelReady` or a typed `Refused`) the
+//! end-to-end dial reads (`e2e`). [`QuicBiStream`] joins the two halves of a QUIC stream into one
+//! tokio byte stream (the hub bridges its end-to-end streams to TCP through it too). What a session
+//! gives the app, [`HubStream`](crate::HubStream), is a stream of the end-to-end connection
+//! (`e2e`).
 
 use std::io;
 use std::pin::Pin;
