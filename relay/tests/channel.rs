@@ -13,28 +13,6 @@ use common::*;
 use keyway_proto::channel::ChannelId;
 use quinn::ReadError;
 
-/// An app's channel stream: `ChannelOpen` for `hub` sent, the answer not yet read.
-async fn open_channel(
-    conn: &Connection,
-    hub: &str,
-    hub_key: PublicKey,
-    purpose: SessionPurpose,
-) -> (SendStream, RecvStream) {
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    write_frame(
-        &mut send,
-        &Frame::ChannelOpen {
-            hub: name(hub),
-            hub_key,
-            purpose,
-            channel: keyway_proto::channel::ChannelId::random().expect("channel id"),
-        },
-    )
-    .await
-    .unwrap();
-    (send, recv)
-}
-
 /// The hub side of a channel announce: the stream and what the relay announced.
 struct Announced {
     send: SendStream,
@@ -62,7 +40,7 @@ struct Ready {
 }
 
 async fn ready_channel(app_conn: &Connection, hub_conn: &Connection, hub_key: PublicKey) -> Ready {
-    let (app_send, mut app_recv) = open_channel(app_conn, "home", hub_key, SessionPurpose::Connect).await;
+    let (app_send, mut app_recv) = open_session(app_conn, "home", hub_key, SessionPurpose::Connect).await;
     let mut hub = hub_gets_announce(hub_conn).await;
     write_frame(&mut hub.send, &Frame::ChannelAccepted).await.unwrap();
     let Frame::ChannelReady { channel: app_id } = within("ready", read_frame(&mut app_recv)).await.unwrap()
@@ -116,7 +94,7 @@ async fn the_hubs_refusal_is_passed_on_verbatim_and_nothing_is_listed() {
     let (hub_conn, _control) = registered_hub(&relay.handle, &hub, "home", &[app.public_key()]).await;
     let app_conn = connect(&relay.handle, &app).await;
 
-    let (_send, mut recv) = open_channel(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let (_send, mut recv) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
     let mut announced = hub_gets_announce(&hub_conn).await;
     let refusal = Frame::refused(RefusalReason::OverLimit, "this app has 8 connections, its cap");
     write_frame(&mut announced.send, &refusal).await.unwrap();
@@ -126,7 +104,7 @@ async fn the_hubs_refusal_is_passed_on_verbatim_and_nothing_is_listed() {
     assert_eq!((stats.channels_active(), stats.refusals(RefusalReason::OverLimit)), (0, 1));
 
     // An answer that is neither acceptance nor refusal is the hub's protocol violation.
-    let (_send, mut recv) = open_channel(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let (_send, mut recv) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
     let mut announced = hub_gets_announce(&hub_conn).await;
     write_frame(&mut announced.send, &Frame::StreamAccepted).await.unwrap();
     let (reason, message) = refusal_of(&mut recv).await;
@@ -151,7 +129,7 @@ async fn channels_count_against_max_sessions_per_hub_and_an_ended_one_frees_its_
         Frame::ChannelReady { .. }
     ));
 
-    let (_send, mut recv) = open_channel(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
+    let (_send, mut recv) = open_session(&app_conn, "home", hub.public_key(), SessionPurpose::Connect).await;
     let (reason, message) = refusal_of(&mut recv).await;
     assert_eq!(reason, RefusalReason::OverLimit, "{message}");
     assert!(message.contains("max_sessions_per_hub"), "{message}");
