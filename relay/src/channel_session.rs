@@ -115,7 +115,11 @@ async fn setup_and_hold(
     let (hub, Enrolled { guard, revoked }) = match authorize(&shared, &app, &name, &pinned, purpose) {
         Ok(authorized) => authorized,
         Err(refusal) => {
-            let refusal = match crate::cluster::elsewhere(&shared, &name, refusal).await {
+            let elsewhere = match &shared.cluster {
+                Some(cluster) => cluster.elsewhere(&name, refusal).await,
+                None => Err(refusal),
+            };
+            let refusal = match elsewhere {
                 Ok(node) => {
                     // The node that holds the hub checks everything; this answer grants nothing.
                     let _ = write_frame(&mut app_send, &Frame::Redirect { node }).await;

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use keyway_proto::Identity;
 
-use crate::cluster::{ClusterConfig, NodeId};
+use crate::cluster::config::ClusterConfig;
+use crate::cluster::records::NodeId;
 use crate::limits::Limits;
 
 /// Default QUIC idle timeout. Hubs keep their tunnel alive well inside it (about every 15 s),

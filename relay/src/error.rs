@@ -33,7 +33,7 @@ pub enum RelayError {
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
     #[error("cluster: {0}")]
-    Cluster(#[from] crate::cluster::ClusterError),
+    Cluster(#[from] crate::cluster::config::ClusterError),
 }
 
 /// What is wrong with a [`RelayConfig`](crate::RelayConfig) or the limits given to a running

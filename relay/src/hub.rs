@@ -114,7 +114,7 @@ pub(crate) async fn run(
     let _registered = ctx.standing.hold();
     // Newest connection wins across nodes too: the claim drops an older tunnel elsewhere.
     if let Some(cluster) = &shared.cluster {
-        cluster.claim(&shared, &name, ctx.conn_id).await;
+        cluster.claim(&name, ctx.conn_id).await;
     }
     shared.stats.registered(replaced);
     info!(

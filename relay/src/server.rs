@@ -74,7 +74,7 @@ impl Relay {
             return Err(RelayConfigError::ZeroTimeout.into());
         }
         config.limits.validate().map_err(RelayConfigError::from)?;
-        let names = NameBook::load(&config.policy)?;
+        let names = Arc::new(NameBook::load(&config.policy)?);
         let crypto: Arc<dyn quinn::crypto::ServerConfig> =
             quic_server_crypto(&config.identity, Arc::new(AnyKey), ALPN_RELAY)?;
         let server_config = build_server_config(Arc::clone(&crypto), config.idle_timeout, &config.limits)?;
@@ -106,18 +106,21 @@ impl Relay {
         )?;
         let local_addr = endpoint.local_addr()?;
         let public_key = config.identity.public_key();
+        let registry = Arc::new(Registry::new(Arc::clone(&stats)));
         let cluster = match &config.cluster {
             None => None,
             Some(cluster) => {
                 let node = config.node_id.clone().ok_or(crate::cluster::ClusterError::NoNodeId)?;
                 let addr = cluster.advertise.unwrap_or(local_addr);
-                Some(crate::cluster::Cluster::start(cluster, node, addr, stats.registry()).await?)
+                let local =
+                    crate::cluster::Local { registry: Arc::clone(&registry), names: Arc::clone(&names) };
+                Some(crate::cluster::Cluster::start(cluster, node, addr, local, stats.registry()).await?)
             }
         };
         let (shutdown, _) = watch::channel(false);
         let (sessions, drain) = crate::drain::tracker();
         let shared = Arc::new(Shared {
-            registry: Registry::new(Arc::clone(&stats)),
+            registry,
             unauthorized: crate::standing::Unauthorized::new(Arc::clone(&stats)),
             stats,
             names,
@@ -169,7 +172,7 @@ impl Relay {
         };
         background.push(tokio::spawn(sweep_buckets(Arc::clone(&shared))));
         if let Some(cluster) = &shared.cluster {
-            background.push(tokio::spawn(Arc::clone(cluster).run(Arc::clone(&shared))));
+            background.push(tokio::spawn(Arc::clone(cluster).run()));
         }
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), Arc::clone(&shared)));
         let watch_task = matches!(config.policy, NamePolicy::Closed { .. })

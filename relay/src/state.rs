@@ -32,8 +32,8 @@ const INITIAL_STREAM_CREDIT: u32 = 8;
 /// State shared by every task of one relay.
 pub(crate) struct Shared {
     pub stats: Arc<RelayStats>,
-    pub registry: Registry,
-    pub names: NameBook,
+    pub registry: Arc<Registry>,
+    pub names: Arc<NameBook>,
 
     pub session_open_timeout: Duration,
     /// `true` once the relay is shutting down: no new registrations or sessions.

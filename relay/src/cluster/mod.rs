@@ -25,13 +25,18 @@
 //!
 //! Without a store a relay is a single node: its in-memory registry is all there is, and
 //! nothing of this module runs.
+//!
+//! The files, from the leaf up: `records` (the shared vocabulary), `memory` and `redis` (the
+//! two stores), `store` (the dispatch), `config`; this file holds the driver, which is handed
+//! the registry and the name book it works on, so no relay state imports it back.
 
+pub mod config;
+pub mod memory;
+pub mod records;
 pub mod redis;
 pub mod store;
 
-use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,113 +47,13 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::policy::Refusal;
-use crate::state::Shared;
+use crate::policy::{NameBook, Refusal};
+use crate::registry::Registry;
+pub use config::{ClusterConfig, ClusterError, StoreConfig, DEFAULT_LEASE, TROUBLE_GRACE};
 use keyway_proto::codes;
-pub use store::{MemoryStore, Presence, Replaced, Store, StoreError};
-
-/// The longest node id, in bytes (it is part of Redis keys and metric values).
-pub const MAX_NODE_ID: usize = 63;
-
-/// A node's stable id within its cluster: 1-63 characters of `a-z`, `0-9` and `-`, not
-/// starting or ending with `-` (like a hub name), so it can stand in labels, keys and logs
-/// unquoted.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeId(String);
-
-/// Why a string is not a [`NodeId`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("node id {id:?} is invalid: {why} (1-{MAX_NODE_ID} characters of a-z, 0-9 and '-')")]
-pub struct NodeIdError {
-    id: String,
-    why: &'static str,
-}
-
-impl NodeId {
-    pub fn new(id: &str) -> Result<Self, NodeIdError> {
-        let bad = |why| NodeIdError { id: id.chars().take(MAX_NODE_ID + 1).collect(), why };
-        if id.is_empty() {
-            return Err(bad("it is empty"));
-        }
-        if id.len() > MAX_NODE_ID {
-            return Err(bad("it is too long"));
-        }
-        if !id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-            return Err(bad("it has a character other than a-z, 0-9 and '-'"));
-        }
-        if id.starts_with('-') || id.ends_with('-') {
-            return Err(bad("it starts or ends with '-'"));
-        }
-        Ok(Self(id.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for NodeId {
-    type Err = NodeIdError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
-
-/// Default presence lease: a dead node's hubs are looked up at it for at most this long
-/// (they re-register elsewhere sooner, which replaces the entry at once).
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-/// Store trouble must last this long before `/healthz` reports it: a blip (a Redis restart, a
-/// failover) must not take a node out of a load balancer that still serves its hubs.
-pub const TROUBLE_GRACE: Duration = Duration::from_secs(10);
-
-/// Which store a cluster node uses.
-#[derive(Clone, Debug)]
-pub enum StoreConfig {
-    /// `redis://HOST:PORT[/DB]`.
-    Redis(String),
-    /// An in-process store shared by relays of one process (tests, embedders).
-    Memory(MemoryStore),
-}
-
-impl std::fmt::Debug for MemoryStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("MemoryStore")
-    }
-}
-
-/// What a relay needs to be a node of a cluster (beside its `node_id`).
-#[derive(Clone, Debug)]
-pub struct ClusterConfig {
-    pub store: StoreConfig,
-    /// The UDP address apps and hubs reach this node at, as redirects name it. `None`: the
-    /// bound address (fine on loopback and with host networking; set it behind NAT).
-    pub advertise: Option<SocketAddr>,
-    /// The presence lease (renewed every third of it).
-    pub lease: Duration,
-}
-
-impl ClusterConfig {
-    pub fn new(store: StoreConfig) -> Self {
-        Self { store, advertise: None, lease: DEFAULT_LEASE }
-    }
-}
-
-/// Why a cluster node could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("a cluster node needs a node id (--node-id)")]
-    NoNodeId,
-    #[error("the presence lease must be at least 300 ms")]
-    LeaseTooShort,
-    #[error("cannot reach the cluster store at start: {0}")]
-    Store(#[from] StoreError),
-}
+pub use memory::MemoryStore;
+pub use records::{NodeId, NodeIdError, Presence, Replaced, StoreError, MAX_NODE_ID};
+pub use store::Store;
 
 /// The cluster's metrics (added to the relay's registry; no per-hub label).
 struct ClusterStats {
@@ -202,32 +107,6 @@ impl ClusterStats {
     }
 }
 
-/// Whether an app refused here with `refusal` should be sent to another node: `Ok(addr)` of
-/// the node holding `name` when this is a cluster node, the hub is not here (`HubOffline`, or
-/// `UnknownHub` under the open policy, whose bindings this node may not have) and the store
-/// says another node holds it. Otherwise the refusal stands; a store that cannot be asked turns
-/// `HubOffline` into a refusal that says so.
-pub(crate) async fn elsewhere(
-    shared: &Shared,
-    name: &HubName,
-    refusal: Refusal,
-) -> Result<SocketAddr, Refusal> {
-    let Some(cluster) = &shared.cluster else { return Err(refusal) };
-    let here = refusal.reason == RefusalReason::HubOffline
-        || (refusal.reason == RefusalReason::UnknownHub && shared.names.is_open());
-    if !here {
-        return Err(refusal);
-    }
-    match cluster.locate(name).await {
-        Ok(Some(node)) => Ok(node),
-        Ok(None) => Err(refusal),
-        Err(e) => Err(Refusal::new(
-            RefusalReason::HubOffline,
-            format!("hub {name} is not connected to this relay node, and the cluster store cannot be asked where it is: {e}"),
-        )),
-    }
-}
-
 /// One hub registered here, as the cluster knows it.
 #[derive(Clone, Copy)]
 struct Claim {
@@ -250,15 +129,27 @@ pub(crate) struct Cluster {
     started: tokio::time::Instant,
     /// The store lost its state (or trouble): re-assert the bindings on the next tick.
     reassert: AtomicBool,
+    /// The hubs registered at this node (the relay's own registry).
+    registry: Arc<Registry>,
+    /// The relay's name policy, whose open-policy bindings the node re-asserts.
+    names: Arc<NameBook>,
+}
+
+/// The parts of the relay's state the driver works on.
+pub(crate) struct Local {
+    pub registry: Arc<Registry>,
+    pub names: Arc<NameBook>,
 }
 
 impl Cluster {
-    /// Connects to the store (which must answer now) as node `node` reachable at `addr`.
+    /// Connects to the store (which must answer now) as node `node` reachable at `addr`,
+    /// serving the hubs of `local`.
     pub async fn start(
         config: &ClusterConfig,
         node: NodeId,
         addr: SocketAddr,
-        registry: &prometheus::Registry,
+        local: Local,
+        metrics: &prometheus::Registry,
     ) -> Result<Arc<Self>, ClusterError> {
         if config.lease < Duration::from_millis(300) {
             return Err(ClusterError::LeaseTooShort);
@@ -268,7 +159,7 @@ impl Cluster {
             StoreConfig::Redis(url) => Store::Redis(redis::RedisStore::connect(url).await?),
         };
         // Constant definitions: fails only on a programming error (a duplicate name).
-        let stats = ClusterStats::new(registry)
+        let stats = ClusterStats::new(metrics)
             .map_err(|e| ClusterError::Store(StoreError::Garbled(e.to_string())))?;
         let durability = match &store {
             Store::Redis(r) => r.durability().await,
@@ -297,6 +188,8 @@ impl Cluster {
             trouble_since: AtomicU64::new(u64::MAX),
             started: tokio::time::Instant::now(),
             reassert: AtomicBool::new(true),
+            registry: local.registry,
+            names: local.names,
         }))
     }
 
@@ -366,17 +259,17 @@ impl Cluster {
     }
 
     /// Records that connection `conn_id` registered `name` here and claims it in the store.
-    pub async fn claim(&self, shared: &Shared, name: &HubName, conn_id: u64) {
+    pub async fn claim(&self, name: &HubName, conn_id: u64) {
         self.claims.insert(name.clone(), Claim { conn_id, epoch: None });
         self.stats.claims.set(self.claims.len() as i64);
         if let Ok(epoch) = self.timed(self.store.claim(name, &self.node, self.addr, self.lease)).await {
-            self.confirm(shared, name, conn_id, epoch);
+            self.confirm(name, conn_id, epoch);
         }
     }
 
     /// Sets the epoch of a claim, if the connection still holds it here.
-    fn confirm(&self, shared: &Shared, name: &HubName, conn_id: u64, epoch: u64) {
-        let current = shared.registry.get(name).is_some_and(|h| h.conn_id == conn_id);
+    fn confirm(&self, name: &HubName, conn_id: u64, epoch: u64) {
+        let current = self.registry.get(name).is_some_and(|h| h.conn_id == conn_id);
         if let Some(mut claim) = self.claims.get_mut(name) {
             if current && claim.conn_id == conn_id && claim.epoch.is_none_or(|e| e < epoch) {
                 claim.epoch = Some(epoch);
@@ -393,6 +286,27 @@ impl Cluster {
         }
     }
 
+    /// Whether an app refused here with `refusal` should be sent to another node: `Ok(addr)`
+    /// of the node holding `name` when the hub is not here (`HubOffline`, or `UnknownHub`
+    /// under the open policy, whose bindings this node may not have) and the store says
+    /// another node holds it. Otherwise the refusal stands; a store that cannot be asked turns
+    /// `HubOffline` into a refusal that says so.
+    pub async fn elsewhere(&self, name: &HubName, refusal: Refusal) -> Result<SocketAddr, Refusal> {
+        let here = refusal.reason == RefusalReason::HubOffline
+            || (refusal.reason == RefusalReason::UnknownHub && self.names.is_open());
+        if !here {
+            return Err(refusal);
+        }
+        match self.locate(name).await {
+            Ok(Some(node)) => Ok(node),
+            Ok(None) => Err(refusal),
+            Err(e) => Err(Refusal::new(
+                RefusalReason::HubOffline,
+                format!("hub {name} is not connected to this relay node, and the cluster store cannot be asked where it is: {e}"),
+            )),
+        }
+    }
+
     /// Where to send an app asking for `name`, which is not registered here: `Some(addr)` of
     /// the node holding it, `None` if no node does.
     pub async fn locate(&self, name: &HubName) -> Result<Option<SocketAddr>, StoreError> {
@@ -406,10 +320,10 @@ impl Cluster {
 
     /// Drops the tunnel of `name` if connection `conn_id` still holds it here: the hub
     /// registered again on another node.
-    fn drop_tunnel(&self, shared: &Shared, name: &HubName, conn_id: u64, why: &str) {
+    fn drop_tunnel(&self, name: &HubName, conn_id: u64, why: &str) {
         self.claims.remove_if(name, |_, c| c.conn_id == conn_id);
         self.stats.claims.set(self.claims.len() as i64);
-        if let Some(hub) = shared.registry.remove_if_current(name, conn_id) {
+        if let Some(hub) = self.registry.remove_if_current(name, conn_id) {
             self.stats.replaced_remote.inc();
             info!(hub = %name, key = %hub.key.fingerprint(), why, "hub registered on another node; dropping its tunnel here");
             hub.conn.close(
@@ -419,26 +333,26 @@ impl Cluster {
         }
     }
 
-    fn on_notice(&self, shared: &Shared, notice: &Replaced) {
+    fn on_notice(&self, notice: &Replaced) {
         if notice.node == self.node {
             return;
         }
         let Some(claim) = self.claims.get(&notice.name).map(|c| *c) else { return };
         if claim.epoch.is_none_or(|e| e < notice.epoch) {
-            self.drop_tunnel(shared, &notice.name, claim.conn_id, "notice");
+            self.drop_tunnel(&notice.name, claim.conn_id, "notice");
         }
     }
 
     /// One renewal round: the node lease (noticing a store that lost its state), the
     /// bindings if they need re-asserting, then every presence lease of this node.
-    async fn tick(&self, shared: &Shared) {
+    async fn tick(&self) {
         match self.timed(self.store.heartbeat(&self.node, self.addr, self.lease)).await {
             Ok(true) => self.reassert.store(true, Ordering::Relaxed),
             Ok(false) => {}
             Err(_) => return,
         }
         if self.reassert.swap(false, Ordering::Relaxed) {
-            let bindings = shared.names.open_bindings();
+            let bindings = self.names.open_bindings();
             for (name, key) in &bindings {
                 if self.timed(self.store.bind(name, key)).await.is_err() {
                     self.reassert.store(true, Ordering::Relaxed);
@@ -457,13 +371,13 @@ impl Cluster {
                     if let Ok(epoch) =
                         self.timed(self.store.claim(&name, &self.node, self.addr, self.lease)).await
                     {
-                        self.confirm(shared, &name, claim.conn_id, epoch);
+                        self.confirm(&name, claim.conn_id, epoch);
                     }
                 }
                 Some(epoch) => {
                     let presence = Presence { epoch, node: self.node.clone(), addr: self.addr };
                     if let Ok(false) = self.timed(self.store.renew(&name, &presence, self.lease)).await {
-                        self.drop_tunnel(shared, &name, claim.conn_id, "renewal");
+                        self.drop_tunnel(&name, claim.conn_id, "renewal");
                     }
                 }
             }
@@ -474,35 +388,20 @@ impl Cluster {
 
     /// Runs the node's cluster chores until the task is aborted: renewals every third of the
     /// lease, and the replacement notices as they come.
-    pub async fn run(self: Arc<Self>, shared: Arc<Shared>) {
+    pub async fn run(self: Arc<Self>) {
         let mut notices = self.store.notices();
         let mut renew = tokio::time::interval(self.lease / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = renew.tick() => self.tick(&shared).await,
+                _ = renew.tick() => self.tick().await,
                 notice = notices.recv() => match notice {
-                    Ok(notice) => self.on_notice(&shared, &notice),
+                    Ok(notice) => self.on_notice(&notice),
                     // Missed notices are made up for by the next renewal.
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => notices = self.store.notices(),
                 },
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_ids_are_checked_like_names() {
-        assert_eq!(NodeId::new("relay-1").unwrap().as_str(), "relay-1");
-        for bad in ["", "-a", "a-", "A", "a b", "a=b", &"x".repeat(MAX_NODE_ID + 1)] {
-            let e = NodeId::new(bad).unwrap_err();
-            assert!(e.to_string().contains("is invalid"), "{bad:?}: {e}");
-        }
-        assert!(NodeId::new(&"x".repeat(MAX_NODE_ID)).is_ok());
     }
 }

@@ -26,8 +26,7 @@ use redis::Script;
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
-use super::store::{Presence, Replaced, StoreError};
-use super::NodeId;
+use super::records::{NodeId, Presence, Replaced, StoreError};
 
 /// Longest a store operation may take before it counts as store trouble.
 pub const STORE_TIMEOUT: Duration = Duration::from_secs(1);

@@ -1,0 +1,160 @@
+//! The vocabulary nodes of a cluster share, with no behaviour of its own: a node's stable
+//! [`NodeId`], the records the store keeps ([`Presence`], the [`Replaced`] notice) and why the
+//! store did not answer ([`StoreError`]).
+//!
+//! It is a leaf on purpose: the configuration, both stores and the node driver all name these
+//! types, and none of them must be imported back by the others.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use keyway_proto::HubName;
+
+/// The longest node id, in bytes (it is part of Redis keys and metric values).
+pub const MAX_NODE_ID: usize = 63;
+
+/// A node's stable id within its cluster: 1-63 characters of `a-z`, `0-9` and `-`, not
+/// starting or ending with `-` (like a hub name), so it can stand in labels, keys and logs
+/// unquoted.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(String);
+
+/// Why a string is not a [`NodeId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node id {id:?} is invalid: {why} (1-{MAX_NODE_ID} characters of a-z, 0-9 and '-')")]
+pub struct NodeIdError {
+    id: String,
+    why: &'static str,
+}
+
+impl NodeId {
+    pub fn new(id: &str) -> Result<Self, NodeIdError> {
+        let bad = |why| NodeIdError { id: id.chars().take(MAX_NODE_ID + 1).collect(), why };
+        if id.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        if id.len() > MAX_NODE_ID {
+            return Err(bad("it is too long"));
+        }
+        if !id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+            return Err(bad("it has a character other than a-z, 0-9 and '-'"));
+        }
+        if id.starts_with('-') || id.ends_with('-') {
+            return Err(bad("it starts or ends with '-'"));
+        }
+        Ok(Self(id.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = NodeIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// Where a hub is registered now, as the store says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub epoch: u64,
+    pub node: NodeId,
+    pub addr: SocketAddr,
+}
+
+impl Presence {
+    /// The stored form, `EPOCH NODE ADDR` (one short string per hub keeps the store's memory
+    /// per hub small; the Lua scripts read the epoch off its front).
+    pub(crate) fn encode(&self) -> String {
+        format!("{} {} {}", self.epoch, self.node, self.addr)
+    }
+
+    pub(crate) fn decode(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        let epoch = parts.next()?.parse().ok()?;
+        let node = NodeId::new(parts.next()?).ok()?;
+        let addr = parts.next()?.parse().ok()?;
+        Some(Self { epoch, node, addr })
+    }
+}
+
+/// A claim's notice to the other nodes: `name` is now held at `epoch` by `node`; whoever holds
+/// it with a lower epoch drops its tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    pub name: HubName,
+    pub epoch: u64,
+    pub node: NodeId,
+}
+
+impl Replaced {
+    #[cfg(test)]
+    pub(crate) fn encode(&self) -> String {
+        format!("{} {} {}", self.name, self.epoch, self.node)
+    }
+
+    pub(crate) fn decode(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        let name = HubName::new(parts.next()?).ok()?;
+        let epoch = parts.next()?.parse().ok()?;
+        let node = NodeId::new(parts.next()?).ok()?;
+        Some(Self { name, epoch, node })
+    }
+}
+
+/// Why the store did not answer. Nodes keep serving what they have; the operation is retried
+/// (soft state) or refused with a typed refusal (a lookup).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cluster store (redis): {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("cluster store answered something this relay cannot read: {0}")]
+    Garbled(String),
+    #[error("cluster store did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: &str) -> NodeId {
+        NodeId::new(n).unwrap()
+    }
+
+    #[test]
+    fn node_ids_are_checked_like_names() {
+        assert_eq!(NodeId::new("relay-1").unwrap().as_str(), "relay-1");
+        for bad in ["", "-a", "a-", "A", "a b", "a=b", &"x".repeat(MAX_NODE_ID + 1)] {
+            let e = NodeId::new(bad).unwrap_err();
+            assert!(e.to_string().contains("is invalid"), "{bad:?}: {e}");
+        }
+        assert!(NodeId::new(&"x".repeat(MAX_NODE_ID)).is_ok());
+    }
+
+    #[test]
+    fn records_read_back() {
+        let p = Presence {
+            epoch: 1_733_000_000_000_123,
+            node: node("relay-1"),
+            addr: "[::1]:4433".parse().unwrap(),
+        };
+        assert_eq!(Presence::decode(&p.encode()), Some(p));
+        let r = Replaced { name: HubName::new("home").unwrap(), epoch: 7, node: node("b") };
+        assert_eq!(Replaced::decode(&r.encode()), Some(r));
+        for bad in ["", "x a 1.2.3.4:5", "1 -bad 1.2.3.4:5", "1 a nowhere", "home 1"] {
+            assert!(Presence::decode(bad).is_none() || Replaced::decode(bad).is_none(), "{bad:?}");
+        }
+    }
+}
