@@ -21,7 +21,7 @@ use keyway_proto::tls::{quic_client_crypto, quic_server_crypto, AnyKey};
 use keyway_proto::ALPN_RELAY;
 use serde_json::json;
 
-use crate::common::{echo_transfer, identity_for, median, round, unix_time};
+use crate::common::{echo_transfer, identity_for, median, round, unix_time, ProcUsage};
 use crate::Record;
 
 /// Options of the bulk scenario.
@@ -62,6 +62,7 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
                 // Open every stream first, then start all transfers together: the time is the
                 // wall time from the common start to the last echoed byte.
                 let before = setup.relay.usage()?.cpu_s;
+                let own_before = ProcUsage::read(std::process::id())?.cpu_s;
                 let slowest = if path == "direct" {
                     let mut set = Vec::with_capacity(streams);
                     for _ in 0..streams {
@@ -77,15 +78,20 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
                     transfer_all(set, per_stream).await?
                 };
                 let relay_cpu_s = setup.relay.usage()?.cpu_s - before;
+                let own_cpu_s = ProcUsage::read(std::process::id())?.cpu_s - own_before;
                 let total = per_stream * streams as u64;
                 let gbps = total as f64 * 8.0 / slowest.as_secs_f64() / 1e9;
                 // Both directions cross the relay: 2 × total payload bytes.
                 let gib = 2.0 * total as f64 / f64::from(1u32 << 30);
                 let cpu_per_gib = if path == "direct" { None } else { Some(round(relay_cpu_s / gib, 3)) };
+                // Both ends (direct) or app, hub and echo service (relayed): what the path costs
+                // outside the relay, per GiB of payload in each direction as for the relay.
+                let ends_cpu_per_gib = round(own_cpu_s / gib, 3);
                 records.push(json!({
                     "scenario": "bulk", "kind": "run", "path": path, "streams": streams, "run": run,
                     "bytes": total, "secs": round(slowest.as_secs_f64(), 4), "gbps": round(gbps, 3),
-                    "relay_cpu_s_per_gib": cpu_per_gib, "time": unix_time(),
+                    "relay_cpu_s_per_gib": cpu_per_gib, "ends_cpu_s_per_gib": ends_cpu_per_gib,
+                    "time": unix_time(),
                 }));
                 bar.inc(1);
             }
@@ -109,6 +115,8 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
             "bytes": opts.bytes, "direct_gbps": round(direct_gbps, 3), "relayed_gbps": round(relayed_gbps, 3),
             "ratio": round(relayed_gbps / direct_gbps, 3),
             "relay_cpu_s_per_gib": round(pick("relayed", "relay_cpu_s_per_gib"), 3),
+            "direct_ends_cpu_s_per_gib": round(pick("direct", "ends_cpu_s_per_gib"), 3),
+            "relayed_ends_cpu_s_per_gib": round(pick("relayed", "ends_cpu_s_per_gib"), 3),
             "time": unix_time(),
         }));
     }

@@ -12,6 +12,8 @@ use crate::limits::LimitsError;
 pub enum RelayError {
     #[error("cannot bind UDP socket on {addr}: {source}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot start the relay's I/O thread: {0}")]
+    IoThread(#[source] std::io::Error),
     #[error("cannot build the relay's TLS configuration: {0}")]
     Tls(#[from] keyway_proto::tls::TlsConfigError),
     /// The message shows the detail and keeps it as the source; the binary's

@@ -33,6 +33,7 @@ mod error;
 mod forward;
 mod hub;
 mod introduce;
+mod io_thread;
 mod limits;
 mod metrics;
 mod policy;

@@ -22,6 +22,7 @@ use crate::drain::Drain;
 use crate::endpoint::{bind_socket, build_server_config};
 use crate::error::{RelayConfigError, RelayError};
 use crate::forward::{Channels, ForwardingSocket};
+use crate::io_thread::IoThread;
 use crate::limits::Limits;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
@@ -93,7 +94,10 @@ impl Relay {
             }
         });
         let socket = bind_socket(config.listen).await?;
-        let socket = ForwardingSocket::wrap(socket, Arc::clone(&channels))
+        // The socket and the endpoint driver get a thread of their own (see `io_thread`).
+        let io_thread = IoThread::start().map_err(RelayError::IoThread)?;
+        let socket = io_thread
+            .wrap_udp_socket(socket, |socket| ForwardingSocket::wrap(socket, Arc::clone(&channels)))
             .map_err(|source| RelayError::Bind { addr: config.listen, source })?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             keyway_proto::tls::node_endpoint_config(
@@ -102,7 +106,7 @@ impl Relay {
             ),
             Some(server_config),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            io_thread.runtime(),
         )?;
         let local_addr = endpoint.local_addr()?;
         let public_key = config.identity.public_key();
@@ -190,6 +194,7 @@ impl Relay {
             accept_task: Some(accept_task),
             watch_task,
             background,
+            _io_thread: io_thread,
         })
     }
 }
@@ -212,6 +217,8 @@ pub struct RelayHandle {
     watch_task: Option<JoinHandle<()>>,
     /// The metrics listener and the bucket sweeper: aborted when the relay stops.
     background: Vec<JoinHandle<()>>,
+    /// Last, so that it stops after everything above let go of the endpoint.
+    _io_thread: IoThread,
 }
 
 impl std::fmt::Debug for RelayHandle {
