@@ -5,6 +5,7 @@
 //! is unit-tested exhaustively and fuzzed (`proto/fuzz`):
 //! * [`codec`]: the frames and their limits;
 //! * [`channel`]: the header of end-to-end packets carried through the relay;
+//! * [`cid`]: the connection IDs of a cluster node, which name the node for a load balancer;
 //! * [`codes`]: the QUIC application error codes;
 //! * [`identity`]: keys, their one text form and fingerprints (but see key files below);
 //! * [`lists`]: parsing and formatting `authorized_hubs` / `authorized_apps`;
@@ -24,6 +25,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod channel;
+pub mod cid;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod codec;

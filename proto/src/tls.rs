@@ -419,8 +419,9 @@ pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
 /// connection IDs and answer a packet that reached the wrong node (a load balancer remap,
 /// anycast) with a reset the peer accepts, killing a live connection; per-node secrets make
 /// such a packet an unknown one, which quinn drops. The id must be stable across restarts (not
-/// drawn per start), or a crashed node could no longer reset its own old connections. `None`
-/// derives exactly what [`endpoint_config`] always did.
+/// drawn per start), or a crashed node could no longer reset its own old connections. A node's
+/// connection IDs also name it, so that a load balancer can route on them ([`crate::cid`]).
+/// `None` derives exactly what [`endpoint_config`] always did.
 pub fn node_endpoint_config(identity: &Identity, node: Option<&str>) -> quinn::EndpointConfig {
     // The label of a node's secret adds the id after a character no node id contains, so no
     // node's labels equal the single-node ones or another node's.
@@ -432,8 +433,19 @@ pub fn node_endpoint_config(identity: &Identity, node: Option<&str>) -> quinn::E
     let mut config =
         quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset)));
     let cid = identity.derive_secret(&label("keyway quic connection id v1"));
-    let cid_key = u64::from_le_bytes([cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7]]);
-    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    match node {
+        // A node's IDs name it, for a load balancer in front of the cluster (see `cid`).
+        Some(node) => {
+            let server = crate::cid::ServerId::of_node(node);
+            config.cid_generator(move || Box::new(crate::cid::NodeCidGenerator::new(server, &cid)));
+        }
+        None => {
+            let cid_key =
+                u64::from_le_bytes([cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7]]);
+            config
+                .cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+        }
+    }
     // quinn sends at most one stateless reset per `min_reset_interval` (20 ms by default) for
     // the whole endpoint, and judges it by one timestamp per receive batch: after a crash that
     // is ~50 resets/s, while every hub of the previous run sends a keep-alive per interval

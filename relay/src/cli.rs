@@ -360,8 +360,13 @@ fn print_banner(args: &RunArgs, relay: &RelayHandle, created_key: bool, created_
         println!("metrics: http://{metrics}/metrics health: http://{metrics}/healthz");
     }
     println!("relay public key: {key}");
-    if let (Some(url), Some(node)) = (&args.cluster, &args.node_id) {
-        println!("cluster node {node} (store {url})");
+    if let Some(node) = &args.node_id {
+        // What a load balancer that routes on connection IDs needs (docs/operating.md).
+        let server = keyway_proto::cid::ServerId::of_node(node.as_str());
+        match &args.cluster {
+            Some(url) => println!("cluster node {node} (store {url}), connection-id server id {server}"),
+            None => println!("node {node}, connection-id server id {server}"),
+        }
     }
     println!("relay fingerprint: {}", key.fingerprint());
     if created_key {

@@ -97,13 +97,18 @@ impl Drop for Remap {
 /// A connection to node 1 through `remap`, sending a keep-alive every 20 ms so that packets
 /// keep flowing while they go to node 2.
 async fn chatty_connection(remap: &Remap, key: PublicKey) -> (quinn::Endpoint, Connection) {
+    chatty_connection_to(remap.addr, key).await
+}
+
+/// A connection through the hop at `hop` (see [`chatty_connection`]).
+async fn chatty_connection_to(hop: SocketAddr, key: PublicKey) -> (quinn::Endpoint, Connection) {
     let endpoint = raw::endpoint();
     let mut config = raw::client_config(&identity(), key).unwrap();
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_millis(20)));
     transport.max_idle_timeout(Some(raw::IDLE_TIMEOUT.try_into().unwrap()));
     config.transport_config(Arc::new(transport));
-    let conn = within("handshake with node 1", raw::dial_with(&endpoint, remap.addr, config)).await.unwrap();
+    let conn = within("handshake with node 1", raw::dial_with(&endpoint, hop, config)).await.unwrap();
     (endpoint, conn)
 }
 
@@ -145,6 +150,109 @@ async fn without_node_ids_a_sibling_resets_the_connection_which_is_why_nodes_hav
     let error = within("the sibling's reset", conn.closed()).await;
     assert_eq!(error, quinn::ConnectionError::Reset);
     assert!(remap.heard_from_second.load(Ordering::SeqCst) >= 1);
+    node1.shutdown().await;
+    node2.shutdown().await;
+}
+
+/// A UDP load balancer in front of two nodes that routes as `docs/operating.md` tells an
+/// operator's to: a QUIC packet whose destination connection ID names a node
+/// (`keyway_proto::cid::decode`) goes to that node; any other packet (the client's first
+/// Initial) by its "4-tuple hash", here simply `fallback`. Counts the client's short-header
+/// packets that named node 2 and those that named no node.
+struct Balancer {
+    addr: SocketAddr,
+    fallback_second: Arc<AtomicBool>,
+    named_second: Arc<AtomicUsize>,
+    unnamed_short: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    async fn start(nodes: [(&str, SocketAddr); 2]) -> Self {
+        use keyway_proto::cid::{decode, ServerId};
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let fallback_second = Arc::new(AtomicBool::new(true));
+        let named_second = Arc::new(AtomicUsize::new(0));
+        let unnamed_short = Arc::new(AtomicUsize::new(0));
+        let (fallback, named, unnamed) =
+            (fallback_second.clone(), named_second.clone(), unnamed_short.clone());
+        let table = nodes.map(|(id, addr)| (ServerId::of_node(id), addr));
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let mut buf = vec![0u8; 65536];
+            while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+                let packet = &buf[..len];
+                if table.iter().any(|(_, node)| *node == from) {
+                    if let Some(client) = client {
+                        let _ = socket.send_to(packet, client).await;
+                    }
+                    continue;
+                }
+                client = Some(from);
+                let long = packet[0] & 0x80 != 0;
+                let dcid = if long {
+                    let n = usize::from(packet[5]);
+                    &packet[6..6 + n]
+                } else {
+                    &packet[1..1 + keyway_proto::cid::CID_LEN]
+                };
+                let target = match decode(dcid).and_then(|id| table.iter().find(|(s, _)| *s == id)) {
+                    Some((_, node)) => {
+                        if *node == table[1].1 && !long {
+                            named.fetch_add(1, Ordering::SeqCst);
+                        }
+                        *node
+                    }
+                    None => {
+                        if !long {
+                            unnamed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        table[usize::from(fallback.load(Ordering::SeqCst))].1
+                    }
+                };
+                let _ = socket.send_to(packet, target).await;
+            }
+        });
+        Self { addr, fallback_second, named_second, unnamed_short, task }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The connection IDs a node issues name it, so a load balancer keeps a connection on its node
+/// after the peer's address changed, when a 4-tuple hash would send it to a sibling.
+#[tokio::test]
+async fn a_load_balancer_routing_on_connection_ids_keeps_a_migrated_connection_on_its_node() {
+    let key = identity();
+    let node1 = node(&key, Some("node-1")).await;
+    let node2 = node(&key, Some("node-2")).await;
+    let balancer = Balancer::start([("node-1", node1.local_addr()), ("node-2", node2.local_addr())]).await;
+    let (endpoint, conn) = chatty_connection_to(balancer.addr, key.public_key()).await;
+    let (_control, answer) = register(&conn, "home", &[], false).await;
+    assert_eq!(answer, Frame::Registered { replaced: false });
+    assert_eq!(node2.stats().hubs_connected(), 1, "the first Initial went to node 2 (fallback)");
+
+    // The peer's NAT rebinds, and its new 4-tuple hashes to node 1.
+    balancer.fallback_second.store(false, Ordering::SeqCst);
+    let before = balancer.named_second.load(Ordering::SeqCst);
+    endpoint.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+    eventually("the migrated connection's packets name node 2", || async {
+        (balancer.named_second.load(Ordering::SeqCst) >= before + 10).then_some(())
+    })
+    .await;
+    // Only the node that holds this connection's state can answer it (and knows it registered).
+    let (_control, answer) = register(&conn, "other", &[], false).await;
+    let Frame::Refused { reason, message } = answer else { panic!("{answer:?}") };
+    assert_eq!(reason, RefusalReason::ProtocolViolation, "{message}");
+    assert!(message.contains("already has a control stream"), "{message}");
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    assert_eq!((node1.stats().hubs_connected(), node2.stats().hubs_connected()), (0, 1));
+    assert_eq!(balancer.unnamed_short.load(Ordering::SeqCst), 0, "every short header named its node");
     node1.shutdown().await;
     node2.shutdown().await;
 }

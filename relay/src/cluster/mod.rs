@@ -176,7 +176,8 @@ impl Cluster {
                  bindings until the nodes that made them re-assert them (see docs/operating.md)"
             );
         }
-        info!(node = %node, addr = %addr, store = ?store, lease = ?config.lease, "cluster node");
+        let server_id = keyway_proto::cid::ServerId::of_node(node.as_str());
+        info!(node = %node, %server_id, addr = %addr, store = ?store, lease = ?config.lease, "cluster node");
         stats.store_up.set(1);
         Ok(Arc::new(Self {
             store,
