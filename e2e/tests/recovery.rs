@@ -80,8 +80,20 @@ async fn a_newer_connection_for_the_same_hub_replaces_the_old_one_at_once() {
 /// first `connect` after the restart would wait out its session timeout on a dead connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_relay_crash_cached_connections_are_reset_and_the_first_connect_succeeds() {
+    cached_connections_are_reset_after_a_crash(&[]).await;
+}
+
+/// The same for a cluster node, whose reset key and connection IDs (which name the node,
+/// `keyway_proto::cid`) derive from its node id: the restarted node still recognises its old
+/// IDs as its own and resets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_node_crash_its_own_cached_connections_are_reset() {
+    cached_connections_are_reset_after_a_crash(&["--node-id", "relay-1"]).await;
+}
+
+async fn cached_connections_are_reset_after_a_crash(relay_args: &[&str]) {
     let (hub_id, app_id) = (identity(), identity());
-    let mut relay = RelayProcess::start(&[("home", hub_id.public_key())], &[]);
+    let mut relay = RelayProcess::start(&[("home", hub_id.public_key())], relay_args);
     relay.wait_ready().await;
     let service = echo_service(b"").await;
     let dir = tempfile::tempdir().unwrap();
