@@ -29,6 +29,7 @@ pub mod load;
 pub mod metrics;
 pub mod pairing;
 pub mod proxy_protocol;
+pub mod reconnect;
 mod registry;
 mod shutdown;
 mod state;

@@ -1,5 +1,6 @@
 //! One relay's tunnel: dial, register, serve, and when anything breaks reconnect, forever,
-//! with capped exponential backoff and jitter.
+//! after the delay [`crate::reconnect`] gives for how the attempt ended (capped exponential
+//! backoff with jitter for failures, a few seconds for a relay refusing for load).
 //!
 //! Each relay gets a task of its own (spawned by [`crate::connector`]), with its own QUIC
 //! endpoint, dialer, backoff and status; they share everything else through
@@ -33,15 +34,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyway_client::relay_link::{self, RelayDialer};
+use keyway_client::ClientError;
 use keyway_proto::codec::MAX_ALLOWED_APPS;
 use keyway_proto::codes;
 use keyway_proto::io::{write_frame, FrameIoError, FrameReader};
 use keyway_proto::{Frame, PublicKey, RefusalReason};
-use quinn::{Connection, ConnectionError, Endpoint};
+use quinn::{Connection, ConnectionError, Endpoint, TransportErrorCode};
 use tracing::Instrument;
 
 use crate::apps::Apps;
-use crate::backoff::{go_away_delay, Backoff};
+use crate::reconnect::{Ended, Reconnect};
 use crate::shutdown::Shutdown;
 use crate::state::{Shared, Tunnel};
 use crate::status::TunnelStatus;
@@ -50,9 +52,23 @@ use crate::status::TunnelStatus;
 #[derive(Debug)]
 enum Outcome {
     Shutdown,
-    Refused { reason: RefusalReason, message: String },
-    GoAway { hint: Duration, message: String },
-    Lost { registered: bool, replaced: bool, error: String },
+    Refused {
+        reason: RefusalReason,
+        message: String,
+    },
+    /// The relay refused the connection before its handshake (QUIC `CONNECTION_REFUSED`):
+    /// it drains, this address is over its per-source rate, or a reconnect storm fills its
+    /// handshakes in flight. All mean "come back soon".
+    Busy,
+    GoAway {
+        hint: Duration,
+        message: String,
+    },
+    Lost {
+        registered: bool,
+        replaced: bool,
+        error: String,
+    },
 }
 
 impl Outcome {
@@ -67,7 +83,7 @@ pub(crate) type Node = (Arc<Tunnel>, RelayDialer, Endpoint);
 /// Runs the tunnel to one relay, or to one node at a time of a relay cluster (`nodes`, all
 /// with one key), until a stop is requested.
 pub(crate) async fn run(shared: Arc<Shared>, nodes: Vec<Node>, mut shutdown: Shutdown) {
-    let mut backoff = Backoff::new(shared.config.backoff_min, shared.config.backoff_max);
+    let mut policy = Reconnect::new(shared.config.backoff_min, shared.config.backoff_max);
     let mut at = 0;
     while let Some((tunnel, dialer, endpoint)) = nodes.get(at) {
         let outcome = attempt(&shared, tunnel, dialer, endpoint, &mut shutdown).await;
@@ -76,14 +92,24 @@ pub(crate) async fn run(shared: Arc<Shared>, nodes: Vec<Node>, mut shutdown: Shu
             Outcome::Refused { reason, message } => {
                 tracing::error!(%reason, %message, name = %shared.config.name, "relay refused the registration; retrying");
                 shared.set_status(tunnel, TunnelStatus::Refused { reason, message });
-                backoff.next_delay(&mut rand::rng())
+                policy.delay(Ended::Refused, &mut rand::rng())
+            }
+            Outcome::Busy => {
+                shared.set_status(tunnel, TunnelStatus::Connecting);
+                let delay = policy.delay(Ended::RefusedForLoad, &mut rand::rng());
+                tracing::info!(
+                    retry_in = ?delay,
+                    refusals = policy.load_refusals(),
+                    "the relay refused the connection before its handshake (it is draining, busy with \
+                     a reconnect storm, or this address is over its per-source rate); retrying soon"
+                );
+                delay
             }
             Outcome::GoAway { hint, message } => {
                 shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 tunnel.reconnects.fetch_add(1, Ordering::Relaxed);
                 shared.set_status(tunnel, TunnelStatus::Connecting);
-                backoff.reset();
-                let delay = go_away_delay(hint, shared.config.backoff_min, &mut rand::rng());
+                let delay = policy.delay(Ended::GoAway(hint), &mut rand::rng());
                 tracing::info!(%message, delay = ?delay, "relay asked the hub to move; reconnecting");
                 delay
             }
@@ -91,12 +117,6 @@ pub(crate) async fn run(shared: Arc<Shared>, nodes: Vec<Node>, mut shutdown: Shu
                 if registered {
                     shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     tunnel.reconnects.fetch_add(1, Ordering::Relaxed);
-                    // A fresh failure after a good run starts from the smallest delay, except
-                    // when another connector with this key took the name: two connectors
-                    // fighting over it should slow down, not spin.
-                    if !replaced {
-                        backoff.reset();
-                    }
                 }
                 if replaced {
                     tracing::warn!(
@@ -105,7 +125,12 @@ pub(crate) async fn run(shared: Arc<Shared>, nodes: Vec<Node>, mut shutdown: Shu
                     );
                 }
                 shared.set_status(tunnel, TunnelStatus::Connecting);
-                let delay = backoff.next_delay(&mut rand::rng());
+                let ended = match (registered, replaced) {
+                    (_, true) => Ended::Replaced,
+                    (true, false) => Ended::Lost,
+                    (false, false) => Ended::Failed,
+                };
+                let delay = policy.delay(ended, &mut rand::rng());
                 tracing::warn!(%error, registered, retry_in = ?delay, "tunnel to relay lost");
                 delay
             }
@@ -168,6 +193,11 @@ async fn attempt(
     let conn = tokio::select! {
         dialed = dialer.dial(endpoint) => match dialed {
             Ok(conn) => conn,
+            Err(ClientError::Connection(ConnectionError::ConnectionClosed(close)))
+                if close.error_code == TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                return Outcome::Busy
+            }
             Err(e) => return Outcome::lost(false, e),
         },
         _ = shutdown.requested() => return Outcome::Shutdown,
@@ -182,6 +212,7 @@ async fn attempt(
         Outcome::GoAway { .. } => {}
         Outcome::Shutdown => relay_link::close(&conn, codes::NORMAL, "hub shutting down"),
         Outcome::Refused { .. } => relay_link::close(&conn, codes::NORMAL, "registration refused"),
+        Outcome::Busy => {}
         Outcome::Lost { .. } => relay_link::close(&conn, codes::NORMAL, "tunnel considered dead"),
     }
     outcome

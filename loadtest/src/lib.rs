@@ -10,6 +10,8 @@
 //! * [`idle`]: many registered, idle hubs; the relay's RSS per hub and its idle CPU;
 //! * [`storm`]: a relay restart under N real hub connectors; time until all are back and the
 //!   reconnect-rate curve;
+//! * [`handshakes`]: raw hubs dialing and registering at fixed arrival rates; completed per
+//!   second, latency, and CPU-seconds per handshake on the relay's side and the generator's;
 //! * [`setup`]: set-up time in app↔hub round trips with real delay on both legs (cold, new
 //!   connection, ticket, ticket + early data, new stream)
 //! * [`churn`]: sessions opened and closed at a steady rate; set-up time and echo RTT
@@ -23,6 +25,7 @@ pub mod bare;
 pub mod bulk;
 pub mod churn;
 pub mod common;
+pub mod handshakes;
 pub mod idle;
 pub mod plot;
 pub mod report;

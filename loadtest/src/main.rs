@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use keyway_loadtest::bare::Knobs;
-use keyway_loadtest::{bulk, churn, common, idle, plot, report, setup, storm, storm_raw, Record};
+use keyway_loadtest::{bulk, churn, common, handshakes, idle, plot, report, setup, storm, storm_raw, Record};
 use keyway_proto::cli::parse_duration;
 
 /// Keyway load generator: relayed vs direct throughput, idle hubs, reconnect storms, churn.
@@ -112,9 +112,30 @@ enum Command {
         /// Raw mode: the relay's retry_threshold (its default).
         #[arg(long, default_value_t = 100)]
         retry_threshold: u32,
+        /// Raw mode: the relay's max_handshakes_in_flight (its default; 0: no cap).
+        #[arg(long, default_value_t = 256)]
+        max_handshakes_in_flight: u32,
         /// Raw mode: first registrations in flight while the hubs come up.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+    },
+    /// Raw hubs dialing and registering at fixed arrival rates: the relay's handshake ceiling and
+    /// CPU-seconds per handshake on each side.
+    Handshakes {
+        #[command(flatten)]
+        common: Common,
+        /// Arrival rates (attempts per second), one step each.
+        #[arg(long, value_delimiter = ',', default_value = "200,400,800")]
+        rates: Vec<u32>,
+        /// How long each rate is held.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Source addresses (127.0.2.x) the attempts come from.
+        #[arg(long, default_value_t = 40)]
+        sources: usize,
+        /// Extra relay flag and value, e.g. `--relay-flag=--max-handshakes-in-flight=256`.
+        #[arg(long = "relay-flag", value_name = "FLAG=VALUE")]
+        relay_flags: Vec<String>,
     },
     /// Sessions opened and closed at a steady rate: set-up time and echo RTT, cold and warm.
     Churn {
@@ -231,6 +252,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             per_ip_rate,
             per_ip_burst,
             retry_threshold,
+            max_handshakes_in_flight,
             concurrency,
             ..
         } => {
@@ -242,6 +264,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 per_ip_rate,
                 per_ip_burst,
                 retry_threshold,
+                max_handshakes_in_flight,
                 deadline,
                 concurrency,
                 quiet: common.quiet,
@@ -258,6 +281,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 quiet: common.quiet,
             };
             finish(&common, storm::run(&opts).await?)
+        }
+        Command::Handshakes { common, rates, duration, sources, relay_flags } => {
+            let relay_flags = relay_flags
+                .iter()
+                .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .collect::<Option<Vec<_>>>()
+                .context("--relay-flag takes FLAG=VALUE")?;
+            let opts = handshakes::HandshakeOpts {
+                relay_bin: relay_bin(&common)?,
+                rates,
+                duration,
+                sources,
+                relay_flags,
+                quiet: common.quiet,
+            };
+            finish(&common, handshakes::run(&opts).await?)
         }
         Command::Churn { common, rate, duration, pings } => {
             let opts = churn::ChurnOpts {

@@ -4,10 +4,12 @@
 //!
 //! A raw hub is what the relay sees of a `keyway_hub` connector (a quinn connection with the
 //! connector's 15 s keep-alive and 60 s idle timeout, a control stream, one `Register`), with
-//! the connector's own reconnect rules driving it: [`keyway_hub::backoff`]'s `Backoff` (same
-//! floor and cap) and `go_away_delay`, a lost registration resetting the backoff (so a verified
-//! stateless reset, quinn's `ConnectionError::Reset`, means a redial after the backoff floor),
-//! any failed attempt (refused, timed out, closed for load) drawing the next delay. What it
+//! the connector's own reconnect policy driving it ([`keyway_hub::reconnect`], same floor and
+//! cap): a lost registration redials after the backoff floor (so a verified stateless reset,
+//! quinn's `ConnectionError::Reset`, means a redial at once), a connection the relay refused
+//! before its handshake (`CONNECTION_REFUSED`: load, rate, draining) is retried within
+//! seconds, any other failed attempt (timed out, closed for load) draws the next exponential
+//! delay. What it
 //! leaves out (per-hub timers, file watchers, the e2e server config, the liveness ping, so a
 //! SIGKILL is noticed through the keep-alive and the reset only) would only measure the
 //! generator, which shares the relay's cores.
@@ -23,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyway_hub::backoff::{go_away_delay, Backoff};
+use keyway_hub::reconnect::{Ended, Reconnect};
 use keyway_proto::io::{read_frame, write_frame};
 use keyway_proto::{Frame, PublicKey};
 use keyway_test_support::raw::{self, DialError};
@@ -48,6 +50,8 @@ pub struct RawStormOpts {
     pub per_ip_burst: u32,
     /// The relay's `retry_threshold` (new connections per second before Retry).
     pub retry_threshold: u32,
+    /// The relay's `max_handshakes_in_flight` (0: no cap, to measure without it).
+    pub max_handshakes_in_flight: u32,
     /// Give up on hubs not back this long after the stop signal.
     pub deadline: Duration,
     /// Registrations in flight while the hubs first come up (before the storm).
@@ -119,6 +123,7 @@ pub async fn run(opts: &RawStormOpts) -> anyhow::Result<Vec<Record>> {
         ("--new-connections-per-ip", opts.per_ip_rate.to_string()),
         ("--new-connections-burst", opts.per_ip_burst.to_string()),
         ("--retry-threshold", opts.retry_threshold.to_string()),
+        ("--max-handshakes-in-flight", opts.max_handshakes_in_flight.to_string()),
     ];
     let mut relay = RelayProc::start_with(&opts.relay_bin, &policy, &[], &limits).await?;
 
@@ -223,7 +228,8 @@ pub async fn run(opts: &RawStormOpts) -> anyhow::Result<Vec<Record>> {
         "scenario": "storm", "mode": "raw", "hubs": n, "signal": opts.signal, "failures": n - back,
         "sources": sources, "hubs_per_source": n.div_ceil(sources),
         "per_ip_rate": opts.per_ip_rate, "per_ip_burst": opts.per_ip_burst,
-        "retry_threshold": opts.retry_threshold, "keep_alive_s": KEEP_ALIVE.as_secs_f64(),
+        "retry_threshold": opts.retry_threshold,
+        "max_handshakes_in_flight": opts.max_handshakes_in_flight, "keep_alive_s": KEEP_ALIVE.as_secs_f64(),
         "relay_down_s": round(down.as_secs_f64(), 3), "relay_up_s": round(relay_up.as_secs_f64(), 3),
         "first_back_s": round(first, 3), "p50_back_s": round(percentile(&mut times, 50.0), 3),
         "p99_back_s": round(percentile(&mut times, 99.0), 3), "all_back_s": round(last, 3),
@@ -269,7 +275,7 @@ fn udp_rcvbuf_errors() -> u64 {
 }
 
 /// The 1-minute load average, stated beside the figures (the machine is shared).
-fn load_avg() -> f64 {
+pub(crate) fn load_avg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
@@ -295,27 +301,22 @@ async fn hub(
     let id = identity_for(8, index as u32);
     let Ok(mut config) = raw::client_config(&id, ctx.relay_key) else { return };
     config.transport_config(ctx.transport.clone());
-    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    let mut policy = Reconnect::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut first = Some(first);
     loop {
-        let delay = match registered_run(&ctx, &endpoint, &config, index).await {
-            Some((conn, control)) => {
+        let ended = match registered_run(&ctx, &endpoint, &config, index).await {
+            Ok((conn, control)) => {
                 if first.take().is_some() {
                     bar.inc(1);
                 }
                 match wait_end(&ctx, &conn, control).await {
-                    End::GoAway(hint) => {
-                        backoff.reset();
-                        go_away_delay(hint, BACKOFF_MIN, &mut rand::rng())
-                    }
-                    End::Lost => {
-                        backoff.reset();
-                        backoff.next_delay(&mut rand::rng())
-                    }
+                    End::GoAway(hint) => Ended::GoAway(hint),
+                    End::Lost => Ended::Lost,
                 }
             }
-            None => backoff.next_delay(&mut rand::rng()),
+            Err(ended) => ended,
         };
+        let delay = policy.delay(ended, &mut rand::rng());
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             _ = stop.changed() => return,
@@ -323,30 +324,27 @@ async fn hub(
     }
 }
 
-/// One attempt: dial and register. `Some` once registered (counted), `None` on any failure
-/// (counted by kind).
+/// One attempt: dial and register. `Ok` once registered (counted), else how it failed for the
+/// reconnect policy (counted by kind).
 async fn registered_run(
     ctx: &Ctx,
     endpoint: &quinn::Endpoint,
     config: &quinn::ClientConfig,
     index: usize,
-) -> Option<(quinn::Connection, raw::Control)> {
+) -> Result<(quinn::Connection, raw::Control), Ended> {
     let c = &ctx.counts;
     let dialed =
         tokio::time::timeout(CONNECT_TIMEOUT, raw::dial_with(endpoint, ctx.relay, config.clone())).await;
     let conn = match dialed {
         Ok(Ok(conn)) => conn,
-        Ok(Err(DialError::Handshake(e))) => {
-            count_failure(c, &e);
-            return None;
-        }
+        Ok(Err(DialError::Handshake(e))) => return Err(count_failure(c, &e)),
         Ok(Err(_)) => {
             c.failed_other.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return Err(Ended::Failed);
         }
         Err(_) => {
             c.timed_out.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return Err(Ended::Failed);
         }
     };
     if let Some(t) = ctx.since_t0() {
@@ -362,37 +360,41 @@ async fn registered_run(
                 let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX - 1) + 1;
                 let _ = ctx.back_ms[index].compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
             }
-            Some((conn, control))
+            Ok((conn, control))
         }
         Ok(Ok(_)) => {
             c.register_refused.fetch_add(1, Ordering::Relaxed);
-            None
+            Err(Ended::Refused)
         }
-        Ok(Err(_)) => {
-            match conn.close_reason() {
-                Some(e) => count_failure(c, &e),
-                None => c.failed_other.fetch_add(1, Ordering::Relaxed),
-            };
-            None
-        }
+        Ok(Err(_)) => Err(match conn.close_reason() {
+            Some(e) => count_failure(c, &e),
+            None => {
+                c.failed_other.fetch_add(1, Ordering::Relaxed);
+                Ended::Failed
+            }
+        }),
         Err(_) => {
             c.timed_out.fetch_add(1, Ordering::Relaxed);
-            None
+            Err(Ended::Failed)
         }
     }
 }
 
-fn count_failure(c: &Counts, e: &quinn::ConnectionError) -> u64 {
+/// Counts a failed attempt by kind and says how it ended for the reconnect policy.
+fn count_failure(c: &Counts, e: &quinn::ConnectionError) -> Ended {
     use quinn::ConnectionError as E;
-    let counter = match e {
+    let (counter, ended) = match e {
         E::ConnectionClosed(close) if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED => {
-            &c.refused
+            (&c.refused, Ended::RefusedForLoad)
         }
-        E::ApplicationClosed(close) if close.error_code == keyway_proto::codes::LIMIT => &c.limit_closed,
-        E::TimedOut => &c.timed_out,
-        _ => &c.failed_other,
+        E::ApplicationClosed(close) if close.error_code == keyway_proto::codes::LIMIT => {
+            (&c.limit_closed, Ended::Failed)
+        }
+        E::TimedOut => (&c.timed_out, Ended::Failed),
+        _ => (&c.failed_other, Ended::Failed),
     };
-    counter.fetch_add(1, Ordering::Relaxed)
+    counter.fetch_add(1, Ordering::Relaxed);
+    ended
 }
 
 /// Holds a registered hub's connection until the relay ends it: `GoAway` on the control

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keyway_loadtest::{bare, bulk, churn, common, idle, plot, report, storm, storm_raw, Record};
+use keyway_loadtest::{bare, bulk, churn, common, handshakes, idle, plot, report, storm, storm_raw, Record};
 
 /// The relay binary: `cargo test --workspace` builds it before any test runs; when this crate
 /// is tested alone, build it here.
@@ -103,6 +103,7 @@ async fn raw_storm_brings_every_hub_back_after_term_and_kill() {
         per_ip_rate: 10.0,
         per_ip_burst: 30,
         retry_threshold: 100,
+        max_handshakes_in_flight: 256,
         deadline: Duration::from_secs(60),
         concurrency: 4,
         quiet: true,
@@ -121,6 +122,33 @@ async fn raw_storm_brings_every_hub_back_after_term_and_kill() {
     assert_eq!(kill[0]["failures"], 0, "{kill:?}");
     assert_eq!(kill[0]["resets"], 6, "{kill:?}");
     assert_eq!(kill[0]["go_aways"], 0, "{kill:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_at_a_fixed_rate_all_complete_and_a_cap_of_one_refuses_some() {
+    let mut opts = handshakes::HandshakeOpts {
+        relay_bin: relay_bin(),
+        rates: vec![20],
+        duration: Duration::from_millis(500),
+        sources: 2,
+        relay_flags: vec![],
+        quiet: true,
+    };
+    let records = handshakes::run(&opts).await.expect("handshakes");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["registered"], 10, "{records:?}");
+    assert_eq!(records[0]["timed_out"], 0, "{records:?}");
+    assert!(records[0]["relay_us_per_handshake"].as_f64().unwrap() > 0.0);
+
+    // 400 attempts in 0.2 s against one handshake at a time: some find it busy and are
+    // refused before the handshake, and each one is either registered or refused.
+    opts.rates = vec![2000];
+    opts.duration = Duration::from_millis(200);
+    opts.relay_flags = vec![("--max-handshakes-in-flight".into(), "1".into())];
+    let capped = handshakes::run(&opts).await.expect("handshakes, capped");
+    let (done, refused) = (capped[0]["registered"].as_u64().unwrap(), capped[0]["refused"].as_u64().unwrap());
+    assert!(refused > 0, "{capped:?}");
+    assert_eq!(done + refused, 400, "{capped:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

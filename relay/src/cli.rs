@@ -154,6 +154,10 @@ pub struct LimitArgs {
     /// with its channel request, waits here up to 250 ms for the authorization.
     #[arg(long, env = "KEYWAY_RELAY_MAX_HELD_DATAGRAMS", default_value_t = crate::DEFAULT_MAX_HELD_DATAGRAMS)]
     pub max_held_datagrams: u32,
+    /// QUIC handshakes worked on at once; over it a new connection is refused before any
+    /// handshake work (QUIC CONNECTION_REFUSED; the hub connector retries within seconds). 0: no limit.
+    #[arg(long, env = "KEYWAY_RELAY_MAX_HANDSHAKES_IN_FLIGHT", default_value_t = crate::DEFAULT_MAX_HANDSHAKES_IN_FLIGHT)]
+    pub max_handshakes_in_flight: u32,
 }
 
 impl LimitArgs {
@@ -175,6 +179,7 @@ impl LimitArgs {
             idle_session_timeout: self.idle_session_timeout,
             retry_threshold: self.retry_threshold,
             max_held_datagrams: self.max_held_datagrams,
+            max_handshakes_in_flight: self.max_handshakes_in_flight,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! One connection, from attempt to end: admission before any handshake work (draining, the
-//! per-source rate, Retry under load, the handshake timeout), the cap on connections not yet
+//! One connection, from attempt to end: admission before any handshake work (draining, Retry
+//! under load, the cap on handshakes in flight, the per-source rate, the handshake timeout), the cap on connections not yet
 //! authorized right after it, then per-stream dispatch on the stream's first frame:
 //! `Register` makes it the hub's control stream ([`crate::hub`]), `ChannelOpen` an app's
 //! channel ([`crate::channel_session`]); and, beside the dispatch, the connection's reviews, which
@@ -22,7 +22,7 @@ use crate::refusal::{bad_frame_reason, refuse};
 use crate::registry::Charged;
 use crate::standing::{admission, cut_message, review, Admission, Verdict};
 use crate::state::{ConnCtx, Shared};
-use crate::stats::{CutReason, HandshakeResult, HandshakeRole, LimitKind, RelayStats};
+use crate::stats::{CutReason, HandshakeResult, HandshakeRole, LimitKind, RefuseReason, RelayStats};
 use keyway_proto::codes;
 
 /// When a connection with reviews switched off (`unauthorized_grace` 0) looks again whether a
@@ -39,13 +39,20 @@ impl Drop for OpenStream {
 }
 
 /// Decides what to do with a connection attempt before any handshake work: refuse it while
-/// draining or over the per-IP rate, ask for address validation (Retry) while attempts arrive
-/// faster than `retry_threshold`, else accept it, under the handshake timeout.
+/// draining, ask for address validation (Retry) while attempts arrive faster than
+/// `retry_threshold`, refuse it while `max_handshakes_in_flight` handshakes are being worked
+/// on or when its source is over the per-IP rate, else accept it, under the handshake timeout.
+///
+/// A refusal costs one small Initial packet and no crypto beyond the Initial keys, and says
+/// nothing on the wire but QUIC `CONNECTION_REFUSED`: from this relay that always means
+/// "come back soon" (draining, the source's rate, or a storm's handshakes), and the hub
+/// connector retries it within seconds instead of backing off.
 pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
     let now = Instant::now();
     let stats = &shared.stats;
     if shared.is_shutting_down() {
+        stats.connection_refused(RefuseReason::Draining);
         incoming.refuse();
         return;
     }
@@ -62,16 +69,29 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         }
         return;
     }
+    // The slot before the source's token, so an attempt refused for load spends none of it.
+    let Some(slot) = shared.buckets.start_handshake(&limits) else {
+        // Past the cap a storm would only queue handshakes beyond the hubs' patience.
+        stats.limit_hit(LimitKind::MaxHandshakesInFlight);
+        stats.connection_refused(RefuseReason::HandshakesInFlight);
+        debug!(%remote, "refused a connection: max_handshakes_in_flight handshakes are in flight");
+        incoming.refuse();
+        return;
+    };
     if !shared.buckets.admit_ip(remote.ip(), &limits, now) {
+        drop(slot);
         stats.limit_hit(LimitKind::NewConnectionsPerIp);
-        stats.handshake(HandshakeRole::Quic, HandshakeResult::Refused);
+        stats.connection_refused(RefuseReason::NewConnectionsPerIp);
         debug!(%remote, "refused a connection: over new_connections_per_ip");
         incoming.refuse();
         return;
     }
+    stats.set_handshakes_in_flight(shared.buckets.handshakes_in_flight());
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
+            drop(slot);
+            stats.set_handshakes_in_flight(shared.buckets.handshakes_in_flight());
             stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
             debug!(%remote, "cannot accept a connection: {e}");
             return;
@@ -82,6 +102,8 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     } else {
         tokio::time::timeout(limits.handshake_timeout, connecting).await
     };
+    drop(slot);
+    stats.set_handshakes_in_flight(shared.buckets.handshakes_in_flight());
     let conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {

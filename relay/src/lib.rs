@@ -51,7 +51,7 @@ pub use config::{
 pub use error::{RelayConfigError, RelayError};
 pub use limits::*;
 pub use server::{Relay, RelayHandle};
-pub use stats::{CutReason, LimitKind, RelayStats};
+pub use stats::{CutReason, LimitKind, RefuseReason, RelayStats};
 
 /// QUIC application error codes, for connection closes and stream resets: the wire's one
 /// list, re-exported so that `keyway_relay::codes` keeps naming the codes the relay sends.

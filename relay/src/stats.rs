@@ -72,11 +72,12 @@ pub enum LimitKind {
     BytesPerSecondPerKey,
     HandshakeTimeout,
     IdleSessionTimeout,
+    MaxHandshakesInFlight,
 }
 
 impl LimitKind {
     /// Every limit, in label order.
-    pub const ALL: [LimitKind; 8] = [
+    pub const ALL: [LimitKind; 9] = [
         Self::MaxHubs,
         Self::MaxSessionsPerHub,
         Self::MaxSessionsPerApp,
@@ -85,6 +86,7 @@ impl LimitKind {
         Self::BytesPerSecondPerKey,
         Self::HandshakeTimeout,
         Self::IdleSessionTimeout,
+        Self::MaxHandshakesInFlight,
     ];
 
     /// The label value, which is also the name of the limit's config key.
@@ -98,6 +100,34 @@ impl LimitKind {
             Self::BytesPerSecondPerKey => "bytes_per_second_per_key",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::IdleSessionTimeout => "idle_session_timeout",
+            Self::MaxHandshakesInFlight => "max_handshakes_in_flight",
+        }
+    }
+}
+
+/// Why the relay refused a connection attempt before any handshake work (QUIC
+/// `CONNECTION_REFUSED`, which carries no reason on the wire), as the `reason` label of
+/// `keyway_relay_connections_refused_total`. All three mean "come back soon" to a hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// The relay is shutting down (the hub reaches its successor or another node).
+    Draining,
+    /// The source is over `new_connections_per_ip`.
+    NewConnectionsPerIp,
+    /// `max_handshakes_in_flight` handshakes are already being worked on (a reconnect storm).
+    HandshakesInFlight,
+}
+
+impl RefuseReason {
+    /// Every reason, in label order.
+    pub const ALL: [RefuseReason; 3] = [Self::Draining, Self::NewConnectionsPerIp, Self::HandshakesInFlight];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Draining => "draining",
+            Self::NewConnectionsPerIp => "new_connections_per_ip",
+            Self::HandshakesInFlight => "max_handshakes_in_flight",
         }
     }
 }
@@ -150,6 +180,9 @@ pub struct RelayStats {
     replacements: IntCounter,
     limit_hits: Vec<IntCounter>,
     address_validations: IntCounter,
+    /// Attempts refused before the handshake, by [`RefuseReason::ALL`] order.
+    connections_refused: Vec<IntCounter>,
+    handshakes_in_flight: IntGauge,
     limits: GaugeVec,
     channels_active: IntGauge,
     /// Channel packets forwarded, app→hub and hub→app.
@@ -283,6 +316,18 @@ impl RelayStats {
             "address_validations_total",
             "QUIC Retry packets sent because new connections arrived faster than retry_threshold.",
         )?;
+        let refused = b.counter_vec(
+            "connections_refused_total",
+            "Connection attempts refused before any handshake work (QUIC CONNECTION_REFUSED), by \
+             reason: draining, new_connections_per_ip, max_handshakes_in_flight.",
+            &["reason"],
+        )?;
+        let connections_refused =
+            RefuseReason::ALL.iter().map(|r| refused.with_label_values(&[r.label()])).collect();
+        let handshakes_in_flight = b.gauge(
+            "handshakes_in_flight",
+            "QUIC handshakes accepted and not yet complete (at most max_handshakes_in_flight).",
+        )?;
         let limits_in_force = b.register(GaugeVec::new(
             Opts::new("limit", "The limits in force (0: off; durations in seconds), by limit.")
                 .namespace(NAMESPACE),
@@ -340,6 +385,8 @@ impl RelayStats {
             replacements,
             limit_hits,
             address_validations,
+            connections_refused,
+            handshakes_in_flight,
             limits: limits_in_force,
             channels_active,
             channel_packets: [
@@ -434,6 +481,17 @@ impl RelayStats {
         &self.registry
     }
 
+    /// Connection attempts refused before any handshake work for `reason`.
+    pub fn connections_refused(&self, reason: RefuseReason) -> u64 {
+        let i = RefuseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.connections_refused.get(i).map_or(0, IntCounter::get)
+    }
+
+    /// QUIC handshakes in flight now (gauge).
+    pub fn handshakes_in_flight(&self) -> u64 {
+        self.handshakes_in_flight.get().max(0) as u64
+    }
+
     /// Every metric in the Prometheus text exposition format.
     pub fn encode(&self) -> String {
         match prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()) {
@@ -460,6 +518,7 @@ impl RelayStats {
             ("idle_session_timeout", limits.idle_session_timeout.as_secs_f64()),
             ("retry_threshold", f64::from(limits.retry_threshold)),
             ("max_held_datagrams", f64::from(limits.max_held_datagrams)),
+            ("max_handshakes_in_flight", f64::from(limits.max_handshakes_in_flight)),
         ];
         for (name, value) in values {
             self.limits.with_label_values(&[name]).set(value);
@@ -535,6 +594,18 @@ impl RelayStats {
         {
             c.inc();
         }
+    }
+    /// An attempt refused before any handshake work (the caller refuses it).
+    pub(crate) fn connection_refused(&self, reason: RefuseReason) {
+        let i = RefuseReason::ALL.iter().position(|r| *r == reason);
+        if let Some(counter) = i.and_then(|i| self.connections_refused.get(i)) {
+            counter.inc();
+        }
+        self.handshake(HandshakeRole::Quic, HandshakeResult::Refused);
+    }
+    /// The handshakes in flight now (set by the admission, which owns the count).
+    pub(crate) fn set_handshakes_in_flight(&self, n: u32) {
+        self.handshakes_in_flight.set(i64::from(n));
     }
     pub(crate) fn address_validation(&self) {
         self.address_validations.inc();
@@ -651,6 +722,9 @@ mod tests {
             "keyway_relay_hub_registrations_total 0",
             "keyway_relay_hub_replacements_total 0",
             "keyway_relay_address_validations_total 0",
+            "keyway_relay_connections_refused_total{reason=\"draining\"} 0",
+            "keyway_relay_connections_refused_total{reason=\"max_handshakes_in_flight\"} 0",
+            "keyway_relay_handshakes_in_flight 0",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

@@ -295,6 +295,66 @@ async fn a_handshake_that_never_completes_times_out() {
 }
 
 #[tokio::test]
+async fn past_max_handshakes_in_flight_a_connection_is_refused_before_the_handshake_until_a_slot_frees() {
+    let limits = Limits {
+        max_handshakes_in_flight: 1,
+        handshake_timeout: Duration::from_millis(500),
+        new_connections_per_ip: 0.0,
+        ..Limits::default()
+    };
+    let relay = relay_with(&[], limits).await;
+    let h = &relay.handle;
+    // One handshake that never completes holds the only slot: its packets reach the relay
+    // through a one-way proxy, the relay's answers never come back.
+    let proxy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (relay_addr, proxy_addr) = (h.local_addr(), proxy.local_addr().unwrap());
+    let forward = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, _)) = proxy.recv_from(&mut buf).await else { return };
+            let _ = upstream.send_to(&buf[..n], relay_addr).await;
+        }
+    });
+    let endpoint = raw::endpoint();
+    let config = raw::client_config(&identity(), h.public_key()).unwrap();
+    let _stuck = endpoint.connect_with(config, proxy_addr, keyway_proto::tls::SERVER_NAME).unwrap();
+    let stats = h.stats();
+    eventually("the stuck handshake holds the slot", || async {
+        (stats.handshakes_in_flight() == 1).then_some(())
+    })
+    .await;
+    let refused = raw::dial(&endpoint, relay_addr, h.public_key(), &identity()).await;
+    let is_refused = |e: &raw::DialError| {
+        matches!(e, raw::DialError::Handshake(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+    };
+    match refused {
+        Err(e) if is_refused(&e) => {}
+        other => panic!("expected CONNECTION_REFUSED while the slot is taken, got {other:?}"),
+    }
+    assert_eq!(stats.connections_refused(keyway_relay::RefuseReason::HandshakesInFlight), 1);
+    assert_eq!(stats.limit_hits(LimitKind::MaxHandshakesInFlight), 1);
+    let m = scrape(h).await;
+    assert_eq!(
+        series(&m, "keyway_relay_connections_refused_total{reason=\"max_handshakes_in_flight\"}"),
+        1.0
+    );
+    assert_eq!(series(&m, "keyway_relay_limit{limit=\"max_handshakes_in_flight\"}"), 1.0);
+    // The stuck one times out and frees the slot: the next attempt gets its handshake.
+    eventually("the slot comes back", || async {
+        match raw::dial(&endpoint, relay_addr, h.public_key(), &identity()).await {
+            Ok(conn) => Some(conn),
+            Err(e) if is_refused(&e) => None,
+            Err(e) => panic!("unexpected dial error: {e}"),
+        }
+    })
+    .await;
+    assert_eq!(stats.limit_hits(LimitKind::HandshakeTimeout), 1);
+    forward.abort();
+}
+
+#[tokio::test]
 async fn an_idle_session_is_cut_with_the_limit_code() {
     let (hub, app) = (identity(), identity());
     let limits = Limits { idle_session_timeout: Duration::from_millis(200), ..Limits::default() };
