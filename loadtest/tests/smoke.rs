@@ -138,7 +138,6 @@ async fn handshakes_at_a_fixed_rate_all_complete_and_a_cap_of_one_refuses_some()
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["registered"], 10, "{records:?}");
     assert_eq!(records[0]["timed_out"], 0, "{records:?}");
-    assert!(records[0]["relay_us_per_handshake"].as_f64().unwrap() > 0.0);
 
     // 400 attempts in 0.2 s against one handshake at a time: some find it busy and are
     // refused before the handshake, and each one is either registered or refused.
