@@ -10,6 +10,11 @@
 //!   connection dying) closes the end-to-end connection and records why, so every later error
 //!   on it is that typed reason; the end-to-end connection closing finishes the channel stream
 //!   (the relay then drops the channel) and unbinds the id.
+//! * **Drain.** A relay starting a graceful shutdown writes one `GoAway` on the channel stream.
+//!   The connection keeps serving (new `connect`s still use it: dialing anew would meet a
+//!   draining relay), and the guard closes it as soon as no stream is open on it, at once if
+//!   none is, so that the drain does not wait its deadline for an app that only keeps a warm
+//!   connection. The next `connect` dials a new one.
 //! * **Streams.** Each session is one bi stream: the app writes `StreamOpen`, the hub answers
 //!   `StreamAccepted` or `Refused` and finishes, then raw bytes flow both ways. The hub's reset
 //!   codes become typed errors: `REVOKED` is [`ClientError::Revoked`], `LIMIT` (a per-app cap)
@@ -20,6 +25,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,6 +59,36 @@ pub(crate) struct Link {
     /// alive, with their keep-alives, after the `Client` and its streams were dropped. A pairing
     /// connection, never cached, is so closed when its one stream is dropped.
     _in_use: Arc<tokio::sync::oneshot::Sender<()>>,
+    usage: Arc<Usage>,
+}
+
+/// What a connection's handles share with its guard for the drain: whether the relay said
+/// `GoAway`, and how many streams are open.
+#[derive(Debug, Default)]
+struct Usage {
+    draining: AtomicBool,
+    open: AtomicUsize,
+    /// Signalled (one stored permit) when `open` falls to zero.
+    idle: tokio::sync::Notify,
+}
+
+/// One open stream, counted in its connection's [`Usage`] while it lives.
+#[derive(Debug)]
+struct Counted(Arc<Usage>);
+
+impl Counted {
+    fn new(usage: &Arc<Usage>) -> Self {
+        usage.open.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(usage))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_one();
+        }
+    }
 }
 
 impl Link {
@@ -266,9 +302,19 @@ fn start(
         }
     }
     let ended = Arc::new(OnceLock::new());
+    let usage = Arc::new(Usage::default());
     let (in_use, unused) = tokio::sync::oneshot::channel();
-    tokio::spawn(guard(conn.clone(), channel, binding, ended.clone(), unused, answer));
-    Ok(Link { conn, ended, _in_use: Arc::new(in_use) })
+    let held = Held { ended: ended.clone(), usage: usage.clone(), unused };
+    tokio::spawn(guard(conn.clone(), channel, binding, held, answer));
+    Ok(Link { conn, ended, _in_use: Arc::new(in_use), usage })
+}
+
+/// What the guard shares with the connection's handles.
+struct Held {
+    ended: Arc<OnceLock<Ended>>,
+    usage: Arc<Usage>,
+    /// Resolves when the last `Link` handle is dropped.
+    unused: tokio::sync::oneshot::Receiver<()>,
 }
 
 /// Holds the channel stream for the connection's life (see the module docs).
@@ -276,10 +322,10 @@ async fn guard(
     conn: Connection,
     channel: QuicBiStream,
     binding: ChannelBinding,
-    ended: Arc<OnceLock<Ended>>,
-    unused: tokio::sync::oneshot::Receiver<()>,
+    held: Held,
     answer: Option<(ChannelId, HubName, Duration)>,
 ) {
+    let Held { ended, usage, mut unused } = held;
     let mut channel = channel;
     if let Some((id, hub, wait)) = answer {
         if let Err(end) = channel_answer_early(&mut channel, &hub, id, wait).await {
@@ -296,14 +342,30 @@ async fn guard(
             return;
         }
     }
-    let QuicBiStream { mut send, mut recv } = channel;
-    let relay_ended = tokio::select! {
-        end = channel_end(&mut recv) => Some(end),
-        _ = conn.closed() => None,
-        // Nothing sends on it: it resolves when the last `Link` handle is dropped.
-        _ = unused => {
-            crate::relay_link::close(&conn, codes::NORMAL, "no longer used");
-            None
+    let QuicBiStream { mut send, recv } = channel;
+    let mut reader = keyway_proto::io::FrameReader::new(recv);
+    let relay_ended = loop {
+        let draining = usage.draining.load(Ordering::SeqCst);
+        if draining && usage.open.load(Ordering::SeqCst) == 0 {
+            crate::relay_link::close(&conn, codes::NORMAL, "the relay is draining");
+            break None;
+        }
+        // Each branch is cancel-safe (the frame reader, quinn's `closed`, a `Notify`).
+        tokio::select! {
+            event = channel_event(&mut reader) => match event {
+                ChannelEvent::GoAway => {
+                    tracing::debug!(channel = %binding.id(), "the relay is draining; closing when idle");
+                    usage.draining.store(true, Ordering::SeqCst);
+                }
+                ChannelEvent::End(end) => break Some(end),
+            },
+            _ = conn.closed() => break None,
+            // Nothing sends on it: it resolves when the last `Link` handle is dropped.
+            _ = &mut unused => {
+                crate::relay_link::close(&conn, codes::NORMAL, "no longer used");
+                break None;
+            }
+            () = usage.idle.notified(), if draining => {}
         }
     };
     if let Some(end) = relay_ended {
@@ -341,20 +403,37 @@ async fn channel_answer_early(
     }
 }
 
-/// Waits for the relay to end the channel stream and says how it did.
-async fn channel_end(recv: &mut RecvStream) -> ChannelEnd {
-    let mut buf = [0u8; 256];
+/// What the relay said on a live channel stream.
+enum ChannelEvent {
+    /// A graceful shutdown started.
+    GoAway,
+    /// It ended the stream, and how.
+    End(ChannelEnd),
+}
+
+/// Reads the relay's next word on the channel stream: `GoAway` (a draining relay), or how it
+/// ended the stream. Other frames are skipped (a later protocol may add some); bytes that are
+/// no frame end the channel as `Closed`, as a relay breaking the protocol would.
+async fn channel_event(reader: &mut keyway_proto::io::FrameReader<RecvStream>) -> ChannelEvent {
     loop {
-        match recv.read(&mut buf).await {
-            // Nothing follows `ChannelReady` today; a later protocol may add frames here.
-            Ok(Some(_)) => continue,
-            Ok(None) => return ChannelEnd::Closed,
-            Err(ReadError::Reset(code)) if code == codes::REVOKED => return ChannelEnd::Revoked,
-            Err(ReadError::Reset(code)) if code == codes::LIMIT => return ChannelEnd::Idle,
-            Err(ReadError::Reset(code)) if code == codes::REPLACED => return ChannelEnd::HubReplaced,
-            Err(ReadError::ConnectionLost(e)) => return ChannelEnd::RelayLost(e),
-            Err(_) => return ChannelEnd::Closed,
-        }
+        let error = match reader.read_frame().await {
+            Ok(Frame::GoAway { .. }) => return ChannelEvent::GoAway,
+            Ok(_) => continue,
+            Err(keyway_proto::io::FrameIoError::Io(e)) => e,
+            Err(keyway_proto::io::FrameIoError::Frame(_) | keyway_proto::io::FrameIoError::Closed) => {
+                return ChannelEvent::End(ChannelEnd::Closed)
+            }
+        };
+        let read = error.get_ref().and_then(|inner| inner.downcast_ref::<ReadError>());
+        let end = match read {
+            Some(ReadError::Reset(code)) if *code == codes::REVOKED => ChannelEnd::Revoked,
+            Some(ReadError::Reset(code)) if *code == codes::LIMIT => ChannelEnd::Idle,
+            Some(ReadError::Reset(code)) if *code == codes::REPLACED => ChannelEnd::HubReplaced,
+            Some(ReadError::ConnectionLost(e)) => ChannelEnd::RelayLost(e.clone()),
+            // A finish (end of stream) or any other reset.
+            _ => ChannelEnd::Closed,
+        };
+        return ChannelEvent::End(end);
     }
 }
 
@@ -384,6 +463,7 @@ pub(crate) async fn open_stream(
     let mut stream = E2eStream {
         send,
         recv,
+        _counted: Counted::new(&link.usage),
         link: link.clone(),
         answer: Answer::Pending(Vec::new()),
         reused,
@@ -442,6 +522,8 @@ impl Failure {
 pub(crate) struct E2eStream {
     send: SendStream,
     recv: RecvStream,
+    /// Counts it as open on its connection (the drain closes an idle one).
+    _counted: Counted,
     link: Link,
     answer: Answer,
     reused: bool,

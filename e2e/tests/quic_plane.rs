@@ -192,3 +192,49 @@ async fn a_thousand_concurrent_tcp_connections_through_one_forward_are_all_serve
     let _ = stop.send(());
     forward.await.expect("forward task").expect("forward loop");
 }
+
+/// A graceful relay shutdown writes `GoAway` on each app's channel stream: an app that only
+/// keeps a warm end-to-end connection closes it at once, and one with a stream open keeps
+/// carrying that stream's bytes and closes once it is done. So the drain ends when the streams
+/// do, not at its deadline, which here lies far beyond the test's patience.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_lets_open_streams_finish_and_closes_warm_idle_connections() {
+    let (hub_id, idle_id, busy_id) = (identity(), identity(), identity());
+    let relay = TestRelay::start_with(&[("home", hub_id.public_key())], |config| {
+        config.drain_timeout = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let service = echo_service(b"").await;
+    let apps = [idle_id.public_key(), busy_id.public_key()];
+    let (hub, _) = start_hub(&relay, "home", hub_id.duplicate(), &apps, service).await;
+    hub.wait_registered(PATIENCE).await.unwrap();
+    let (idle, busy) = (quic_client(&relay, idle_id), quic_client(&relay, busy_id));
+    let warm = idle.connect(&name("home"), &hub_id.public_key()).await.expect("idle app's session");
+    assert_eq!(round_trip(warm, b"warm".to_vec()).await.unwrap(), b"warm");
+    let mut open = busy.connect(&name("home"), &hub_id.public_key()).await.expect("busy app's session");
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"before");
+    let stats = relay.handle.stats();
+    assert_eq!(stats.channels_active(), 2, "both apps hold a channel");
+
+    let TestRelay { dir: _dir, handle, .. } = relay;
+    let shutdown = tokio::spawn(handle.shutdown());
+    eventually("the idle app closes its warm connection", || async {
+        (stats.channels_active() == 1).then_some(())
+    })
+    .await;
+    // The open stream still carries bytes after the `GoAway`, and holds the drain.
+    open.write_all(b"after the goaway").await.unwrap();
+    let mut buf = [0u8; 16];
+    within("the echo after the GoAway", open.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"after the goaway");
+    assert!(!shutdown.is_finished(), "the drain waits for the open stream");
+    assert_eq!(stats.channels_active(), 1);
+
+    drop(open);
+    within("the drain ends once the last stream is done", shutdown).await.unwrap();
+    assert_eq!(stats.channels_active(), 0);
+    hub.shutdown().await;
+}

@@ -10,7 +10,9 @@
 //! only holds the two channel streams, app↔relay and relay↔hub, for the channel's life, and
 //! ends the channel when one of them ends, either connection closes, the app key is revoked,
 //! the hub is replaced or no packet moved for `idle_session_timeout`. Then the channel leaves
-//! the table and the other stream is reset with the code that says why.
+//! the table and the other stream is reset with the code that says why. When a graceful
+//! shutdown starts it writes one `GoAway` on the app's channel stream: the app then closes
+//! its end-to-end connection once its open streams are done, which ends the channel.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +33,10 @@ use crate::refusal::refuse;
 use crate::state::{ConnCtx, Shared};
 use crate::stats::{HandshakeResult, HandshakeRole, LimitKind};
 use keyway_proto::codes;
+
+/// What the app's channel stream is told when a graceful shutdown starts.
+const DRAIN_MESSAGE: &str =
+    "the relay is restarting or shutting down; finish the streams on this connection, then close it";
 
 /// Longest the idle watchdog sleeps before re-reading the limits (a reload may change them).
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
@@ -193,11 +199,27 @@ async fn setup_and_hold(
     debug!(hub = %name, app = %app.fingerprint(), ?purpose, channel = %app_id, "channel ready");
     // Held until the channel ends: a graceful shutdown waits for it (within its deadline).
     let live = shared.sessions.track();
-    let cut = tokio::select! {
-        end = ended(&mut app_recv, &mut app_send) => Cut::App(end),
-        end = ended(&mut hub_recv, &mut hub_send) => Cut::Hub(end),
-        () = &mut revoked => Cut::Revoked,
-        () = idle(&shared, app_id) => Cut::Idle,
+    let mut draining = shared.shutdown.subscribe();
+    let mut told = false;
+    let cut = loop {
+        // Every branch is cancel-safe (reads of one byte, `stopped`, timers), so the loop
+        // re-creates them after the drain's `GoAway` went out.
+        tokio::select! {
+            end = ended(&mut app_recv, &mut app_send) => break Cut::App(end),
+            end = ended(&mut hub_recv, &mut hub_send) => break Cut::Hub(end),
+            () = &mut revoked => break Cut::Revoked,
+            () = idle(&shared, app_id) => break Cut::Idle,
+            () = async { let _ = draining.wait_for(|draining| *draining).await; }, if !told => {
+                // A graceful shutdown started: the app finishes its streams on this connection
+                // and then closes it, so the drain need not wait its deadline for an app that
+                // only keeps a warm connection. Apps dial anew on demand: no delay to hint.
+                told = true;
+                let frame = Frame::GoAway { retry_after_ms: 0, message: DRAIN_MESSAGE.to_owned() };
+                if let Err(e) = write_frame(&mut app_send, &frame).await {
+                    debug!(channel = %app_id, "cannot tell the app the relay is draining: {e}");
+                }
+            }
+        }
     };
     drop(listed);
     let (app_code, hub_code) = match cut {
