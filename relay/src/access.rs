@@ -104,6 +104,11 @@ impl HubAccess {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The published allow-list now (a cluster node publishes it for its siblings).
+    pub fn allowed(&self) -> Vec<PublicKey> {
+        self.lock().allowed.iter().copied().collect()
+    }
+
     /// Replaces the published allow-list; revokes the live sessions of keys that were removed.
     /// Returns how many sessions were cut.
     pub fn set_allow_list(&self, allowed: Vec<PublicKey>, pairing_open: bool) -> usize {

@@ -122,7 +122,7 @@ async fn setup_and_hold(
         Ok(authorized) => authorized,
         Err(refusal) => {
             let elsewhere = match &shared.cluster {
-                Some(cluster) => cluster.elsewhere(&name, refusal).await,
+                Some(cluster) => cluster.elsewhere(&name, &app, purpose, refusal).await,
                 None => Err(refusal),
             };
             let refusal = match elsewhere {

@@ -179,6 +179,9 @@ async fn control_loop(
                     let apps = allowed_apps.len();
                     let cut = hub.access.set_allow_list(allowed_apps, pairing_open);
                     info!(hub = %hub.name, apps, pairing_open, sessions_cut = cut, "allow-list updated");
+                    if let Some(cluster) = &shared.cluster {
+                        cluster.apps_changed(&hub.name, hub.conn_id);
+                    }
                 }
                 Ok(Frame::Ping { nonce }) => {
                     if let Err(e) = write_frame(send, &Frame::Pong { nonce }).await {

@@ -317,6 +317,81 @@ async fn an_app_at_a_node_without_the_hub_is_redirected_to_the_hubs_node() {
     node2.shutdown().await;
 }
 
+/// A node that does not hold the hub checks an app against the allow-list the hub's node
+/// published before it redirects: a revoked or unknown app is refused there, a listed app or a
+/// pairing is sent on; a new list is published at once, and in full again after the store
+/// lost everything.
+#[tokio::test]
+async fn a_node_without_the_hub_refuses_apps_the_hubs_published_allow_list_does_not_admit() {
+    let redis = RedisServer::start();
+    let key = identity();
+    let node1 = cluster_node(&key, "node-1", &redis).await;
+    let node2 = cluster_node(&key, "node-2", &redis).await;
+    let (hub, listed, stranger) = (identity(), identity(), identity());
+    let hub_conn = connect(&node1, &hub).await;
+    let (mut control, answer) = register(&hub_conn, "home", &[listed.public_key()], false).await;
+    assert_eq!(answer, Frame::Registered { replaced: false });
+    let (listed_conn, stranger_conn) = (connect(&node2, &listed).await, connect(&node2, &stranger).await);
+    let ask = |conn: Connection, purpose: SessionPurpose| {
+        let hub_key = hub.public_key();
+        async move {
+            let (_send, mut recv) = open_session(&conn, "home", hub_key, purpose).await;
+            within("the answer at node 2", read_frame(&mut recv)).await.unwrap()
+        }
+    };
+    let redirect = Frame::Redirect { node: node1.local_addr() };
+    assert_eq!(ask(listed_conn.clone(), SessionPurpose::Connect).await, redirect);
+    let answer = ask(stranger_conn.clone(), SessionPurpose::Connect).await;
+    let Frame::Refused { reason, message } = answer else { panic!("{answer:?}") };
+    assert_eq!(reason, RefusalReason::AppNotAuthorized, "{message}");
+    assert!(message.contains(&stranger.public_key().fingerprint().to_string()), "{message}");
+    // Pairing is for apps not yet listed: the hub's node decides it.
+    assert_eq!(ask(stranger_conn.clone(), SessionPurpose::Pair).await, redirect);
+    let metrics = node2.stats().encode();
+    assert!(metrics.contains("keyway_relay_cluster_refused_total 1"), "{metrics}");
+    assert!(metrics.contains("keyway_relay_refusals_total{reason=\"app_not_authorized\"} 1"), "{metrics}");
+
+    // The hub revokes the listed app: node 2 refuses it once node 1 has published the list.
+    let revoke = Frame::AllowList { allowed_apps: vec![stranger.public_key()], pairing_open: false };
+    write_frame(&mut control.send, &revoke).await.unwrap();
+    let revoked = std::time::Instant::now();
+    eventually("node 2 refuses the revoked app", || async {
+        let answer = ask(listed_conn.clone(), SessionPurpose::Connect).await;
+        matches!(answer, Frame::Refused { reason: RefusalReason::AppNotAuthorized, .. }).then_some(())
+    })
+    .await;
+    println!("revoked app refused at node 2 after {:?}", revoked.elapsed());
+    assert_eq!(ask(stranger_conn.clone(), SessionPurpose::Connect).await, redirect, "the new list admits it");
+
+    // The store forgets everything; the renewal re-asserts presence and the list in full.
+    assert_eq!(redis.command("FLUSHALL").lines().next(), Some("+OK"));
+    eventually("the allow-list is back in the store", || async {
+        (redis.command("EXISTS kw:{home}:a").lines().next() == Some(":1")).then_some(())
+    })
+    .await;
+    let answer = ask(listed_conn.clone(), SessionPurpose::Connect).await;
+    assert!(matches!(answer, Frame::Refused { reason: RefusalReason::AppNotAuthorized, .. }), "{answer:?}");
+    assert_eq!(ask(stranger_conn.clone(), SessionPurpose::Connect).await, redirect);
+
+    // Revoking the last app leaves an empty list, which refuses every app (not "unknown").
+    let none = Frame::AllowList { allowed_apps: vec![], pairing_open: false };
+    write_frame(&mut control.send, &none).await.unwrap();
+    eventually("node 2 refuses the last revoked app", || async {
+        let answer = ask(stranger_conn.clone(), SessionPurpose::Connect).await;
+        matches!(answer, Frame::Refused { reason: RefusalReason::AppNotAuthorized, .. }).then_some(())
+    })
+    .await;
+
+    // When the hub goes, its list goes with its presence.
+    hub_conn.close(0u32.into(), b"bye");
+    eventually("the hub's keys are gone", || async {
+        (redis.command("EXISTS kw:{home}:p kw:{home}:a").lines().next() == Some(":0")).then_some(())
+    })
+    .await;
+    node1.shutdown().await;
+    node2.shutdown().await;
+}
+
 /// A claim whose notice never arrived (pub/sub delivers at most once): the holder's next
 /// renewal finds the higher epoch and drops the tunnel all the same.
 #[tokio::test]

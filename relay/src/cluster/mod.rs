@@ -20,8 +20,14 @@
 //!   node re-asserts its file's bindings whenever it finds that the store lost its state. Run
 //!   Redis with `appendonly yes` (checked and reported at start): the files cover only the
 //!   bindings of nodes that are up.
+//! * **allow-lists** (soft state, with presence): the hub's node publishes the hub's
+//!   allow-list ([`AppList`]) with its claim and again whenever the hub sends a new one (a
+//!   revocation, a pairing), and in full whenever a renewal finds that the store lost it. Only
+//!   the node holding the name's current epoch may write it.
 //! * an app's `ChannelOpen` for a hub that is not here is answered with the hub's node address
-//!   (`Redirect`), looked up in the store; the client follows it.
+//!   (`Redirect`), looked up in the store with the allow-list; an app the list does not admit
+//!   is refused here (`AppNotAuthorized`) instead. A list that is missing or stale can only
+//!   send the app on: the hub's node checks the whole key, and the hub checks it again.
 //!
 //! Without a store a relay is a single node: its in-memory registry is all there is, and
 //! nothing of this module runs.
@@ -36,15 +42,16 @@ pub mod records;
 pub mod redis;
 pub mod store;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use keyway_proto::{HubName, PublicKey, RefusalReason};
+use keyway_proto::{HubName, PublicKey, RefusalReason, SessionPurpose};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 use tracing::{info, warn};
 
 use crate::policy::{NameBook, Refusal};
@@ -52,12 +59,13 @@ use crate::registry::Registry;
 pub use config::{ClusterConfig, ClusterError, StoreConfig, DEFAULT_LEASE, TROUBLE_GRACE};
 use keyway_proto::codes;
 pub use memory::MemoryStore;
-pub use records::{NodeId, NodeIdError, Presence, Replaced, StoreError, MAX_NODE_ID};
+pub use records::{AppList, NodeId, NodeIdError, Presence, Renewal, Replaced, StoreError, MAX_NODE_ID};
 pub use store::Store;
 
 /// The cluster's metrics (added to the relay's registry; no per-hub label).
 struct ClusterStats {
     redirects: IntCounter,
+    refused_remote: IntCounter,
     replaced_remote: IntCounter,
     store_ops: IntCounterVec,
     store_seconds: Histogram,
@@ -72,6 +80,13 @@ impl ClusterStats {
         let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c);
         let redirects = IntCounter::with_opts(
             Opts::new("redirects_total", "ChannelOpens answered with the hub's node address.").namespace(ns),
+        )?;
+        let refused_remote = IntCounter::with_opts(
+            Opts::new(
+                "refused_total",
+                "ChannelOpens for a hub at another node refused here by the allow-list its node published.",
+            )
+            .namespace(ns),
         )?;
         let replaced_remote = IntCounter::with_opts(
             Opts::new("replaced_total", "Tunnels dropped because the hub registered on another node.")
@@ -97,13 +112,23 @@ impl ClusterStats {
                 .namespace(ns),
         )?;
         reg(Box::new(redirects.clone()))?;
+        reg(Box::new(refused_remote.clone()))?;
         reg(Box::new(replaced_remote.clone()))?;
         reg(Box::new(store_ops.clone()))?;
         reg(Box::new(store_seconds.clone()))?;
         reg(Box::new(store_up.clone()))?;
         reg(Box::new(claims.clone()))?;
         reg(Box::new(durable.clone()))?;
-        Ok(Self { redirects, replaced_remote, store_ops, store_seconds, store_up, claims, durable })
+        Ok(Self {
+            redirects,
+            refused_remote,
+            replaced_remote,
+            store_ops,
+            store_seconds,
+            store_up,
+            claims,
+            durable,
+        })
     }
 }
 
@@ -113,6 +138,8 @@ struct Claim {
     conn_id: u64,
     /// `None` until the store confirmed the claim (store trouble): the next renewal claims.
     epoch: Option<u64>,
+    /// The store holds an allow-list for it (renewed with it; see [`AppList`] for when).
+    listed: bool,
 }
 
 /// A node's cluster driver (see the module doc).
@@ -133,6 +160,10 @@ pub(crate) struct Cluster {
     registry: Arc<Registry>,
     /// The relay's name policy, whose open-policy bindings the node re-asserts.
     names: Arc<NameBook>,
+    /// Hubs whose allow-list changed (or failed to publish) since it was last published.
+    apps_dirty: Mutex<HashSet<HubName>>,
+    /// Wakes the driver to publish them.
+    apps_changed: Notify,
 }
 
 /// The parts of the relay's state the driver works on.
@@ -191,6 +222,8 @@ impl Cluster {
             reassert: AtomicBool::new(true),
             registry: local.registry,
             names: local.names,
+            apps_dirty: Mutex::default(),
+            apps_changed: Notify::new(),
         }))
     }
 
@@ -259,21 +292,69 @@ impl Cluster {
         }
     }
 
-    /// Records that connection `conn_id` registered `name` here and claims it in the store.
+    /// Records that connection `conn_id` registered `name` here and claims it in the store,
+    /// with the hub's allow-list.
     pub async fn claim(&self, name: &HubName, conn_id: u64) {
-        self.claims.insert(name.clone(), Claim { conn_id, epoch: None });
+        self.claims.insert(name.clone(), Claim { conn_id, epoch: None, listed: false });
         self.stats.claims.set(self.claims.len() as i64);
-        if let Ok(epoch) = self.timed(self.store.claim(name, &self.node, self.addr, self.lease)).await {
-            self.confirm(name, conn_id, epoch);
+        self.claim_in_store(name, conn_id).await;
+    }
+
+    async fn claim_in_store(&self, name: &HubName, conn_id: u64) {
+        let apps = self.apps_of(name, conn_id);
+        if let Ok(epoch) = self.timed(self.store.claim(name, &self.node, self.addr, self.lease, &apps)).await
+        {
+            self.confirm(name, conn_id, epoch, !apps.is_empty());
+        }
+    }
+
+    /// The allow-list connection `conn_id` of `name` published here (empty if it is gone).
+    fn apps_of(&self, name: &HubName, conn_id: u64) -> AppList {
+        match self.registry.get(name).filter(|h| h.conn_id == conn_id) {
+            Some(hub) => AppList::of(&hub.access.allowed()),
+            None => AppList::default(),
         }
     }
 
     /// Sets the epoch of a claim, if the connection still holds it here.
-    fn confirm(&self, name: &HubName, conn_id: u64, epoch: u64) {
+    fn confirm(&self, name: &HubName, conn_id: u64, epoch: u64, listed: bool) {
         let current = self.registry.get(name).is_some_and(|h| h.conn_id == conn_id);
         if let Some(mut claim) = self.claims.get_mut(name) {
             if current && claim.conn_id == conn_id && claim.epoch.is_none_or(|e| e < epoch) {
                 claim.epoch = Some(epoch);
+                claim.listed = listed;
+            }
+        }
+    }
+
+    /// The hub `name` (connection `conn_id`) published a new allow-list here: publish it to
+    /// the other nodes (at once, by the driver; again at each renewal until it succeeds).
+    pub fn apps_changed(&self, name: &HubName, conn_id: u64) {
+        if self.claims.get(name).is_some_and(|c| c.conn_id == conn_id) {
+            self.apps_dirty.lock().unwrap_or_else(PoisonError::into_inner).insert(name.clone());
+            self.apps_changed.notify_one();
+        }
+    }
+
+    /// Publishes the allow-lists that changed; those that failed stay for the next round.
+    async fn publish_apps(&self) {
+        let dirty = std::mem::take(&mut *self.apps_dirty.lock().unwrap_or_else(PoisonError::into_inner));
+        for name in dirty {
+            let Some(claim) = self.claims.get(&name).map(|c| *c) else { continue };
+            // An unconfirmed claim publishes its list when it is confirmed.
+            let Some(epoch) = claim.epoch else { continue };
+            let apps = self.apps_of(&name, claim.conn_id);
+            match self.timed(self.store.publish_apps(&name, epoch, &apps, self.lease)).await {
+                Ok(true) => {
+                    if let Some(mut c) = self.claims.get_mut(&name).filter(|c| c.conn_id == claim.conn_id) {
+                        c.listed = true;
+                    }
+                }
+                // Another node holds the name now: its renewal drops the tunnel here.
+                Ok(false) => {}
+                Err(_) => {
+                    self.apps_dirty.lock().unwrap_or_else(PoisonError::into_inner).insert(name);
+                }
             }
         }
     }
@@ -287,36 +368,45 @@ impl Cluster {
         }
     }
 
-    /// Whether an app refused here with `refusal` should be sent to another node: `Ok(addr)`
-    /// of the node holding `name` when the hub is not here (`HubOffline`, or `UnknownHub`
-    /// under the open policy, whose bindings this node may not have) and the store says
-    /// another node holds it. Otherwise the refusal stands; a store that cannot be asked turns
-    /// `HubOffline` into a refusal that says so.
-    pub async fn elsewhere(&self, name: &HubName, refusal: Refusal) -> Result<SocketAddr, Refusal> {
+    /// Whether app `app`, refused here with `refusal`, should be sent to another node:
+    /// `Ok(addr)` of the node holding `name` when the hub is not here (`HubOffline`, or
+    /// `UnknownHub` under the open policy, whose bindings this node may not have), the store
+    /// says another node holds it, and the allow-list published there admits the app (or is
+    /// not known; a pairing always goes on). An app the list does not admit is refused here;
+    /// otherwise the refusal stands. A store that cannot be asked turns `HubOffline` into a
+    /// refusal that says so.
+    pub async fn elsewhere(
+        &self,
+        name: &HubName,
+        app: &PublicKey,
+        purpose: SessionPurpose,
+        refusal: Refusal,
+    ) -> Result<SocketAddr, Refusal> {
         let here = refusal.reason == RefusalReason::HubOffline
             || (refusal.reason == RefusalReason::UnknownHub && self.names.is_open());
         if !here {
             return Err(refusal);
         }
-        match self.locate(name).await {
-            Ok(Some(node)) => Ok(node),
-            Ok(None) => Err(refusal),
-            Err(e) => Err(Refusal::new(
+        let found = match self.timed(self.store.lookup(name)).await {
+            Ok(found) => found,
+            Err(e) => return Err(Refusal::new(
                 RefusalReason::HubOffline,
                 format!("hub {name} is not connected to this relay node, and the cluster store cannot be asked where it is: {e}"),
             )),
+        };
+        let Some((presence, apps)) = found.filter(|(p, _)| p.node != self.node) else { return Err(refusal) };
+        if purpose == SessionPurpose::Connect && apps.is_some_and(|apps| !apps.admits(app)) {
+            self.stats.refused_remote.inc();
+            return Err(Refusal::new(
+                RefusalReason::AppNotAuthorized,
+                format!(
+                    "hub {name} does not authorize app key {} ({app}); pair this app with the hub first",
+                    app.fingerprint()
+                ),
+            ));
         }
-    }
-
-    /// Where to send an app asking for `name`, which is not registered here: `Some(addr)` of
-    /// the node holding it, `None` if no node does.
-    pub async fn locate(&self, name: &HubName) -> Result<Option<SocketAddr>, StoreError> {
-        let presence = self.timed(self.store.lookup(name)).await?;
-        let addr = presence.filter(|p| p.node != self.node).map(|p| p.addr);
-        if addr.is_some() {
-            self.stats.redirects.inc();
-        }
-        Ok(addr)
+        self.stats.redirects.inc();
+        Ok(presence.addr)
     }
 
     /// Drops the tunnel of `name` if connection `conn_id` still holds it here: the hub
@@ -368,27 +458,29 @@ impl Cluster {
             self.claims.iter().map(|e| (e.key().clone(), *e.value())).collect();
         let rounds = futures_util::stream::iter(claims).map(|(name, claim)| async move {
             match claim.epoch {
-                None => {
-                    if let Ok(epoch) =
-                        self.timed(self.store.claim(&name, &self.node, self.addr, self.lease)).await
-                    {
-                        self.confirm(&name, claim.conn_id, epoch);
-                    }
-                }
+                None => self.claim_in_store(&name, claim.conn_id).await,
                 Some(epoch) => {
                     let presence = Presence { epoch, node: self.node.clone(), addr: self.addr };
-                    if let Ok(false) = self.timed(self.store.renew(&name, &presence, self.lease)).await {
-                        self.drop_tunnel(&name, claim.conn_id, "renewal");
+                    match self.timed(self.store.renew(&name, &presence, self.lease, claim.listed)).await {
+                        Ok(Renewal::Held) | Err(_) => {}
+                        // Only a stored list is published again: a hub that never had one
+                        // stays without (see `AppList`).
+                        Ok(Renewal::Restored) if !claim.listed => {}
+                        Ok(Renewal::Restored) => {
+                            self.apps_dirty.lock().unwrap_or_else(PoisonError::into_inner).insert(name);
+                        }
+                        Ok(Renewal::Lost) => self.drop_tunnel(&name, claim.conn_id, "renewal"),
                     }
                 }
             }
         });
         use futures_util::StreamExt;
         rounds.buffer_unordered(64).for_each(|()| async {}).await;
+        self.publish_apps().await;
     }
 
     /// Runs the node's cluster chores until the task is aborted: renewals every third of the
-    /// lease, and the replacement notices as they come.
+    /// lease, the replacement notices as they come, and changed allow-lists at once.
     pub async fn run(self: Arc<Self>) {
         let mut notices = self.store.notices();
         let mut renew = tokio::time::interval(self.lease / 3);
@@ -396,6 +488,7 @@ impl Cluster {
         loop {
             tokio::select! {
                 _ = renew.tick() => self.tick().await,
+                () = self.apps_changed.notified() => self.publish_apps().await,
                 notice = notices.recv() => match notice {
                     Ok(notice) => self.on_notice(&notice),
                     // Missed notices are made up for by the next renewal.

@@ -1,6 +1,6 @@
 //! The vocabulary nodes of a cluster share, with no behaviour of its own: a node's stable
-//! [`NodeId`], the records the store keeps ([`Presence`], the [`Replaced`] notice) and why the
-//! store did not answer ([`StoreError`]).
+//! [`NodeId`], the records the store keeps ([`Presence`], a hub's [`AppList`], the
+//! [`Replaced`] notice) and why the store did not answer ([`StoreError`]).
 //!
 //! It is a leaf on purpose: the configuration, both stores and the node driver all name these
 //! types, and none of them must be imported back by the others.
@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use keyway_proto::HubName;
+use keyway_proto::{HubName, PublicKey};
 
 /// The longest node id, in bytes (it is part of Redis keys and metric values).
 pub const MAX_NODE_ID: usize = 63;
@@ -113,6 +113,80 @@ impl Replaced {
     }
 }
 
+/// What a renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// The lease is kept.
+    Held,
+    /// The lease is kept, but the store had lost the record or the allow-list (a restart,
+    /// a failover, an expiry): the holder publishes its allow-list again.
+    Restored,
+    /// A higher epoch holds the name: the hub registered elsewhere.
+    Lost,
+}
+
+/// A hub's allow-list as its node publishes it for the other nodes, which check an app against
+/// it before they redirect the app (a revoked or unknown app is refused at whichever node it
+/// asks). Eight octets of each app key, sorted: a hub's list costs the store 8 bytes per app,
+/// and a prefix that matches by chance (2^-64 per pair; 2^64 key generations to forge) only
+/// earns a redirect to the hub's node, which checks the whole key. Soft state like presence:
+/// a missing list means "not known here", and the app is redirected to be checked there. (A
+/// hub that registers with no apps stores no list, to keep idle hubs cheap; once its list
+/// changes, an empty one is stored too, so that revoking the last app is refused everywhere.)
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AppList(Vec<[u8; 8]>);
+
+impl AppList {
+    /// The list of these app keys.
+    pub fn of<'a>(keys: impl IntoIterator<Item = &'a PublicKey>) -> Self {
+        let mut prefixes: Vec<[u8; 8]> = keys.into_iter().map(prefix).collect();
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        Self(prefixes)
+    }
+
+    /// Whether `key` may be on the list (see the type's doc for "may").
+    pub fn admits(&self, key: &PublicKey) -> bool {
+        self.0.binary_search(&prefix(key)).is_ok()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The stored form: the prefixes, concatenated; an empty list is one zero octet (Redis
+    /// cannot tell an empty string from no value in a script's argument).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        if self.0.is_empty() {
+            return vec![0];
+        }
+        self.0.concat()
+    }
+
+    /// Reads the stored form; `None` if it is not a whole number of prefixes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes == [0] {
+            return Some(Self::default());
+        }
+        if bytes.is_empty() || bytes.len() % 8 != 0 {
+            return None;
+        }
+        let mut prefixes: Vec<[u8; 8]> =
+            bytes.chunks_exact(8).filter_map(|c| <[u8; 8]>::try_from(c).ok()).collect();
+        prefixes.sort_unstable();
+        Some(Self(prefixes))
+    }
+}
+
+fn prefix(key: &PublicKey) -> [u8; 8] {
+    let bytes = key.as_bytes();
+    let mut out = [0u8; 8];
+    for (o, b) in out.iter_mut().zip(bytes) {
+        *o = *b;
+    }
+    out
+}
+
 /// Why the store did not answer. Nodes keep serving what they have; the operation is retried
 /// (soft state) or refused with a typed refusal (a lookup).
 #[derive(Debug, thiserror::Error)]
@@ -156,5 +230,19 @@ mod tests {
         for bad in ["", "x a 1.2.3.4:5", "1 -bad 1.2.3.4:5", "1 a nowhere", "home 1"] {
             assert!(Presence::decode(bad).is_none() || Replaced::decode(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_app_list_admits_its_keys_and_reads_back() {
+        let keys: Vec<PublicKey> = (0..20).map(|_| keyway_test_support::identity().public_key()).collect();
+        let list = AppList::of(&keys[..10]);
+        assert!(keys[..10].iter().all(|k| list.admits(k)));
+        assert!(keys[10..].iter().all(|k| !list.admits(k)));
+        assert_eq!(list.to_bytes().len(), 80);
+        assert_eq!(AppList::from_bytes(&list.to_bytes()), Some(list));
+        assert_eq!(AppList::from_bytes(&[1; 9]), None);
+        assert_eq!(AppList::from_bytes(&[]), None);
+        let empty = AppList::default();
+        assert_eq!(AppList::from_bytes(&empty.to_bytes()), Some(empty));
     }
 }

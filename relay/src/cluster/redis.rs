@@ -3,8 +3,10 @@
 //! Every multi-step rule runs as one Lua script, so it is atomic on the server: the claim
 //! (always wins, epoch above any the name had, publishes the notice), the renewal
 //! (compare-and-set on the epoch, re-asserting a lost lease), the release (only its own
-//! epoch) and the open-policy binding (first key wins). The keys of one hub share the hash tag
-//! `{NAME}` (`kw:{home}:p` presence, `kw:{home}:b` binding), so under Redis Cluster every
+//! epoch), the allow-list a hub's node publishes (only under the holder's epoch) and the
+//! open-policy binding (first key wins). The keys of one hub share the hash tag `{NAME}`
+//! (`kw:{home}:p` presence, `kw:{home}:a` allow-list, `kw:{home}:b` binding), so under Redis
+//! Cluster every
 //! script touches a single slot; node keys are `kw:node:{ID}`, the state marker `kw:state`,
 //! and the notices go out on the channel `kw:replaced` (Cluster broadcasts pub/sub to every
 //! node). One presence is one string key with a TTL (`EPOCH NODE ADDR`), about 100 bytes of
@@ -26,7 +28,7 @@ use redis::Script;
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
-use super::records::{NodeId, Presence, Replaced, StoreError};
+use super::records::{AppList, NodeId, Presence, Renewal, Replaced, StoreError};
 
 /// Longest a store operation may take before it counts as store trouble.
 pub const STORE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -36,7 +38,8 @@ const NOTICES: &str = "kw:replaced";
 const MARKER: &str = "kw:state";
 
 /// Always wins; the epoch is the server's clock in µs, or one above the epoch the name had.
-/// KEYS[1] presence; ARGV: node, addr, lease ms, notice channel, name. `%.0f`: Lua numbers are
+/// KEYS[1] presence, KEYS[2] allow-list; ARGV: node, addr, lease ms, notice channel, name,
+/// allow-list (empty: none, the key is removed). `%.0f`: Lua numbers are
 /// doubles, and tostring would print a µs clock as 1.7e+15 (exact below 2^53: until 2255).
 const CLAIM: &str = r"
 local t = redis.call('TIME')
@@ -48,26 +51,44 @@ if cur then
 end
 local text = string.format('%.0f', epoch)
 redis.call('SET', KEYS[1], text .. ' ' .. ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
+if ARGV[6] == '' then redis.call('DEL', KEYS[2]) else redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[3]) end
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. text .. ' ' .. ARGV[1])
 return text
 ";
 
-/// Keeps or re-asserts a lease unless a higher epoch holds the name. KEYS[1] presence; ARGV:
-/// epoch, the full record, lease ms. Returns 1 (held) or 0 (lost).
+/// Keeps or re-asserts a lease unless a higher epoch holds the name, and the allow-list's
+/// lease with it. KEYS[1] presence, KEYS[2] allow-list; ARGV: epoch, the full record, lease ms,
+/// '1' if the holder has a non-empty allow-list. Returns 1 (held), 2 (held, but the store had
+/// lost the record or the list: publish the list again) or 0 (lost to a higher epoch).
 const RENEW: &str = r"
 local cur = redis.call('GET', KEYS[1])
+local same = false
 if cur then
   local e = tonumber(string.match(cur, '^(%d+) '))
   if e and e > tonumber(ARGV[1]) then return 0 end
+  same = e == tonumber(ARGV[1])
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if ARGV[4] == '1' and redis.call('PEXPIRE', KEYS[2], ARGV[3]) == 0 then return 2 end
+if not same then return 2 end
 return 1
 ";
 
-/// Deletes the presence only if it still has this epoch. KEYS[1] presence; ARGV[1] epoch.
+/// Publishes the holder's allow-list, only while it holds the name with this epoch (an older
+/// holder's late write must not overwrite the newer one's). KEYS[1] presence, KEYS[2]
+/// allow-list; ARGV: epoch, list, lease ms. Returns 1 (written) or 0.
+const APPS: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if not cur or string.match(cur, '^(%d+) ') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+";
+
+/// Deletes the presence and allow-list only if the name still has this epoch. KEYS[1]
+/// presence, KEYS[2] allow-list; ARGV[1] epoch.
 const RELEASE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if cur and string.match(cur, '^(%d+) ') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if cur and string.match(cur, '^(%d+) ') == ARGV[1] then redis.call('DEL', KEYS[1], KEYS[2]) end
 return 1
 ";
 
@@ -81,6 +102,10 @@ return ARGV[1]
 
 fn presence_key(name: &HubName) -> String {
     format!("kw:{{{name}}}:p")
+}
+
+fn apps_key(name: &HubName) -> String {
+    format!("kw:{{{name}}}:a")
 }
 
 fn binding_key(name: &HubName) -> String {
@@ -102,6 +127,7 @@ struct Scripts {
     claim: Script,
     renew: Script,
     release: Script,
+    apps: Script,
     bind: Script,
 }
 
@@ -155,6 +181,7 @@ impl RedisStore {
                 claim: Script::new(CLAIM),
                 renew: Script::new(RENEW),
                 release: Script::new(RELEASE),
+                apps: Script::new(APPS),
                 bind: Script::new(BIND),
             }),
             notices,
@@ -184,10 +211,14 @@ impl RedisStore {
         node: &NodeId,
         addr: SocketAddr,
         lease: Duration,
+        apps: &AppList,
     ) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
         let mut call = self.scripts.claim.key(presence_key(name));
+        call.key(apps_key(name));
         call.arg(node.as_str()).arg(addr.to_string()).arg(lease_ms(lease)).arg(NOTICES).arg(name.as_str());
+        // A hub that registers with no apps stores no list (see `AppList`).
+        call.arg(if apps.is_empty() { Vec::new() } else { apps.to_bytes() });
         let epoch: String = bounded(call.invoke_async(&mut conn)).await?;
         epoch.parse().map_err(|_| StoreError::Garbled(format!("epoch {epoch:?}")))
     }
@@ -197,30 +228,64 @@ impl RedisStore {
         name: &HubName,
         presence: &Presence,
         lease: Duration,
-    ) -> Result<bool, StoreError> {
+        listed: bool,
+    ) -> Result<Renewal, StoreError> {
         let mut conn = self.conn.clone();
         let mut call = self.scripts.renew.key(presence_key(name));
+        call.key(apps_key(name));
         call.arg(presence.epoch.to_string()).arg(presence.encode()).arg(lease_ms(lease));
+        call.arg(if listed { "1" } else { "0" });
         let held: i64 = bounded(call.invoke_async(&mut conn)).await?;
-        Ok(held == 1)
+        Ok(match held {
+            1 => Renewal::Held,
+            2 => Renewal::Restored,
+            _ => Renewal::Lost,
+        })
+    }
+
+    pub(super) async fn publish_apps(
+        &self,
+        name: &HubName,
+        epoch: u64,
+        apps: &AppList,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.scripts.apps.key(presence_key(name));
+        call.key(apps_key(name));
+        call.arg(epoch.to_string()).arg(apps.to_bytes()).arg(lease_ms(lease));
+        let written: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        Ok(written == 1)
     }
 
     pub(super) async fn release(&self, name: &HubName, epoch: u64) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let mut call = self.scripts.release.key(presence_key(name));
+        call.key(apps_key(name));
         call.arg(epoch.to_string());
         let _: i64 = bounded(call.invoke_async(&mut conn)).await?;
         Ok(())
     }
 
-    pub(super) async fn lookup(&self, name: &HubName) -> Result<Option<Presence>, StoreError> {
+    pub(super) async fn lookup(
+        &self,
+        name: &HubName,
+    ) -> Result<Option<(Presence, Option<AppList>)>, StoreError> {
         let mut conn = self.conn.clone();
-        let text: Option<String> =
-            bounded(redis::cmd("GET").arg(presence_key(name)).query_async(&mut conn)).await?;
-        match text {
-            None => Ok(None),
-            Some(text) => Presence::decode(&text).map(Some).ok_or(StoreError::Garbled(text)),
-        }
+        // One slot (the hash tag), so one MGET reads both under Redis Cluster too.
+        let (text, apps): (Option<String>, Option<Vec<u8>>) =
+            bounded(redis::cmd("MGET").arg(presence_key(name)).arg(apps_key(name)).query_async(&mut conn))
+                .await?;
+        let Some(text) = text else { return Ok(None) };
+        let presence = Presence::decode(&text).ok_or(StoreError::Garbled(text))?;
+        let apps = match apps {
+            None => None,
+            Some(bytes) => Some(
+                AppList::from_bytes(&bytes)
+                    .ok_or_else(|| StoreError::Garbled(format!("allow-list of {} bytes", bytes.len())))?,
+            ),
+        };
+        Ok(Some((presence, apps)))
     }
 
     pub(super) async fn bind(&self, name: &HubName, key: &PublicKey) -> Result<PublicKey, StoreError> {

@@ -14,7 +14,7 @@ use keyway_proto::{HubName, PublicKey};
 use tokio::sync::broadcast;
 
 use super::memory::MemoryStore;
-use super::records::{NodeId, Presence, Replaced, StoreError};
+use super::records::{AppList, NodeId, Presence, Renewal, Replaced, StoreError};
 use super::redis::RedisStore;
 
 /// The shared store of a cluster.
@@ -34,35 +34,52 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Claims `name` for `node` at `addr`: always wins, returns the new epoch and publishes a
-    /// [`Replaced`] notice.
+    /// Claims `name` for `node` at `addr` with the hub's allow-list `apps`: always wins,
+    /// returns the new epoch and publishes a [`Replaced`] notice.
     pub async fn claim(
         &self,
         name: &HubName,
         node: &NodeId,
         addr: SocketAddr,
         lease: Duration,
+        apps: &AppList,
     ) -> Result<u64, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.claim(name, node, addr, lease)),
-            Store::Redis(r) => r.claim(name, node, addr, lease).await,
+            Store::Memory(m) => Ok(m.claim(name, node, addr, lease, apps)),
+            Store::Redis(r) => r.claim(name, node, addr, lease, apps).await,
         }
     }
 
-    /// Renews (or re-asserts) `presence` of `name`; `false`: a higher epoch holds the name.
+    /// Renews (or re-asserts) `presence` of `name` and the lease of its allow-list (`listed`:
+    /// the holder has a non-empty one).
     pub async fn renew(
         &self,
         name: &HubName,
         presence: &Presence,
         lease: Duration,
-    ) -> Result<bool, StoreError> {
+        listed: bool,
+    ) -> Result<Renewal, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.renew(name, presence, lease)),
-            Store::Redis(r) => r.renew(name, presence, lease).await,
+            Store::Memory(m) => Ok(m.renew(name, presence, lease, listed)),
+            Store::Redis(r) => r.renew(name, presence, lease, listed).await,
         }
     }
 
-    /// Removes `name`'s presence if it still has `epoch`.
+    /// Replaces the allow-list of `name` if it is still held at `epoch`; `false` if not.
+    pub async fn publish_apps(
+        &self,
+        name: &HubName,
+        epoch: u64,
+        apps: &AppList,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.publish_apps(name, epoch, apps, lease)),
+            Store::Redis(r) => r.publish_apps(name, epoch, apps, lease).await,
+        }
+    }
+
+    /// Removes `name`'s presence and allow-list if it still has `epoch`.
     pub async fn release(&self, name: &HubName, epoch: u64) -> Result<(), StoreError> {
         match self {
             Store::Memory(m) => {
@@ -73,8 +90,8 @@ impl Store {
         }
     }
 
-    /// Where `name` is registered, if anywhere.
-    pub async fn lookup(&self, name: &HubName) -> Result<Option<Presence>, StoreError> {
+    /// Where `name` is registered, if anywhere, with its allow-list if the store has it.
+    pub async fn lookup(&self, name: &HubName) -> Result<Option<(Presence, Option<AppList>)>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.lookup(name)),
             Store::Redis(r) => r.lookup(name).await,
