@@ -87,7 +87,8 @@ pub struct RunArgs {
     #[arg(long, env = "KEYWAY_RELAY_NODE_ID", value_name = "ID")]
     pub node_id: Option<crate::cluster::NodeId>,
     /// Be a node of a cluster that shares hub presence through this store
-    /// (`redis://HOST:PORT[/DB]`); needs --node-id and the same key file on every node.
+    /// (`redis://HOST:PORT[/DB]`, or `redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER` to follow
+    /// a Sentinel-managed primary); needs --node-id and the same key file on every node.
     #[arg(long, env = "KEYWAY_RELAY_CLUSTER", value_name = "URL")]
     pub cluster: Option<String>,
     /// Cluster: the UDP address apps and hubs reach this node at, which redirects name

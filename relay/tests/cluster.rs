@@ -12,18 +12,23 @@ use std::time::Duration;
 
 use common::*;
 use keyway_relay::cluster::{ClusterConfig, NodeId, StoreConfig};
-use keyway_test_support::redis::RedisServer;
+use keyway_test_support::redis::{RedisSentinel, RedisServer};
 use tokio::net::UdpSocket;
 
 /// An open-policy relay presenting `key` as node `node` of the cluster whose store is `redis`.
 async fn cluster_node(key: &Identity, node: &str, redis: &RedisServer) -> RelayHandle {
+    cluster_node_at(key, node, redis.url()).await
+}
+
+/// [`cluster_node`] with the store at `url`.
+async fn cluster_node_at(key: &Identity, node: &str, url: String) -> RelayHandle {
     let mut config = RelayConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         key.duplicate(),
         NamePolicy::Open { state_file: None },
     );
     config.node_id = Some(NodeId::new(node).unwrap());
-    let mut cluster = ClusterConfig::new(StoreConfig::Redis(redis.url()));
+    let mut cluster = ClusterConfig::new(StoreConfig::Redis(url));
     cluster.lease = Duration::from_secs(3);
     config.cluster = Some(cluster);
     config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -443,4 +448,47 @@ async fn healthz_reports_lasting_store_trouble_and_the_node_keeps_its_hubs() {
     })
     .await;
     node1.shutdown().await;
+}
+
+/// Redis Sentinel (`redis+sentinel://…`): the primary dies, the Sentinel promotes the replica,
+/// and the nodes follow it: the hub registered before keeps its tunnel, a registration after the
+/// failover lands in the new primary, and a node without that hub redirects to it.
+#[tokio::test]
+async fn after_a_sentinel_failover_the_nodes_use_the_new_primary() {
+    let mut primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let sentinel = RedisSentinel::start(&primary, "kw");
+    assert_eq!(sentinel.primary("kw"), Some(primary.addr()));
+    let key = identity();
+    let node1 = cluster_node_at(&key, "node-1", sentinel.url("kw")).await;
+    let node2 = cluster_node_at(&key, "node-2", sentinel.url("kw")).await;
+    let (before, after, app) = (identity(), identity(), identity());
+    let (before_conn, _c1) = registered_hub(&node1, &before, "before", &[app.public_key()]).await;
+    eventually("the presence reaches the replica", || async {
+        replica.command("GET kw:{before}:p").contains("node-1").then_some(())
+    })
+    .await;
+
+    primary.kill();
+    eventually("the sentinel promotes the replica", || async {
+        (sentinel.primary("kw") == Some(replica.addr())).then_some(())
+    })
+    .await;
+    let (_after_conn, _c2) = registered_hub(&node2, &after, "after", &[app.public_key()]).await;
+    eventually("the new registration is in the new primary", || async {
+        replica.command("GET kw:{after}:p").contains("node-2").then_some(())
+    })
+    .await;
+    let app_conn = connect(&node1, &app).await;
+    let redirect = Frame::Redirect { node: node2.local_addr() };
+    eventually("node 1 redirects through the new primary", || async {
+        let (_send, mut recv) =
+            open_session(&app_conn, "after", after.public_key(), SessionPurpose::Connect).await;
+        (within("the answer", read_frame(&mut recv)).await.ok() == Some(redirect.clone())).then_some(())
+    })
+    .await;
+    assert!(before_conn.close_reason().is_none(), "the hub registered before the failover kept its tunnel");
+    assert_eq!(node1.stats().hubs_connected(), 1);
+    node1.shutdown().await;
+    node2.shutdown().await;
 }

@@ -19,7 +19,8 @@ pub const TROUBLE_GRACE: Duration = Duration::from_secs(10);
 /// Which store a cluster node uses.
 #[derive(Clone, Debug)]
 pub enum StoreConfig {
-    /// `redis://HOST:PORT[/DB]`.
+    /// `redis://HOST:PORT[/DB]`, or `redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER` (the
+    /// primary as the Sentinels name it, followed across failovers).
     Redis(String),
     /// An in-process store shared by relays of one process (tests, embedders).
     Memory(MemoryStore),

@@ -197,6 +197,8 @@ pub enum StoreError {
     Garbled(String),
     #[error("cluster store did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("cluster store address {url:?}: {why} (redis://HOST:PORT or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER)")]
+    Address { url: String, why: &'static str },
 }
 
 #[cfg(test)]

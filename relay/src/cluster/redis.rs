@@ -16,14 +16,22 @@
 //! with short timeouts: a node must notice store trouble in about a second, not hang its
 //! registrations on it. The notices come over a separate pub/sub connection that a task keeps
 //! re-subscribing.
+//!
+//! **Sentinel**: with `redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER` the primary is asked of
+//! the Sentinels (the redis crate's `SentinelClient`): at start, and again after any failed
+//! operation (a dead primary refuses connections, a demoted one answers writes `READONLY`), so a
+//! failover costs the node the operations of the few seconds it takes, which are retried as after
+//! any store trouble. What the new primary had not replicated yet is re-asserted by the
+//! renewals (presence, allow-lists) and from the bindings files, as after a restart.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use keyway_proto::{HubName, PublicKey};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::Script;
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
@@ -131,11 +139,62 @@ struct Scripts {
     bind: Script,
 }
 
+/// Where the primary is: one address, or whatever the Sentinels name.
+#[derive(Clone)]
+enum Source {
+    Direct(redis::Client),
+    Sentinel(Arc<tokio::sync::Mutex<SentinelClient>>),
+}
+
+impl Source {
+    /// `redis://…` (anything [`redis::Client::open`] takes) or
+    /// `redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER`.
+    fn parse(url: &str) -> Result<Self, StoreError> {
+        let Some(rest) = url.strip_prefix("redis+sentinel://") else {
+            return Ok(Self::Direct(redis::Client::open(url)?));
+        };
+        let bad = |why| StoreError::Address { url: url.to_owned(), why };
+        let (hosts, master) = rest.split_once('/').ok_or(bad("it names no master after the hosts"))?;
+        if master.is_empty() || master.contains('/') {
+            return Err(bad("the master name after the hosts must be one non-empty path segment"));
+        }
+        let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+        if hosts.is_empty() || sentinels.iter().any(|h| h.len() == "redis://".len()) {
+            return Err(bad("it names no Sentinel host"));
+        }
+        let client = SentinelClient::build(sentinels, master.to_owned(), None, SentinelServerType::Master)?;
+        Ok(Self::Sentinel(Arc::new(tokio::sync::Mutex::new(client))))
+    }
+
+    /// A client of the primary now.
+    async fn client(&self) -> Result<redis::Client, StoreError> {
+        match self {
+            Self::Direct(client) => Ok(client.clone()),
+            Self::Sentinel(sentinel) => {
+                bounded(async { sentinel.lock().await.async_get_client().await }).await
+            }
+        }
+    }
+}
+
+async fn manager(client: &redis::Client) -> Result<ConnectionManager, StoreError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(STORE_TIMEOUT))
+        .set_response_timeout(Some(STORE_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    bounded(client.get_connection_manager_with_config(config)).await
+}
+
 /// The Redis store: a multiplexed connection and the notices task.
 #[derive(Clone)]
 pub struct RedisStore {
     url: String,
-    conn: ConnectionManager,
+    source: Arc<Source>,
+    /// The connection to the primary; replaced when the Sentinels name another one.
+    conn: Arc<RwLock<ConnectionManager>>,
+    /// Held while the primary is asked of the Sentinels (one asking at a time).
+    asking: Arc<tokio::sync::Mutex<()>>,
     scripts: Arc<Scripts>,
     notices: broadcast::Sender<Replaced>,
     _subscriber: Arc<AbortOnDrop>,
@@ -161,22 +220,19 @@ impl RedisStore {
     /// the store is unreachable now: a node must not start believing it is in a cluster it
     /// cannot see. Trouble after the start is survived (see the cluster module).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(STORE_TIMEOUT))
-            .set_response_timeout(Some(STORE_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = bounded(client.get_connection_manager_with_config(config)).await?;
+        let source = Arc::new(Source::parse(url)?);
+        let conn = manager(&source.client().await?).await?;
         let (notices, _) = broadcast::channel(4096);
         let (subscribed, first) = tokio::sync::oneshot::channel();
-        let subscriber = tokio::spawn(subscribe(client, notices.clone(), subscribed));
+        let subscriber = tokio::spawn(subscribe(Arc::clone(&source), notices.clone(), subscribed));
         // Listening before the node takes hubs, so that the first replacement is heard (a
         // subscription that takes longer is made up for by the renewals).
         let _ = tokio::time::timeout(STORE_TIMEOUT, first).await;
         Ok(Self {
             url: url.to_owned(),
-            conn,
+            source,
+            conn: Arc::new(RwLock::new(conn)),
+            asking: Arc::default(),
             scripts: Arc::new(Scripts {
                 claim: Script::new(CLAIM),
                 renew: Script::new(RENEW),
@@ -193,11 +249,49 @@ impl RedisStore {
         &self.url
     }
 
+    /// The connection to the primary as it is now.
+    fn conn(&self) -> ConnectionManager {
+        self.conn.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Runs one operation on the primary. Under Sentinel a failure (the primary died, or was
+    /// demoted and refuses writes) has the primary asked of the Sentinels again, in the
+    /// background, for the operations after it.
+    async fn run<T, F>(&self, op: impl FnOnce(ConnectionManager) -> F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let result = bounded(op(self.conn())).await;
+        if result.is_err() {
+            if let Source::Sentinel(_) = &*self.source {
+                let store = self.clone();
+                tokio::spawn(async move { store.ask_sentinels().await });
+            }
+        }
+        result
+    }
+
+    async fn ask_sentinels(&self) {
+        let Ok(_asking) = self.asking.try_lock() else { return };
+        match self.source.client().await {
+            Ok(client) => match manager(&client).await {
+                Ok(conn) => {
+                    debug!(primary = ?client.get_connection_info().addr(), "cluster store primary (from the Sentinels)");
+                    *self.conn.write().unwrap_or_else(PoisonError::into_inner) = conn;
+                }
+                Err(e) => debug!("cannot connect to the primary the Sentinels name: {e}"),
+            },
+            Err(e) => debug!("cannot ask the Sentinels for the primary: {e}"),
+        }
+    }
+
     /// Reads `appendonly` (see [`Durability`]).
     pub async fn durability(&self) -> Durability {
-        let mut conn = self.conn.clone();
-        let reply: Result<Vec<String>, _> =
-            bounded(redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut conn)).await;
+        let reply: Result<Vec<String>, _> = self
+            .run(|mut conn| async move {
+                redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut conn).await
+            })
+            .await;
         match reply.as_deref() {
             Ok([_, value]) if value == "yes" => Durability::AppendOnly,
             Ok([_, _]) => Durability::NotAppendOnly,
@@ -213,13 +307,12 @@ impl RedisStore {
         lease: Duration,
         apps: &AppList,
     ) -> Result<u64, StoreError> {
-        let mut conn = self.conn.clone();
         let mut call = self.scripts.claim.key(presence_key(name));
         call.key(apps_key(name));
         call.arg(node.as_str()).arg(addr.to_string()).arg(lease_ms(lease)).arg(NOTICES).arg(name.as_str());
         // A hub that registers with no apps stores no list (see `AppList`).
         call.arg(if apps.is_empty() { Vec::new() } else { apps.to_bytes() });
-        let epoch: String = bounded(call.invoke_async(&mut conn)).await?;
+        let epoch: String = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         epoch.parse().map_err(|_| StoreError::Garbled(format!("epoch {epoch:?}")))
     }
 
@@ -230,12 +323,11 @@ impl RedisStore {
         lease: Duration,
         listed: bool,
     ) -> Result<Renewal, StoreError> {
-        let mut conn = self.conn.clone();
         let mut call = self.scripts.renew.key(presence_key(name));
         call.key(apps_key(name));
         call.arg(presence.epoch.to_string()).arg(presence.encode()).arg(lease_ms(lease));
         call.arg(if listed { "1" } else { "0" });
-        let held: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        let held: i64 = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         Ok(match held {
             1 => Renewal::Held,
             2 => Renewal::Restored,
@@ -250,20 +342,18 @@ impl RedisStore {
         apps: &AppList,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
         let mut call = self.scripts.apps.key(presence_key(name));
         call.key(apps_key(name));
         call.arg(epoch.to_string()).arg(apps.to_bytes()).arg(lease_ms(lease));
-        let written: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        let written: i64 = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         Ok(written == 1)
     }
 
     pub(super) async fn release(&self, name: &HubName, epoch: u64) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         let mut call = self.scripts.release.key(presence_key(name));
         call.key(apps_key(name));
         call.arg(epoch.to_string());
-        let _: i64 = bounded(call.invoke_async(&mut conn)).await?;
+        let _: i64 = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         Ok(())
     }
 
@@ -271,11 +361,11 @@ impl RedisStore {
         &self,
         name: &HubName,
     ) -> Result<Option<(Presence, Option<AppList>)>, StoreError> {
-        let mut conn = self.conn.clone();
         // One slot (the hash tag), so one MGET reads both under Redis Cluster too.
+        let mut mget = redis::cmd("MGET");
+        mget.arg(presence_key(name)).arg(apps_key(name));
         let (text, apps): (Option<String>, Option<Vec<u8>>) =
-            bounded(redis::cmd("MGET").arg(presence_key(name)).arg(apps_key(name)).query_async(&mut conn))
-                .await?;
+            self.run(|mut conn| async move { mget.query_async(&mut conn).await }).await?;
         let Some(text) = text else { return Ok(None) };
         let presence = Presence::decode(&text).ok_or(StoreError::Garbled(text))?;
         let apps = match apps {
@@ -289,10 +379,9 @@ impl RedisStore {
     }
 
     pub(super) async fn bind(&self, name: &HubName, key: &PublicKey) -> Result<PublicKey, StoreError> {
-        let mut conn = self.conn.clone();
         let mut call = self.scripts.bind.key(binding_key(name));
         call.arg(key.to_string());
-        let bound: String = bounded(call.invoke_async(&mut conn)).await?;
+        let bound: String = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         bound.parse().map_err(|_| StoreError::Garbled(format!("binding {bound:?}")))
     }
 
@@ -302,21 +391,15 @@ impl RedisStore {
         addr: SocketAddr,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let (set, _): (Option<String>, Option<String>) = bounded(
-            redis::pipe()
-                .cmd("SET")
-                .arg(MARKER)
-                .arg("1")
-                .arg("NX")
-                .cmd("SET")
-                .arg(format!("kw:node:{{{node}}}"))
-                .arg(addr.to_string())
-                .arg("PX")
-                .arg(lease_ms(lease))
-                .query_async(&mut conn),
-        )
-        .await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(MARKER).arg("1").arg("NX");
+        pipe.cmd("SET")
+            .arg(format!("kw:node:{{{node}}}"))
+            .arg(addr.to_string())
+            .arg("PX")
+            .arg(lease_ms(lease));
+        let (set, _): (Option<String>, Option<String>) =
+            self.run(|mut conn| async move { pipe.query_async(&mut conn).await }).await?;
         Ok(set.is_some())
     }
 
@@ -331,12 +414,20 @@ fn lease_ms(lease: Duration) -> u64 {
 
 /// Keeps a subscription to the notices channel, re-subscribing after any trouble.
 async fn subscribe(
-    client: redis::Client,
+    source: Arc<Source>,
     notices: broadcast::Sender<Replaced>,
     subscribed: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut subscribed = Some(subscribed);
     loop {
+        let client = match source.client().await {
+            Ok(client) => client,
+            Err(e) => {
+                debug!("cannot find the cluster store for notices: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => match pubsub.subscribe(NOTICES).await {
                 Ok(()) => {
@@ -361,5 +452,35 @@ async fn subscribe(
             Err(e) => debug!("cannot open the cluster notice connection: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_addresses_are_read_or_refused_with_a_reason() {
+        assert!(matches!(Source::parse("redis://127.0.0.1:6379"), Ok(Source::Direct(_))));
+        let one = Source::parse("redis+sentinel://10.0.0.1:26379/kw");
+        assert!(matches!(one, Ok(Source::Sentinel(_))));
+        let three = Source::parse("redis+sentinel://a:26379,b:26379,c:26379/kw");
+        assert!(matches!(three, Ok(Source::Sentinel(_))));
+        for bad in [
+            "redis+sentinel://",
+            "redis+sentinel://a:1",
+            "redis+sentinel://a:1/",
+            "redis+sentinel:///kw",
+            "redis+sentinel://a:1,/kw",
+            "redis+sentinel://a:1/kw/x",
+        ] {
+            match Source::parse(bad) {
+                Err(e @ StoreError::Address { .. }) => {
+                    assert!(e.to_string().contains("redis+sentinel://HOST"), "{e}")
+                }
+                Err(e) => panic!("{bad}: {e}"),
+                Ok(_) => panic!("{bad} accepted"),
+            }
+        }
     }
 }
