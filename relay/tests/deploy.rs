@@ -115,3 +115,56 @@ fn the_cluster_compose_file_runs_redis_with_aof_and_three_nodes_with_their_own_i
     ids.dedup();
     assert_eq!(ids.len(), 3, "every node has its own id");
 }
+
+/// `deploy/k8s/cluster.yaml`: three relay nodes whose ids are their pod names, one Redis with
+/// AOF on a volume, a headless Service, readiness on `/healthz` and a liveness probe that store
+/// trouble (which `/healthz` reports) does not fail.
+#[test]
+fn the_kubernetes_cluster_runs_three_nodes_named_by_their_pods_and_one_redis_with_aof() {
+    let docs = yaml_docs("k8s/cluster.yaml");
+    let sts = |name: &str| {
+        docs.iter().find(|d| d["kind"] == "StatefulSet" && d["metadata"]["name"] == name).unwrap()
+    };
+    let redis = sts("keyway-redis");
+    let args: Vec<&str> = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(args.windows(2).any(|w| w == ["--appendonly", "yes"]), "{args:?}");
+    assert_eq!(redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"], "redis-data");
+
+    let relay = sts("keyway-relay");
+    assert_eq!(relay["spec"]["replicas"], 3);
+    let pod = &relay["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let env = container["env"].as_sequence().unwrap();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).unwrap();
+    assert_eq!(var("KEYWAY_RELAY_NODE_ID")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    assert!(var("KEYWAY_RELAY_ADVERTISE")["value"].as_str().unwrap().ends_with(":4433"));
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/healthz");
+    let liveness = container["livenessProbe"]["httpGet"]["path"].as_str().unwrap();
+    assert_ne!(liveness, "/healthz", "store trouble must not restart a node");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    // Every pod name is a valid node id (the StatefulSet's name plus an ordinal).
+    for ordinal in 0..3 {
+        keyway_relay::cluster::NodeId::new(&format!("keyway-relay-{ordinal}")).unwrap();
+    }
+    let headless = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service" && d["spec"]["clusterIP"] == "None")
+        .filter_map(|d| d["metadata"]["name"].as_str())
+        .collect::<Vec<_>>();
+    assert!(headless.contains(&"keyway-relay") && headless.contains(&"keyway-redis"), "{headless:?}");
+    assert_eq!(relay["spec"]["serviceName"], "keyway-relay");
+
+    // The ConfigMap's relay.toml is accepted by the relay's loader and names the Redis.
+    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, cm["data"]["relay.toml"].as_str().unwrap()).unwrap();
+    let run = load(&path);
+    assert!(run.cluster.unwrap().starts_with("redis://keyway-redis-0.keyway-redis."));
+    assert_eq!(run.hubs, Path::new("/etc/keyway/authorized_hubs"));
+}
