@@ -324,8 +324,9 @@ async fn an_app_at_a_node_without_the_hub_is_redirected_to_the_hubs_node() {
 
 /// A node that does not hold the hub checks an app against the allow-list the hub's node
 /// published before it redirects: a revoked or unknown app is refused there, a listed app or a
-/// pairing is sent on; a new list is published at once, and in full again after the store
-/// lost everything.
+/// pairing is sent on. The list is published once the hub changes it (until then every app is
+/// sent on, to be checked at the hub's node), at once, and in full again after the store lost
+/// everything.
 #[tokio::test]
 async fn a_node_without_the_hub_refuses_apps_the_hubs_published_allow_list_does_not_admit() {
     let redis = RedisServer::start();
@@ -345,6 +346,16 @@ async fn a_node_without_the_hub_refuses_apps_the_hubs_published_allow_list_does_
         }
     };
     let redirect = Frame::Redirect { node: node1.local_addr() };
+    // The list the hub registered with is not in the store (idle hubs cost it nothing).
+    assert_eq!(ask(stranger_conn.clone(), SessionPurpose::Connect).await, redirect);
+    assert_eq!(redis.command("EXISTS kw:{home}:a").lines().next(), Some(":0"));
+    // The hub publishes a list (the same apps, e.g. a pairing window closing): now it is.
+    let same = Frame::AllowList { allowed_apps: vec![listed.public_key()], pairing_open: false };
+    write_frame(&mut control.send, &same).await.unwrap();
+    eventually("the allow-list is in the store", || async {
+        (redis.command("EXISTS kw:{home}:a").lines().next() == Some(":1")).then_some(())
+    })
+    .await;
     assert_eq!(ask(listed_conn.clone(), SessionPurpose::Connect).await, redirect);
     let answer = ask(stranger_conn.clone(), SessionPurpose::Connect).await;
     let Frame::Refused { reason, message } = answer else { panic!("{answer:?}") };

@@ -20,10 +20,12 @@
 //!   node re-asserts its file's bindings whenever it finds that the store lost its state. Run
 //!   Redis with `appendonly yes` (checked and reported at start): the files cover only the
 //!   bindings of nodes that are up.
-//! * **allow-lists** (soft state, with presence): the hub's node publishes the hub's
-//!   allow-list ([`AppList`]) with its claim and again whenever the hub sends a new one (a
-//!   revocation, a pairing), and in full whenever a renewal finds that the store lost it. Only
-//!   the node holding the name's current epoch may write it.
+//! * **allow-lists** (soft state, with presence): once the hub changes its allow-list on its
+//!   tunnel (a revocation, a pairing), its node publishes the whole list ([`AppList`]) at once,
+//!   and again in full whenever a renewal finds that the store lost it. Until then the list the
+//!   hub registered with is known only at its node, which every other node redirects to, so
+//!   idle hubs cost the store nothing for it. Only the node holding the name's current epoch may
+//!   write it; a claim removes an older holder's list.
 //! * an app's `ChannelOpen` for a hub that is not here is answered with the hub's node address
 //!   (`Redirect`), looked up in the store with the allow-list; an app the list does not admit
 //!   is refused here (`AppNotAuthorized`) instead. A list that is missing or stale can only
@@ -292,8 +294,8 @@ impl Cluster {
         }
     }
 
-    /// Records that connection `conn_id` registered `name` here and claims it in the store,
-    /// with the hub's allow-list.
+    /// Records that connection `conn_id` registered `name` here and claims it in the store
+    /// (without an allow-list: see the module doc).
     pub async fn claim(&self, name: &HubName, conn_id: u64) {
         self.claims.insert(name.clone(), Claim { conn_id, epoch: None, listed: false });
         self.stats.claims.set(self.claims.len() as i64);
@@ -301,10 +303,10 @@ impl Cluster {
     }
 
     async fn claim_in_store(&self, name: &HubName, conn_id: u64) {
-        let apps = self.apps_of(name, conn_id);
-        if let Ok(epoch) = self.timed(self.store.claim(name, &self.node, self.addr, self.lease, &apps)).await
+        let none = AppList::default();
+        if let Ok(epoch) = self.timed(self.store.claim(name, &self.node, self.addr, self.lease, &none)).await
         {
-            self.confirm(name, conn_id, epoch, !apps.is_empty());
+            self.confirm(name, conn_id, epoch);
         }
     }
 
@@ -317,12 +319,12 @@ impl Cluster {
     }
 
     /// Sets the epoch of a claim, if the connection still holds it here.
-    fn confirm(&self, name: &HubName, conn_id: u64, epoch: u64, listed: bool) {
+    fn confirm(&self, name: &HubName, conn_id: u64, epoch: u64) {
         let current = self.registry.get(name).is_some_and(|h| h.conn_id == conn_id);
         if let Some(mut claim) = self.claims.get_mut(name) {
             if current && claim.conn_id == conn_id && claim.epoch.is_none_or(|e| e < epoch) {
                 claim.epoch = Some(epoch);
-                claim.listed = listed;
+                claim.listed = false;
             }
         }
     }
@@ -341,8 +343,11 @@ impl Cluster {
         let dirty = std::mem::take(&mut *self.apps_dirty.lock().unwrap_or_else(PoisonError::into_inner));
         for name in dirty {
             let Some(claim) = self.claims.get(&name).map(|c| *c) else { continue };
-            // An unconfirmed claim publishes its list when it is confirmed.
-            let Some(epoch) = claim.epoch else { continue };
+            // An unconfirmed claim publishes its list after it is confirmed (next round).
+            let Some(epoch) = claim.epoch else {
+                self.apps_dirty.lock().unwrap_or_else(PoisonError::into_inner).insert(name);
+                continue;
+            };
             let apps = self.apps_of(&name, claim.conn_id);
             match self.timed(self.store.publish_apps(&name, epoch, &apps, self.lease)).await {
                 Ok(true) => {

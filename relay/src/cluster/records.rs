@@ -131,8 +131,8 @@ pub enum Renewal {
 /// and a prefix that matches by chance (2^-64 per pair; 2^64 key generations to forge) only
 /// earns a redirect to the hub's node, which checks the whole key. Soft state like presence:
 /// a missing list means "not known here", and the app is redirected to be checked there. (A
-/// hub that registers with no apps stores no list, to keep idle hubs cheap; once its list
-/// changes, an empty one is stored too, so that revoking the last app is refused everywhere.)
+/// hub's list is stored only once the hub changed it on its tunnel, to keep idle hubs cheap;
+/// an empty one is stored too, so that revoking the last app is refused everywhere.)
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AppList(Vec<[u8; 8]>);
 

@@ -310,7 +310,7 @@ impl RedisStore {
         let mut call = self.scripts.claim.key(presence_key(name));
         call.key(apps_key(name));
         call.arg(node.as_str()).arg(addr.to_string()).arg(lease_ms(lease)).arg(NOTICES).arg(name.as_str());
-        // A hub that registers with no apps stores no list (see `AppList`).
+        // Empty: no list is stored, and an older holder's is removed (see `AppList`).
         call.arg(if apps.is_empty() { Vec::new() } else { apps.to_bytes() });
         let epoch: String = self.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await?;
         epoch.parse().map_err(|_| StoreError::Garbled(format!("epoch {epoch:?}")))
