@@ -29,8 +29,9 @@ use crate::Record;
 /// What the hubs register with.
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// The real relay binary.
-    Relay { bin: PathBuf, open: bool },
+    /// The real relay binary: `nodes` processes (hub `i` registers at node `i % nodes`),
+    /// nodes of one cluster sharing the store at `cluster` (`--cluster`, node ids `node-1`…).
+    Relay { bin: PathBuf, open: bool, nodes: usize, cluster: Option<String> },
     /// `keyway-loadtest bare-server` (this binary) with these transport knobs.
     Bare { loadtest_bin: PathBuf, knobs: Knobs },
 }
@@ -53,21 +54,25 @@ pub struct IdleOpts {
 }
 
 enum Server {
-    Relay(RelayProc),
-    Bare(BareProc),
+    Relays(Vec<RelayProc>),
+    Bare(Box<BareProc>),
 }
 
 impl Server {
+    /// The usage of all its processes together.
     fn usage(&self) -> anyhow::Result<ProcUsage> {
         match self {
-            Server::Relay(r) => r.usage(),
+            Server::Relays(nodes) => nodes.iter().try_fold(ProcUsage { rss_kib: 0, cpu_s: 0.0 }, |sum, r| {
+                let u = r.usage()?;
+                Ok(ProcUsage { rss_kib: sum.rss_kib + u.rss_kib, cpu_s: sum.cpu_s + u.cpu_s })
+            }),
             Server::Bare(b) => b.usage(),
         }
     }
-    fn addr_key(&self) -> (SocketAddr, PublicKey) {
+    fn targets(&self) -> Vec<(SocketAddr, PublicKey)> {
         match self {
-            Server::Relay(r) => (r.addr, r.key),
-            Server::Bare(b) => (b.addr, b.key),
+            Server::Relays(nodes) => nodes.iter().map(|r| (r.addr, r.key)).collect(),
+            Server::Bare(b) => vec![(b.addr, b.key)],
         }
     }
 }
@@ -82,18 +87,32 @@ struct Held {
 pub async fn run(opts: &IdleOpts) -> anyhow::Result<Vec<Record>> {
     let max = opts.counts.iter().copied().max().unwrap_or(0);
     let (server, label) = match &opts.target {
-        Target::Relay { bin, open } => {
+        Target::Relay { bin, open, nodes, cluster } => {
             let policy = if *open {
                 Policy::Open
             } else {
                 let hubs = (0..max as u32).map(|i| (hub_name(i), identity_for(4, i).public_key())).collect();
                 Policy::Closed(hubs)
             };
-            let label = if *open { "relay-open" } else { "relay" };
-            (Server::Relay(RelayProc::start(bin, &policy, &opts.env).await?), label.to_owned())
+            let mut label = if *open { "relay-open" } else { "relay" }.to_owned();
+            let mut relays = Vec::new();
+            for n in 1..=(*nodes).max(1) {
+                let mut env = opts.env.clone();
+                if let Some(url) = cluster {
+                    env.push(("KEYWAY_RELAY_CLUSTER".into(), url.clone()));
+                    env.push(("KEYWAY_RELAY_NODE_ID".into(), format!("node-{n}")));
+                }
+                relays.push(RelayProc::start(bin, &policy, &env).await?);
+            }
+            if cluster.is_some() {
+                label = format!("{label} cluster x{}", relays.len());
+            } else if relays.len() > 1 {
+                label = format!("{label} x{}", relays.len());
+            }
+            (Server::Relays(relays), label)
         }
         Target::Bare { loadtest_bin, knobs } => (
-            Server::Bare(BareProc::start(loadtest_bin, *knobs, &opts.env).await?),
+            Server::Bare(Box::new(BareProc::start(loadtest_bin, *knobs, &opts.env).await?)),
             format!("bare-quinn-{}", knobs.as_str()),
         ),
     };
@@ -105,7 +124,7 @@ pub async fn run(opts: &IdleOpts) -> anyhow::Result<Vec<Record>> {
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let baseline = server.usage()?;
-    let (addr, key) = server.addr_key();
+    let targets = server.targets();
 
     // Client side: lean windows keep the generator's own memory down (nothing is sent anyway);
     // the keep-alive is the hub connector's default, so the server sees realistic idle traffic.
@@ -131,6 +150,7 @@ pub async fn run(opts: &IdleOpts) -> anyhow::Result<Vec<Record>> {
         for i in first..count {
             let permit = sem.clone().acquire_owned().await?;
             let endpoint = endpoints[i % n_endpoints].clone();
+            let (addr, key) = targets[i % targets.len()];
             let transport = transport.clone();
             let apps = apps.clone();
             tasks.spawn(async move {
@@ -155,7 +175,7 @@ pub async fn run(opts: &IdleOpts) -> anyhow::Result<Vec<Record>> {
         let n = held.len().max(1) as f64;
         let cpu = (after.cpu_s - before.cpu_s) / opts.hold.as_secs_f64() * 100.0;
         records.push(json!({
-            "scenario": "idle-hubs", "server": label, "hubs": held.len(), "failures": failures,
+            "scenario": "idle-hubs", "server": label, "nodes": targets.len(), "hubs": held.len(), "failures": failures,
             "endpoints": n_endpoints, "baseline_rss_kib": baseline.rss_kib, "rss_kib": after.rss_kib,
             "per_hub_kib": round((after.rss_kib.saturating_sub(baseline.rss_kib)) as f64 / n, 2),
             "idle_cpu_pct": round(cpu, 2), "hold_s": opts.hold.as_secs_f64(),

@@ -75,6 +75,12 @@ enum Command {
         /// Relay with the open name policy instead of a generated authorized_hubs.
         #[arg(long)]
         open: bool,
+        /// Relay processes; hub i registers at node i % N (RSS and CPU are their sums).
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Make the nodes one cluster sharing this store (`redis://HOST:PORT`).
+        #[arg(long, value_name = "URL")]
+        cluster: Option<String>,
         /// Register with a bare quinn server using these knobs instead of the relay.
         #[arg(long, value_enum)]
         bare: Option<Knobs>,
@@ -221,10 +227,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             finish(&common, bulk::run(&opts).await?)
         }
-        Command::IdleHubs { common, counts, hold, hubs_per_endpoint, concurrency, open, bare, env } => {
+        Command::IdleHubs {
+            common,
+            counts,
+            hold,
+            hubs_per_endpoint,
+            concurrency,
+            open,
+            nodes,
+            cluster,
+            bare,
+            env,
+        } => {
             let target = match bare {
                 Some(knobs) => idle::Target::Bare { loadtest_bin: std::env::current_exe()?, knobs },
-                None => idle::Target::Relay { bin: relay_bin(&common)?, open },
+                None => idle::Target::Relay { bin: relay_bin(&common)?, open, nodes, cluster },
             };
             let env = env
                 .iter()

@@ -50,7 +50,7 @@ async fn bulk_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_hubs_run_against_relay_and_bare_server() {
     let mut opts = idle::IdleOpts {
-        target: idle::Target::Relay { bin: relay_bin(), open: false },
+        target: idle::Target::Relay { bin: relay_bin(), open: false, nodes: 1, cluster: None },
         counts: vec![5, 10],
         hold: Duration::from_millis(200),
         hubs_per_endpoint: 4,
@@ -64,7 +64,7 @@ async fn idle_hubs_run_against_relay_and_bare_server() {
     assert_eq!(records[1]["hubs"], 10);
     plots(&records);
 
-    opts.target = idle::Target::Relay { bin: relay_bin(), open: true };
+    opts.target = idle::Target::Relay { bin: relay_bin(), open: true, nodes: 1, cluster: None };
     let records = idle::run(&opts).await.expect("idle against open relay");
     assert!(records.iter().all(|r| r["failures"] == 0), "{records:?}");
 
