@@ -124,6 +124,10 @@ enum Command {
         /// Raw mode: first registrations in flight while the hubs come up.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Raw mode: attempts this generator works on at once during the storm (0: all hubs
+        /// at once; on a machine shared with the relay the generator then collapses first).
+        #[arg(long, default_value_t = 0)]
+        generator_in_flight: usize,
     },
     /// Raw hubs dialing and registering at fixed arrival rates: the relay's handshake ceiling and
     /// CPU-seconds per handshake on each side.
@@ -271,6 +275,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             retry_threshold,
             max_handshakes_in_flight,
             concurrency,
+            generator_in_flight,
             ..
         } => {
             let opts = storm_raw::RawStormOpts {
@@ -284,6 +289,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 max_handshakes_in_flight,
                 deadline,
                 concurrency,
+                generator_in_flight,
                 quiet: common.quiet,
             };
             finish(&common, storm_raw::run(&opts).await?)

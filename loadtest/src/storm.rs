@@ -65,12 +65,15 @@ pub async fn run(opts: &StormOpts) -> anyhow::Result<Vec<Record>> {
     }
     bar.finish_and_clear();
     let base: Vec<u64> = hubs.iter().map(|h| h.stats().registrations()).collect();
+    let before = relay.usage()?;
 
     let t0 = Instant::now();
     relay.stop(&opts.signal).await?;
     let down = t0.elapsed();
     relay.restart().await?;
     let relay_up = t0.elapsed();
+    let start_usage = relay.usage()?;
+    let (mut end_usage, mut peak_rss) = (start_usage, start_usage.rss_kib);
 
     let bar = crate::common::progress(n as u64, "hubs back", opts.quiet);
     let mut back: Vec<Option<Duration>> = vec![None; hubs.len()];
@@ -83,9 +86,14 @@ pub async fn run(opts: &StormOpts) -> anyhow::Result<Vec<Record>> {
                 bar.inc(1);
             }
         }
+        if let Ok(u) = relay.usage() {
+            peak_rss = peak_rss.max(u.rss_kib);
+            end_usage = u;
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     bar.finish_and_clear();
+    let storm_s = (t0.elapsed() - relay_up).as_secs_f64().max(0.001);
 
     let times: Vec<f64> = back.iter().flatten().map(Duration::as_secs_f64).collect();
     let last = times.iter().copied().fold(0.0, f64::max);
@@ -102,7 +110,11 @@ pub async fn run(opts: &StormOpts) -> anyhow::Result<Vec<Record>> {
         "scenario": "storm", "hubs": opts.hubs, "signal": opts.signal, "failures": left,
         "relay_down_s": round(down.as_secs_f64(), 3), "relay_up_s": round(relay_up.as_secs_f64(), 3),
         "first_back_s": round(times.iter().copied().fold(f64::INFINITY, f64::min), 3),
-        "p50_back_s": round(percentile(&mut sorted, 50.0), 3), "all_back_s": round(last, 3),
+        "p50_back_s": round(percentile(&mut sorted, 50.0), 3),
+        "p99_back_s": round(percentile(&mut sorted, 99.0), 3), "all_back_s": round(last, 3),
+        "relay_cpu_pct": round((end_usage.cpu_s - start_usage.cpu_s) / storm_s * 100.0, 1),
+        "relay_rss_before_mib": before.rss_kib / 1024, "relay_peak_rss_mib": peak_rss / 1024,
+        "load_avg": crate::storm_raw::load_avg(),
         "peak_per_100ms": buckets.iter().max().copied().unwrap_or(0),
         "extra_registrations": extra, "bucket_ms": BUCKET.as_millis() as u64, "buckets": buckets,
         "ping_interval_s": opts.ping_interval.as_secs_f64(), "time": unix_time(),

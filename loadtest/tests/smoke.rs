@@ -106,6 +106,7 @@ async fn raw_storm_brings_every_hub_back_after_term_and_kill() {
         max_handshakes_in_flight: 256,
         deadline: Duration::from_secs(60),
         concurrency: 4,
+        generator_in_flight: 2,
         quiet: true,
     };
     let term = storm_raw::run(&opts).await.expect("raw storm, TERM");
