@@ -1,7 +1,9 @@
 //! Bulk throughput: app → relay → hub → local echo service → back (one end-to-end QUIC
 //! connection whose packets the relay forwards without decrypting them), beside a direct quinn
 //! connection that carries the same payload the same way (client writes, server echoes on the
-//! same stream) as the physical reference.
+//! same stream) as the physical reference, and (`direct-tcp`) a direct quinn connection whose
+//! server bridges each stream to a local TCP echo service as the hub does, so that
+//! relayed / direct-tcp is what the relay and the path sockets cost, the TCP hop aside.
 //!
 //! The number reported is goodput in one direction (bytes echoed back per second) while both
 //! directions are loaded, for 1 stream and for N parallel streams, and for the relayed paths
@@ -23,6 +25,7 @@ use serde_json::json;
 
 use crate::common::{echo_transfer, identity_for, median, round, unix_time, ProcUsage};
 use crate::Record;
+use keyway_test_support::try_echo_service;
 
 /// Options of the bulk scenario.
 #[derive(Debug, Clone)]
@@ -44,7 +47,8 @@ pub struct BulkOpts {
 pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
     let setup = crate::common::OneHub::start(&opts.relay_bin, (1, 2)).await?;
     let client = Client::new(ClientConfig::new(setup.app.duplicate(), setup.relay.addr, setup.relay.key))?;
-    let direct = DirectServer::start().await?;
+    let direct = DirectServer::start(None).await?;
+    let bridged = DirectServer::start(Some(try_echo_service(b"").await?)).await?;
     let (name, hub_key) = (setup.name.clone(), setup.hub_key);
 
     let mut records = Vec::new();
@@ -63,10 +67,11 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
                 // wall time from the common start to the last echoed byte.
                 let before = setup.relay.usage()?.cpu_s;
                 let own_before = ProcUsage::read(std::process::id())?.cpu_s;
-                let slowest = if path == "direct" {
+                let slowest = if path == "direct" || path == "direct-tcp" {
+                    let server = if path == "direct" { &direct } else { &bridged };
                     let mut set = Vec::with_capacity(streams);
                     for _ in 0..streams {
-                        let (send, recv) = direct.conn.open_bi().await?;
+                        let (send, recv) = server.conn.open_bi().await?;
                         set.push(tokio::io::join(recv, send));
                     }
                     transfer_all(set, per_stream).await?
@@ -83,7 +88,7 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
                 let gbps = total as f64 * 8.0 / slowest.as_secs_f64() / 1e9;
                 // Both directions cross the relay: 2 × total payload bytes.
                 let gib = 2.0 * total as f64 / f64::from(1u32 << 30);
-                let cpu_per_gib = if path == "direct" { None } else { Some(round(relay_cpu_s / gib, 3)) };
+                let cpu_per_gib = (path == "relayed").then(|| round(relay_cpu_s / gib, 3));
                 // Both ends (direct) or app, hub and echo service (relayed): what the path costs
                 // outside the relay, per GiB of payload in each direction as for the relay.
                 let ends_cpu_per_gib = round(own_cpu_s / gib, 3);
@@ -110,10 +115,14 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
             median(&mut v)
         };
         let (direct_gbps, relayed_gbps) = (pick("direct", "gbps"), pick("relayed", "gbps"));
+        let bridged_gbps = pick("direct-tcp", "gbps");
         records.push(json!({
             "scenario": "bulk", "kind": "summary", "streams": streams, "repeat": opts.repeat,
             "bytes": opts.bytes, "direct_gbps": round(direct_gbps, 3), "relayed_gbps": round(relayed_gbps, 3),
             "ratio": round(relayed_gbps / direct_gbps, 3),
+            "direct_tcp_gbps": round(bridged_gbps, 3),
+            "ratio_same_shape": round(relayed_gbps / bridged_gbps, 3),
+            "direct_tcp_ends_cpu_s_per_gib": round(pick("direct-tcp", "ends_cpu_s_per_gib"), 3),
             "relay_cpu_s_per_gib": round(pick("relayed", "relay_cpu_s_per_gib"), 3),
             "direct_ends_cpu_s_per_gib": round(pick("direct", "ends_cpu_s_per_gib"), 3),
             "relayed_ends_cpu_s_per_gib": round(pick("relayed", "ends_cpu_s_per_gib"), 3),
@@ -126,7 +135,7 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
 }
 
 /// The paths measured, in the order each repetition runs them.
-pub const PATHS: [&str; 2] = ["direct", "relayed"];
+pub const PATHS: [&str; 3] = ["direct", "direct-tcp", "relayed"];
 
 /// Runs [`echo_transfer`] on every stream at once; returns the wall time until all are done.
 async fn transfer_all<S>(streams: Vec<S>, bytes: u64) -> anyhow::Result<Duration>
@@ -144,8 +153,9 @@ where
     Ok(start.elapsed())
 }
 
-/// A quinn server that echoes every bidirectional stream, with the relay's crypto (Ed25519
-/// raw keys, ring) and the relay's transport defaults, plus a connection to it.
+/// A quinn server that echoes every bidirectional stream (or, given `bridge_to`, bridges it to
+/// that TCP service with `copy_bidirectional` as the hub does), with the relay's crypto
+/// (Ed25519 raw keys, ring) and the relay's transport defaults, plus a connection to it.
 struct DirectServer {
     _server: quinn::Endpoint,
     _client: quinn::Endpoint,
@@ -153,7 +163,7 @@ struct DirectServer {
 }
 
 impl DirectServer {
-    async fn start() -> anyhow::Result<Self> {
+    async fn start(bridge_to: Option<SocketAddr>) -> anyhow::Result<Self> {
         let server_id = identity_for(3, 0);
         let crypto = quic_server_crypto(&server_id, Arc::new(AnyKey), ALPN_RELAY)?;
         let mut config = quinn::ServerConfig::with_crypto(crypto);
@@ -169,7 +179,20 @@ impl DirectServer {
                     let Ok(conn) = incoming.await else { return };
                     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                         tokio::spawn(async move {
-                            let _ = tokio::io::copy(&mut recv, &mut send).await;
+                            match bridge_to {
+                                None => {
+                                    let _ = tokio::io::copy(&mut recv, &mut send).await;
+                                }
+                                Some(service) => {
+                                    let Ok(mut tcp) = tokio::net::TcpStream::connect(service).await else {
+                                        return;
+                                    };
+                                    let _ = tcp.set_nodelay(true);
+                                    let mut quic = tokio::io::join(recv, send);
+                                    let _ = tokio::io::copy_bidirectional(&mut quic, &mut tcp).await;
+                                    return;
+                                }
+                            }
                             let _ = send.finish();
                         });
                     }

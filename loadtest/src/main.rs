@@ -52,8 +52,8 @@ enum Command {
         /// Runs per configuration (median reported).
         #[arg(long, default_value_t = 3)]
         repeat: usize,
-        /// Paths to measure: direct, relayed.
-        #[arg(long, value_delimiter = ',', default_value = "direct,relayed")]
+        /// Paths to measure: direct, direct-tcp (direct with the hub's TCP hop), relayed.
+        #[arg(long, value_delimiter = ',', default_value = "direct,direct-tcp,relayed")]
         paths: Vec<String>,
     },
     /// Many idle registered hubs: server RSS per hub and idle CPU.
