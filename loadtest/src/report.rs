@@ -76,13 +76,17 @@ pub fn table(dir: &Path, machine: &str) -> anyhow::Result<String> {
     for r in load("storm.jsonl")?.iter().filter(|r| r["mode"] == "raw") {
         writeln!(
             out,
-            "| storm | {} raw hubs over {} sources (per-IP {}/s burst {}, Retry above {}/s, {} handshakes in flight), relay {} SIG{} + restart | all back after **{} s** (p50 {} s, p99 {} s), peak {} handshakes/s, relay {} % CPU, RSS {} MiB peak ({} MiB before), {} resets / {} GoAways seen, {} refused + {} timed out attempts, **{} failures**, load {} |",
+            "| storm | {} raw hubs over {} sources (per-IP {}/s burst {}, Retry above {}/s, {}), relay {} SIG{} + restart | all back after **{} s** (p50 {} s, p99 {} s), peak {} handshakes/s, relay {} % CPU, RSS {} MiB peak ({} MiB before), {} resets / {} GoAways seen, {} refused + {} timed out attempts, **{} failures**, load {} |",
             f(r, "hubs"),
             f(r, "sources"),
             f(r, "per_ip_rate"),
             f(r, "per_ip_burst"),
             f(r, "retry_threshold"),
-            f(r, "max_handshakes_in_flight"),
+            match r["max_handshakes_in_flight"].as_u64() {
+                Some(0) => "no handshake cap".to_owned(),
+                Some(n) => format!("at most {n} handshakes in flight"),
+                None => "–".to_owned(),
+            },
             f(r, "relay"),
             f(r, "signal"),
             f(r, "all_back_s"),
