@@ -20,9 +20,16 @@ struct Node {
     metrics: SocketAddr,
 }
 
-fn spawn_node(dir: &Path, id: &str, redis: &RedisServer, addr: SocketAddr, metrics: SocketAddr) -> Bin {
+fn spawn_node_with(
+    dir: &Path,
+    id: &str,
+    redis: &RedisServer,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    extra: &[&str],
+) -> Bin {
     let (addr, metrics, url) = (addr.to_string(), metrics.to_string(), redis.url());
-    let args = [
+    let mut args = vec![
         "run",
         "--listen",
         &addr,
@@ -39,16 +46,22 @@ fn spawn_node(dir: &Path, id: &str, redis: &RedisServer, addr: SocketAddr, metri
         "--cluster-lease",
         "3s",
     ];
+    args.extend_from_slice(extra);
     Bin::spawn("keyway-relay", &args, dir)
 }
 
 /// `n` nodes in `dir` (which holds the key file and `authorized_hubs`), all up.
 async fn nodes(dir: &Path, redis: &RedisServer, n: usize) -> Vec<Node> {
+    nodes_with(dir, redis, n, &[]).await
+}
+
+/// [`nodes`] with `extra` flags for every node.
+async fn nodes_with(dir: &Path, redis: &RedisServer, n: usize, extra: &[&str]) -> Vec<Node> {
     let mut nodes = Vec::new();
     for i in 1..=n {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let bin = spawn_node(dir, &format!("node-{i}"), redis, addr, metrics);
+        let bin = spawn_node_with(dir, &format!("node-{i}"), redis, addr, metrics, extra);
         nodes.push(Node { bin, addr, metrics });
     }
     for node in &nodes {
@@ -335,4 +348,88 @@ async fn echo(stream: &mut keyway_client::HubStream, data: &[u8]) {
     let mut back = vec![0u8; data.len()];
     within("echo", stream.read_exact(&mut back)).await.unwrap();
     assert_eq!(back, data);
+}
+
+/// Measurement, not run by CI (`--ignored`): a reconnect storm after SIGKILL of the node that
+/// holds every hub. `KEYWAY_STORM_HUBS` connectors (default 300) are given all three nodes with
+/// the one key, node 1 first, and a hub ping of `KEYWAY_STORM_PING_SECS` (default: the
+/// connector's own, 20 s); prints when half and all of them are registered at the other nodes.
+///
+/// `flock /work/bench.lock cargo test --release -p keyway-e2e --test cluster storm -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (minutes); run by hand"]
+async fn storm_after_the_node_holding_every_hub_is_killed() {
+    let hubs: usize = std::env::var("KEYWAY_STORM_HUBS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let ping =
+        std::env::var("KEYWAY_STORM_PING_SECS").ok().and_then(|v| v.parse().ok()).map(Duration::from_secs);
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Identity::from_seed(fresh_seed());
+    cluster.save(&dir.path().join("relay.key")).unwrap();
+    let ids: Vec<Identity> = (0..hubs).map(|_| identity()).collect();
+    let names: Vec<String> = (0..hubs).map(|i| format!("hub{i}")).collect();
+    let list: Vec<(&str, PublicKey)> =
+        names.iter().map(String::as_str).zip(ids.iter().map(|i| i.public_key())).collect();
+    write_hubs(&dir.path().join("authorized_hubs"), &list);
+    // Every hub dials from 127.0.0.1 here: lift the per-source limits, which real hubs (one
+    // home line each) never meet, as the load tests do.
+    let lifted = [
+        "--new-connections-per-ip",
+        "0",
+        "--max-unauthorized-connections",
+        "0",
+        "--retry-threshold",
+        "4294967295",
+    ];
+    let mut nodes = nodes_with(dir.path(), &redis, 3, &lifted).await;
+    let apps = dir.path().join("authorized_apps");
+    write_apps(&apps, &[identity().public_key()]);
+    let service = echo_service(b"").await;
+    let mut handles = Vec::new();
+    for (id, hub_name) in ids.iter().zip(&names) {
+        let first = nodes.first().unwrap();
+        let mut config = HubConfig::new(
+            first.addr,
+            cluster.public_key(),
+            name(hub_name),
+            id.duplicate(),
+            apps.clone(),
+            service,
+        );
+        for node in nodes.iter().skip(1) {
+            config = config.with_relay(node.addr, cluster.public_key());
+        }
+        if let Some(ping) = ping {
+            config.ping_interval = ping;
+        }
+        handles.push(keyway_hub::start(config).await.expect("hub starts"));
+    }
+    let everyone = hubs as f64;
+    eventually("every hub at node 1", || async { (hubs_on(&nodes[0]) == everyone).then_some(()) }).await;
+    let ping_text = ping.map_or("20 s (default)".to_owned(), |p| format!("{p:?}"));
+    let node1 = nodes.get_mut(0).unwrap();
+    let killed = std::time::Instant::now();
+    let _ = node1.bin.child.kill();
+    let _ = node1.bin.child.wait();
+    let (mut half, mut all) = (None, None);
+    let deadline = killed + Duration::from_secs(180);
+    while all.is_none() && std::time::Instant::now() < deadline {
+        let moved: f64 = nodes.iter().skip(1).map(hubs_on).sum();
+        if half.is_none() && moved >= everyone / 2.0 {
+            half = Some(killed.elapsed());
+        }
+        if moved >= everyone {
+            all = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let split: Vec<f64> = nodes.iter().skip(1).map(hubs_on).collect();
+    println!(
+        "storm: {hubs} hubs, ping {ping_text}: node 1 SIGKILLed → half at other nodes after {half:?}, all after {all:?} (split {split:?}); loadavg {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+    assert!(all.is_some(), "every hub re-homed");
+    for hub in handles {
+        hub.shutdown().await;
+    }
 }
