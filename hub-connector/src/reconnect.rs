@@ -1,7 +1,7 @@
 //! The reconnect policy: which delay after which end of a tunnel attempt.
 //!
 //! Pure (the random source is a parameter, no clock, no socket), so every rule is a unit test;
-//! the tunnel task ([`crate::tunnel`]) and the load generator's raw hubs (`keyway-loadtest
+//! the tunnel task (`tunnel`) and the load generator's raw hubs (`keyway-loadtest
 //! storm --raw`) both call it, so a storm measured there follows the connector's own rules.
 //!
 //! The rules, and why:

@@ -57,7 +57,7 @@ pub struct RawStormOpts {
     /// Registrations in flight while the hubs first come up (before the storm).
     pub concurrency: usize,
     /// Attempts (dial and `Register`) this generator works on at once during the storm; the
-    /// others wait for a turn before they dial (0: no bound). See [`Ctx::attempts`].
+    /// others wait for a turn before they dial (0: no bound). See `Ctx::attempts`.
     pub generator_in_flight: usize,
     pub quiet: bool,
 }
