@@ -112,12 +112,14 @@ pub(crate) struct ForwardingSocket {
 }
 
 impl ForwardingSocket {
-    /// Wraps `socket` through `quinn::default_runtime()` (so quinn-udp's GRO/GSO/ECN handling
-    /// stays) and forwards the channels in `channels`.
-    pub fn wrap(socket: std::net::UdpSocket, channels: Arc<Channels>) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-        let runtime = quinn::default_runtime().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::Unsupported, "no async runtime for the UDP socket")
-        })?;
+    /// Wraps `socket` through `runtime` (a tokio-based quinn runtime, so quinn-udp's
+    /// GRO/GSO/ECN handling stays; the relay's registers it with its I/O thread) and forwards
+    /// the channels in `channels`.
+    pub fn wrap(
+        socket: std::net::UdpSocket,
+        channels: Arc<Channels>,
+        runtime: &dyn quinn::Runtime,
+    ) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         let inner = runtime.wrap_udp_socket(socket)?;
         let _ = channels.socket.set(inner.clone());
         Ok(Arc::new(Self { inner, channels }))

@@ -52,16 +52,6 @@ impl IoThread {
         Ok(Self { handle, _stop: stop })
     }
 
-    /// Registers `socket` with this thread's reactor, so its readiness wakes this thread only.
-    pub fn wrap_udp_socket(
-        &self,
-        socket: std::net::UdpSocket,
-        wrap: impl FnOnce(std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>>,
-    ) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-        let _context = self.handle.enter();
-        wrap(socket)
-    }
-
     /// The runtime to give `Endpoint::new_with_abstract_socket`: see [`SplitRuntime`].
     pub fn runtime(&self) -> Arc<dyn Runtime> {
         Arc::new(SplitRuntime {
@@ -78,9 +68,9 @@ impl fmt::Debug for IoThread {
     }
 }
 
-/// quinn's tokio runtime, except that the first future spawned (the endpoint driver) runs on
-/// the I/O thread and the others (connection drivers) on the main runtime. Timers are tokio's,
-/// created where they are polled.
+/// quinn's tokio runtime, except that sockets are registered with the I/O thread's reactor and
+/// the first future spawned (the endpoint driver) runs there, the others (connection drivers)
+/// on the main runtime. Timers are tokio's, created where they are polled.
 #[derive(Debug)]
 struct SplitRuntime {
     io: Handle,
@@ -102,8 +92,8 @@ impl Runtime for SplitRuntime {
     }
 
     fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-        // Only reached through `Endpoint::rebind`, which the relay never calls; registered with
-        // the I/O thread like the first socket all the same.
+        // Registered with the I/O thread's reactor, so the socket's readiness wakes that thread
+        // only (the relay's socket, through `ForwardingSocket::wrap`; `Endpoint::rebind` too).
         let _context = self.io.enter();
         quinn::TokioRuntime.wrap_udp_socket(socket)
     }

@@ -96,8 +96,8 @@ impl Relay {
         let socket = bind_socket(config.listen).await?;
         // The socket and the endpoint driver get a thread of their own (see `io_thread`).
         let io_thread = IoThread::start().map_err(RelayError::IoThread)?;
-        let socket = io_thread
-            .wrap_udp_socket(socket, |socket| ForwardingSocket::wrap(socket, Arc::clone(&channels)))
+        let runtime = io_thread.runtime();
+        let socket = ForwardingSocket::wrap(socket, Arc::clone(&channels), &*runtime)
             .map_err(|source| RelayError::Bind { addr: config.listen, source })?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             keyway_proto::tls::node_endpoint_config(
@@ -106,7 +106,7 @@ impl Relay {
             ),
             Some(server_config),
             socket,
-            io_thread.runtime(),
+            runtime,
         )?;
         let local_addr = endpoint.local_addr()?;
         let public_key = config.identity.public_key();
