@@ -1,10 +1,10 @@
-//! Connection IDs that say which relay node owns them, so that a UDP load balancer in front of a
-//! cluster can send every packet of a connection to its node even after the peer's address
-//! changed (the QUIC-LB idea, draft-ietf-quic-load-balancers, its plaintext algorithm).
+//! The connection IDs a relay issues: IDs that say which relay node owns them, so that a UDP
+//! load balancer in front of a cluster can send every packet of a connection to its node even
+//! after the peer's address changed (the QUIC-LB idea, draft-ietf-quic-load-balancers, its
+//! plaintext algorithm), and, for a single relay, IDs that tell such a balancer nothing.
 //!
 //! A relay started with a node id (`--node-id`) issues only connection IDs of this layout
-//! ([`NodeCidGenerator`], set by [`crate::tls::node_endpoint_config`]); without one, the relay
-//! keeps quinn's 8-byte hashed IDs as before. [`CID_LEN`] = 12 octets:
+//! ([`NodeCidGenerator`], set by [`crate::tls::node_endpoint_config`]). [`CID_LEN`] = 12 octets:
 //!
 //! ```text
 //! octet  0      config rotation (2 bits, 00) | length of the rest (6 bits, 11)  = 0x0b
@@ -12,6 +12,10 @@
 //! octets 3-7    nonce: 40 random bits, drawn per ID
 //! octets 8-11   tag: HMAC-SHA256(node's connection-ID key, octets 0-7), first 4 octets
 //! ```
+//!
+//! A single relay (no node id) issues [`RelayCidGenerator`]'s IDs, also 12 octets: octets 0-7
+//! are 62 random bits under a first octet whose top two bits are `11` (QUIC-LB's "route by
+//! 4-tuple": a balancer must not read a node in them), octets 8-11 the same tag.
 //!
 //! What a load balancer does: for a QUIC packet whose destination connection ID is 12 octets
 //! long and starts with `0x0b`, octets 1-2 name the node ([`decode`]); any other packet (a
@@ -25,8 +29,17 @@
 //! node's secret, which is derived from the relay key *and* the node id, so a node restarted
 //! after a crash recognises (and resets) its previous run's IDs, while a sibling never does:
 //! a packet that reached the wrong node is dropped, never answered with a reset that would kill
-//! a live connection (`relay/tests/cluster.rs`). Pure: no I/O but the system's random source,
-//! no panics.
+//! a live connection (`relay/tests/cluster.rs`).
+//!
+//! Why so many random bits: the key outlives a run, so the IDs of a restarted relay are drawn
+//! from the same space as its previous run's, and quinn only keeps IDs unique *within* a run.
+//! A packet of the previous run whose ID the new run happens to have issued again goes to that
+//! new connection, which cannot decrypt it and drops it: no reset, and that hub waits for its
+//! idle timeout. Each connection holds 5 IDs (quinn's client accepts 5), so with quinn's
+//! hashed IDs (24 random bits) a restart under 1 000 hubs left one of them without a reset
+//! every few runs and under 10 000 about one in a thousand; 62 bits (40 for a node, whose
+//! server id takes 16) make that about one in 10¹² per hub. Pure: no I/O but the system's
+//! random source, no panics.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,23 +98,16 @@ pub fn decode(cid: &[u8]) -> Option<ServerId> {
     Some(ServerId(u16::from_be_bytes([*id.first()?, *id.get(1)?])))
 }
 
-/// quinn's connection-ID generator for one node (see the module doc).
-pub struct NodeCidGenerator {
-    server: ServerId,
+/// The keyed half both layouts share: the tag over an ID's head, and the nonce.
+struct Keyed {
     key: ring::hmac::Key,
     /// Counts IDs drawn while the system's random source failed (see `nonce`).
     fallback: AtomicU64,
 }
 
-impl NodeCidGenerator {
-    /// The generator of node `server`, whose tags are keyed by `secret` (the node's derived
-    /// connection-ID secret).
-    pub fn new(server: ServerId, secret: &[u8; 32]) -> Self {
-        Self {
-            server,
-            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
-            fallback: AtomicU64::new(0),
-        }
+impl Keyed {
+    fn new(secret: &[u8; 32]) -> Self {
+        Self { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret), fallback: AtomicU64::new(0) }
     }
 
     fn tag(&self, head: &[u8]) -> [u8; TAG.end - TAG.start] {
@@ -114,8 +120,8 @@ impl NodeCidGenerator {
     }
 
     /// A fresh nonce: random bits from the system. Should the system's source ever fail, an HMAC
-    /// of a counter under the node's key stands in: still unique in this process and
-    /// unpredictable to anyone without the key.
+    /// of a counter under the key stands in: still unique in this process and unpredictable to
+    /// anyone without the key.
     fn nonce(&self, out: &mut [u8]) {
         if getrandom::fill(out).is_ok() {
             return;
@@ -123,7 +129,7 @@ impl NodeCidGenerator {
         let n = self.fallback.fetch_add(1, Ordering::Relaxed);
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        // 0xff first: never the head of an ID (that starts with FIRST_OCTET).
+        // 0xff first: never the head of a node's ID (that starts with FIRST_OCTET).
         let mut input = vec![0xff];
         input.extend_from_slice(&n.to_be_bytes());
         input.extend_from_slice(&nanos.to_be_bytes());
@@ -132,17 +138,50 @@ impl NodeCidGenerator {
             *o = *t;
         }
     }
+
+    /// Writes the tag of `cid`'s head behind it.
+    fn seal(&self, cid: &mut [u8; CID_LEN]) {
+        let (head, tag) = cid.split_at_mut(TAG.start);
+        tag.copy_from_slice(&self.tag(head));
+    }
+
+    /// Whether `cid` is 12 octets whose tag is its head's, compared in constant time so that
+    /// timing tells a prober nothing about a valid tag.
+    fn verify(&self, cid: &[u8]) -> Result<(), InvalidCid> {
+        if cid.len() != CID_LEN {
+            return Err(InvalidCid);
+        }
+        let (head, tag) = cid.split_at(TAG.start);
+        let diff = self.tag(head).iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff == 0 {
+            Ok(())
+        } else {
+            Err(InvalidCid)
+        }
+    }
+}
+
+/// quinn's connection-ID generator for one node (see the module doc).
+pub struct NodeCidGenerator {
+    server: ServerId,
+    keyed: Keyed,
+}
+
+impl NodeCidGenerator {
+    /// The generator of node `server`, whose tags are keyed by `secret` (the node's derived
+    /// connection-ID secret).
+    pub fn new(server: ServerId, secret: &[u8; 32]) -> Self {
+        Self { server, keyed: Keyed::new(secret) }
+    }
 }
 
 impl ConnectionIdGenerator for NodeCidGenerator {
     fn generate_cid(&mut self) -> ConnectionId {
         let mut cid = [0u8; CID_LEN];
-        let (head, tag) = cid.split_at_mut(TAG.start);
-        let (prefix, nonce) = head.split_at_mut(NONCE.start);
         let [hi, lo] = self.server.0.to_be_bytes();
-        prefix.copy_from_slice(&[FIRST_OCTET, hi, lo]);
-        self.nonce(nonce);
-        tag.copy_from_slice(&self.tag(head));
+        cid[..NONCE.start].copy_from_slice(&[FIRST_OCTET, hi, lo]);
+        self.keyed.nonce(&mut cid[NONCE]);
+        self.keyed.seal(&mut cid);
         ConnectionId::new(&cid)
     }
 
@@ -150,14 +189,51 @@ impl ConnectionIdGenerator for NodeCidGenerator {
         if decode(cid) != Some(self.server) {
             return Err(InvalidCid);
         }
-        let (head, tag) = cid.split_at(TAG.start);
-        // Constant time, so that timing tells a prober nothing about a valid tag.
-        let diff = self.tag(head).iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff == 0 && tag.len() == TAG.end - TAG.start {
-            Ok(())
-        } else {
-            Err(InvalidCid)
+        self.keyed.verify(cid)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// The top two bits of a single relay's first octet: QUIC-LB's config rotation `11`, which
+/// tells a load balancer that the ID names no server.
+const UNROUTABLE: u8 = 0b1100_0000;
+
+/// quinn's connection-ID generator for a relay without a node id (see the module doc): 62 random
+/// bits and a tag keyed by the relay's connection-ID secret, so a restarted relay recognises its
+/// previous run's IDs and almost never issues one of them again.
+pub struct RelayCidGenerator {
+    keyed: Keyed,
+}
+
+impl RelayCidGenerator {
+    /// The generator whose tags are keyed by `secret` (the relay's derived connection-ID
+    /// secret).
+    pub fn new(secret: &[u8; 32]) -> Self {
+        Self { keyed: Keyed::new(secret) }
+    }
+}
+
+impl ConnectionIdGenerator for RelayCidGenerator {
+    fn generate_cid(&mut self) -> ConnectionId {
+        let mut cid = [0u8; CID_LEN];
+        self.keyed.nonce(&mut cid[..TAG.start]);
+        cid[0] |= UNROUTABLE;
+        self.keyed.seal(&mut cid);
+        ConnectionId::new(&cid)
+    }
+
+    fn validate(&self, cid: &ConnectionId) -> Result<(), InvalidCid> {
+        if cid.first().is_none_or(|first| first & UNROUTABLE != UNROUTABLE) {
+            return Err(InvalidCid);
         }
+        self.keyed.verify(cid)
     }
 
     fn cid_len(&self) -> usize {
@@ -203,7 +279,10 @@ mod tests {
     #[test]
     fn ids_of_other_layouts_decode_to_nothing() {
         assert_eq!(decode(&[]), None);
-        assert_eq!(decode(&[0x0b; 8]), None, "a single relay's 8-byte hashed id");
+        assert_eq!(decode(&[0x0b; 8]), None, "quinn's 8-byte hashed id (single relays before 12-byte ids)");
+        for _ in 0..1000 {
+            assert_eq!(decode(&RelayCidGenerator::new(&[7; 32]).generate_cid()), None, "a single relay's id");
+        }
         let mut other = generator("relay-1", 7).generate_cid().to_vec();
         other[0] = 0xcb; // rotation 11: "route by 4-tuple"
         assert_eq!(decode(&other), None);
@@ -245,5 +324,47 @@ mod tests {
         let mut again = generator("relay-1", 7);
         let next: HashSet<Vec<u8>> = (0..1000).map(|_| again.generate_cid().to_vec()).collect();
         assert!(ids[..1000].iter().all(|c| !next.contains(&c.to_vec())));
+    }
+
+    #[test]
+    fn a_single_relay_recognises_its_previous_runs_ids_and_no_other_key_does() {
+        let mut before = RelayCidGenerator::new(&[7; 32]);
+        let after = RelayCidGenerator::new(&[7; 32]); // the same relay after a crash
+        let other = RelayCidGenerator::new(&[8; 32]);
+        let node = generator("relay-1", 7);
+        for _ in 0..1000 {
+            let cid = before.generate_cid();
+            assert_eq!(cid.len(), CID_LEN);
+            assert_eq!(cid[0] & UNROUTABLE, UNROUTABLE, "QUIC-LB: route by 4-tuple");
+            assert!(after.validate(&cid).is_ok());
+            assert!(other.validate(&cid).is_err());
+            assert!(node.validate(&cid).is_err(), "a node never takes a single relay's id");
+            for bit in 0..CID_LEN * 8 {
+                let mut flipped = cid.to_vec();
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                assert!(after.validate(&ConnectionId::new(&flipped)).is_err(), "bit {bit} flipped");
+            }
+        }
+        assert!(after.validate(&ConnectionId::new(&[0xff; 8])).is_err(), "wrong length");
+    }
+
+    /// The reason for the random bits (module doc): a restarted relay must not hand its new
+    /// connections the IDs its previous run's peers still send to, or those peers get no reset.
+    /// quinn's hashed IDs, keyed alike across runs, do: at 50 000 IDs per run about
+    /// 50 000² / 2^24 ≈ 150 are issued again (none at all happens with chance e^-150).
+    #[test]
+    fn a_restarted_relay_does_not_issue_its_previous_runs_ids_again() {
+        let n = 50_000;
+        let run = |g: &mut dyn ConnectionIdGenerator| -> HashSet<Vec<u8>> {
+            (0..n).map(|_| g.generate_cid().to_vec()).collect()
+        };
+        let (previous, next) =
+            (run(&mut RelayCidGenerator::new(&[7; 32])), run(&mut RelayCidGenerator::new(&[7; 32])));
+        assert_eq!(previous.intersection(&next).count(), 0);
+        let (previous, next) = (run(&mut generator("relay-1", 7)), run(&mut generator("relay-1", 7)));
+        assert_eq!(previous.intersection(&next).count(), 0, "a node's 40 bits");
+        let hashed = || quinn_proto::HashedConnectionIdGenerator::from_key(7);
+        let (previous, next) = (run(&mut hashed()), run(&mut hashed()));
+        assert!(previous.intersection(&next).count() > 20, "quinn's 24 random bits repeat across runs");
     }
 }

@@ -439,11 +439,9 @@ pub fn node_endpoint_config(identity: &Identity, node: Option<&str>) -> quinn::E
             let server = crate::cid::ServerId::of_node(node);
             config.cid_generator(move || Box::new(crate::cid::NodeCidGenerator::new(server, &cid)));
         }
+        // 62 random bits: a restarted relay must not issue its previous run's IDs again.
         None => {
-            let cid_key =
-                u64::from_le_bytes([cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7]]);
-            config
-                .cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+            config.cid_generator(move || Box::new(crate::cid::RelayCidGenerator::new(&cid)));
         }
     }
     // quinn sends at most one stateless reset per `min_reset_interval` (20 ms by default) for
