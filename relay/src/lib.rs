@@ -31,6 +31,7 @@ mod drain;
 mod endpoint;
 mod error;
 mod forward;
+mod gso;
 mod hub;
 mod introduce;
 mod io_thread;
