@@ -111,12 +111,17 @@ impl Keyed {
     }
 
     fn tag(&self, head: &[u8]) -> [u8; TAG.end - TAG.start] {
-        let tag = ring::hmac::sign(&self.key, head);
         let mut out = [0u8; TAG.end - TAG.start];
+        self.hmac_into(head, &mut out);
+        out
+    }
+
+    /// Fills `out` with the first octets of HMAC-SHA256(key, `input`).
+    fn hmac_into(&self, input: &[u8], out: &mut [u8]) {
+        let tag = ring::hmac::sign(&self.key, input);
         for (o, t) in out.iter_mut().zip(tag.as_ref()) {
             *o = *t;
         }
-        out
     }
 
     /// A fresh nonce: random bits from the system. Should the system's source ever fail, an HMAC
@@ -133,10 +138,7 @@ impl Keyed {
         let mut input = vec![0xff];
         input.extend_from_slice(&n.to_be_bytes());
         input.extend_from_slice(&nanos.to_be_bytes());
-        let tag = ring::hmac::sign(&self.key, &input);
-        for (o, t) in out.iter_mut().zip(tag.as_ref()) {
-            *o = *t;
-        }
+        self.hmac_into(&input, out);
     }
 
     /// Writes the tag of `cid`'s head behind it.

@@ -278,21 +278,19 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Pubkey(args) => pubkey(&args),
-        Command::Run(run_args) => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build().map_or_else(
-                |e| Err(anyhow::Error::from(e)),
-                |rt| {
-                    let result = rt.block_on(run(*run_args, args));
-                    // By now the relay has drained and closed every connection; what is left is
-                    // state for the OS to take back. Dropping the runtime would first drop each
-                    // task and connection one by one: 4.8 s between "relay stopped" and a
-                    // successor's "relay listening" at 100 000 hubs, during which nobody can bind
-                    // the port and every hub dials a dead one. The process exits right after.
-                    std::mem::forget(rt);
-                    result
-                },
-            )
-        }
+        Command::Run(run_args) => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(rt) => {
+                let result = rt.block_on(run(*run_args, args));
+                // By now the relay has drained and closed every connection; what is left is
+                // state for the OS to take back. Dropping the runtime would first drop each
+                // task and connection one by one: 4.8 s between "relay stopped" and a
+                // successor's "relay listening" at 100 000 hubs, during which nobody can bind
+                // the port and every hub dials a dead one. The process exits right after.
+                std::mem::forget(rt);
+                result
+            }
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

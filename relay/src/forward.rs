@@ -316,9 +316,9 @@ impl ForwardingSocket {
                 // Another stride, ECN mark or source, or a short last segment: what waited goes
                 // first, so the destination still gets its segments in order.
                 self.send(&waiting, earlier, current);
-                Send::new(run)
+                Train::new(run)
             }
-            None => Send::new(run),
+            None => Train::new(run),
         };
         if at_end && self.gathers() {
             if ctx.waiting.len() >= MAX_WAITING {
@@ -333,7 +333,7 @@ impl ForwardingSocket {
 
     /// Sends `send` (its pieces are in the buffers `earlier`, or in `current`, the buffer being
     /// walked) as one transmit, and counts it.
-    fn send(&self, send: &Send, earlier: &[IoSliceMut<'_>], current: &[u8]) {
+    fn send(&self, send: &Train, earlier: &[IoSliceMut<'_>], current: &[u8]) {
         let piece = |(index, range): &(usize, Range<usize>)| -> &[u8] {
             let buffer = earlier.get(*index).map_or(current, |b| &b[..]);
             buffer.get(range.clone()).unwrap_or_default()
@@ -391,9 +391,10 @@ struct Run {
     routed: Routed,
 }
 
-/// One send being put together: runs of one destination, in their order of arrival, each
-/// but the last ending on a full segment.
-struct Send {
+/// One GSO send being put together (a datagram train; not called `Send`, which would shadow
+/// the trait): runs of one destination, in their order of arrival, each but the last ending on
+/// a full segment.
+struct Train {
     first: Run,
     /// The pieces after the first one's (allocated only when runs are joined).
     more: Vec<(usize, Range<usize>)>,
@@ -404,7 +405,7 @@ struct Send {
     ends_full: bool,
 }
 
-impl Send {
+impl Train {
     fn new(run: Run) -> Self {
         let (segments, bytes, payload) = (run.routed.segments, run.routed.bytes, run.routed.payload);
         let ends_full = bytes == segments * run.stride;
@@ -442,7 +443,7 @@ impl Send {
 struct Batch {
     now: Option<Instant>,
     limits: Option<Arc<Limits>>,
-    waiting: Vec<Send>,
+    waiting: Vec<Train>,
 }
 
 impl Batch {
