@@ -457,7 +457,10 @@ pub(crate) async fn open_stream(
     if let Err(e) = write_frame(&mut send, &Frame::StreamOpen).await {
         return Err(match link.conn.close_reason() {
             Some(reason) => link.lost(reason),
-            None => ClientError::Io(io::Error::other(e)),
+            None => ClientError::Io(match e {
+                keyway_proto::io::FrameIoError::Io(e) => e,
+                other => io::Error::other(other),
+            }),
         });
     }
     let mut stream = E2eStream {
@@ -480,6 +483,25 @@ pub(crate) async fn open_stream(
         }
     }
     Ok(stream)
+}
+
+/// A new stream on `link` with `first` written on it, without waiting for the hub's answer.
+pub(crate) async fn open_and_write(
+    link: &Link,
+    hub: &HubName,
+    first: &[u8],
+) -> Result<E2eStream, ClientError> {
+    let mut stream = open_stream(link, hub, None, false).await?;
+    stream.write_now(first).await?;
+    Ok(stream)
+}
+
+/// Whether `e` is a write on a 0-RTT stream that the hub's handshake turned down (quinn's
+/// `WriteError::ZeroRttRejected`, which `open_stream` and `write_now` pass on inside an I/O
+/// error).
+pub(crate) fn zero_rtt_rejected(e: &ClientError) -> bool {
+    let ClientError::Io(io) = e else { return false };
+    io.get_ref().and_then(|inner| inner.downcast_ref::<WriteError>()) == Some(&WriteError::ZeroRttRejected)
 }
 
 /// The hub's answer on a stream, as far as it has been read.
@@ -797,5 +819,20 @@ impl AsyncWrite for HubStream {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_early_write_the_hub_turned_down_is_told_apart_from_other_failures() {
+        let io = |e: WriteError| ClientError::Io(io::Error::from(e));
+        assert!(zero_rtt_rejected(&io(WriteError::ZeroRttRejected)));
+        assert!(!zero_rtt_rejected(&io(WriteError::ClosedStream)));
+        assert!(!zero_rtt_rejected(&io(WriteError::Stopped(VarInt::from_u32(0)))));
+        assert!(!zero_rtt_rejected(&ClientError::Io(io::Error::other("0-RTT rejected"))));
+        assert!(!zero_rtt_rejected(&ClientError::Revoked));
     }
 }

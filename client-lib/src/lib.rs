@@ -306,8 +306,14 @@ impl Client {
             stream.write_now(first).await?;
             return Ok(HubStream::quic(stream, *hub_key));
         };
-        let mut stream = e2e::open_stream(&link, hub, None, false).await?;
-        stream.write_now(first).await?;
+        // On a loaded machine the handshake can complete, with the early data turned down,
+        // before these writes run: they then fail with `ZeroRttRejected`, which is the same
+        // answer `accepted` gives below, not an error of the call.
+        let early = match e2e::open_and_write(&link, hub, first).await {
+            Ok(stream) => Some(stream),
+            Err(e) if e2e::zero_rtt_rejected(&e) => None,
+            Err(e) => return Err(e),
+        };
         // The slot stays locked until the handshake completes: a concurrent `connect` must not
         // find this connection while it is still in 0-RTT and send bytes early that its
         // caller never marked safe to repeat.
@@ -320,19 +326,31 @@ impl Client {
             }
         };
         if let Some(e) = link.closed_error() {
-            // The relay refused the channel, or the handshake failed.
-            return Err(e);
+            // The relay refused the channel, or the handshake failed: the hub's TLS turning a
+            // key away is told as for a full dial (`e2e::dial`).
+            return Err(match e {
+                ClientError::HubConnection(e) => ClientError::HubRejected(HandshakeError::Quic(e)),
+                typed => typed,
+            });
         }
         held.live = Some(link.clone());
         drop(held);
-        if took {
-            stream.mark_early();
-        } else {
-            // The hub did not take the early data: none of it reached it. Again, in 1-RTT.
-            tracing::debug!(%hub, "0-RTT refused by the hub; sending the first bytes again");
-            stream = e2e::open_stream(&link, hub, None, false).await?;
-            stream.write_now(first).await?;
-        }
+        let stream = match early {
+            Some(mut stream) if took => {
+                stream.mark_early();
+                stream
+            }
+            _ => {
+                // The hub did not take the early data: none of it reached it. Again, in 1-RTT.
+                // A hub that closes the connection meanwhile (it revoked the app) is reported
+                // with its own reason rather than as the failed write.
+                tracing::debug!(%hub, "0-RTT refused by the hub; sending the first bytes again");
+                match e2e::open_and_write(&link, hub, first).await {
+                    Ok(stream) => stream,
+                    Err(e) => return Err(link.closed_error().unwrap_or(e)),
+                }
+            }
+        };
         Ok(HubStream::quic(stream, *hub_key))
     }
 
