@@ -26,6 +26,7 @@ mod e2e;
 pub mod error;
 pub mod forward;
 pub mod known_hubs;
+mod outbox;
 pub mod pairing;
 pub mod path;
 pub mod relay_link;

@@ -11,7 +11,8 @@
 //!   the relay sends an app's first flight on with its `ChannelAnnounce`, so at the hub it can
 //!   arrive before the announce is processed. Then they are dropped and counted.
 //! * **Send.** A transmit to a virtual address gets the header of its channel on every segment
-//!   and goes to the relay, GSO segmentation kept (`segment_size + 9`). Other transmits pass.
+//!   and goes to the relay, GSO segmentation kept (`segment_size + 9`); consecutive transmits
+//!   of one stride leave as one send ([`crate::outbox`]). Other transmits pass.
 //!
 //! Why virtual addresses: quinn 0.11 drops packets whose source is not the connection's remote
 //! and cannot change a client's remote, so an end-to-end connection must see one address for
@@ -37,11 +38,12 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use keyway_proto::channel::{self, ChannelId, HEADER_LEN};
+use keyway_proto::channel::{self, ChannelId};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
 use crate::error::{ClientError, ConfigError};
+use crate::outbox::Outbox;
 use crate::relay_link;
 
 /// Most channel datagrams held for ids not bound yet (a few first flights).
@@ -374,6 +376,8 @@ struct PathSocket {
     /// Only quinn's endpoint driver receives, so this lock is never contended; it exists
     /// because `poll_recv` takes `&self`.
     recv: Mutex<RecvState>,
+    /// Channel sends, joined across transmits ([`crate::outbox`]).
+    outbox: Arc<Outbox>,
 }
 
 impl fmt::Debug for PathSocket {
@@ -394,14 +398,9 @@ impl PathSocket {
         });
         let recv = Mutex::new(RecvState::new(slot_len(inner.max_receive_segments())));
         let paths = Paths { table: table.clone() };
-        Ok((Self { inner, relay, table, recv }, paths))
+        let outbox = Outbox::new(inner.clone(), relay);
+        Ok((Self { inner, relay, table, recv, outbox }, paths))
     }
-}
-
-thread_local! {
-    /// Scratch for a transmit with headers added: `try_send` takes `&self` and runs on every
-    /// connection's task, so a per-thread buffer avoids both a lock and an allocation per send.
-    static SEND_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl AsyncUdpSocket for PathSocket {
@@ -427,22 +426,8 @@ impl AsyncUdpSocket for PathSocket {
             return Ok(());
         };
         let segment = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
+        self.outbox.send(id, transmit, segment)?;
         let segments = transmit.contents.len().div_ceil(segment);
-        SEND_SCRATCH.with(|scratch| {
-            let mut out = scratch.borrow_mut();
-            out.clear();
-            out.reserve(transmit.contents.len() + segments * HEADER_LEN);
-            for packet in transmit.contents.chunks(segment) {
-                channel::encode_into(&mut out, id, packet);
-            }
-            self.inner.try_send(&Transmit {
-                destination: self.relay,
-                ecn: transmit.ecn,
-                contents: &out,
-                segment_size: transmit.segment_size.map(|s| s + HEADER_LEN),
-                src_ip: transmit.src_ip,
-            })
-        })?;
         Counters::add(&self.table.counters.channel_out, segments as u64);
         Ok(())
     }
@@ -702,6 +687,7 @@ fn classify<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyway_proto::channel::HEADER_LEN;
 
     fn relay() -> SocketAddr {
         "192.0.2.1:4433".parse().unwrap()

@@ -1,0 +1,321 @@
+//! The path socket's outbox: channel datagrams that quinn handed over in separate transmits,
+//! joined into one GSO send to the relay.
+//!
+//! Why: quinn 0.11's connection driver asks for at most 10 segments per transmit
+//! (`MAX_TRANSMIT_SEGMENTS` in `quinn::connection`) whatever the socket can take, so a bulk
+//! transfer leaves as one `sendmsg` per 10 packets, arrives at the relay as receive batches of
+//! 10, and leaves the relay the same way: every hop pays its per-call and per-buffer costs
+//! once per 10 packets. Every channel datagram of a path socket goes to the same address (the
+//! relay), each segment carries its own channel header, and the socket copies each transmit
+//! anyway to add those headers, so consecutive transmits of one stride can be joined for free:
+//! one send of up to the socket's GSO limit (64 segments, 64 KiB).
+//!
+//! When: a transmit is appended, and the outbox leaves at once when it is full, when the
+//! transmit ended in a short segment (GSO allows a short segment only last, so nothing could
+//! follow it) or when the next transmit cannot join (another stride, ECN mark or source). What
+//! is still waiting then leaves from the outbox's own task, woken by the append, after it has
+//! yielded once to let the connection drivers that are running hand over their next transmits:
+//! microseconds, not a timer. Without a tokio runtime (the path socket's receive tests) every
+//! transmit is tried at once, and dropped if the socket's buffer is full.
+//!
+//! What it owns: at most one GSO send's worth of bytes; a send the kernel refuses for a full
+//! buffer waits for the socket to be writable, anything else refused is dropped (quinn treats
+//! a lost datagram as loss) and counted by the caller's counters.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use keyway_proto::channel::{self, ChannelId, HEADER_LEN};
+use quinn::udp::{EcnCodepoint, Transmit};
+use quinn::AsyncUdpSocket;
+use tokio::sync::Notify;
+
+/// Most bytes in one joined send: the kernel refuses a GSO send whose UDP payload passes
+/// 64 KiB, headers of the IP packet included.
+const MAX_JOINED_BYTES: usize = 64 * 1024 - 1024;
+
+/// The datagrams waiting to leave as one send.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Segments back to back, each with its channel header.
+    bytes: Vec<u8>,
+    /// Length of every segment but possibly the last.
+    stride: usize,
+    segments: usize,
+    ecn: Option<EcnCodepoint>,
+    src_ip: Option<IpAddr>,
+    /// The last segment is shorter than `stride`: nothing may follow it in this send.
+    sealed: bool,
+}
+
+impl Pending {
+    /// Whether a transmit of `len` bytes in `segments` segments of `stride` (with headers) can
+    /// join what is waiting, under a limit of `max_segments`.
+    fn can_join(
+        &self,
+        stride: usize,
+        segments: usize,
+        len: usize,
+        transmit: &Transmit<'_>,
+        max_segments: usize,
+    ) -> bool {
+        self.segments == 0
+            || (!self.sealed
+                && self.stride == stride
+                && self.ecn == transmit.ecn
+                && self.src_ip == transmit.src_ip
+                && self.segments + segments <= max_segments
+                && self.bytes.len() + len <= MAX_JOINED_BYTES)
+    }
+}
+
+/// See the module documentation. Shared by the path socket and the outbox's task.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    inner: Arc<dyn AsyncUdpSocket>,
+    relay: SocketAddr,
+    pending: Mutex<Pending>,
+    /// Wakes the task; `None` without a runtime: then nothing waits.
+    wake: Option<Arc<Notify>>,
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // The task holds only a weak reference: woken now, it finds the outbox gone and ends.
+        if let Some(wake) = &self.wake {
+            wake.notify_one();
+        }
+    }
+}
+
+impl Outbox {
+    /// An outbox sending through `inner` to `relay`, with its task when a tokio runtime is
+    /// current.
+    pub(crate) fn new(inner: Arc<dyn AsyncUdpSocket>, relay: SocketAddr) -> Arc<Self> {
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let wake = runtime.as_ref().map(|_| Arc::new(Notify::new()));
+        let outbox = Arc::new(Self { inner, relay, pending: Mutex::default(), wake: wake.clone() });
+        if let (Some(runtime), Some(wake)) = (runtime, wake) {
+            runtime.spawn(send_later(Arc::downgrade(&outbox), wake));
+        }
+        outbox
+    }
+
+    /// Takes `transmit`'s packets (each `segment` long but possibly the last) to go under
+    /// channel `id`. An error means nothing of it was taken: the send that had to leave first
+    /// found the socket's buffer full (quinn retries once the socket is writable).
+    pub(crate) fn send(&self, id: ChannelId, transmit: &Transmit<'_>, segment: usize) -> io::Result<()> {
+        if transmit.contents.is_empty() {
+            return Ok(());
+        }
+        let segments = transmit.contents.len().div_ceil(segment).max(1);
+        let stride = segment + HEADER_LEN;
+        let len = transmit.contents.len() + segments * HEADER_LEN;
+        let max_segments = self.inner.max_transmit_segments().max(1);
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if !pending.can_join(stride, segments, len, transmit, max_segments) {
+            self.flush(&mut pending)?;
+        }
+        if pending.segments == 0 {
+            pending.stride = stride;
+            pending.ecn = transmit.ecn;
+            pending.src_ip = transmit.src_ip;
+            pending.bytes.reserve(len);
+        }
+        for packet in transmit.contents.chunks(segment) {
+            channel::encode_into(&mut pending.bytes, id, packet);
+        }
+        pending.segments += segments;
+        pending.sealed = transmit.contents.len() % segment != 0;
+        let full = pending.sealed
+            || pending.segments >= max_segments
+            || pending.bytes.len() + stride > MAX_JOINED_BYTES;
+        match &self.wake {
+            Some(wake) if !full => wake.notify_one(),
+            // Taken either way: if the kernel's buffer is full, the task sends it once the
+            // socket is writable.
+            Some(wake) => {
+                if self.flush(&mut pending).is_err() {
+                    wake.notify_one();
+                }
+            }
+            None => {
+                let _ = self.flush(&mut pending);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what is waiting. `WouldBlock` leaves it waiting; any other refusal drops it.
+    fn flush(&self, pending: &mut Pending) -> io::Result<()> {
+        if pending.segments == 0 {
+            return Ok(());
+        }
+        let sent = self.inner.try_send(&Transmit {
+            destination: self.relay,
+            ecn: pending.ecn,
+            contents: &pending.bytes,
+            segment_size: (pending.segments > 1).then_some(pending.stride),
+            src_ip: pending.src_ip,
+        });
+        match sent {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+            Err(e) => tracing::debug!(error = %e, segments = pending.segments, "channel datagrams not sent"),
+            Ok(()) => {}
+        }
+        pending.bytes.clear();
+        pending.segments = 0;
+        pending.sealed = false;
+        Ok(())
+    }
+
+    /// Sends what is waiting, waiting for the socket to be writable while its buffer is full.
+    async fn flush_when_writable(&self) {
+        let mut poller = None;
+        loop {
+            let sent = {
+                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                self.flush(&mut pending)
+            };
+            if sent.is_ok() {
+                return;
+            }
+            let poller = poller.get_or_insert_with(|| self.inner.clone().create_io_poller());
+            if std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The outbox's task: sends what waits once the drivers that are running have had their turn.
+async fn send_later(outbox: Weak<Outbox>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        tokio::task::yield_now().await;
+        let Some(outbox) = outbox.upgrade() else { return };
+        outbox.flush_when_writable().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::udp::{RecvMeta, UdpSocketState};
+    use std::io::IoSliceMut;
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    /// A "relay": a real socket with quinn-udp's GRO on, so a joined send arrives as one batch.
+    struct Relay {
+        socket: UdpSocket,
+        state: UdpSocketState,
+    }
+
+    impl Relay {
+        fn bind() -> Self {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let state = UdpSocketState::new((&socket).into()).unwrap();
+            Self { socket, state }
+        }
+
+        /// The next receive call's batches, each as (stride, datagrams).
+        fn recv(&self) -> Vec<(usize, Vec<Vec<u8>>)> {
+            let mut storage = vec![vec![0u8; 70_000]; 4];
+            let mut bufs: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut metas = [RecvMeta::default(); 4];
+            // Non-blocking (quinn-udp's recvmmsg on a blocking socket would wait for all four).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let n = loop {
+                match self.state.recv((&self.socket).into(), &mut bufs, &mut metas) {
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    other => break other.unwrap(),
+                }
+            };
+            metas[..n]
+                .iter()
+                .zip(&bufs)
+                .map(|(m, b)| (m.stride, b[..m.len].chunks(m.stride).map(<[u8]>::to_vec).collect()))
+                .collect()
+        }
+
+        /// Every datagram until `count` have arrived, with how many receive batches carried them.
+        fn datagrams(&self, count: usize) -> (Vec<Vec<u8>>, usize) {
+            let (mut all, mut batches) = (Vec::new(), 0);
+            while all.len() < count {
+                for (_, datagrams) in self.recv() {
+                    batches += 1;
+                    all.extend(datagrams);
+                }
+            }
+            (all, batches)
+        }
+    }
+
+    fn outbox(to: SocketAddr) -> Arc<Outbox> {
+        let runtime = quinn::default_runtime().unwrap();
+        let inner = runtime.wrap_udp_socket(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        Outbox::new(inner, to)
+    }
+
+    fn transmit(contents: &[u8], segment: usize) -> Transmit<'_> {
+        Transmit {
+            destination: "240.0.0.1:1".parse().unwrap(),
+            ecn: None,
+            contents,
+            segment_size: Some(segment),
+            src_ip: None,
+        }
+    }
+
+    fn datagram(id: u64, packet: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        channel::encode_into(&mut out, ChannelId::new(id), packet);
+        out
+    }
+
+    // Multi-threaded: the first send may find tokio's readiness not known yet and leave it to
+    // the task, which must run while the test blocks on the relay's socket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn transmits_of_one_stride_leave_as_one_send_in_order_each_segment_under_its_channel() {
+        let relay = Relay::bind();
+        let outbox = outbox(relay.socket.local_addr().unwrap());
+        let gso = outbox.inner.max_transmit_segments() > 1;
+        // Three transmits of 3 × 100 bytes for two channels, then one whose last segment is short.
+        let packets: Vec<Vec<u8>> = (0..12u8).map(|i| vec![i; if i == 11 { 40 } else { 100 }]).collect();
+        let mut expected = Vec::new();
+        for (n, four) in packets.chunks(3).enumerate() {
+            let id = 1 + (n as u64 % 2);
+            outbox.send(ChannelId::new(id), &transmit(&four.concat(), 100), 100).unwrap();
+            expected.extend(four.iter().map(|p| datagram(id, p)));
+        }
+        let (got, batches) = relay.datagrams(expected.len());
+        assert_eq!(got, expected);
+        if gso {
+            // The short segment sealed the send: everything left at once, as one.
+            assert_eq!(batches, 1, "not joined");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn what_waits_leaves_from_the_task_and_another_stride_sends_what_waited_first() {
+        let relay = Relay::bind();
+        let outbox = outbox(relay.socket.local_addr().unwrap());
+        let gso = outbox.inner.max_transmit_segments() > 1;
+        outbox.send(ChannelId::new(5), &transmit(&[7u8; 200], 100), 100).unwrap();
+        // Nothing sealed it: the task sends it.
+        let (got, batches) = relay.datagrams(2);
+        assert_eq!(got, vec![datagram(5, &[7; 100]), datagram(5, &[7; 100])]);
+        assert!(!gso || batches == 1);
+        // Another stride cannot join: what waited leaves first, in order.
+        outbox.send(ChannelId::new(5), &transmit(&[1u8; 100], 100), 100).unwrap();
+        outbox.send(ChannelId::new(6), &transmit(&[2u8; 50], 50), 50).unwrap();
+        let (got, _) = relay.datagrams(2);
+        assert_eq!(got, vec![datagram(5, &[1; 100]), datagram(6, &[2; 50])]);
+    }
+}
