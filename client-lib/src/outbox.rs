@@ -10,10 +10,12 @@
 //! anyway to add those headers, so consecutive transmits of one stride can be joined for free:
 //! one send of up to the socket's GSO limit (64 segments, 64 KiB).
 //!
-//! When: a transmit is appended, and the outbox leaves at once when it is full, when the
-//! transmit ended in a short segment (GSO allows a short segment only last, so nothing could
-//! follow it) or when the next transmit cannot join (another stride, ECN mark or source). What
-//! is still waiting then leaves from the outbox's own task, woken by the append, after it has
+//! When: a transmit is appended, and only a burst waits. The outbox leaves at once when the
+//! transmit has fewer segments than quinn puts in a full one (the end of what quinn had to
+//! send: an ACK, an interactive write, a burst's tail, so nothing interactive waits), when it
+//! ended in a short segment (GSO allows a short segment only last), when the outbox is full, or
+//! when the next transmit cannot join (another stride, ECN mark or source). A burst that ends
+//! on a full transmit leaves from the outbox's own task, woken by the append, after it has
 //! yielded once to let the connection drivers that are running hand over their next transmits:
 //! microseconds, not a timer. Without a tokio runtime (the path socket's receive tests) every
 //! transmit is tried at once, and dropped if the socket's buffer is full.
@@ -34,6 +36,11 @@ use tokio::sync::Notify;
 /// Most bytes in one joined send: the kernel refuses a GSO send whose UDP payload passes
 /// 64 KiB, headers of the IP packet included.
 const MAX_JOINED_BYTES: usize = 64 * 1024 - 1024;
+
+/// The most segments quinn 0.11's driver puts in one transmit (`MAX_TRANSMIT_SEGMENTS`, private
+/// to `quinn::connection`). A transmit that size means quinn is in a burst and more follows at
+/// once; a shorter one ends what it had.
+const QUINN_TRANSMIT_SEGMENTS: usize = 10;
 
 /// The datagrams waiting to leave as one send.
 #[derive(Debug, Default)]
@@ -128,7 +135,11 @@ impl Outbox {
         }
         pending.segments += segments;
         pending.sealed = transmit.contents.len() % segment != 0;
-        let full = pending.sealed
+        // A transmit shorter than quinn's most is the end of what quinn had to send now (an
+        // ACK, an interactive write, the tail of a burst): holding it would only add latency.
+        let burst_goes_on = segments >= QUINN_TRANSMIT_SEGMENTS.min(max_segments);
+        let full = !burst_goes_on
+            || pending.sealed
             || pending.segments >= max_segments
             || pending.bytes.len() + stride > MAX_JOINED_BYTES;
         match &self.wake {
@@ -279,43 +290,66 @@ mod tests {
         out
     }
 
-    // Multi-threaded: the first send may find tokio's readiness not known yet and leave it to
-    // the task, which must run while the test blocks on the relay's socket.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn transmits_of_one_stride_leave_as_one_send_in_order_each_segment_under_its_channel() {
+    /// `n` segments of `len` bytes, the last `last` bytes, filled with `first`, `first + 1`...
+    fn segments(first: u8, n: usize, len: usize, last: usize) -> Vec<Vec<u8>> {
+        (0..n).map(|i| vec![first + i as u8; if i + 1 == n { last } else { len }]).collect()
+    }
+
+    // Current-thread, so the task cannot send part of it between two transmits.
+    #[tokio::test]
+    async fn full_transmits_of_one_stride_leave_as_one_send_in_order_each_segment_under_its_channel() {
         let relay = Relay::bind();
         let outbox = outbox(relay.socket.local_addr().unwrap());
-        let gso = outbox.inner.max_transmit_segments() > 1;
-        // Three transmits of 3 × 100 bytes for two channels, then one whose last segment is short.
-        let packets: Vec<Vec<u8>> = (0..12u8).map(|i| vec![i; if i == 11 { 40 } else { 100 }]).collect();
+        // Let the reactor learn that the socket is writable.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let gso = outbox.inner.max_transmit_segments() >= 40;
+        // Three full transmits of 10 × 100 bytes for two channels, then one whose last segment
+        // is short, which seals the send.
         let mut expected = Vec::new();
-        for (n, four) in packets.chunks(3).enumerate() {
-            let id = 1 + (n as u64 % 2);
-            outbox.send(ChannelId::new(id), &transmit(&four.concat(), 100), 100).unwrap();
-            expected.extend(four.iter().map(|p| datagram(id, p)));
+        for n in 0..4u8 {
+            let packets = segments(n * 10, 10, 100, if n == 3 { 40 } else { 100 });
+            let id = 1 + u64::from(n % 2);
+            outbox.send(ChannelId::new(id), &transmit(&packets.concat(), 100), 100).unwrap();
+            expected.extend(packets.iter().map(|p| datagram(id, p)));
         }
         let (got, batches) = relay.datagrams(expected.len());
         assert_eq!(got, expected);
         if gso {
-            // The short segment sealed the send: everything left at once, as one.
             assert_eq!(batches, 1, "not joined");
         }
     }
 
+    // Multi-threaded: the task must run while the test blocks on the relay's socket.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn what_waits_leaves_from_the_task_and_another_stride_sends_what_waited_first() {
+    async fn a_burst_ending_on_a_full_transmit_leaves_from_the_task_and_another_stride_sends_it_first() {
         let relay = Relay::bind();
         let outbox = outbox(relay.socket.local_addr().unwrap());
-        let gso = outbox.inner.max_transmit_segments() > 1;
-        outbox.send(ChannelId::new(5), &transmit(&[7u8; 200], 100), 100).unwrap();
-        // Nothing sealed it: the task sends it.
-        let (got, batches) = relay.datagrams(2);
-        assert_eq!(got, vec![datagram(5, &[7; 100]), datagram(5, &[7; 100])]);
-        assert!(!gso || batches == 1);
+        let hundred = segments(0, 10, 100, 100);
+        outbox.send(ChannelId::new(5), &transmit(&hundred.concat(), 100), 100).unwrap();
+        // Nothing sealed it and nothing follows: the task sends it.
+        let (got, _) = relay.datagrams(10);
+        assert_eq!(got, hundred.iter().map(|p| datagram(5, p)).collect::<Vec<_>>());
         // Another stride cannot join: what waited leaves first, in order.
-        outbox.send(ChannelId::new(5), &transmit(&[1u8; 100], 100), 100).unwrap();
-        outbox.send(ChannelId::new(6), &transmit(&[2u8; 50], 50), 50).unwrap();
-        let (got, _) = relay.datagrams(2);
-        assert_eq!(got, vec![datagram(5, &[1; 100]), datagram(6, &[2; 50])]);
+        let fifty = segments(20, 10, 50, 50);
+        outbox.send(ChannelId::new(5), &transmit(&hundred.concat(), 100), 100).unwrap();
+        outbox.send(ChannelId::new(6), &transmit(&fifty.concat(), 50), 50).unwrap();
+        let (got, _) = relay.datagrams(20);
+        let mut expected: Vec<Vec<u8>> = hundred.iter().map(|p| datagram(5, p)).collect();
+        expected.extend(fifty.iter().map(|p| datagram(6, p)));
+        assert_eq!(got, expected);
+    }
+
+    // Current-thread: while the test blocks on the relay's socket, the task cannot run, so what
+    // arrives was sent by `send` itself.
+    #[tokio::test]
+    async fn a_transmit_shorter_than_quinns_most_leaves_at_once() {
+        let relay = Relay::bind();
+        let outbox = outbox(relay.socket.local_addr().unwrap());
+        // Let the reactor learn that the socket is writable.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let three = segments(0, 3, 100, 100);
+        outbox.send(ChannelId::new(7), &transmit(&three.concat(), 100), 100).unwrap();
+        let (got, _) = relay.datagrams(3);
+        assert_eq!(got, three.iter().map(|p| datagram(7, p)).collect::<Vec<_>>());
     }
 }
