@@ -485,13 +485,15 @@ pub(crate) async fn open_stream(
     Ok(stream)
 }
 
-/// A new stream on `link` with `first` written on it, without waiting for the hub's answer.
+/// A new stream on `link` with `first` written on it, without waiting for the hub's answer;
+/// `reused` as for [`open_stream`].
 pub(crate) async fn open_and_write(
     link: &Link,
     hub: &HubName,
     first: &[u8],
+    reused: bool,
 ) -> Result<E2eStream, ClientError> {
-    let mut stream = open_stream(link, hub, None, false).await?;
+    let mut stream = open_stream(link, hub, None, reused).await?;
     stream.write_now(first).await?;
     Ok(stream)
 }

@@ -281,8 +281,7 @@ impl Client {
         if let Some(link) = held.live.as_ref().filter(|link| !link.is_closed()).cloned() {
             drop(held);
             self.nudge_relay(plane);
-            let mut stream = e2e::open_stream(&link, hub, None, true).await?;
-            stream.write_now(first).await?;
+            let stream = e2e::open_and_write(&link, hub, first, true).await?;
             return Ok(HubStream::quic(stream, *hub_key));
         }
         held.live = None;
@@ -303,14 +302,13 @@ impl Client {
         let Some(accepted) = accepted else {
             held.live = Some(link.clone());
             drop(held);
-            let mut stream = e2e::open_stream(&link, hub, None, false).await?;
-            stream.write_now(first).await?;
+            let stream = e2e::open_and_write(&link, hub, first, false).await?;
             return Ok(HubStream::quic(stream, *hub_key));
         };
         // On a loaded machine the handshake can complete, with the early data turned down,
         // before these writes run: they then fail with `ZeroRttRejected`, which is the same
         // answer `accepted` gives below, not an error of the call.
-        let early = match e2e::open_and_write(&link, hub, first).await {
+        let early = match e2e::open_and_write(&link, hub, first, false).await {
             Ok(stream) => Some(stream),
             Err(e) if e2e::zero_rtt_rejected(&e) => None,
             Err(e) => return Err(e),
@@ -346,7 +344,7 @@ impl Client {
                 // A hub that closes the connection meanwhile (it revoked the app) is reported
                 // with its own reason rather than as the failed write.
                 tracing::debug!(%hub, "0-RTT refused by the hub; sending the first bytes again");
-                match e2e::open_and_write(&link, hub, first).await {
+                match e2e::open_and_write(&link, hub, first, false).await {
                     Ok(stream) => stream,
                     Err(e) => return Err(link.closed_error().unwrap_or(e)),
                 }

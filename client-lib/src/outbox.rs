@@ -111,10 +111,11 @@ impl Outbox {
 
     /// Takes `transmit`'s packets (each `segment` long but possibly the last) to go under
     /// channel `id`. An error means nothing of it was taken: the send that had to leave first
-    /// found the socket's buffer full (quinn retries once the socket is writable).
-    pub(crate) fn send(&self, id: ChannelId, transmit: &Transmit<'_>, segment: usize) -> io::Result<()> {
+    /// found the socket's buffer full (quinn retries once the socket is writable). Else, how many
+    /// packets it took.
+    pub(crate) fn send(&self, id: ChannelId, transmit: &Transmit<'_>, segment: usize) -> io::Result<usize> {
         if transmit.contents.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let segments = transmit.contents.len().div_ceil(segment).max(1);
         let stride = segment + HEADER_LEN;
@@ -155,7 +156,7 @@ impl Outbox {
                 let _ = self.flush(&mut pending);
             }
         }
-        Ok(())
+        Ok(segments)
     }
 
     /// Sends what is waiting. `WouldBlock` leaves it waiting; any other refusal drops it.

@@ -12,7 +12,7 @@
 //!   arrive before the announce is processed. Then they are dropped and counted.
 //! * **Send.** A transmit to a virtual address gets the header of its channel on every segment
 //!   and goes to the relay, GSO segmentation kept (`segment_size + 9`); consecutive transmits
-//!   of one stride leave as one send ([`crate::outbox`]). Other transmits pass.
+//!   of one stride leave as one send (the crate's `outbox` module). Other transmits pass.
 //!
 //! Why virtual addresses: quinn 0.11 drops packets whose source is not the connection's remote
 //! and cannot change a client's remote, so an end-to-end connection must see one address for
@@ -426,8 +426,7 @@ impl AsyncUdpSocket for PathSocket {
             return Ok(());
         };
         let segment = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
-        self.outbox.send(id, transmit, segment)?;
-        let segments = transmit.contents.len().div_ceil(segment);
+        let segments = self.outbox.send(id, transmit, segment)?;
         Counters::add(&self.table.counters.channel_out, segments as u64);
         Ok(())
     }
