@@ -305,9 +305,11 @@ impl Client {
             let stream = e2e::open_and_write(&link, hub, first, false).await?;
             return Ok(HubStream::quic(stream, *hub_key));
         };
-        // On a loaded machine the handshake can complete, with the early data turned down,
-        // before these writes run: they then fail with `ZeroRttRejected`, which is the same
-        // answer `accepted` gives below, not an error of the call.
+        // These writes fail with `ZeroRttRejected` when, before they run, the handshake has
+        // completed with the early data turned down or the connection has been closed (the
+        // guard closes it when the relay refuses the channel; quinn reports a 0-RTT write on a
+        // closed connection that way, not as a lost connection). `accepted` and the close
+        // reason below say which, so it is not an error of the call.
         let early = match e2e::open_and_write(&link, hub, first, false).await {
             Ok(stream) => Some(stream),
             Err(e) if e2e::zero_rtt_rejected(&e) => None,
