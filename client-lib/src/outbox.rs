@@ -20,9 +20,11 @@
 //! microseconds, not a timer. Without a tokio runtime (the path socket's receive tests) every
 //! transmit is tried at once, and dropped if the socket's buffer is full.
 //!
-//! What it owns: at most one GSO send's worth of bytes; a send the kernel refuses for a full
-//! buffer waits for the socket to be writable, anything else refused is dropped (quinn treats
-//! a lost datagram as loss) and counted by the caller's counters.
+//! What it owns: at most one GSO send's worth of bytes. A send the kernel refuses for a full
+//! buffer waits for the socket to be writable; one it refuses otherwise is dropped (quinn treats
+//! a lost datagram as loss). When that send carried the transmit being handed over, the error
+//! goes back to quinn, as it did before transmits were joined (quinn logs it); else it is
+//! logged here.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -117,13 +119,18 @@ impl Outbox {
         if transmit.contents.is_empty() {
             return Ok(0);
         }
-        let segments = transmit.contents.len().div_ceil(segment).max(1);
+        let segments = transmit.contents.len().div_ceil(segment);
         let stride = segment + HEADER_LEN;
         let len = transmit.contents.len() + segments * HEADER_LEN;
         let max_segments = self.inner.max_transmit_segments().max(1);
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if !pending.can_join(stride, segments, len, transmit, max_segments) {
-            self.flush(&mut pending)?;
+            match self.flush(&mut pending) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                // Earlier transmits, dropped: this one still goes.
+                Err(e) => tracing::debug!(error = %e, "channel datagrams not sent"),
+                Ok(()) => {}
+            }
         }
         if pending.segments == 0 {
             pending.stride = stride;
@@ -143,23 +150,27 @@ impl Outbox {
             || pending.sealed
             || pending.segments >= max_segments
             || pending.bytes.len() + stride > MAX_JOINED_BYTES;
-        match &self.wake {
-            Some(wake) if !full => wake.notify_one(),
-            // Taken either way: if the kernel's buffer is full, the task sends it once the
-            // socket is writable.
-            Some(wake) => {
-                if self.flush(&mut pending).is_err() {
-                    wake.notify_one();
-                }
-            }
-            None => {
-                let _ = self.flush(&mut pending);
+        if !full {
+            if let Some(wake) = &self.wake {
+                wake.notify_one();
+                return Ok(segments);
             }
         }
-        Ok(segments)
+        match self.flush(&mut pending) {
+            // Taken: the task sends it once the socket is writable (without a runtime, it is
+            // dropped as quinn would drop it).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(wake) = &self.wake {
+                    wake.notify_one();
+                }
+                Ok(segments)
+            }
+            other => other.map(|()| segments),
+        }
     }
 
-    /// Sends what is waiting. `WouldBlock` leaves it waiting; any other refusal drops it.
+    /// Sends what is waiting. `WouldBlock` leaves it waiting; any other refusal drops it and is
+    /// returned.
     fn flush(&self, pending: &mut Pending) -> io::Result<()> {
         if pending.segments == 0 {
             return Ok(());
@@ -171,15 +182,13 @@ impl Outbox {
             segment_size: (pending.segments > 1).then_some(pending.stride),
             src_ip: pending.src_ip,
         });
-        match sent {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
-            Err(e) => tracing::debug!(error = %e, segments = pending.segments, "channel datagrams not sent"),
-            Ok(()) => {}
+        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            return sent;
         }
         pending.bytes.clear();
         pending.segments = 0;
         pending.sealed = false;
-        Ok(())
+        sent
     }
 
     /// Sends what is waiting, waiting for the socket to be writable while its buffer is full.
@@ -190,8 +199,10 @@ impl Outbox {
                 let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
                 self.flush(&mut pending)
             };
-            if sent.is_ok() {
-                return;
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return tracing::debug!(error = %e, "channel datagrams not sent"),
+                Ok(()) => return,
             }
             let poller = poller.get_or_insert_with(|| self.inner.clone().create_io_poller());
             if std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)).await.is_err() {
