@@ -82,3 +82,9 @@ pub(crate) fn moved(error: &ClientError) -> bool {
             | ClientError::Refused { reason: RefusalReason::HubOffline | RefusalReason::UnknownHub, .. }
     )
 }
+
+/// Whether `result` is a node that did not answer at all (so another node of the cluster
+/// should be asked) rather than an answer about the hub.
+pub(crate) fn unreachable<T>(result: &Result<T, ClientError>) -> bool {
+    matches!(result, Err(ClientError::RelayUnreachable { .. } | ClientError::Connection(_)))
+}

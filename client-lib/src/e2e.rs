@@ -1,4 +1,4 @@
-//! Data plane v2, the app side: the end-to-end QUIC connection to a hub and its streams.
+//! The app side of the end-to-end QUIC connection to a hub and its streams.
 //!
 //! It owns the life of one connection and what each of its streams says first:
 //! * **Channel.** `ChannelOpen` on a bi stream of the relay connection; the relay answers
@@ -40,8 +40,7 @@ use quinn::{Connection, ConnectionError, Endpoint, ReadError, RecvStream, SendSt
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{ChannelEnd, ClientError, ConfigError, HandshakeError, ProtocolError};
-use crate::path::ChannelBinding;
-use crate::session::QuicBiStream;
+use keyway_path::{ChannelBinding, QuicBiStream};
 
 /// How long the guard keeps a channel bound after its connection closed: long enough for quinn
 /// to send the `CONNECTION_CLOSE` it just queued (microseconds on a live driver), so the hub
@@ -102,7 +101,7 @@ impl Link {
 
     /// Closes the connection (the guard then ends the channel).
     pub(crate) fn close(&self, reason: &str) {
-        crate::relay_link::close(&self.conn, codes::NORMAL, reason);
+        keyway_path::relay_link::close(&self.conn, codes::NORMAL, reason);
     }
 
     /// Why the connection is closed, typed, if it is.
@@ -337,7 +336,7 @@ async fn guard(
                 Ended::Redirected { .. } => "redirected to another cluster node".to_owned(),
             };
             let _ = ended.set(end);
-            crate::relay_link::close(&conn, codes::NORMAL, &reason);
+            keyway_path::relay_link::close(&conn, codes::NORMAL, &reason);
             drop(binding);
             return;
         }
@@ -347,7 +346,7 @@ async fn guard(
     let relay_ended = loop {
         let draining = usage.draining.load(Ordering::SeqCst);
         if draining && usage.open.load(Ordering::SeqCst) == 0 {
-            crate::relay_link::close(&conn, codes::NORMAL, "the relay is draining");
+            keyway_path::relay_link::close(&conn, codes::NORMAL, "the relay is draining");
             break None;
         }
         // Each branch is cancel-safe (the frame reader, quinn's `closed`, a `Notify`).
@@ -362,7 +361,7 @@ async fn guard(
             _ = conn.closed() => break None,
             // Nothing sends on it: it resolves when the last `Link` handle is dropped.
             _ = &mut unused => {
-                crate::relay_link::close(&conn, codes::NORMAL, "no longer used");
+                keyway_path::relay_link::close(&conn, codes::NORMAL, "no longer used");
                 break None;
             }
             () = usage.idle.notified(), if draining => {}
@@ -379,7 +378,7 @@ async fn guard(
         let reason = end.to_string();
         // Recorded before the close, so no stream can see the close without the reason.
         let _ = ended.set(Ended::Channel(end));
-        crate::relay_link::close(&conn, code, &reason);
+        keyway_path::relay_link::close(&conn, code, &reason);
     }
     tokio::time::sleep(CLOSE_GRACE).await;
     let _ = send.finish();
@@ -621,7 +620,9 @@ impl E2eStream {
             };
             let start = buf.len();
             buf.resize(start + missing, 0);
-            let read = self.recv.poll_read(cx, &mut buf[start..]);
+            // `split_at_mut` rather than indexing: `start` is the length before the resize.
+            let (_, tail) = buf.split_at_mut(start);
+            let read = self.recv.poll_read(cx, tail);
             let got = match read {
                 Poll::Ready(Ok(n)) => n,
                 Poll::Pending => {

@@ -56,13 +56,13 @@ pub enum ClientError {
     /// The configuration cannot work (bad timer, relay address that does not resolve).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// Data plane v2: the relay ended the channel that carried the end-to-end connection.
+    /// The relay ended the channel that carried the end-to-end connection.
     #[error(transparent)]
     ChannelEnded(#[from] ChannelEnd),
-    /// Data plane v2: the hub cut the end-to-end connection or stream with code `REVOKED`.
+    /// The hub cut the end-to-end connection or stream with code `REVOKED`.
     #[error("the hub revoked this app's access: its key is no longer in the hub's authorized_apps")]
     Revoked,
-    /// Data plane v2: the end-to-end QUIC connection to the hub failed or was closed.
+    /// The end-to-end QUIC connection to the hub failed or was closed.
     #[error("end-to-end connection to the hub: {0}")]
     HubConnection(#[source] quinn::ConnectionError),
     /// A relay cluster node sent the request on to the node holding the hub, and this client
@@ -72,7 +72,7 @@ pub enum ClientError {
     Redirected { node: SocketAddr },
 }
 
-/// Why the relay ended a channel (data plane v2), read from how it ended the channel stream.
+/// Why the relay ended a channel, read from how it ended the channel stream.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ChannelEnd {
     #[error("the relay ended the channel: this app's key was revoked")]
@@ -118,7 +118,7 @@ pub enum ProtocolError {
     NoAnswer { hub: HubName, waited: Duration },
     #[error("protocol error: expected StreamAccepted or Refused, got {got}")]
     UnexpectedAnswer { got: &'static str },
-    /// Data plane v2: a relay or hub answer that is not the one the request asks for.
+    /// A relay or hub answer that is not the one the request asks for.
     #[error("protocol error: expected {expected} or Refused, got {got}")]
     UnexpectedFrame { expected: &'static str, got: &'static str },
     /// The hub's pairing answer announced a message over the limit.
@@ -134,6 +134,28 @@ pub enum HandshakeError {
     /// The end-to-end QUIC handshake failed (TLS runs inside it).
     #[error(transparent)]
     Quic(quinn::ConnectionError),
+}
+
+impl From<keyway_path::PathError> for ClientError {
+    /// The path layer's errors are the app's own: the same variants, so matching on
+    /// `ClientError` tells them apart as before.
+    fn from(e: keyway_path::PathError) -> Self {
+        use keyway_path::{PathConfigError, PathError};
+        match e {
+            PathError::RelayUnreachable { addr, waited } => ClientError::RelayUnreachable { addr, waited },
+            PathError::RelayKeyMismatch(m) => ClientError::RelayKeyMismatch(m),
+            PathError::Connection(e) => ClientError::Connection(e),
+            PathError::Tls(e) => ClientError::Tls(e),
+            PathError::Io(e) => ClientError::Io(e),
+            PathError::Config(PathConfigError::NoRuntime) => ConfigError::NoRuntime.into(),
+            PathError::Config(PathConfigError::IdleTimeoutTooLarge { idle_timeout, source }) => {
+                ConfigError::IdleTimeoutTooLarge { idle_timeout, source }.into()
+            }
+            PathError::Config(PathConfigError::Dial { relay, source }) => {
+                ConfigError::Dial { relay, source }.into()
+            }
+        }
+    }
 }
 
 impl ClientError {

@@ -12,13 +12,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A [`Client`] holds one quinn endpoint on a path socket ([`path`]), one relay connection
+//! A [`Client`] holds one quinn endpoint on a path socket ([`keyway_path::socket`]), one relay connection
 //! (dialed lazily, redialed when found closed), and one end-to-end QUIC connection per (hub, hub
 //! key), dialed lazily through a relay channel (one dial for concurrent callers) and redialed
 //! when lost (module `e2e`). The relay forwards that connection's packets without being able to
 //! read them. Each [`Client::connect`] is one stream on it, so a new session costs no handshake
 //! at all, only the hub's answer (and [`Client::connect_pipelined`] not even that wait).
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 mod cluster;
 pub mod config;
@@ -26,11 +26,9 @@ mod e2e;
 pub mod error;
 pub mod forward;
 pub mod known_hubs;
-mod outbox;
 pub mod pairing;
-pub mod path;
-pub mod relay_link;
-pub mod session;
+mod session;
+mod slot;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,8 +41,11 @@ use quinn::{Connection, Endpoint};
 pub use config::ClientConfig;
 pub use e2e::HubStream;
 pub use error::{ChannelEnd, ClientError, ConfigError, HandshakeError, ProtocolError};
+pub use keyway_path::PathStats;
 pub use pairing::{pair, PairedHub, PairingCode};
 pub use rustls::client::{ClientSessionMemoryCache, ClientSessionStore};
+
+use slot::HubSlot;
 
 /// A handle on the app's relay link. Cheap to clone; clones share the endpoint and connection.
 #[derive(Clone, Debug)]
@@ -56,7 +57,7 @@ pub struct Client {
 struct Inner {
     config: ClientConfig,
     endpoint: Endpoint,
-    dialer: relay_link::RelayDialer,
+    dialer: keyway_path::relay_link::RelayDialer,
     /// The shared relay connection. An async mutex so that concurrent `connect`s that find no
     /// live connection wait for one dial instead of each dialing their own.
     conn: tokio::sync::Mutex<Option<Connection>>,
@@ -67,32 +68,29 @@ struct Inner {
     nodes: Option<cluster::Nodes>,
 }
 
-/// Where one (hub, hub key)'s end-to-end connection is kept, once dialed.
-type LinkSlot = tokio::sync::Mutex<Link>;
-
-/// A slot's content: the connection, and the last dial's refusal, so that callers who queued
-/// behind a dial that was refused get that answer instead of each asking the relay in turn
-/// (1 000 TCP connections of a `keyway forward` to an offline hub would otherwise queue 1 000
-/// round trips).
-#[derive(Debug, Default)]
-struct Link {
-    live: Option<e2e::Link>,
-    refused: Option<(tokio::time::Instant, keyway_proto::RefusalReason, String)>,
-}
-
 /// What a client keeps besides the relay link.
 #[derive(Debug)]
 struct QuicPlane {
-    paths: path::Paths,
+    paths: keyway_path::Paths,
     /// One slot per (hub, hub key) holding its end-to-end connection. An async mutex per slot
     /// so that concurrent `connect`s that find no live connection wait for one dial.
-    links: Mutex<HashMap<(HubName, PublicKey), Arc<LinkSlot>>>,
+    links: Mutex<HashMap<(HubName, PublicKey), Arc<HubSlot>>>,
     /// One QUIC client config per hub key, kept for rustls' session cache (resumption).
     configs: Mutex<HashMap<PublicKey, (quinn::ClientConfig, MismatchSlot)>>,
     /// When [`Client::nudge_relay`] last touched the relay connection.
     last_nudge: Mutex<Option<tokio::time::Instant>>,
     /// The hubs' session tickets ([`ClientConfig::session_store`]), one store for every hub.
     sessions: Arc<dyn rustls::client::ClientSessionStore>,
+}
+
+/// What one connect asks of a hub's end-to-end connection (the same cluster routing takes
+/// every kind, [`Client::routed`]).
+#[derive(Clone, Copy, Debug)]
+enum Ask<'a> {
+    /// A stream; `wait` for the hub's answer before returning it.
+    Stream { purpose: SessionPurpose, wait: bool },
+    /// A stream whose first bytes, safe to run twice, may travel as 0-RTT early data.
+    Early { first: &'a [u8] },
 }
 
 /// Size of a client's own ticket store, in rustls' units (8 tickets per hub): 64 hubs.
@@ -115,7 +113,7 @@ impl Client {
     }
 
     fn build(config: ClientConfig, nodes: Option<cluster::Nodes>) -> Result<Client, ClientError> {
-        let dialer = relay_link::RelayDialer::new(
+        let dialer = keyway_path::relay_link::RelayDialer::new(
             &config.identity,
             config.relay_addr,
             config.relay_key,
@@ -123,7 +121,7 @@ impl Client {
             config.idle_timeout,
             config.connect_timeout,
         )?;
-        let (endpoint, paths) = path::bind_path_endpoint(config.relay_addr, None)?;
+        let (endpoint, paths) = keyway_path::bind_path_endpoint(config.relay_addr, None)?;
         let quic = QuicPlane {
             paths,
             links: Mutex::default(),
@@ -161,23 +159,24 @@ impl Client {
         hub_key: &PublicKey,
         purpose: SessionPurpose,
     ) -> Result<HubStream, ClientError> {
-        self.routed(hub, hub_key, purpose, true).await
+        self.routed(hub, hub_key, Ask::Stream { purpose, wait: true }).await
     }
 
-    /// [`quic_connect`](Self::quic_connect) at the relay cluster node that holds `hub`: the
-    /// node it was last found at, else the configured relay, following its redirect once.
+    /// `ask` at the relay cluster node that holds `hub`, the one routing every way to connect
+    /// takes: the node the hub was last found at, else the configured relay, else (while it
+    /// does not answer) each of the other configured nodes in turn; a redirect from the node
+    /// that answered is followed once.
     async fn routed(
         &self,
         hub: &HubName,
         hub_key: &PublicKey,
-        purpose: SessionPurpose,
-        wait: bool,
+        ask: Ask<'_>,
     ) -> Result<HubStream, ClientError> {
         let Some(nodes) = &self.inner.nodes else {
-            return self.quic_connect(&self.inner.quic, hub, hub_key, purpose, wait).await;
+            return self.here(hub, hub_key, ask).await;
         };
         if let Some(home) = nodes.home_of(hub) {
-            match home.quic_connect(&home.inner.quic, hub, hub_key, purpose, wait).await {
+            match home.here(hub, hub_key, ask).await {
                 Err(e) if cluster::moved(&e) => {
                     tracing::debug!(%hub, error = %e, "hub no longer at its last cluster node");
                     nodes.forget(hub);
@@ -185,15 +184,14 @@ impl Client {
                 other => return other,
             }
         }
-        let mut first = self.quic_connect(&self.inner.quic, hub, hub_key, purpose, wait).await;
-        // The configured node does not answer: any other node of the cluster will do.
+        let mut first = self.here(hub, hub_key, ask).await;
         for &other in &self.inner.config.other_nodes {
-            if !matches!(first, Err(ClientError::RelayUnreachable { .. } | ClientError::Connection(_))) {
+            if !cluster::unreachable(&first) {
                 break;
             }
             tracing::debug!(%hub, node = %other, "relay node unreachable; asking another node of the cluster");
             let sibling = nodes.sibling(other, &self.inner.config)?;
-            first = sibling.quic_connect(&sibling.inner.quic, hub, hub_key, purpose, wait).await;
+            first = sibling.here(hub, hub_key, ask).await;
             if first.is_ok() {
                 nodes.remember(hub, other);
             }
@@ -202,11 +200,21 @@ impl Client {
             Err(ClientError::Redirected { node }) => {
                 tracing::debug!(%hub, %node, "redirected to the cluster node holding the hub");
                 let sibling = nodes.sibling(node, &self.inner.config)?;
-                let stream = sibling.quic_connect(&sibling.inner.quic, hub, hub_key, purpose, wait).await?;
+                let stream = sibling.here(hub, hub_key, ask).await?;
                 nodes.remember(hub, node);
                 Ok(stream)
             }
             other => other,
+        }
+    }
+
+    /// `ask` through this client's own relay node.
+    async fn here(&self, hub: &HubName, hub_key: &PublicKey, ask: Ask<'_>) -> Result<HubStream, ClientError> {
+        match ask {
+            Ask::Stream { purpose, wait } => {
+                self.quic_connect(&self.inner.quic, hub, hub_key, purpose, wait).await
+            }
+            Ask::Early { first } => self.connect_early_here(hub, hub_key, first).await,
         }
     }
 
@@ -222,7 +230,7 @@ impl Client {
         hub: &HubName,
         hub_key: &PublicKey,
     ) -> Result<HubStream, ClientError> {
-        self.routed(hub, hub_key, SessionPurpose::Connect, false).await
+        self.routed(hub, hub_key, Ask::Stream { purpose: SessionPurpose::Connect, wait: false }).await
     }
 
     /// Sends `request` on a new stream of the relay connection and returns the stream and the
@@ -246,26 +254,7 @@ impl Client {
         hub_key: &PublicKey,
         first: &[u8],
     ) -> Result<HubStream, ClientError> {
-        // On a cluster: the hub's remembered node first, then a redirect is followed once, as
-        // for `connect` (see `routed`).
-        let Some(nodes) = &self.inner.nodes else {
-            return self.connect_early_here(hub, hub_key, first).await;
-        };
-        if let Some(home) = nodes.home_of(hub) {
-            match home.connect_early_here(hub, hub_key, first).await {
-                Err(e) if cluster::moved(&e) => nodes.forget(hub),
-                other => return other,
-            }
-        }
-        match self.connect_early_here(hub, hub_key, first).await {
-            Err(ClientError::Redirected { node }) => {
-                let sibling = nodes.sibling(node, &self.inner.config)?;
-                let stream = sibling.connect_early_here(hub, hub_key, first).await?;
-                nodes.remember(hub, node);
-                Ok(stream)
-            }
-            other => other,
-        }
+        self.routed(hub, hub_key, Ask::Early { first }).await
     }
 
     /// [`connect_early`](Client::connect_early) through this client's own relay.
@@ -277,30 +266,28 @@ impl Client {
     ) -> Result<HubStream, ClientError> {
         let plane = &self.inner.quic;
         let slot = self.slot(plane, hub, hub_key);
+        let queued_at = tokio::time::Instant::now();
         let mut held = slot.lock().await;
-        if let Some(link) = held.live.as_ref().filter(|link| !link.is_closed()).cloned() {
+        if let Some(link) = held.usable(None) {
             drop(held);
             self.nudge_relay(plane);
             let stream = e2e::open_and_write(&link, hub, first, true).await?;
             return Ok(HubStream::quic(stream, *hub_key));
         }
-        held.live = None;
-        held.refused = None;
-        let dialed = match self.dial(plane, hub, hub_key, SessionPurpose::Connect, true).await {
-            Ok(dialed) => dialed,
-            Err(e) => {
-                if let ClientError::Refused { reason, message } = &e {
-                    held.refused = Some((tokio::time::Instant::now(), *reason, message.clone()));
-                }
-                return Err(e);
-            }
-        };
+        if let Some(refused) = held.refused_since(queued_at) {
+            return Err(refused);
+        }
+        held.reset();
+        let dialed = self
+            .dial(plane, hub, hub_key, SessionPurpose::Connect, true)
+            .await
+            .inspect_err(|e| held.note_failure(e))?;
         let (link, accepted) = match dialed {
             e2e::Dialed::Established(link) => (link, None),
             e2e::Dialed::Early(link, accepted) => (link, Some(accepted)),
         };
         let Some(accepted) = accepted else {
-            held.live = Some(link.clone());
+            held.set_live(link.clone());
             drop(held);
             let stream = e2e::open_and_write(&link, hub, first, false).await?;
             return Ok(HubStream::quic(stream, *hub_key));
@@ -334,7 +321,7 @@ impl Client {
                 typed => typed,
             });
         }
-        held.live = Some(link.clone());
+        held.set_live(link.clone());
         drop(held);
         let stream = match early {
             Some(mut stream) if took => {
@@ -361,12 +348,12 @@ impl Client {
     pub async fn disconnect(&self, hub: &HubName, hub_key: &PublicKey) {
         let slot = self.slot(&self.inner.quic, hub, hub_key);
         let mut held = slot.lock().await;
-        if let Some(link) = held.live.take() {
+        if let Some(link) = held.take_live() {
             link.close("app disconnected");
         }
     }
 
-    fn slot(&self, plane: &QuicPlane, hub: &HubName, hub_key: &PublicKey) -> Arc<LinkSlot> {
+    fn slot(&self, plane: &QuicPlane, hub: &HubName, hub_key: &PublicKey) -> Arc<HubSlot> {
         let mut links = plane.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         links.entry((hub.clone(), *hub_key)).or_default().clone()
     }
@@ -375,7 +362,10 @@ impl Client {
     /// the answer (the caller's first flight follows it at once). A cached connection that
     /// turns out to have died since its last use (relay restart, network change) is redialed
     /// once; a freshly dialed one that fails is reported as is.
-    async fn relay_send(&self, request: &Frame) -> Result<(Connection, session::QuicBiStream), ClientError> {
+    async fn relay_send(
+        &self,
+        request: &Frame,
+    ) -> Result<(Connection, keyway_path::QuicBiStream), ClientError> {
         let (conn, fresh) = self.relay_connection(None).await?;
         match session::send(&conn, request).await {
             Ok(stream) => Ok((conn, stream)),
@@ -466,36 +456,26 @@ impl Client {
     async fn live_link(
         &self,
         plane: &QuicPlane,
-        slot: &LinkSlot,
+        slot: &HubSlot,
         hub: &HubName,
         hub_key: &PublicKey,
         stale: Option<&e2e::Link>,
     ) -> Result<(e2e::Link, bool), ClientError> {
         let queued_at = tokio::time::Instant::now();
         let mut slot = slot.lock().await;
-        if let Some(link) = slot.live.as_ref() {
-            if !link.is_closed() && !stale.is_some_and(|s| s.same(link)) {
-                return Ok((link.clone(), false));
-            }
+        if let Some(link) = slot.usable(stale) {
+            return Ok((link, false));
         }
-        if let Some((at, reason, message)) = &slot.refused {
-            if *at >= queued_at {
-                return Err(ClientError::Refused { reason: *reason, message: message.clone() });
-            }
+        if let Some(refused) = slot.refused_since(queued_at) {
+            return Err(refused);
         }
-        slot.live = None;
-        slot.refused = None;
-        let link = match self.dial_link(plane, hub, hub_key, SessionPurpose::Connect).await {
-            Ok(link) => link,
-            Err(e) => {
-                if let ClientError::Refused { reason, message } = &e {
-                    slot.refused = Some((tokio::time::Instant::now(), *reason, message.clone()));
-                }
-                return Err(e);
-            }
-        };
+        slot.reset();
+        let link = self
+            .dial_link(plane, hub, hub_key, SessionPurpose::Connect)
+            .await
+            .inspect_err(|e| slot.note_failure(e))?;
         tracing::debug!(%hub, hub_key = %hub_key.fingerprint(), "end-to-end connection up");
-        slot.live = Some(link.clone());
+        slot.set_live(link.clone());
         Ok((link, true))
     }
 
@@ -587,12 +567,12 @@ impl Client {
         mut config: quinn::ClientConfig,
     ) -> Result<quinn::ClientConfig, ClientError> {
         let c = &self.inner.config;
-        config.transport_config(Arc::new(path::e2e_transport_config(c.keep_alive, c.idle_timeout)?));
+        config.transport_config(Arc::new(keyway_path::e2e_transport_config(c.keep_alive, c.idle_timeout)?));
         Ok(config)
     }
 
     /// Counters of the path socket.
-    pub fn path_stats(&self) -> path::PathStats {
+    pub fn path_stats(&self) -> keyway_path::PathStats {
         self.inner.quic.paths.stats()
     }
 
@@ -616,12 +596,12 @@ impl Client {
             links.values().cloned().collect()
         };
         for slot in slots {
-            if let Some(link) = slot.lock().await.live.take() {
+            if let Some(link) = slot.lock().await.take_live() {
                 link.close("client closed");
             }
         }
         if let Some(conn) = self.inner.conn.lock().await.take() {
-            relay_link::close(&conn, keyway_proto::codes::NORMAL, "client closed");
+            keyway_path::relay_link::close(&conn, keyway_proto::codes::NORMAL, "client closed");
         }
         self.inner.endpoint.close(keyway_proto::codes::NORMAL, b"client closed");
         let _ =

@@ -2,7 +2,7 @@
 //! test relay and test hub built from real quinn endpoints: the relay answers `ChannelOpen` and
 //! forwards channel datagrams inside its socket's `poll_recv`; the hub sits on a path socket
 //! whose channel the test relay binds directly (the test plays the hub's control plane).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::HashMap;
 use std::io::IoSliceMut;
@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use keyway_client::path::{bind_path_endpoint, e2e_transport_config, ChannelBinding, Paths};
 use keyway_client::{ChannelEnd, Client, ClientConfig, ClientError};
+use keyway_path::{bind_path_endpoint, e2e_transport_config, ChannelBinding, Paths};
 use keyway_proto::channel::{self, ChannelId};
 use keyway_proto::io::{read_frame, write_frame};
 use keyway_proto::tls::{self, AllowList, AnyKey};

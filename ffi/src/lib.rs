@@ -18,7 +18,7 @@
 //! UI thread must never run it. Nothing here panics on foreign input (clippy denies `unwrap`,
 //! `expect` and `panic`); uniffi would turn a panic into an exception anyway, but a typed error
 //! says what was wrong.
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 uniffi::setup_scaffolding!();
 

@@ -3,7 +3,7 @@
 //! panic (a panic would cross into Kotlin, Swift or Python as an opaque internal error).
 //! The calls run on a plain current-thread runtime, standing in for a foreign event loop: the
 //! library must not depend on the caller's runtime.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::sync::Arc;
 

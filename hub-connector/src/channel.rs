@@ -1,4 +1,4 @@
-//! One channel announced by the relay (data plane v2): authorize the app, bind the channel in
+//! One channel announced by the relay: authorize the app, bind the channel in
 //! the tunnel's path socket, answer, and hold the binding for as long as the relay's stream
 //! lives.
 //!
@@ -22,6 +22,7 @@ use keyway_proto::{Frame, PublicKey, RefusalReason, SessionPurpose};
 use quinn::{RecvStream, SendStream};
 use tracing::Instrument;
 
+use crate::answer::refuse;
 use crate::state::{Shared, Tunnel};
 
 /// How long the relay has to send its announce on a stream it opened.
@@ -63,13 +64,6 @@ pub(crate) async fn handle_stream(
     handle(shared, tunnel, send, recv, announce).instrument(span).await
 }
 
-async fn refuse(shared: &Shared, send: &mut SendStream, reason: RefusalReason, message: String) {
-    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(%reason, %message, "channel refused");
-    let _ = write_frame(send, &Frame::refused(reason, message)).await;
-    let _ = send.finish();
-}
-
 /// What the relay's `ChannelAnnounce` said.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Announce {
@@ -96,9 +90,8 @@ async fn handle(
             let message = format!("app key {} is not in hub {name}'s authorized_apps", app_key.fingerprint());
             return refuse(&shared, &mut send, RefusalReason::AppNotAuthorized, message).await;
         }
-        SessionPurpose::Pair if !shared.refresh_pairing() => {
-            let message =
-                format!("hub {name} has no pairing window open (it expired, was used, or was never opened)");
+        SessionPurpose::Pair if !crate::pairing::refresh(&shared) => {
+            let message = crate::pairing::closed_message(name);
             return refuse(&shared, &mut send, RefusalReason::PairingClosed, message).await;
         }
         _ => {}

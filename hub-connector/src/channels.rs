@@ -1,4 +1,4 @@
-//! The channels the relay introduced on one tunnel (data plane v2), by the virtual address the
+//! The channels the relay introduced on one tunnel, by the virtual address the
 //! path socket gave each: who the app is (the key the relay authenticated and announced), why
 //! it came (connect or pair), where the relay saw it, and a signal that fires when the channel
 //! ends.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::relay_link::RelayDialer;
+use keyway_path::relay_link::RelayDialer;
 use keyway_proto::codes;
 use keyway_proto::PublicKey;
 use quinn::Endpoint;
@@ -103,7 +103,7 @@ impl HubHandle {
     /// Re-reads the pairing window file now instead of at the next poll; returns whether a
     /// window is open.
     pub fn refresh_pairing(&self) -> bool {
-        self.shared.refresh_pairing()
+        crate::pairing::refresh(&self.shared)
     }
 
     /// The label of `app_key` in `authorized_apps` (empty if none or not authorized).
@@ -187,9 +187,8 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         .accept_streams(RELAY_STREAMS, config.keep_alive, config.idle_timeout)?;
         // An endpoint (UDP socket) per relay: each tunnel's NAT binding and path are its own.
         // Its path socket also carries the end-to-end connections of the channels this relay
-        // introduces (data plane v2), which the endpoint accepts as a server.
-        let (endpoint, paths) =
-            keyway_client::path::bind_path_endpoint(target.addr, Some((*e2e_server).clone()))?;
+        // introduces, which the endpoint accepts as a server.
+        let (endpoint, paths) = keyway_path::bind_path_endpoint(target.addr, Some((*e2e_server).clone()))?;
         let node = (Arc::new(Tunnel::new(target, paths)), dialer, endpoint);
         links.push(node.0.clone());
         match groups.iter_mut().find(|g| g.first().is_some_and(|(t, _, _)| t.target.key == target.key)) {
@@ -220,7 +219,7 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         tunnels: links,
         status,
     });
-    shared.refresh_pairing();
+    crate::pairing::refresh(&shared);
     let relays: Vec<String> = shared.tunnels.iter().map(|t| t.target.addr.to_string()).collect();
     tracing::info!(
         name = %shared.config.name,
@@ -277,7 +276,7 @@ fn e2e_server_configs(
     apps: &Apps,
 ) -> Result<(Arc<quinn::ServerConfig>, Arc<quinn::ServerConfig>), HubError> {
     use keyway_proto::tls::{server_config, AnyKey};
-    let mut transport = keyway_client::path::e2e_transport_config(Duration::ZERO, config.idle_timeout)?;
+    let mut transport = keyway_path::e2e_transport_config(Duration::ZERO, config.idle_timeout)?;
     let credit = match config.max_streams_per_app {
         0 => quinn::VarInt::MAX,
         max => quinn::VarInt::from_u64((max + crate::load::STREAM_CREDIT_MARGIN) as u64)
@@ -319,7 +318,7 @@ async fn watch_apps(shared: Arc<Shared>, mut shutdown: Shutdown) {
         tokio::select! {
             _ = tick.tick() => {
                 let _ = shared.reload_apps();
-                shared.refresh_pairing();
+                crate::pairing::refresh(&shared);
             }
             _ = shutdown.requested() => break,
         }

@@ -1,4 +1,4 @@
-//! End-to-end QUIC connections from apps (data plane v2): accept them on a tunnel's endpoint,
+//! End-to-end QUIC connections from apps: accept them on a tunnel's endpoint,
 //! authorize the key each proves, and bridge each of their streams to the local service.
 //!
 //! A connection is accepted only from a virtual address the tunnel's path socket bound for a
@@ -20,15 +20,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::session::QuicBiStream;
+use keyway_path::QuicBiStream;
 use keyway_proto::codes;
-use keyway_proto::io::{read_frame, write_frame};
+use keyway_proto::io::write_frame;
 use keyway_proto::{Frame, PublicKey, RefusalReason, SessionPurpose};
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::answer::{close, refuse, stream_opened};
 use crate::channels::ChannelInfo;
 use crate::load::{Resource, Slot};
 use crate::shutdown::Shutdown;
@@ -36,10 +37,6 @@ use crate::state::{Shared, Tunnel};
 
 /// How long an app has to complete the end-to-end handshake once its first packet arrived.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long an app has to send `StreamOpen` on a stream it opened.
-const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an app has to send its pairing request on a pairing connection.
-const PAIR_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts end-to-end connections on one tunnel's endpoint until the hub stops.
 pub(crate) async fn serve(
@@ -94,10 +91,6 @@ async fn wait_handshake(channel: &ChannelInfo, connecting: quinn::Connecting) ->
     }
 }
 
-fn close(conn: &Connection, code: quinn::VarInt, reason: &str) {
-    keyway_client::relay_link::close(conn, code, reason);
-}
-
 /// One end-to-end connection: handshake, re-check, then its streams.
 async fn connection(shared: Arc<Shared>, channel: Arc<ChannelInfo>, incoming: Incoming) {
     let config = match channel.purpose {
@@ -149,7 +142,7 @@ async fn connection(shared: Arc<Shared>, channel: Arc<ChannelInfo>, incoming: In
         return close(&conn, codes::PROTOCOL, "end-to-end key differs from the announced key");
     }
     if channel.purpose == SessionPurpose::Pair {
-        return pair(&shared, &conn, &channel).await;
+        return crate::pairing::serve(&shared, &conn, &channel).await;
     }
     // Registered before the allow-list check, so a revocation from here on is never missed.
     let guard = shared.sessions.register(app_key);
@@ -187,13 +180,6 @@ async fn connection(shared: Arc<Shared>, channel: Arc<ChannelInfo>, incoming: In
     tracing::info!(%why, "end-to-end connection closed");
 }
 
-async fn refuse_stream(shared: &Shared, send: &mut SendStream, reason: RefusalReason, message: String) {
-    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(%reason, %message, "stream refused");
-    let _ = write_frame(send, &Frame::refused(reason, message)).await;
-    let _ = send.finish();
-}
-
 /// Counts a stream as an active session, and holds its app's stream slot, for as long as it
 /// lives.
 struct Active {
@@ -204,34 +190,6 @@ struct Active {
 impl Drop for Active {
     fn drop(&mut self) {
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Waits for the stream's `StreamOpen`; false (stream aborted) if anything else came.
-async fn stream_opened(send: &mut SendStream, recv: &mut RecvStream) -> bool {
-    match tokio::time::timeout(STREAM_OPEN_TIMEOUT, read_frame(recv)).await {
-        Ok(Ok(Frame::StreamOpen)) => true,
-        Ok(Ok(other)) => {
-            tracing::debug!(frame = other.name(), "stream did not start with StreamOpen");
-            let _ =
-                write_frame(send, &Frame::refused(RefusalReason::ProtocolViolation, "expected StreamOpen"))
-                    .await;
-            let _ = send.finish();
-            let _ = recv.stop(codes::PROTOCOL);
-            false
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "stream without a valid StreamOpen");
-            let _ = send.reset(codes::PROTOCOL);
-            let _ = recv.stop(codes::PROTOCOL);
-            false
-        }
-        Err(_) => {
-            tracing::debug!("no StreamOpen in time");
-            let _ = send.reset(codes::PROTOCOL);
-            let _ = recv.stop(codes::PROTOCOL);
-            false
-        }
     }
 }
 
@@ -254,7 +212,7 @@ async fn stream(
             app_key.fingerprint()
         );
         let _ = recv.stop(codes::LIMIT);
-        return refuse_stream(&shared, &mut send, RefusalReason::OverLimit, message).await;
+        return refuse(&shared, &mut send, RefusalReason::OverLimit, message).await;
     };
     let forward = shared.config.forward;
     let mut tcp = match tokio::time::timeout(shared.config.service_timeout, TcpStream::connect(forward)).await
@@ -263,12 +221,12 @@ async fn stream(
         Ok(Err(e)) => {
             tracing::warn!(%forward, error = %e, "local service unreachable");
             let message = format!("hub {name} cannot reach its local service");
-            return refuse_stream(&shared, &mut send, RefusalReason::ServiceUnavailable, message).await;
+            return refuse(&shared, &mut send, RefusalReason::ServiceUnavailable, message).await;
         }
         Err(_) => {
             tracing::warn!(%forward, "local service did not accept the connection in time");
             let message = format!("hub {name}'s local service did not answer in time");
-            return refuse_stream(&shared, &mut send, RefusalReason::ServiceUnavailable, message).await;
+            return refuse(&shared, &mut send, RefusalReason::ServiceUnavailable, message).await;
         }
     };
     if let Err(e) = tcp.set_nodelay(true) {
@@ -294,100 +252,4 @@ async fn stream(
         Ok((from_app, to_app)) => tracing::debug!(from_app, to_app, "stream closed"),
         Err(e) => tracing::debug!(error = %e, "stream ended with an error"),
     }
-}
-
-/// A pairing connection: one stream carries the app's secret; a right one authorizes the key
-/// the app proved and closes the window. The secret is never logged.
-async fn pair(shared: &Shared, conn: &Connection, channel: &ChannelInfo) {
-    use keyway_proto::pairing::{read_request, write_answer, PairStatus};
-
-    let (mut send, mut recv) = tokio::select! {
-        accepted = tokio::time::timeout(PAIR_REQUEST_TIMEOUT, conn.accept_bi()) => match accepted {
-            Ok(Ok(streams)) => streams,
-            Ok(Err(e)) => return tracing::info!(error = %e, "pairing: connection lost before the request"),
-            Err(_) => return close(conn, codes::NORMAL, "no pairing request in time"),
-        },
-        () = channel.ended() => return close(conn, codes::NORMAL, "channel ended"),
-    };
-    if !stream_opened(&mut send, &mut recv).await {
-        return close(conn, codes::PROTOCOL, "expected StreamOpen");
-    }
-    if !shared.refresh_pairing() {
-        let message = format!(
-            "hub {} has no pairing window open (it expired, was used, or was never opened)",
-            shared.config.name
-        );
-        refuse_stream(shared, &mut send, RefusalReason::PairingClosed, message).await;
-        return;
-    }
-    if let Err(e) = write_frame(&mut send, &Frame::StreamAccepted).await {
-        return tracing::debug!(error = %e, "pairing: could not accept the stream");
-    }
-    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-    let mut quic = QuicBiStream { send, recv };
-    let secret = match tokio::time::timeout(PAIR_REQUEST_TIMEOUT, read_request(&mut quic)).await {
-        Ok(Ok(Some(secret))) => secret,
-        Ok(Ok(None)) => {
-            shared.stats.pairing_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("pairing: malformed request");
-            let _ = write_answer(&mut quic, PairStatus::BadRequest, "malformed pairing request").await;
-            let _ = quic.shutdown().await;
-            return;
-        }
-        Ok(Err(e)) => return tracing::info!(error = %e, "pairing: no request"),
-        Err(_) => return tracing::info!("pairing: no request in time"),
-    };
-    let (status, message) = consume_window(shared, &channel.app_key, &secret).await;
-    let _ = write_answer(&mut quic, status, &message).await;
-    let _ = quic.shutdown().await;
-    // The app closes the connection once it has read the answer; bound the wait.
-    let _ = tokio::time::timeout(PAIR_REQUEST_TIMEOUT, conn.closed()).await;
-}
-
-/// Checks `secret` against the open window and, if it matches, authorizes `app_key` and
-/// closes the window. Serialized by `pair_lock` so one code pairs one app.
-async fn consume_window(
-    shared: &Shared,
-    app_key: &PublicKey,
-    secret: &[u8],
-) -> (keyway_proto::pairing::PairStatus, String) {
-    use keyway_proto::pairing::PairStatus;
-    let _guard = shared.pair_lock.lock().await;
-    let window = match crate::pairing::read_window(&shared.window_file) {
-        Ok(Some(w)) if w.is_open() => w,
-        Ok(_) => return (PairStatus::WindowClosed, "the pairing window is closed".into()),
-        Err(e) => {
-            tracing::warn!(error = %e, "pairing: cannot read the window");
-            return (PairStatus::WindowClosed, "the pairing window is closed".into());
-        }
-    };
-    if !window.matches(secret) {
-        shared.stats.pairing_failures.fetch_add(1, Ordering::Relaxed);
-        let failures = window.failures.saturating_add(1);
-        tracing::warn!(failures, limit = crate::pairing::MAX_FAILURES, "pairing: wrong secret");
-        let updated = crate::pairing::PairingWindow { failures, ..window };
-        if let Err(e) = crate::pairing::write_window(&shared.window_file, &updated) {
-            tracing::warn!(error = %e, "pairing: cannot record the failure; closing the window");
-            let _ = crate::pairing::close_window(&shared.window_file);
-        }
-        shared.refresh_pairing();
-        return (PairStatus::WrongSecret, "wrong pairing secret".into());
-    }
-    // Close first: if recording the key fails, the code is spent anyway (fail closed).
-    if let Err(e) = crate::pairing::close_window(&shared.window_file) {
-        tracing::error!(error = %e, "pairing: cannot close the window; refusing");
-        return (PairStatus::Internal, "the hub could not close its pairing window".into());
-    }
-    let label = if window.label.is_empty() { "paired app".to_owned() } else { window.label.clone() };
-    if let Err(e) = crate::apps::add_app(&shared.config.apps_file, app_key, &label) {
-        tracing::error!(error = %e, "pairing: cannot add the app key");
-        shared.refresh_pairing();
-        return (PairStatus::Internal, "the hub could not record the app key".into());
-    }
-    // Apply now rather than at the next poll, so the app's first `connect` works at once.
-    let _ = shared.reload_apps();
-    shared.refresh_pairing();
-    shared.stats.paired.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(app = %app_key.fingerprint(), %label, "app paired and authorized");
-    (PairStatus::Paired, format!("paired as {label:?}"))
 }

@@ -34,8 +34,9 @@ pub enum HubError {
     /// (a prefix here printed "TLS configuration: TLS configuration: …").
     #[error(transparent)]
     Tls(#[from] keyway_proto::tls::TlsConfigError),
+    /// The path layer: binding the socket, dialing a relay.
     #[error(transparent)]
-    Client(#[from] keyway_client::ClientError),
+    Path(#[from] keyway_path::PathError),
     #[error("not registered with the relay after {}; tunnel status: {last}", humantime::format_duration(*waited))]
     NotRegistered { waited: Duration, last: TunnelStatus },
     #[error("the connector has stopped")]

@@ -13,8 +13,9 @@
 //! The hub never listens: every connection is outbound, and nothing reaches the local service
 //! that the relay has not authenticated and the hub has not authorized (twice: before
 //! answering the relay, and after the end-to-end TLS handshake).
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
+mod answer;
 pub mod apps;
 pub mod backoff;
 mod channel;

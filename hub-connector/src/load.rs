@@ -1,5 +1,5 @@
 //! What each app holds at the hub right now: its end-to-end connections and the streams on
-//! them, against the per-app caps, so that one app cannot starve the others (data plane v2).
+//! them, against the per-app caps, so that one app cannot starve the others.
 //!
 //! quinn's `MAX_STREAMS` credit makes an app's `open_bi` wait when it runs out, never fail, and
 //! a person behind a browser needs an answer, not a hang. So the hub grants each connection a

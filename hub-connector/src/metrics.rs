@@ -20,8 +20,8 @@
 //! | `e2e_resumed_total` | counter | end-to-end connections that resumed a session (single-use ticket) |
 //! | `pairing_window_open` | gauge | 1 while a pairing window is open |
 //! | `authorized_apps` | gauge | keys in `authorized_apps` |
-//! | `channels_active{relay}` | gauge | channels (data plane v2) that relay introduced and that are live |
-//! | `apps_connected` | gauge | app keys holding an end-to-end connection or stream (data plane v2) |
+//! | `channels_active{relay}` | gauge | channels that relay introduced and that are live |
+//! | `apps_connected` | gauge | app keys holding an end-to-end connection or stream |
 //!
 //! The numbers live in plain atomics ([`HubStats`](crate::HubStats) and each tunnel's own);
 //! a scrape copies them into a fresh [`prometheus::Registry`] and encodes that, so nothing on
@@ -99,10 +99,8 @@ fn gather(shared: &Shared) -> prometheus::Result<Registry> {
         ),
         &["relay"],
     )?;
-    let channels = IntGaugeVec::new(
-        opts("channels_active", "Live channels (data plane v2) this relay introduced."),
-        &["relay"],
-    )?;
+    let channels =
+        IntGaugeVec::new(opts("channels_active", "Live channels this relay introduced."), &["relay"])?;
     for tunnel in &shared.tunnels {
         let relay = tunnel.target.addr.to_string();
         up.with_label_values(&[relay.as_str()]).set(i64::from(tunnel.is_registered()));
@@ -161,7 +159,7 @@ fn gather(shared: &Shared) -> prometheus::Result<Registry> {
     register(Box::new(apps))?;
     let connected = IntGauge::with_opts(opts(
         "apps_connected",
-        "App keys holding an end-to-end connection or stream to this hub (data plane v2).",
+        "App keys holding an end-to-end connection or stream to this hub.",
     ))?;
     connected.set(i64::try_from(shared.load.apps()).unwrap_or(i64::MAX));
     register(Box::new(connected))?;

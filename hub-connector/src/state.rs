@@ -1,9 +1,9 @@
-//! The state every task of a running connector shares (as mini-redis's `db.rs` beside its
-//! `server.rs`): the config, the counters, the apps list, the live sessions, the TLS configs,
-//! the pairing window and the status of each tunnel.
+//! The state every task of a running connector shares: the config, the counters, the apps
+//! list, the live sessions, the TLS configs, the pairing window and the status of each tunnel.
 //!
 //! The drivers ([`crate::connector`] starts things, [`crate::tunnel`] runs one relay's
-//! connection, [`crate::session`] one session, [`crate::metrics`] answers scrapes) all take an
+//! connection, `e2e` one app's end-to-end connection, [`crate::pairing`] a pairing exchange,
+//! [`crate::metrics`] answers scrapes) all take an
 //! `Arc<Shared>` and import it from here; this module imports none of them, so no driver
 //! imports another one back.
 
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use keyway_client::path::Paths;
+use keyway_path::Paths;
 
 use crate::apps::{Apps, AppsChange};
 use crate::channels::Channels;
@@ -23,11 +23,11 @@ use crate::registry::SessionRegistry;
 use crate::status::TunnelStatus;
 
 /// The tunnel to one configured relay: its status and counters, and the channels the relay
-/// introduced on it (data plane v2) with the path socket that carries their packets.
+/// introduced on it with the path socket that carries their packets.
 #[derive(Debug)]
 pub(crate) struct Tunnel {
     pub(crate) target: RelayTarget,
-    /// The channel table of this tunnel's UDP socket (see `keyway_client::path`).
+    /// The channel table of this tunnel's UDP socket (see `keyway_path::socket`).
     pub(crate) paths: Paths,
     /// The live channels, by the virtual address `paths` bound for each.
     pub(crate) channels: Arc<Channels>,
@@ -69,7 +69,7 @@ pub(crate) struct Shared {
     /// inside the session, is what authorizes it) and never resumes, so a pairing session
     /// leaves nothing behind that an authorized session could reuse.
 
-    /// The end-to-end QUIC server config (data plane v2): the app key checked against the
+    /// The end-to-end QUIC server config: the app key checked against the
     /// allow-list, one config for the connector's lifetime (resumption, as for `tls`).
     pub(crate) e2e_server: Arc<quinn::ServerConfig>,
     /// The end-to-end QUIC server config of pairing channels: any key, never resumes.
@@ -90,35 +90,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Re-reads the pairing window file and updates `pairing_open` (waking the tunnel to
-    /// publish it). An expired or exhausted window's file is removed.
-    pub(crate) fn refresh_pairing(&self) -> bool {
-        let open = match crate::pairing::read_window(&self.window_file) {
-            Ok(Some(window)) if window.is_open() => true,
-            Ok(Some(_)) => {
-                tracing::info!("pairing window closed (expired or too many wrong secrets)");
-                if let Err(e) = crate::pairing::close_window(&self.window_file) {
-                    tracing::warn!(error = %e, "cannot remove the closed pairing window");
-                }
-                false
-            }
-            Ok(None) => false,
-            Err(e) => {
-                tracing::warn!(error = %e, "ignoring the pairing window file");
-                false
-            }
-        };
-        self.pairing_open.send_if_modified(|current| {
-            let changed = *current != open;
-            if changed {
-                tracing::info!(open, "pairing window {}", if open { "opened" } else { "closed" });
-            }
-            *current = open;
-            changed
-        });
-        open
-    }
-
     /// Sets one tunnel's status, then the hub's overall status.
     pub(crate) fn set_status(&self, tunnel: &Tunnel, new: TunnelStatus) {
         tunnel.status.send_if_modified(|current| {

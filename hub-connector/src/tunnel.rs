@@ -33,8 +33,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::relay_link::{self, RelayDialer};
-use keyway_client::ClientError;
+use keyway_path::relay_link::{self, RelayDialer};
+use keyway_path::PathError;
 use keyway_proto::codec::MAX_ALLOWED_APPS;
 use keyway_proto::codes;
 use keyway_proto::io::{write_frame, FrameIoError, FrameReader};
@@ -193,7 +193,7 @@ async fn attempt(
     let conn = tokio::select! {
         dialed = dialer.dial(endpoint) => match dialed {
             Ok(conn) => conn,
-            Err(ClientError::Connection(ConnectionError::ConnectionClosed(close)))
+            Err(PathError::Connection(ConnectionError::ConnectionClosed(close)))
                 if close.error_code == TransportErrorCode::CONNECTION_REFUSED =>
             {
                 return Outcome::Busy

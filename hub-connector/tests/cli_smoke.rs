@@ -1,6 +1,6 @@
 //! Smoke test of the `keyway-hub` binary: first run creates the key and prints what the relay
 //! owner needs; `pubkey` prints the same key.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::process::{Command, Stdio};
 

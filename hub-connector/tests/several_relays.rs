@@ -2,7 +2,7 @@
 //! relay draining and stopping while the others keep serving, and the hub's `/metrics` and
 //! `/healthz` following all of it. Real in-process relays on loopback UDP, no mocks. Waits poll
 //! with a generous deadline (a hang guard); nothing asserts how long anything took.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
 

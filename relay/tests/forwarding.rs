@@ -1,5 +1,5 @@
 //! Data plane v2 through a real relay over real UDP on loopback: an app and a hub, each one
-//! quinn endpoint on a path socket (`keyway_client::path`) carrying both its relay connection
+//! quinn endpoint on a path socket (`keyway_path::socket`) carrying both its relay connection
 //! and, under the channel header, the end-to-end QUIC connection, which the relay forwards
 //! without being able to read it (it holds no key of it: the app pins the hub's key, the hub
 //! admits the app's, and the relay's own key is neither).
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use keyway_client::path::{bind_path_endpoint, e2e_transport_config, ChannelBinding, Paths};
+use keyway_path::{bind_path_endpoint, e2e_transport_config, ChannelBinding, Paths};
 use keyway_proto::channel::{self, ChannelId, HEADER_LEN};
 use keyway_proto::tls::{self, AllowList};
 use keyway_proto::ALPN_E2E;

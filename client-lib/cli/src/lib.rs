@@ -8,7 +8,7 @@
 //! TOML file named by `--config` / `KEYWAY_CONFIG` (keys named like the flags), layered by
 //! [`keyway_proto::cli::apply_config_file`]. Output meant for scripts (public keys) goes to
 //! stdout; everything for humans goes to stderr.
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 use std::ffi::OsString;
 use std::net::SocketAddr;

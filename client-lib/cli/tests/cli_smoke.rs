@@ -1,5 +1,5 @@
 //! Smoke tests of the `keyway` binary: key files and their public keys.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::process::Command;
 

@@ -1,5 +1,5 @@
-//! Pairing windows: how `keyway-hub pair` (a short-lived process) tells the running connector
-//! that one app may pair, without any listening socket.
+//! The pairing window file: how `keyway-hub pair` (a short-lived process) tells the running
+//! connector that one app may pair, without any listening socket.
 //!
 //! `keyway-hub pair` writes a *window file* next to `authorized_apps` (`authorized_apps.pairing`,
 //! mode 0600, written to a temporary file and renamed) holding the SHA-256 of a fresh 128-bit

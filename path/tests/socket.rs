@@ -1,7 +1,7 @@
 //! The path socket over real UDP on loopback: two quinn endpoints on path sockets talk end to
 //! end through a small forwarder that plays the relay (checks the source, rewrites the channel
 //! id, sends on), and a plain quinn server stands in for the relay's own QUIC endpoint.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyway_client::path::{bind_path_endpoint, e2e_transport_config, ChannelBinding, Paths};
+use keyway_path::{bind_path_endpoint, e2e_transport_config, ChannelBinding, Paths};
 use keyway_proto::channel::{self, ChannelId};
 use keyway_proto::tls::{self, AllowList};
 use keyway_proto::{Identity, ALPN_E2E};

@@ -1,4 +1,4 @@
-//! The QUIC link to the relay, shared by apps ([`Client`](crate::Client)) and the hub connector.
+//! The QUIC link to the relay, shared by apps (`keyway_client::Client`) and the hub connector.
 //!
 //! It owns the details both sides must get right in the same way:
 //! * the UDP socket (relay's address family, port 0, 4 MiB buffers when the OS allows, because
@@ -6,7 +6,7 @@
 //! * the transport timers (quinn has *no* keep-alive by default, and NAT mappings expire);
 //! * pinning the relay key and turning a failed dial into a typed error: a recorded
 //!   [`KeyMismatch`](keyway_proto::tls::KeyMismatch) becomes
-//!   [`ClientError::RelayKeyMismatch`], silence becomes [`ClientError::RelayUnreachable`].
+//!   [`PathError::RelayKeyMismatch`], silence becomes [`PathError::RelayUnreachable`].
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -16,23 +16,23 @@ use keyway_proto::tls::MismatchSlot;
 use keyway_proto::{Identity, PublicKey};
 use quinn::{Connection, Endpoint, VarInt};
 
-use crate::error::{ClientError, ConfigError};
+use crate::error::{PathConfigError, PathError};
 
 /// UDP socket buffer size requested (best effort; the OS may cap it).
 pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Binds a client-side quinn endpoint on port 0 of `relay_addr`'s address family, with
 /// enlarged socket buffers when the OS allows. Must be called inside a tokio runtime.
-pub fn bind_endpoint(relay_addr: SocketAddr) -> Result<Endpoint, ClientError> {
+pub fn bind_endpoint(relay_addr: SocketAddr) -> Result<Endpoint, PathError> {
     let socket = bind_socket(relay_addr)?;
-    let runtime = quinn::default_runtime().ok_or(ConfigError::NoRuntime)?;
+    let runtime = quinn::default_runtime().ok_or(PathConfigError::NoRuntime)?;
     let endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)?;
     Ok(endpoint)
 }
 
 /// The UDP socket of a relay link: port 0 of `relay_addr`'s address family, non-blocking,
-/// 4 MiB buffers when the OS allows. Shared with the path socket ([`crate::path`]).
-pub fn bind_socket(relay_addr: SocketAddr) -> Result<std::net::UdpSocket, ClientError> {
+/// 4 MiB buffers when the OS allows. Shared with the path socket ([`crate::socket`]).
+pub fn bind_socket(relay_addr: SocketAddr) -> Result<std::net::UdpSocket, PathError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let local: SocketAddr = match relay_addr {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -55,9 +55,9 @@ pub fn bind_socket(relay_addr: SocketAddr) -> Result<std::net::UdpSocket, Client
 pub fn transport_config(
     keep_alive: Duration,
     idle_timeout: Duration,
-) -> Result<quinn::TransportConfig, ClientError> {
+) -> Result<quinn::TransportConfig, PathError> {
     let idle = quinn::IdleTimeout::try_from(idle_timeout)
-        .map_err(|source| ConfigError::IdleTimeoutTooLarge { idle_timeout, source })?;
+        .map_err(|source| PathConfigError::IdleTimeoutTooLarge { idle_timeout, source })?;
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(idle));
     if !keep_alive.is_zero() {
@@ -86,7 +86,7 @@ impl RelayDialer {
         keep_alive: Duration,
         idle_timeout: Duration,
         connect_timeout: Duration,
-    ) -> Result<Self, ClientError> {
+    ) -> Result<Self, PathError> {
         let (crypto, mismatch) =
             keyway_proto::tls::quic_client_crypto(identity, relay_key, keyway_proto::ALPN_RELAY)?;
         let mut config = quinn::ClientConfig::new(crypto);
@@ -103,7 +103,7 @@ impl RelayDialer {
         streams: u32,
         keep_alive: Duration,
         idle_timeout: Duration,
-    ) -> Result<Self, ClientError> {
+    ) -> Result<Self, PathError> {
         let mut transport = transport_config(keep_alive, idle_timeout)?;
         transport.max_concurrent_bidi_streams(streams.into());
         self.config.transport_config(Arc::new(transport));
@@ -116,26 +116,26 @@ impl RelayDialer {
     }
 
     /// Connects to the relay. Silence for `connect_timeout` is
-    /// [`ClientError::RelayUnreachable`]; another relay key is [`ClientError::RelayKeyMismatch`].
-    pub async fn dial(&self, endpoint: &Endpoint) -> Result<Connection, ClientError> {
+    /// [`PathError::RelayUnreachable`]; another relay key is [`PathError::RelayKeyMismatch`].
+    pub async fn dial(&self, endpoint: &Endpoint) -> Result<Connection, PathError> {
         // A mismatch left over from an earlier attempt must not be blamed on this one.
         let _ = self.mismatch.take();
         let connecting = endpoint
             .connect_with(self.config.clone(), self.relay_addr, keyway_proto::tls::SERVER_NAME)
-            .map_err(|source| ConfigError::Dial { relay: self.relay_addr, source })?;
+            .map_err(|source| PathConfigError::Dial { relay: self.relay_addr, source })?;
         let conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => {
                 return Err(match self.mismatch.take() {
-                    Some(m) => ClientError::RelayKeyMismatch(m),
+                    Some(m) => PathError::RelayKeyMismatch(m),
                     None => {
-                        ClientError::RelayUnreachable { addr: self.relay_addr, waited: self.connect_timeout }
+                        PathError::RelayUnreachable { addr: self.relay_addr, waited: self.connect_timeout }
                     }
                 })
             }
             Ok(Err(e)) => {
                 return Err(match self.mismatch.take() {
-                    Some(m) => ClientError::RelayKeyMismatch(m),
-                    None => ClientError::Connection(e),
+                    Some(m) => PathError::RelayKeyMismatch(m),
+                    None => PathError::Connection(e),
                 })
             }
             Ok(Ok(conn)) => conn,
@@ -145,7 +145,7 @@ impl RelayDialer {
         if let Some(seen) = keyway_proto::tls::quic_peer_key(&conn) {
             if seen != self.relay_key {
                 conn.close(keyway_proto::codes::PROTOCOL, b"unexpected relay key");
-                return Err(ClientError::RelayKeyMismatch(keyway_proto::tls::KeyMismatch {
+                return Err(PathError::RelayKeyMismatch(keyway_proto::tls::KeyMismatch {
                     expected: self.relay_key,
                     seen,
                 }));
@@ -183,7 +183,7 @@ mod tests {
         .unwrap();
         let endpoint = bind_endpoint(addr).unwrap();
         let err = dialer.dial(&endpoint).await.unwrap_err();
-        assert!(matches!(err, ClientError::RelayUnreachable { addr: a, .. } if a == addr), "{err}");
+        assert!(matches!(err, PathError::RelayUnreachable { addr: a, .. } if a == addr), "{err}");
     }
 
     #[test]
@@ -191,7 +191,7 @@ mod tests {
         assert!(transport_config(Duration::from_secs(15), Duration::from_secs(60)).is_ok());
         assert!(matches!(
             transport_config(Duration::from_secs(15), Duration::from_secs(u64::MAX / 2)),
-            Err(ClientError::Config(ConfigError::IdleTimeoutTooLarge { .. }))
+            Err(PathError::Config(PathConfigError::IdleTimeoutTooLarge { .. }))
         ));
     }
 }
