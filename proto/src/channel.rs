@@ -1,5 +1,5 @@
 //! The channel header: how an end-to-end QUIC connection's packets share the relay's one UDP
-//! port with the QUIC connections the relay terminates (data plane v2).
+//! port with the QUIC connections the relay terminates.
 //!
 //! App and hub each send their end-to-end packets to the relay's address prefixed with
 //! [`HEADER_LEN`] bytes: [`CHANNEL_DATA`] and the 8-byte [`ChannelId`] the relay gave *that*

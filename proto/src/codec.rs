@@ -274,7 +274,7 @@ pub enum Frame {
         retry_after_ms: u32,
         message: String,
     },
-    /// app → relay, first frame of a channel stream (data plane v2): introduce me to `hub` for
+    /// app → relay, first frame of a channel stream: introduce me to `hub` for
     /// an end-to-end QUIC connection, under `channel`, the app's own id for it (drawn at random
     /// by the app, so its first flight can leave with this frame instead of a round trip later;
     /// the relay holds that flight until it has authorized). The stream stays open for the
