@@ -66,6 +66,17 @@ struct Inner {
     /// The other relay cluster nodes this client was redirected to; `None` in a sibling
     /// client itself, which does not follow redirects ([`cluster`]).
     nodes: Option<cluster::Nodes>,
+    /// The task that nudges the relay connection when the path socket says the relay answers
+    /// nothing ([`keyway_path::Paths::relay_suspect`]); aborted with the client.
+    nudger: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.nudger.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            task.abort();
+        }
+    }
 }
 
 /// What a client keeps besides the relay link.
@@ -131,16 +142,33 @@ impl Client {
                 Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSION_STORE_SIZE))
             }),
         };
-        Ok(Client {
-            inner: Arc::new(Inner {
-                config,
-                endpoint,
-                dialer,
-                conn: tokio::sync::Mutex::new(None),
-                quic,
-                nodes,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            config,
+            endpoint,
+            dialer,
+            conn: tokio::sync::Mutex::new(None),
+            quic,
+            nodes,
+            nudger: Mutex::default(),
+        });
+        let task = tokio::spawn(Self::nudge_when_unanswered(Arc::downgrade(&inner)));
+        *inner.nudger.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task.abort_handle());
+        Ok(Client { inner })
+    }
+
+    /// Nudges the relay connection each time the path socket says the relay has answered
+    /// nothing for a second while channel data went out: after a NAT rebound the socket, the
+    /// relay drops channel datagrams from the new address until the relay connection shows it
+    /// there, which quinn alone would do only at the next keep-alive.
+    async fn nudge_when_unanswered(inner: std::sync::Weak<Inner>) {
+        let Some(suspect) = inner.upgrade().map(|inner| inner.quic.paths.relay_suspect()) else { return };
+        loop {
+            suspect.notified().await;
+            let Some(inner) = inner.upgrade() else { return };
+            tracing::debug!("the relay answered nothing for a second while data went out; nudging it");
+            let client = Client { inner };
+            client.nudge_relay(&client.inner.quic);
+        }
     }
 
     /// Opens an end-to-end encrypted stream to the service behind hub `hub`, pinning `hub_key`.

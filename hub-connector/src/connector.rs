@@ -300,6 +300,10 @@ fn e2e_server_configs(
             .map_err(keyway_proto::tls::TlsConfigError::from)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
+        // An app's virtual address never moves (path changes stay below quinn), so a packet
+        // from another address is never this peer migrating: following it would hand the
+        // connection to whichever channel a relay bound there.
+        server.migration(false);
         Ok(Arc::new(server))
     };
     Ok((quic(authorized)?, quic(pairing)?))

@@ -261,9 +261,20 @@ async fn serve(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, conn: &Connection) ->
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut liveness = Liveness::new(rand::random());
+    let relay_suspect = tunnel.paths.relay_suspect();
 
     loop {
         tokio::select! {
+            // The relay answered nothing for a second while channel data went out (a NAT that
+            // rebound the socket): a `Ping` now shows the relay where this hub is, so channels
+            // flow again without waiting for the next keep-alive. Its `Pong` matches no ping in
+            // flight and is ignored.
+            () = relay_suspect.notified() => {
+                tracing::debug!("the relay answered nothing for a second while data went out; pinging it");
+                if let Err(e) = write_frame(&mut ctl_send, &Frame::Ping { nonce: rand::random() }).await {
+                    return frame_error(conn, true, "sending Ping", e);
+                }
+            }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     tokio::spawn(crate::channel::handle_stream(shared.clone(), tunnel.clone(), send, recv).in_current_span());

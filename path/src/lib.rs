@@ -10,6 +10,8 @@
 //!   suspect), pure with the clock passed in;
 //! * `recv` and `outbox`: cutting received batches into runs quinn can take, and joining
 //!   quinn's transmits into GSO sends;
+//! * `pulse`: whether the relay still answers the socket, and the signal to nudge the relay
+//!   connection when it does not (a NAT that rebound the socket);
 //! * [`relay_link`]: dialing the relay with its key pinned, the shared transport timers;
 //! * [`stream`]: a QUIC stream as one tokio byte stream.
 //!
@@ -20,6 +22,7 @@ pub mod addr;
 pub mod error;
 mod outbox;
 mod recv;
+mod pulse;
 pub mod relay_link;
 pub mod route;
 pub mod socket;

@@ -4,7 +4,7 @@
 //! It owns the translation between what quinn sees and what goes over the wire:
 //! * **Receive.** A datagram from the relay that is channel data with a bound id goes to quinn
 //!   with the header stripped and the source replaced by that channel's virtual address
-//!   ([`crate::addr`]); batches are cut by [`crate::recv`]. Every other datagram from the relay
+//!   ([`crate::addr`]); batches are cut by the crate's `recv` module. Every other datagram from the relay
 //!   (the relay connection itself) goes to quinn unchanged. Datagrams from any other address
 //!   are dropped and counted: only the relay can reach this socket. Datagrams for an id not
 //!   bound yet are held briefly by the table ([`crate::table`]).
@@ -31,6 +31,7 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use crate::addr::is_virtual;
 use crate::error::{PathConfigError, PathError};
 use crate::outbox::Outbox;
+use crate::pulse::Pulse;
 use crate::recv::{slot_len, RecvState, Tally};
 use crate::relay_link;
 use crate::route::{PathKind, Selected};
@@ -87,6 +88,16 @@ struct PathSocket {
     recv: Mutex<RecvState>,
     /// Channel sends, joined across transmits ([`crate::outbox`]).
     outbox: Arc<Outbox>,
+    /// The task that checks the relay path a second after an unanswered send ([`Pulse::watch`]).
+    watch: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for PathSocket {
+    fn drop(&mut self) {
+        if let Some(watch) = &self.watch {
+            watch.abort();
+        }
+    }
 }
 
 impl fmt::Debug for PathSocket {
@@ -102,7 +113,10 @@ impl PathSocket {
         let recv = Mutex::new(RecvState::new(slot_len(inner.max_receive_segments())));
         let paths = Paths::new(table.clone());
         let outbox = Outbox::new(inner.clone(), relay);
-        Ok((Self { inner, relay, table, recv, outbox }, paths))
+        let watch = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|runtime| runtime.spawn(Pulse::watch(table.pulse.clone())).abort_handle());
+        Ok((Self { inner, relay, table, recv, outbox, watch }, paths))
     }
 }
 
@@ -117,9 +131,10 @@ impl AsyncUdpSocket for PathSocket {
         }
         let selected = {
             let maps = self.table.maps.read().unwrap_or_else(PoisonError::into_inner);
-            maps.by_addr.get(&transmit.destination).map(|route| route.select(Instant::now()))
+            let now = Instant::now();
+            maps.by_addr.get(&transmit.destination).map(|route| (route.select(now), now))
         };
-        let Some(Selected { primary: PathKind::RelayChannel(id), .. }) = selected else {
+        let Some((Selected { primary: PathKind::RelayChannel(id), .. }, now)) = selected else {
             // Pretend it left: quinn would otherwise retry a send that can never succeed.
             Counters::add(&self.table.counters.dropped_unbound_send, 1);
             return Ok(());
@@ -127,6 +142,7 @@ impl AsyncUdpSocket for PathSocket {
         let segment = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
         let segments = self.outbox.send(id, transmit, segment)?;
         Counters::add(&self.table.counters.channel_out, segments as u64);
+        self.table.pulse.data_sent(now);
         Ok(())
     }
 
@@ -160,6 +176,7 @@ impl AsyncUdpSocket for PathSocket {
                 }
             }
             if filled > 0 {
+                self.table.pulse.heard(Instant::now());
                 return Poll::Ready(Ok(filled));
             }
             if batches == MAX_BATCHES_WITHOUT_OUTPUT {

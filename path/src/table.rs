@@ -22,10 +22,15 @@ use keyway_proto::channel::ChannelId;
 use quinn::udp::RecvMeta;
 
 use crate::addr::virtual_addr;
+use crate::pulse::Pulse;
 use crate::route::Route;
 
 /// Most channel datagrams held for ids not bound yet (a few first flights).
 pub const HELD_MAX: usize = 32;
+/// Most of them for one id: a first flight is an Initial, maybe coalesced 0-RTT, rarely more.
+pub const HELD_PER_ID: usize = 4;
+/// Most bytes held in all.
+pub const HELD_BYTES: usize = 48 * 1024;
 /// How long such a datagram is held: the relay sends the `ChannelAnnounce` and the flight at
 /// the same moment, so the announce is at most a few milliseconds behind.
 pub const HELD_TIME: Duration = Duration::from_secs(1);
@@ -68,6 +73,14 @@ impl Paths {
         drop(maps);
         self.table.release_held(id, addr);
         (ChannelBinding { table: self.table.clone(), id, addr }, registered)
+    }
+
+    /// Notified when the relay has answered nothing for a second while channel data went out
+    /// (at most once a second): the owner of the relay connection should send on it, so that
+    /// the relay sees where this socket is now (a NAT that rebound it) or the connection learns
+    /// the relay is gone. See the crate's `pulse` module.
+    pub fn relay_suspect(&self) -> Arc<tokio::sync::Notify> {
+        self.table.pulse.suspect()
     }
 
     /// The socket's counters so far (held datagrams that expired are counted as dropped now).
@@ -179,6 +192,8 @@ pub(crate) struct Table {
     v6: bool,
     pub(crate) counters: Counters,
     held: Mutex<Held>,
+    /// Whether the relay still answers this socket.
+    pub(crate) pulse: Arc<Pulse>,
 }
 
 /// Channel datagrams for ids not bound yet, and those whose id got bound, waiting for quinn.
@@ -186,6 +201,8 @@ pub(crate) struct Table {
 struct Held {
     /// Oldest first.
     waiting: VecDeque<(ChannelId, Instant, Vec<u8>)>,
+    /// Bytes in `waiting`.
+    bytes: usize,
     /// Packets (header stripped) for quinn, from their channel's virtual address.
     ready: VecDeque<(SocketAddr, Vec<u8>)>,
     /// The endpoint driver's, to wake when `ready` fills.
@@ -201,16 +218,28 @@ impl Table {
             v6,
             counters: Counters::default(),
             held: Mutex::default(),
+            pulse: Arc::default(),
         }
     }
 
-    /// Holds `packet` of channel `id` (not bound), within [`HELD_MAX`]; false if it was not.
+    /// Holds `packet` of channel `id` (not bound); false if it was not. Within [`HELD_PER_ID`]
+    /// per id, and within [`HELD_MAX`] and [`HELD_BYTES`] in all by dropping the oldest held
+    /// datagrams: whoever can send from the relay's address (the only source this socket takes)
+    /// cannot fill the hold once and keep later first flights out; at worst, flooding it makes a
+    /// first flight wait for quinn's retransmission.
     pub(crate) fn hold(&self, id: ChannelId, packet: &[u8], now: Instant) -> bool {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         self.expire(&mut held, now);
-        if held.waiting.len() >= HELD_MAX {
+        if packet.len() > HELD_BYTES || held.waiting.iter().filter(|(held_id, _, _)| *held_id == id).count() >= HELD_PER_ID
+        {
             return false;
         }
+        while held.waiting.len() >= HELD_MAX || held.bytes + packet.len() > HELD_BYTES {
+            let Some((_, _, evicted)) = held.waiting.pop_front() else { break };
+            held.bytes -= evicted.len();
+            Counters::add(&self.counters.dropped_unknown_channel, 1);
+        }
+        held.bytes += packet.len();
         held.waiting.push_back((id, now, packet.to_vec()));
         Counters::add(&self.counters.held, 1);
         true
@@ -223,11 +252,12 @@ impl Table {
             return;
         }
         self.expire(&mut held, Instant::now());
-        let Held { waiting, ready, waker } = &mut *held;
+        let Held { waiting, ready, waker, bytes } = &mut *held;
         let before = ready.len();
         waiting.retain_mut(|(held_id, _, packet)| {
             let mine = *held_id == id;
             if mine {
+                *bytes -= packet.len();
                 ready.push_back((addr, std::mem::take(packet)));
             }
             !mine
@@ -242,7 +272,9 @@ impl Table {
     fn expire(&self, held: &mut Held, now: Instant) {
         let before = held.waiting.len();
         while held.waiting.front().is_some_and(|(_, at, _)| now.saturating_duration_since(*at) >= HELD_TIME) {
-            held.waiting.pop_front();
+            if let Some((_, _, expired)) = held.waiting.pop_front() {
+                held.bytes -= expired.len();
+            }
         }
         Counters::add(&self.counters.dropped_unknown_channel, (before - held.waiting.len()) as u64);
     }
@@ -295,19 +327,12 @@ mod tests {
 
     #[test]
     fn a_packet_for_an_unbound_id_is_held_until_bound_then_handed_to_quinn() {
-        let table = Table {
-            maps: RwLock::new(Maps::default()),
-            next: AtomicU64::new(1),
-            v6: false,
-            counters: Counters::default(),
-            held: Mutex::default(),
-        };
+        let table = Table::new(false);
         let now = Instant::now();
         assert!(table.hold(ChannelId::new(5), &[0x40, 1, 2], now));
         for i in 1..HELD_MAX {
             assert!(table.hold(ChannelId::new(100 + i as u64), &[0x40], now));
         }
-        assert!(!table.hold(ChannelId::new(6), &[0x40], now), "bounded");
         let addr = virtual_addr(false, 7);
         table.release_held(ChannelId::new(5), addr);
         let mut buf = [0u8; 64];
@@ -319,5 +344,33 @@ mod tests {
         // The rest expire unbound, counted as unknown.
         table.expire(&mut table.held.lock().unwrap(), now + HELD_TIME);
         assert_eq!(table.counters.dropped_unknown_channel.load(Ordering::Relaxed), HELD_MAX as u64 - 1);
+        assert_eq!(table.held.lock().unwrap().bytes, 0);
+    }
+
+    /// A flood of datagrams under made-up ids from the relay's address cannot keep a real first
+    /// flight out: the hold drops its oldest, caps each id, and bounds its bytes.
+    #[test]
+    fn a_flood_of_unknown_ids_evicts_the_oldest_and_a_later_first_flight_is_still_held() {
+        let table = Table::new(false);
+        let now = Instant::now();
+        for i in 0..10_000u64 {
+            table.hold(ChannelId::new(1_000 + i), &[0x40; 1200], now);
+        }
+        {
+            let held = table.held.lock().unwrap();
+            assert!(held.waiting.len() <= HELD_MAX && held.bytes <= HELD_BYTES, "bounded");
+        }
+        let real = ChannelId::new(7);
+        assert!(table.hold(real, &[0xc0; 1200], now), "a new first flight is held during the flood");
+        for _ in 0..HELD_PER_ID - 1 {
+            assert!(table.hold(real, &[0xc0; 100], now));
+        }
+        assert!(!table.hold(real, &[0xc0; 100], now), "at most HELD_PER_ID per id");
+        table.release_held(real, virtual_addr(false, 9));
+        let mut storage = vec![vec![0u8; 1500]; 8];
+        let mut bufs: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut metas = vec![RecvMeta::default(); 8];
+        assert_eq!(table.drain_ready(&mut bufs, &mut metas), HELD_PER_ID);
+        assert!(!table.hold(real, &vec![0; HELD_BYTES + 1], now), "larger than the whole hold");
     }
 }

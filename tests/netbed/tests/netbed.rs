@@ -154,6 +154,38 @@ fn nat_rebinding_mid_session() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The app's NAT rebinds with the default keep-alives (15 s): the relay drops the app's channel
+// datagrams from the new address until the app's relay connection shows it there. The path
+// socket sees channel data go out with nothing back for a second and nudges that connection.
+
+#[test]
+fn app_nat_rebinding_with_default_keep_alive_stalls_about_a_second() {
+    let label = "rebinding, defaults";
+    let Some(mut bed) = Bed::up(label, Flavour::Random, false, None) else { return };
+    let keys = bed.start_keyway(&[]);
+    bed.start_forward(&keys, &[]);
+    bed.reach(30);
+    let mut session = bed.session();
+    let first = session.get();
+    assert!(first.starts_with("ok"), "first request on the session: {first}");
+    let mut stalls = Vec::new();
+    for _ in 0..3 {
+        bed.exec_ok("natb", &["conntrack", "-F"]);
+        let line = session.get();
+        assert!(line.starts_with("ok"), "the open session died after the app's NAT rebound: {line}");
+        let took: f64 = line.trim_start_matches("ok ").trim().parse().expect("seconds");
+        stalls.push(took);
+    }
+    report(label, format!("next request after conntrack -F on the app's NAT took {stalls:?} s (keep-alive 15 s)"));
+    // Generous: without the nudge the stall is the keep-alive, 15 s.
+    assert!(
+        stalls.iter().all(|&s| s < 8.0),
+        "a request stalled {stalls:?} s: the app did not nudge its relay connection\n{}",
+        bed.log("forward")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // 5 % random loss on the NATs' forward paths: 20 MiB arrive byte-exact.
 
 #[test]
