@@ -21,8 +21,8 @@
 pub mod addr;
 pub mod error;
 mod outbox;
-mod recv;
 mod pulse;
+mod recv;
 pub mod relay_link;
 pub mod route;
 pub mod socket;

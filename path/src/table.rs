@@ -230,7 +230,8 @@ impl Table {
     pub(crate) fn hold(&self, id: ChannelId, packet: &[u8], now: Instant) -> bool {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         self.expire(&mut held, now);
-        if packet.len() > HELD_BYTES || held.waiting.iter().filter(|(held_id, _, _)| *held_id == id).count() >= HELD_PER_ID
+        if packet.len() > HELD_BYTES
+            || held.waiting.iter().filter(|(held_id, _, _)| *held_id == id).count() >= HELD_PER_ID
         {
             return false;
         }

@@ -244,3 +244,59 @@ async fn the_relay_connection_passes_unchanged() {
     assert!(s.relay_in > 100, "{s:?}");
     assert_eq!((s.channel_in, s.channel_out, s.dropped_foreign, s.dropped_malformed), (0, 0, 0, 0), "{s:?}");
 }
+
+/// What one end-to-end connection can make its peer buffer is bounded as a whole, not per
+/// stream: a peer that opens many streams and writes to a side that never reads gets no more
+/// credit than the connection window (quinn's defaults would grant every stream its own 1.25 MB).
+#[tokio::test]
+async fn a_peer_that_never_reads_is_sent_no_more_than_the_connection_window() {
+    let p = pair().await;
+    let hub = p.hub.clone();
+    let (hold_tx, _hold_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let conn = hub.accept().await.unwrap().await.unwrap();
+        // Accepts every stream and keeps it, unread.
+        while let Ok(streams) = conn.accept_bi().await {
+            let _ = hold_tx.send(streams);
+        }
+    });
+    let (crypto, _) = tls::quic_client_crypto(&p.app_id, p.hub_key, ALPN_E2E).unwrap();
+    let mut config = quinn::ClientConfig::new(crypto);
+    config.transport_config(transport());
+    let connecting = p.app.connect_with(config, p.app_binding.addr(), tls::SERVER_NAME).unwrap();
+    let conn = within("the end-to-end handshake", connecting).await.unwrap();
+
+    let written = Arc::new(AtomicU64::new(0));
+    const STREAMS: usize = 40;
+    for _ in 0..STREAMS {
+        let (conn, written) = (conn.clone(), written.clone());
+        tokio::spawn(async move {
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            let chunk = vec![0x5a; 64 * 1024];
+            for _ in 0..16 {
+                let mut at = 0;
+                while at < chunk.len() {
+                    let Ok(n) = send.write(&chunk[at..]).await else { return };
+                    at += n;
+                    written.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    // Wait until the writers stall: the total stops growing for half a second.
+    let mut last = u64::MAX;
+    let total = eventually("the writers stall on flow control", || {
+        let now = written.load(Ordering::Relaxed);
+        let stalled = now == last && now > 0;
+        last = now;
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stalled.then_some(now)
+        }
+    })
+    .await;
+    let window = u64::from(keyway_path::socket::E2E_CONNECTION_WINDOW);
+    println!("{STREAMS} streams x 1 MiB to a peer that never reads: {total} bytes sent (window {window})");
+    assert!(total <= window, "sent {total} bytes into a connection window of {window}");
+    assert!(total >= window / 2, "sent only {total}: the window is not what it should be");
+}
