@@ -17,7 +17,9 @@ use std::sync::{Mutex, PoisonError};
 
 use keyway_proto::{HubName, RefusalReason};
 
-use crate::{Client, ClientConfig, ClientError, ProtocolError};
+use crate::config::ClientConfig;
+use crate::error::{ClientError, ProtocolError};
+use crate::Client;
 
 /// The other nodes this client was sent to, and where each hub was last found.
 #[derive(Debug, Default)]

@@ -3,7 +3,7 @@
 //! It owns the life of one connection and what each of its streams says first:
 //! * **Channel.** `ChannelOpen` on a bi stream of the relay connection; the relay answers
 //!   `ChannelReady { channel }` (or a typed `Refused`, the hub's passed on verbatim). The app
-//!   binds the id in its path socket ([`crate::path`]) and dials the hub at the binding's
+//!   binds the id in its path socket ([`keyway_path::socket`]) and dials the hub at the binding's
 //!   virtual address, hub key pinned, ALPN `keyway-e2e/2`.
 //! * **Guard.** The channel stream is held for the connection's life by one task: the relay
 //!   ending it (reset `REVOKED`, `LIMIT` when idle, `REPLACED`, a finish, or the relay
@@ -781,7 +781,7 @@ impl HubStream {
     }
 
     /// Whether this stream's first bytes travelled as 0-RTT early data and the hub took them
-    /// (only ever for [`Client::connect_early`](crate::Client::connect_early), on a new
+    /// (only ever for `Client::connect_early`, on a new
     /// connection resumed with a ticket).
     pub fn early_data(&self) -> bool {
         self.inner.early()

@@ -10,7 +10,7 @@ use keyway_proto::RefusalReason;
 use tokio::time::Instant;
 
 use crate::e2e;
-use crate::ClientError;
+use crate::error::ClientError;
 
 /// One (hub, hub key)'s slot; lock it to read or dial.
 pub(crate) type HubSlot = tokio::sync::Mutex<SlotState>;

@@ -176,7 +176,10 @@ fn app_nat_rebinding_with_default_keep_alive_stalls_about_a_second() {
         let took: f64 = line.trim_start_matches("ok ").trim().parse().expect("seconds");
         stalls.push(took);
     }
-    report(label, format!("next request after conntrack -F on the app's NAT took {stalls:?} s (keep-alive 15 s)"));
+    report(
+        label,
+        format!("next request after conntrack -F on the app's NAT took {stalls:?} s (keep-alive 15 s)"),
+    );
     // Generous: without the nudge the stall is the keep-alive, 15 s.
     assert!(
         stalls.iter().all(|&s| s < 8.0),
