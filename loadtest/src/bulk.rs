@@ -12,6 +12,12 @@
 //! on a 2-core machine the app, hub and echo service share the cores with the relay process;
 //! the direct path only has quinn at both ends. Loopback flatters GSO/GRO (64 KiB MTU, no
 //! wire): compare paths within one run, not with other machines.
+//!
+//! With `--rtt` / `--loss`, every combination runs through a link with that round trip and
+//! loss each way ([`crate::link`]): between the app and the relay (the hub stays next to the
+//! relay, so the app↔hub round trip is the link's) and between the direct client and its
+//! server. Both ends use the end-to-end transport config ([`keyway_path::e2e_transport_config`],
+//! its windows) so that the direct reference has the windows a path of ours has.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,6 +30,7 @@ use keyway_proto::ALPN_RELAY;
 use serde_json::json;
 
 use crate::common::{echo_transfer, identity_for, median, round, unix_time, ProcUsage};
+use crate::link::{Link, LinkParams};
 use crate::Record;
 use keyway_test_support::try_echo_service;
 
@@ -39,6 +46,8 @@ pub struct BulkOpts {
     pub repeat: usize,
     /// Which of [`PATHS`] to measure.
     pub paths: Vec<String>,
+    /// Links to measure through: (round trip, loss each way); empty: straight loopback.
+    pub links: Vec<(Duration, f64)>,
     pub quiet: bool,
 }
 
@@ -46,39 +55,84 @@ pub struct BulkOpts {
 /// that background noise hits both paths alike.
 pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
     let setup = crate::common::OneHub::start(&opts.relay_bin, (1, 2)).await?;
-    let client = Client::new(ClientConfig::new(setup.app.duplicate(), setup.relay.addr, setup.relay.key))?;
     let direct = DirectServer::start(None).await?;
     let bridged = DirectServer::start(Some(try_echo_service(b"").await?)).await?;
-    let (name, hub_key) = (setup.name.clone(), setup.hub_key);
-
-    let mut records = Vec::new();
     let paths: Vec<&str> = PATHS.into_iter().filter(|p| opts.paths.iter().any(|q| q == p)).collect();
     if let Some(unknown) = opts.paths.iter().find(|q| !PATHS.contains(&q.as_str())) {
         anyhow::bail!("unknown bulk path {unknown:?}; known: {}", PATHS.join(", "));
     }
+    let links: Vec<Option<(Duration, f64)>> =
+        if opts.links.is_empty() { vec![None] } else { opts.links.iter().copied().map(Some).collect() };
+    let mut records = Vec::new();
+    for link in links {
+        // Through a link: one per server (relay, direct, bridged), the same parameters each.
+        let through = |server: SocketAddr| async move {
+            match link {
+                None => Ok::<_, anyhow::Error>((server, None)),
+                Some((rtt, loss)) => {
+                    let l = Link::start(server, LinkParams::rtt_loss(rtt, loss)).await?;
+                    Ok((l.addr(), Some(l)))
+                }
+            }
+        };
+        let (relay_addr, _relay_link) = through(setup.relay.addr).await?;
+        let (direct_addr, _direct_link) = through(direct.addr).await?;
+        let (bridged_addr, _bridged_link) = through(bridged.addr).await?;
+        let client = Client::new(ClientConfig::new(setup.app.duplicate(), relay_addr, setup.relay.key))?;
+        let direct_conn = direct.connect(direct_addr).await?;
+        let bridged_conn = bridged.connect(bridged_addr).await?;
+        let conns = Conns { client: &client, direct: &direct_conn, bridged: &bridged_conn };
+        records.extend(measure(opts, &setup, &conns, &paths, link).await?);
+        client.close().await;
+    }
+    setup.stop().await;
+    Ok(records)
+}
+
+/// The connections one link's measurements run on.
+struct Conns<'a> {
+    client: &'a Client,
+    direct: &'a (quinn::Endpoint, quinn::Connection),
+    bridged: &'a (quinn::Endpoint, quinn::Connection),
+}
+
+/// Every repetition, stream count and path through one link; the runs and their summaries.
+async fn measure(
+    opts: &BulkOpts,
+    setup: &crate::common::OneHub,
+    conns: &Conns<'_>,
+    paths: &[&str],
+    link: Option<(Duration, f64)>,
+) -> anyhow::Result<Vec<Record>> {
+    let (name, hub_key) = (setup.name.clone(), setup.hub_key);
+    let (rtt_ms, loss) = match link {
+        Some((rtt, loss)) => (Some(round(rtt.as_secs_f64() * 1e3, 3)), Some(loss)),
+        None => (None, None),
+    };
+    let mut records = Vec::new();
     let runs = opts.repeat * opts.streams.len() * paths.len();
     let bar = crate::common::progress(runs as u64, "bulk runs", opts.quiet);
     for run in 0..opts.repeat {
         for &streams in &opts.streams {
             let streams = streams.max(1);
             let per_stream = (opts.bytes / streams as u64).max(1);
-            for &path in &paths {
+            for &path in paths {
                 // Open every stream first, then start all transfers together: the time is the
                 // wall time from the common start to the last echoed byte.
                 let before = setup.relay.usage()?.cpu_s;
                 let own_before = ProcUsage::read(std::process::id())?.cpu_s;
                 let slowest = if path == "direct" || path == "direct-tcp" {
-                    let server = if path == "direct" { &direct } else { &bridged };
+                    let (_, conn) = if path == "direct" { conns.direct } else { conns.bridged };
                     let mut set = Vec::with_capacity(streams);
                     for _ in 0..streams {
-                        let (send, recv) = server.conn.open_bi().await?;
+                        let (send, recv) = conn.open_bi().await?;
                         set.push(tokio::io::join(recv, send));
                     }
                     transfer_all(set, per_stream).await?
                 } else {
                     let mut set = Vec::with_capacity(streams);
                     for _ in 0..streams {
-                        set.push(client.connect(&name, &hub_key).await?);
+                        set.push(conns.client.connect(&name, &hub_key).await?);
                     }
                     transfer_all(set, per_stream).await?
                 };
@@ -94,6 +148,7 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
                 let ends_cpu_per_gib = round(own_cpu_s / gib, 3);
                 records.push(json!({
                     "scenario": "bulk", "kind": "run", "path": path, "streams": streams, "run": run,
+                    "rtt_ms": rtt_ms, "loss": loss,
                     "bytes": total, "secs": round(slowest.as_secs_f64(), 4), "gbps": round(gbps, 3),
                     "relay_cpu_s_per_gib": cpu_per_gib, "ends_cpu_s_per_gib": ends_cpu_per_gib,
                     "time": unix_time(),
@@ -118,6 +173,7 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
         let bridged_gbps = pick("direct-tcp", "gbps");
         records.push(json!({
             "scenario": "bulk", "kind": "summary", "streams": streams, "repeat": opts.repeat,
+            "rtt_ms": rtt_ms, "loss": loss,
             "bytes": opts.bytes, "direct_gbps": round(direct_gbps, 3), "relayed_gbps": round(relayed_gbps, 3),
             "ratio": round(relayed_gbps / direct_gbps, 3),
             "direct_tcp_gbps": round(bridged_gbps, 3),
@@ -129,8 +185,6 @@ pub async fn run(opts: &BulkOpts) -> anyhow::Result<Vec<Record>> {
             "time": unix_time(),
         }));
     }
-    client.close().await;
-    setup.stop().await;
     Ok(records)
 }
 
@@ -158,8 +212,8 @@ where
 /// (Ed25519 raw keys, ring) and the relay's transport defaults, plus a connection to it.
 struct DirectServer {
     _server: quinn::Endpoint,
-    _client: quinn::Endpoint,
-    conn: quinn::Connection,
+    addr: SocketAddr,
+    server_key: keyway_proto::PublicKey,
 }
 
 impl DirectServer {
@@ -167,7 +221,7 @@ impl DirectServer {
         let server_id = identity_for(3, 0);
         let crypto = quic_server_crypto(&server_id, Arc::new(AnyKey), ALPN_RELAY)?;
         let mut config = quinn::ServerConfig::with_crypto(crypto);
-        let mut transport = quinn::TransportConfig::default();
+        let mut transport = e2e_transport()?;
         transport.max_concurrent_bidi_streams(1024u32.into());
         config.transport_config(Arc::new(transport));
         let server = endpoint(Some(config))?;
@@ -199,13 +253,25 @@ impl DirectServer {
                 });
             }
         });
-        let (crypto, _) = quic_client_crypto(&identity_for(3, 1), server_id.public_key(), ALPN_RELAY)?;
-        let client = endpoint(None)?;
-        let connecting =
-            client.connect_with(quinn::ClientConfig::new(crypto), addr, keyway_proto::tls::SERVER_NAME)?;
-        let conn = connecting.await?;
-        Ok(Self { _server: server, _client: client, conn })
+        Ok(Self { _server: server, addr, server_key: server_id.public_key() })
     }
+
+    /// A client endpoint and its connection to the server, dialed at `via` (the server's
+    /// address, or a link in front of it).
+    async fn connect(&self, via: SocketAddr) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+        let (crypto, _) = quic_client_crypto(&identity_for(3, 1), self.server_key, ALPN_RELAY)?;
+        let mut config = quinn::ClientConfig::new(crypto);
+        config.transport_config(Arc::new(e2e_transport()?));
+        let client = endpoint(None)?;
+        let conn = client.connect_with(config, via, keyway_proto::tls::SERVER_NAME)?.await?;
+        Ok((client, conn))
+    }
+}
+
+/// The end-to-end connection's transport config (windows, MTU bound), as both ends of a relayed
+/// session use it.
+fn e2e_transport() -> anyhow::Result<quinn::TransportConfig> {
+    Ok(keyway_path::e2e_transport_config(Duration::ZERO, Duration::from_secs(30))?)
 }
 
 /// A loopback endpoint with 4 MiB socket buffers, like the relay's and the client's.

@@ -27,6 +27,7 @@ pub mod churn;
 pub mod common;
 pub mod handshakes;
 pub mod idle;
+pub mod link;
 pub mod plot;
 pub mod report;
 pub mod setup;

@@ -55,6 +55,13 @@ enum Command {
         /// Paths to measure: direct, direct-tcp (direct with the hub's TCP hop), relayed.
         #[arg(long, value_delimiter = ',', default_value = "direct,direct-tcp,relayed")]
         paths: Vec<String>,
+        /// Round trips to add with a delay link in front of the relay and the direct server,
+        /// e.g. 0,20ms,80ms (each combined with every --loss); none: straight loopback.
+        #[arg(long, value_delimiter = ',', value_parser = parse_rtt)]
+        rtt: Vec<Duration>,
+        /// Loss each way on that link, e.g. 0,0.01 (with --rtt; 0 when only this is given).
+        #[arg(long, value_delimiter = ',')]
+        loss: Vec<f64>,
     },
     /// Many idle registered hubs: server RSS per hub and idle CPU.
     IdleHubs {
@@ -218,15 +225,35 @@ fn relay_bin(common: &Common) -> anyhow::Result<PathBuf> {
     common::relay_bin(common.relay_bin.as_deref())
 }
 
+/// A round trip: `0` or a duration (`20ms`).
+fn parse_rtt(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// Every (round trip, loss) pair of `--rtt` × `--loss`; none when neither is given.
+fn link_combinations(rtt: &[Duration], loss: &[f64]) -> Vec<(Duration, f64)> {
+    if rtt.is_empty() && loss.is_empty() {
+        return Vec::new();
+    }
+    let rtt = if rtt.is_empty() { vec![Duration::ZERO] } else { rtt.to_vec() };
+    let loss = if loss.is_empty() { vec![0.0] } else { loss.to_vec() };
+    rtt.iter().flat_map(|&r| loss.iter().map(move |&l| (r, l))).collect()
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Bulk { common, mib, streams, repeat, paths } => {
+        Command::Bulk { common, mib, streams, repeat, paths, rtt, loss } => {
+            let links = link_combinations(&rtt, &loss);
             let opts = bulk::BulkOpts {
                 relay_bin: relay_bin(&common)?,
                 bytes: mib << 20,
                 streams,
                 repeat,
                 paths,
+                links,
                 quiet: common.quiet,
             };
             finish(&common, bulk::run(&opts).await?)

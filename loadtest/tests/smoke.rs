@@ -37,6 +37,7 @@ async fn bulk_runs() {
         streams: vec![1, 2],
         repeat: 1,
         paths: bulk::PATHS.iter().map(|p| p.to_string()).collect(),
+        links: Vec::new(),
         quiet: true,
     };
     let records = bulk::run(&opts).await.expect("bulk");
@@ -45,6 +46,27 @@ async fn bulk_runs() {
     assert!(summaries.iter().all(|r| r["relayed_gbps"].as_f64().unwrap() > 0.0));
     assert!(summaries.iter().all(|r| r["relay_cpu_s_per_gib"].as_f64().is_some()));
     plots(&records);
+}
+
+/// `bulk --rtt 0,20ms --loss 0,0.01`: one summary per combination, carrying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_runs_through_links_with_delay_and_loss() {
+    let opts = bulk::BulkOpts {
+        relay_bin: relay_bin(),
+        bytes: 256 << 10,
+        streams: vec![1],
+        repeat: 1,
+        paths: vec!["direct".into(), "relayed".into()],
+        links: vec![(Duration::ZERO, 0.0), (Duration::from_millis(20), 0.01)],
+        quiet: true,
+    };
+    let records = bulk::run(&opts).await.expect("bulk through links");
+    let summaries: Vec<_> = records.iter().filter(|r| r["kind"] == "summary").collect();
+    assert_eq!(summaries.len(), 2, "{summaries:?}");
+    assert_eq!((summaries[1]["rtt_ms"].as_f64(), summaries[1]["loss"].as_f64()), (Some(20.0), Some(0.01)));
+    assert!(summaries
+        .iter()
+        .all(|r| r["relayed_gbps"].as_f64().unwrap() > 0.0 && r["direct_gbps"].as_f64().unwrap() > 0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
