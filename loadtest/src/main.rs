@@ -173,10 +173,7 @@ enum Command {
     Setup {
         #[command(flatten)]
         common: Common,
-        /// The shared UDP delay forwarder.
-        #[arg(long, default_value = "../shared/tools/udp-delay.py")]
-        delay_tool: PathBuf,
-        /// One-way delay of each forwarder (an app↔hub round trip crosses four).
+        /// One-way delay of each link (an app↔hub round trip crosses four).
         #[arg(long, default_value = "20ms", value_parser = parse_duration)]
         delay: Duration,
         /// Samples per mode.
@@ -358,8 +355,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             finish(&common, churn::run(&opts).await?)
         }
-        Command::Setup { common, delay_tool, delay, samples } => {
-            let opts = setup::SetupOpts { relay_bin: relay_bin(&common)?, delay_tool, delay, samples };
+        Command::Setup { common, delay, samples } => {
+            let opts = setup::SetupOpts { relay_bin: relay_bin(&common)?, delay, samples };
             finish(&common, setup::run(&opts).await?)
         }
         Command::Plot { input, output } => plot::scenario(&output, &common::read_records(&input)?),

@@ -1,8 +1,8 @@
 //! Set-up time in app↔hub round trips, with real delay on both legs.
 //!
-//! The relay runs as a process; the app's and the hub's path to it each go through
-//! `udp-delay.py` (the shared UDP forwarder that adds a one-way delay both ways: these kernels
-//! have no `netem`), so an app↔hub round trip crosses four delayed hops. One sample at a time
+//! The relay runs as a process; the app's and the hub's path to it each go through a delay
+//! link ([`crate::link`], which adds a one-way delay both ways: these kernels have no
+//! `netem`), so an app↔hub round trip crosses four delayed hops. One sample at a time
 //! (no queueing in the numbers), per mode: the time from the start of the call
 //! (`connect_pipelined`, or `connect_early`) to the first echoed byte back, divided by the app↔hub round trip measured on a live stream in the same
 //! run.
@@ -15,7 +15,6 @@
 //! * `stream`: a new stream on the live end-to-end connection: the request's own round trip.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,46 +23,17 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{percentile, round, unix_time, OneHub};
+use crate::link::{Link, LinkParams};
 use crate::Record;
 
 /// Options of the set-up scenario.
 #[derive(Debug, Clone)]
 pub struct SetupOpts {
     pub relay_bin: PathBuf,
-    /// `udp-delay.py`.
-    pub delay_tool: PathBuf,
-    /// One-way delay of each forwarder (app↔relay and hub↔relay).
+    /// One-way delay of each link (app↔relay and hub↔relay).
     pub delay: Duration,
     /// Samples per mode.
     pub samples: usize,
-}
-
-/// A `udp-delay.py` process, killed on drop.
-struct Delay(Child);
-
-impl Delay {
-    fn start(
-        tool: &std::path::Path,
-        target: std::net::SocketAddr,
-        delay: Duration,
-    ) -> anyhow::Result<(Self, std::net::SocketAddr)> {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let child = Command::new("python3")
-            .arg(tool)
-            .args(["--listen", &listen.to_string(), "--target", &target.to_string()])
-            .args(["--delay-ms", &delay.as_millis().to_string()])
-            .stdout(Stdio::null())
-            .spawn()?;
-        Ok((Self(child), listen))
-    }
-}
-
-impl Drop for Delay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A ticket store that keeps nothing: every end-to-end handshake is a full one.
@@ -104,15 +74,17 @@ impl rustls::client::ClientSessionStore for NoTickets {
 
 /// Runs every mode and reports each in milliseconds and in app↔hub round trips.
 pub async fn run(opts: &SetupOpts) -> anyhow::Result<Vec<Record>> {
-    let mut delays = Vec::new();
-    let (tool, delay) = (opts.delay_tool.clone(), opts.delay);
+    let mut links = Vec::new();
+    let params = LinkParams { delay: opts.delay, ..LinkParams::default() };
     let setup = OneHub::start_routed(&opts.relay_bin, (10, 11), async |relay| {
-        let (proc_, addr) = Delay::start(&tool, relay, delay)?;
-        delays.push(proc_);
+        let link = Link::start(relay, params).await?;
+        let addr = link.addr();
+        links.push(link);
         Ok(addr)
     })
     .await?;
-    let (app_delay, app_path) = Delay::start(&opts.delay_tool, setup.relay.addr, opts.delay)?;
+    let app_link = Link::start(setup.relay.addr, params).await?;
+    let app_path = app_link.addr();
     let (name, hub_key) = (setup.name.clone(), setup.hub_key);
     let config = |store: Option<Arc<dyn rustls::client::ClientSessionStore>>| {
         let mut config = ClientConfig::new(setup.app.duplicate(), app_path, setup.relay.key);
@@ -180,9 +152,9 @@ pub async fn run(opts: &SetupOpts) -> anyhow::Result<Vec<Record>> {
     }
     warm.close().await;
     no_tickets.close().await;
-    drop(app_delay);
+    drop(app_link);
     setup.stop().await;
-    drop(delays);
+    drop(links);
     Ok(records)
 }
 
