@@ -31,8 +31,16 @@ pub struct Cli {
     /// TOML file holding options of the subcommand (keys named like its flags).
     #[arg(long, global = true, env = "KEYWAY_HUB_CONFIG")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub log: keyway_proto::cli::LogArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl keyway_proto::cli::LogFormatted for Cli {
+    fn log_format(&self) -> keyway_proto::cli::LogFormat {
+        self.log.log_format
+    }
 }
 
 /// The subcommands.
@@ -111,6 +119,8 @@ pub struct RunOnlyOptions {
     pub max_streams_per_app: Option<String>,
     #[arg(long, env = "KEYWAY_HUB_SESSION_TICKETS", hide = true)]
     pub session_tickets: Option<String>,
+    #[arg(long, env = "KEYWAY_HUB_MAX_SERVICE_CONNECTS", hide = true)]
+    pub max_service_connects: Option<String>,
 }
 
 /// `keyway-hub apps …`
@@ -199,6 +209,10 @@ pub struct RunArgs {
     /// 0-RTT early data it marked safe to repeat); about apps × 2. 0 turns resumption off.
     #[arg(long, env = "KEYWAY_HUB_SESSION_TICKETS", default_value_t = crate::config::DEFAULT_SESSION_TICKETS)]
     pub session_tickets: usize,
+    /// Connections to the local service opened and not yet answered at once; more wait their
+    /// turn (never refused), so a burst cannot overflow a small listen backlog (0: no bound).
+    #[arg(long, env = "KEYWAY_HUB_MAX_SERVICE_CONNECTS", default_value_t = crate::service::DEFAULT_MAX_SERVICE_CONNECTS)]
+    pub max_service_connects: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -263,6 +277,7 @@ impl RunArgs {
         config.metrics_listen = self.metrics_listen;
         config.max_connections_per_app = self.max_connections_per_app;
         config.max_streams_per_app = self.max_streams_per_app;
+        config.max_service_connects = self.max_service_connects;
         config.session_tickets = self.session_tickets;
         Ok(config)
     }
@@ -318,7 +333,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(addr) = hub.metrics_addr() {
                     println!("metrics: http://{addr}/metrics health: http://{addr}/healthz");
                 }
+                // Ready once started: the tunnels connect (and reconnect) on their own.
+                #[cfg(unix)]
+                keyway_proto::sd_notify::ready("connecting to its relays");
                 keyway_proto::cli::shutdown_signal().await;
+                #[cfg(unix)]
+                keyway_proto::sd_notify::stopping();
                 hub.shutdown().await;
                 Ok(())
             })

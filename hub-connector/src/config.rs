@@ -78,6 +78,9 @@ pub struct HubConfig {
     /// Cap on one app key's concurrent streams (forwarded connections) to this hub (0: no
     /// cap): the streams over it are refused at once with a typed `OverLimit`.
     pub max_streams_per_app: usize,
+    /// Connections to the local service in flight at once (opened and not yet answered; see
+    /// [`crate::service`]); more wait their turn. 0: no bound.
+    pub max_service_connects: usize,
     /// Sessions the hub keeps for single-use TLS tickets (resumption and 0-RTT of end-to-end
     /// connections; see `keyway_proto::tls::enable_single_use_tickets`). The oldest is
     /// forgotten when full, and that app does one full handshake: size it as apps × 2.
@@ -118,6 +121,7 @@ impl HubConfig {
             metrics_listen: None,
             max_connections_per_app: crate::load::DEFAULT_MAX_CONNECTIONS_PER_APP,
             max_streams_per_app: crate::load::DEFAULT_MAX_STREAMS_PER_APP,
+            max_service_connects: crate::service::DEFAULT_MAX_SERVICE_CONNECTS,
             session_tickets: DEFAULT_SESSION_TICKETS,
         }
     }

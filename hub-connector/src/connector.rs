@@ -205,6 +205,7 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         None => None,
     };
     let (status, _) = watch::channel(TunnelStatus::Connecting);
+    let max_service_connects = config.max_service_connects;
     let shared = Arc::new(Shared {
         config,
         stats: Arc::default(),
@@ -213,6 +214,7 @@ pub async fn start(config: HubConfig) -> Result<HubHandle, HubError> {
         e2e_server,
         pair_server,
         load: Arc::default(),
+        service: crate::service::ServiceGate::new(max_service_connects),
         window_file,
         pairing_open: watch::channel(false).0,
         pair_lock: tokio::sync::Mutex::new(()),

@@ -13,7 +13,9 @@
 //! revocation closes it (code `REVOKED`) and every stream on it at once, and it holds one
 //! connection slot of its app ([`crate::load`]). Each stream opens with `StreamOpen`; the hub
 //! answers `StreamAccepted` once the local service is reached, or a typed `Refused`
-//! (`OverLimit` past the per-app stream cap, `ServiceUnavailable`), then bridges bytes.
+//! (`OverLimit` past the per-app stream cap, `ServiceUnavailable`), then bridges bytes. The
+//! connection to the service waits its turn at [`crate::service`]'s gate, so a burst of
+//! streams does not overflow the service's listen backlog.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -26,12 +28,12 @@ use keyway_proto::io::write_frame;
 use keyway_proto::{Frame, PublicKey, RefusalReason, SessionPurpose};
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::answer::{close, refuse, stream_opened};
 use crate::channels::ChannelInfo;
 use crate::load::{Resource, Slot};
+use crate::service::ServiceError;
 use crate::shutdown::Shutdown;
 use crate::state::{Shared, Tunnel};
 
@@ -215,20 +217,19 @@ async fn stream(
         return refuse(&shared, &mut send, RefusalReason::OverLimit, message).await;
     };
     let forward = shared.config.forward;
-    let mut tcp = match tokio::time::timeout(shared.config.service_timeout, TcpStream::connect(forward)).await
-    {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            tracing::warn!(%forward, error = %e, "local service unreachable");
-            let message = format!("hub {name} cannot reach its local service");
-            return refuse(&shared, &mut send, RefusalReason::ServiceUnavailable, message).await;
-        }
-        Err(_) => {
-            tracing::warn!(%forward, "local service did not accept the connection in time");
-            let message = format!("hub {name}'s local service did not answer in time");
+    // Waits its turn behind the connects in flight (`crate::service`): queued, not refused.
+    let mut service = match shared.service.connect(forward, shared.config.service_timeout).await {
+        Ok(service) => service,
+        Err(e) => {
+            tracing::warn!(error = %e, "local service unreachable");
+            let message = match e {
+                ServiceError::Connect { .. } => format!("hub {name} cannot reach its local service"),
+                ServiceError::Timeout { .. } => format!("hub {name}'s local service did not answer in time"),
+            };
             return refuse(&shared, &mut send, RefusalReason::ServiceUnavailable, message).await;
         }
     };
+    let tcp = service.tcp();
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "could not set TCP_NODELAY");
     }
@@ -248,8 +249,9 @@ async fn stream(
     shared.stats.active.fetch_add(1, Ordering::Relaxed);
     let _active = Active { stats: shared.stats.clone(), _slot: slot };
     let mut quic = QuicBiStream { send, recv };
-    match tokio::io::copy_bidirectional(&mut quic, &mut tcp).await {
+    match tokio::io::copy_bidirectional(&mut quic, &mut service).await {
         Ok((from_app, to_app)) => tracing::debug!(from_app, to_app, "stream closed"),
         Err(e) => tracing::debug!(error = %e, "stream ended with an error"),
     }
+    shared.service.finished(&service, forward, std::time::Instant::now());
 }

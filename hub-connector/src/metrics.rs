@@ -22,6 +22,12 @@
 //! | `authorized_apps` | gauge | keys in `authorized_apps` |
 //! | `channels_active{relay}` | gauge | channels that relay introduced and that are live |
 //! | `apps_connected` | gauge | app keys holding an end-to-end connection or stream |
+//! | `service_connects_in_flight` | gauge | connections to the local service opened and not yet answered |
+//! | `service_connects_waiting` | gauge | streams waiting for their turn to connect to the service |
+//! | `service_unanswered_total` | counter | connections the service closed before sending a byte |
+//!
+//! Besides these, `keyway_build_info{version}` (always 1) and, on Linux, the standard
+//! `process_*` metrics (CPU seconds, resident memory, open descriptors, start time).
 //!
 //! The numbers live in plain atomics ([`HubStats`](crate::HubStats) and each tunnel's own);
 //! a scrape copies them into a fresh [`prometheus::Registry`] and encodes that, so nothing on
@@ -163,5 +169,31 @@ fn gather(shared: &Shared) -> prometheus::Result<Registry> {
     ))?;
     connected.set(i64::try_from(shared.load.apps()).unwrap_or(i64::MAX));
     register(Box::new(connected))?;
+    let in_flight = IntGauge::with_opts(opts(
+        "service_connects_in_flight",
+        "Connections to the local service opened and not yet answered (bounded by max_service_connects).",
+    ))?;
+    in_flight.set(i64::try_from(shared.service.in_flight()).unwrap_or(i64::MAX));
+    register(Box::new(in_flight))?;
+    let waiting = IntGauge::with_opts(opts(
+        "service_connects_waiting",
+        "Streams waiting for their turn to connect to the local service.",
+    ))?;
+    waiting.set(i64::try_from(shared.service.waiting()).unwrap_or(i64::MAX));
+    register(Box::new(waiting))?;
+    let unanswered = prometheus::IntCounter::with_opts(opts(
+        "service_unanswered_total",
+        "Connections the local service closed (or reset) before sending a byte.",
+    ))?;
+    unanswered.inc_by(shared.service.unanswered());
+    register(Box::new(unanswered))?;
+    let build_info = IntGaugeVec::new(
+        Opts::new("keyway_build_info", "Always 1; the version of the running binary as a label."),
+        &["version"],
+    )?;
+    build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    register(Box::new(build_info))?;
+    #[cfg(target_os = "linux")]
+    register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
     Ok(registry)
 }

@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     pub(crate) e2e_server: Arc<quinn::ServerConfig>,
     /// The end-to-end QUIC server config of pairing channels: any key, never resumes.
     pub(crate) pair_server: Arc<quinn::ServerConfig>,
+    /// The bound on connects in flight to the local service ([`crate::service`]).
+    pub(crate) service: crate::service::ServiceGate,
     /// What each app holds (end-to-end connections, streams) against the per-app caps.
     pub(crate) load: Arc<AppLoad>,
     /// The pairing window file (see [`crate::pairing`]).

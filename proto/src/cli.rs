@@ -164,22 +164,54 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Structured logs to stderr; the level comes from `RUST_LOG` (default `info`).
-pub fn init_logging() {
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event (colored on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`, `spans`), from the
+    /// first line on, for journald, Loki or any collector.
+    Json,
+}
+
+/// The `--log-format` flag every binary takes (global: before or after the subcommand).
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct LogArgs {
+    /// Log lines on stderr: `text` for people, `json` (one object per line) for collectors.
+    #[arg(long, global = true, env = "KEYWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Logs to stderr in `format`; the level comes from `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+    };
+}
+
+/// Says why the process is exiting with an error: `BIN: error` as text, or one more JSON log
+/// line (level ERROR) when logs are JSON, so that every line stays parseable.
+pub fn report_exit_error(bin: &str, format: LogFormat, error: &(dyn std::error::Error + 'static)) {
+    match format {
+        LogFormat::Text => eprintln!("{bin}: {}", error_report(error)),
+        LogFormat::Json => tracing::error!(error = %error_report(error), "{bin} exiting"),
+    }
+}
+
+/// A parsed command line that names its log format.
+pub trait LogFormatted {
+    fn log_format(&self) -> LogFormat;
 }
 
 /// The `main` of a CLI: a parse error exits 2, otherwise logging starts and `run` decides:
-/// success exits 0, an error exits 1. Errors are printed as `BIN: error` with their causes
-/// ([`error_report`]).
-pub fn run_main<C, E: AsRef<dyn std::error::Error + Send + Sync + 'static>>(
+/// success exits 0, an error exits 1. Errors are reported as `BIN: error` with their causes
+/// ([`error_report`]), or as a JSON log line ([`report_exit_error`]).
+pub fn run_main<C: LogFormatted, E: AsRef<dyn std::error::Error + Send + Sync + 'static>>(
     bin: &str,
     parsed: Result<C, E>,
     run: impl FnOnce(C) -> Result<(), E>,
@@ -191,11 +223,12 @@ pub fn run_main<C, E: AsRef<dyn std::error::Error + Send + Sync + 'static>>(
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging();
+    let format = cli.log_format();
+    init_logging(format);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{bin}: {}", error_report(e.as_ref()));
+            report_exit_error(bin, format, e.as_ref());
             std::process::ExitCode::FAILURE
         }
     }

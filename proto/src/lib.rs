@@ -19,7 +19,8 @@
 //! * [`identity`]: key files ([`Identity::load`], [`Identity::save`], mode checks);
 //! * [`files`]: atomic writes of state files;
 //! * `ops_http` (feature `ops-http`): the `/metrics` and `/healthz` TCP listener;
-//! * `cli` (feature `cli`): config files, environment, logging and `main` of the binaries.
+//! * `cli` (feature `cli`): config files, environment, logging and `main` of the binaries;
+//! * `sd_notify` (feature `cli`, unix): systemd readiness and watchdog pings.
 //!
 //! Without features the crate pulls no HTTP server and no command-line parser.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
@@ -37,6 +38,8 @@ pub mod lists;
 #[cfg(feature = "ops-http")]
 pub mod ops_http;
 pub mod pairing;
+#[cfg(all(feature = "cli", unix))]
+pub mod sd_notify;
 pub mod tls;
 
 pub use codec::{Frame, FrameError, HubName, RefusalReason, SessionPurpose};

@@ -1,4 +1,4 @@
-//! The `keyway-relay` command line: `run` and `pubkey`.
+//! The `keyway-relay` command line: `run`, `pubkey` and `health`.
 //!
 //! Every flag also comes from an environment variable (`KEYWAY_RELAY_<FLAG>`) or from a TOML
 //! file named by `--config` (keys are flag names), in that order of precedence after the command
@@ -20,7 +20,9 @@ use std::time::{Duration, SystemTime};
 
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use keyway_proto::cli::{config_env, config_path, init_logging, parse_duration, ConfigError};
+use keyway_proto::cli::{
+    config_env, config_path, init_logging, parse_duration, report_exit_error, ConfigError, LogArgs,
+};
 use keyway_proto::Identity;
 use tracing::{error, info, warn};
 
@@ -33,6 +35,8 @@ const CONFIG_FILE_POLL: Duration = Duration::from_secs(1);
 #[derive(Debug, Parser)]
 #[command(name = "keyway-relay", version, about)]
 pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -43,6 +47,9 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the relay's public key (the one hubs and apps pin).
     Pubkey(PubkeyArgs),
+    /// Ask a running relay's `/healthz` (on its metrics listener): exit 0 if healthy, 1 if not,
+    /// with the reason. A container's `HEALTHCHECK`.
+    Health(HealthArgs),
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +199,20 @@ pub struct PubkeyArgs {
     pub key: PathBuf,
 }
 
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// TOML file of `run` (only `metrics_listen` is read from it).
+    #[arg(long, env = "KEYWAY_RELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The relay's metrics listener, as given to `run` (a wildcard address is probed on
+    /// loopback).
+    #[arg(long, env = "KEYWAY_RELAY_METRICS_LISTEN", default_value = crate::DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: SocketAddr,
+    /// How long the whole check may take.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
 /// Header of a freshly created `authorized_hubs`.
 const HUBS_HEADER: &str = "\
 # Keyway relay: authorized_hubs
@@ -233,7 +254,9 @@ pub fn parse_args(args: &[OsString]) -> Result<Cli, ArgsError> {
     let text =
         std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
     let mut extra: Vec<OsString> = Vec::new();
-    for (var, value) in config_env(sub, &path, &text)? {
+    // `health` reads the file `run` is given, keeping only the options it has itself.
+    let file_sub = if sub_name == "health" { command.find_subcommand("run").unwrap_or(sub) } else { sub };
+    for (var, value) in config_env(file_sub, &path, &text)? {
         let Some(arg) = sub.get_arguments().find(|a| a.get_env().is_some_and(|e| e == var.as_str())) else {
             continue;
         };
@@ -275,9 +298,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging();
+    let log_format = cli.log.log_format;
+    init_logging(log_format);
     let result = match cli.command {
         Command::Pubkey(args) => pubkey(&args),
+        Command::Health(args) => health(&args),
         Command::Run(run_args) => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(rt) => {
                 let result = rt.block_on(run(*run_args, args));
@@ -295,7 +320,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keyway-relay: {}", keyway_proto::cli::error_report(e.as_ref()));
+            report_exit_error("keyway-relay", log_format, e.as_ref());
             ExitCode::FAILURE
         }
     }
@@ -304,6 +329,13 @@ pub fn main() -> ExitCode {
 fn pubkey(args: &PubkeyArgs) -> anyhow::Result<()> {
     let identity = Identity::load(&args.key)?;
     println!("{}", identity.public_key());
+    Ok(())
+}
+
+fn health(args: &HealthArgs) -> anyhow::Result<()> {
+    let addr = keyway_proto::ops_http::probe_address(args.metrics_listen);
+    let body = keyway_proto::ops_http::probe_health(addr, args.timeout)?;
+    println!("healthy: http://{addr}/healthz answered 200 {body}");
     Ok(())
 }
 
@@ -358,6 +390,8 @@ async fn run(args: RunArgs, argv: Vec<OsString>) -> anyhow::Result<()> {
     #[cfg(not(unix))]
     let signals = ();
     print_banner(&args, &relay, created_key, created_hubs);
+    #[cfg(unix)]
+    keyway_proto::sd_notify::ready(&format!("listening on {} (UDP)", relay.local_addr()));
     let config_file = config_path(&argv, "KEYWAY_RELAY_CONFIG");
     serve(relay, argv, config_file, signals).await;
     Ok(())
@@ -409,7 +443,7 @@ fn print_banner(args: &RunArgs, relay: &RelayHandle, created_key: bool, created_
 /// limits, and `authorized_hubs`. On any error the running configuration stays in force.
 fn reload(relay: &RelayHandle, argv: &[OsString], why: &str) {
     match parse_args(argv) {
-        Ok(Cli { command: Command::Run(args) }) => match relay.set_limits(args.limits.to_limits()) {
+        Ok(Cli { command: Command::Run(args), .. }) => match relay.set_limits(args.limits.to_limits()) {
             Ok(()) => info!("limits reloaded ({why})"),
             Err(e) => error!("limits not reloaded ({why}): {e}"),
         },
@@ -473,5 +507,7 @@ async fn serve(relay: RelayHandle, argv: Vec<OsString>, config_file: Option<Path
         let _ = (&argv, &mut last, &mut poll, config_changed, signals);
         let _ = tokio::signal::ctrl_c().await;
     }
+    #[cfg(unix)]
+    keyway_proto::sd_notify::stopping();
     relay.shutdown().await;
 }

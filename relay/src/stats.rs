@@ -6,13 +6,18 @@
 //! cardinality stays bounded however many hubs connect. Each labelled child is resolved once
 //! at construction, so the forwarding path bumps a plain atomic per chunk, without a hash
 //! lookup.
+//!
+//! Besides `keyway_relay_…`, the registry holds `keyway_build_info{version}` (always 1) and, on
+//! Linux, the standard `process_*` metrics of the process (CPU, memory, descriptors, start).
 
 use std::time::Duration;
 
 use keyway_proto::RefusalReason;
 
 use crate::channel::DropReason;
-use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Namespace of every metric name (`keyway_relay_...`).
 const NAMESPACE: &str = "keyway_relay";
@@ -365,6 +370,16 @@ impl RelayStats {
                 let _ = handshakes.with_label_values(&[role.label(), result.label()]);
             }
         }
+        let build_info = IntGaugeVec::new(
+            Opts::new("keyway_build_info", "Always 1; the version of the running binary as a label."),
+            &["version"],
+        )?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        b.register(build_info)?;
+        // process_* (CPU seconds, resident memory, open descriptors, start time) of this
+        // process; with several relays in one process (tests), each registry reports the same.
+        #[cfg(target_os = "linux")]
+        b.0.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Self {
             hubs_connected,
             connections_active,

@@ -18,7 +18,7 @@ fn deploy(path: &str) -> PathBuf {
 fn load(path: &Path) -> keyway_relay::cli::RunArgs {
     let args: Vec<OsString> = vec!["keyway-relay".into(), "run".into(), "--config".into(), path.into()];
     match parse_args(&args).unwrap_or_else(|e| panic!("{}: {e}", path.display())) {
-        Cli { command: Command::Run(run) } => *run,
+        Cli { command: Command::Run(run), .. } => *run,
         other => panic!("{other:?}"),
     }
 }
@@ -167,4 +167,32 @@ fn the_kubernetes_cluster_runs_three_nodes_named_by_their_pods_and_one_redis_wit
     let run = load(&path);
     assert!(run.cluster.unwrap().starts_with("redis://keyway-redis-0.keyway-redis."));
     assert_eq!(run.hubs, Path::new("/etc/keyway/authorized_hubs"));
+}
+
+#[test]
+fn the_containerfile_is_from_scratch_runs_the_relay_and_checks_its_health_and_deployments_use_it() {
+    let text = std::fs::read_to_string(deploy("Containerfile")).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
+    assert_eq!(lines.first().copied(), Some("FROM scratch"), "no registry: {lines:?}");
+    assert!(lines.contains(&r#"ENTRYPOINT ["keyway-relay"]"#), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("HEALTHCHECK ") && l.ends_with(r#"CMD ["keyway-relay", "health"]"#)),
+        "{lines:?}"
+    );
+    // compose, the cluster compose and both Kubernetes manifests run that image.
+    let mut images = Vec::new();
+    for file in ["compose.yaml", "cluster-compose.yaml", "k8s/relay.yaml", "k8s/cluster.yaml"] {
+        let text = std::fs::read_to_string(deploy(file)).unwrap();
+        let keyway: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("image: "))
+            .filter(|i| i.contains("keyway"))
+            .map(str::to_owned)
+            .collect();
+        assert!(!keyway.is_empty(), "{file} runs no keyway image");
+        images.extend(keyway);
+    }
+    assert!(images.iter().all(|i| *i == "keyway:latest"), "{images:?}");
 }

@@ -35,8 +35,16 @@ pub struct Cli {
     /// TOML file holding options of the subcommand (keys named like its flags).
     #[arg(long, global = true, env = "KEYWAY_CONFIG")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub log: keyway_proto::cli::LogArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl keyway_proto::cli::LogFormatted for Cli {
+    fn log_format(&self) -> keyway_proto::cli::LogFormat {
+        self.log.log_format
+    }
 }
 
 /// The subcommands.
