@@ -233,3 +233,110 @@ fn keyway_forward_logs_json_from_the_first_line_even_when_it_fails() {
     let last = String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default().to_owned();
     assert!(last.contains("\"level\":\"ERROR\"") && last.contains("keyway exiting"), "{last}");
 }
+
+/// `status --json` of each binary, given the same key file as its `run`, finds the running
+/// process through its 0600 admin socket and names what it is doing.
+#[test]
+fn status_json_of_the_relay_and_the_hub_finds_the_running_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let web = rt.block_on(http_service("status test"));
+    let keygen = |file: &str| {
+        let (ok, out, err) = Bin::run("keyway", &["keygen", "--out", file], path);
+        assert!(ok, "{err}");
+        out.split_whitespace().find(|w| w.starts_with("kw")).unwrap().to_owned()
+    };
+    let (hub_key, app_key, relay_key) = (keygen("hub.key"), keygen("app.key"), keygen("relay.key"));
+    std::fs::write(path.join("authorized_hubs"), format!("home {hub_key}\n")).unwrap();
+    std::fs::write(path.join("authorized_apps"), format!("{app_key} Anna's laptop\n")).unwrap();
+    let relay_addr = format!("127.0.0.1:{}", free_udp_port());
+    let _relay = Bin::spawn(
+        "keyway-relay",
+        &["run", "--listen", &relay_addr, "--key", "relay.key", "--no-metrics"],
+        path,
+    );
+    let web = web.to_string();
+    let _hub = Bin::spawn(
+        "keyway-hub",
+        &[
+            "run",
+            "--relay",
+            &relay_addr,
+            "--relay-key",
+            &relay_key,
+            "--name",
+            "home",
+            "--key",
+            "hub.key",
+            "--apps",
+            "authorized_apps",
+            "--forward",
+            &web,
+        ],
+        path,
+    );
+    let port = free_tcp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _forward = Bin::spawn(
+        "keyway",
+        &[
+            "forward",
+            "--relay",
+            &relay_addr,
+            "--relay-key",
+            &relay_key,
+            "--hub",
+            "home",
+            "--hub-key",
+            &hub_key,
+            "--key",
+            "app.key",
+            "--listen",
+            &listen,
+        ],
+        path,
+    );
+    let status = |bin: &str, key: &str| -> Option<serde_json::Value> {
+        let (ok, out, _) = Bin::run(bin, &["status", "--json", "--key", key], path);
+        ok.then(|| serde_json::from_str(&out).unwrap_or_else(|e| panic!("{bin} status: {e}: {out}")))
+    };
+    // One request through the hub, so an app is connected (keyway forward keeps its
+    // end-to-end connection).
+    eventually_blocking("a request through keyway forward", || {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n").ok()?;
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).ok()?;
+        answer.ends_with("status test").then_some(())
+    });
+    let hub = eventually_blocking("keyway-hub status shows the app connected", || {
+        status("keyway-hub", "hub.key").filter(|s| s["apps"].as_array().is_some_and(|a| !a.is_empty()))
+    });
+    assert_eq!(hub["name"], "home");
+    assert_eq!(hub["public_key"], hub_key.as_str());
+    assert_eq!(hub["registered"], true);
+    assert_eq!(hub["relays"][0]["address"], relay_addr.as_str());
+    assert_eq!(hub["relays"][0]["registered"], true);
+    assert_eq!(hub["relays"][0]["last_error"], serde_json::Value::Null);
+    assert_eq!(hub["apps"][0]["key"], app_key.as_str());
+    assert_eq!(hub["apps"][0]["label"], "Anna's laptop");
+    assert!(hub["sessions_accepted"].as_u64().unwrap() >= 1, "{hub}");
+
+    let relay = status("keyway-relay", "relay.key").expect("keyway-relay status answers");
+    assert_eq!(relay["listen"], relay_addr.as_str());
+    assert_eq!(relay["public_key"], relay_key.as_str());
+    assert_eq!(relay["hubs_online"], 1);
+    assert!(relay["channels_active"].as_u64().unwrap() >= 1, "{relay}");
+    assert!(relay["limit_hits"].as_object().is_some_and(|h| h.contains_key("max_hubs")), "{relay}");
+
+    use std::os::unix::fs::PermissionsExt;
+    for socket in ["hub.key.sock", "relay.key.sock"] {
+        let mode = std::fs::metadata(path.join(socket)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{socket}");
+    }
+    // A key file no process runs with: a clear error, exit 1.
+    let (ok, _, err) = Bin::run("keyway-hub", &["status", "--json", "--key", "app.key"], path);
+    assert!(!ok && err.contains("no running process answers"), "{err}");
+}

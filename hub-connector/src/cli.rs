@@ -50,6 +50,9 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the hub's public key.
     Pubkey(PubkeyArgs),
+    /// Show what the running connector (the one using this key file) is doing: its relays,
+    /// the apps connected now, the last errors. Asks its local admin socket (`KEY.sock`, 0600).
+    Status(StatusArgs),
     /// Open a pairing window and print a one-time pairing code (URI and QR code) for an app.
     Pair(Box<PairArgs>),
     /// List or revoke authorized apps.
@@ -216,10 +219,73 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The running connector's key file, as given to `run`; its admin socket is `FILE.sock`.
+    #[arg(long, env = "KEYWAY_HUB_KEY")]
+    pub key: PathBuf,
+    /// Print the status as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct PubkeyArgs {
     /// The hub's key file.
     #[arg(long, env = "KEYWAY_HUB_KEY")]
     pub key: PathBuf,
+}
+
+/// What `status --json` shows (fields: docs/operating-reference.md).
+fn status_json(source: &crate::report::StatusSource) -> String {
+    let report = source.report();
+    let error = |status: &crate::TunnelStatus| match status {
+        crate::TunnelStatus::Refused { .. } => Some(status.to_string()),
+        _ => None,
+    };
+    let relays: Vec<serde_json::Value> = report
+        .relays
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "address": r.address.to_string(),
+                "registered": r.status == crate::TunnelStatus::Registered,
+                "status": r.status.to_string(),
+                "last_error": error(&r.status),
+                "registrations": r.registrations,
+                "reconnects": r.reconnects,
+                "channels": r.channels,
+            })
+        })
+        .collect();
+    let apps: Vec<serde_json::Value> = report
+        .apps
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "key": a.key, "fingerprint": a.fingerprint, "label": a.label,
+                "connections": a.connections, "streams": a.streams,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "name": report.name,
+        "public_key": report.public_key,
+        "registered": report.status == crate::TunnelStatus::Registered,
+        "status": report.status.to_string(),
+        "forward": report.forward.to_string(),
+        "relays": relays,
+        "apps": apps,
+        "sessions_active": report.sessions_active,
+        "sessions_accepted": report.sessions_accepted,
+        "sessions_refused": report.sessions_refused,
+        "service": {
+            "connects_in_flight": report.service_in_flight,
+            "connects_waiting": report.service_waiting,
+            "unanswered": report.service_unanswered,
+        },
+    })
+    .to_string()
 }
 
 /// Resolves `HOST:PORT` (or an address literal) to the first address it names.
@@ -229,7 +295,13 @@ pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 
 /// Parses `args` after layering the config file. Exits on `--help` or a usage error.
 pub fn parse(args: Vec<OsString>) -> anyhow::Result<Cli> {
-    keyway_proto::cli::apply_config_file(&Cli::command(), &args, "KEYWAY_HUB_CONFIG")?;
+    // `status` reads the file `run` is given (it needs only `key` from it).
+    let sub = args.iter().skip(1).position(|a| !a.to_string_lossy().starts_with('-')).map(|i| i + 1);
+    let mut file_args = args.clone();
+    if let Some(slot) = sub.and_then(|i| file_args.get_mut(i)).filter(|a| *a == "status") {
+        *slot = "run".into();
+    }
+    keyway_proto::cli::apply_config_file(&Cli::command(), &file_args, "KEYWAY_HUB_CONFIG")?;
     Ok(Cli::parse_from(args))
 }
 
@@ -296,6 +368,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Pair(args) => pair(*args),
+        Command::Status(args) => {
+            let path = keyway_proto::admin::socket_path(&args.key);
+            let text = keyway_proto::admin::query(&path, Duration::from_secs(5))?;
+            if args.json {
+                print!("{text}");
+            } else {
+                let value: serde_json::Value = serde_json::from_str(&text)?;
+                for (key, value) in value.as_object().into_iter().flatten() {
+                    println!("{key}: {value}");
+                }
+            }
+            Ok(())
+        }
         Command::Apps(AppsCommand::List(args)) => {
             let apps = crate::apps::list_apps(&args.apps)?;
             if apps.is_empty() {
@@ -326,6 +411,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("hub public key: {key} (fingerprint {})", key.fingerprint());
             let owner = if args.relay.len() > 1 { "owner of each relay" } else { "relay owner" };
             println!("the {owner} adds this line to authorized_hubs:\n{} {key}", args.name);
+            let key_file = args.key.clone();
             let config = args.to_config(identity)?;
             let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(async move {
@@ -333,6 +419,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(addr) = hub.metrics_addr() {
                     println!("metrics: http://{addr}/metrics health: http://{addr}/healthz");
                 }
+                // `keyway-hub status` finds this connector by its key file.
+                #[cfg(unix)]
+                let _admin = {
+                    let source = hub.status_source();
+                    match keyway_proto::admin::serve(keyway_proto::admin::socket_path(&key_file), move || {
+                        status_json(&source)
+                    }) {
+                        Ok(admin) => Some(admin),
+                        Err(e) => {
+                            tracing::warn!(
+                                "no admin socket, `keyway-hub status` will not find this connector: {e}"
+                            );
+                            None
+                        }
+                    }
+                };
                 // Ready once started: the tunnels connect (and reconnect) on their own.
                 #[cfg(unix)]
                 keyway_proto::sd_notify::ready("connecting to its relays");

@@ -44,6 +44,12 @@ impl HubHandle {
         self.shared.status.subscribe()
     }
 
+    /// A reader of this connector's whole status (`keyway-hub status`), usable after this
+    /// handle moves.
+    pub fn status_source(&self) -> crate::report::StatusSource {
+        crate::report::StatusSource(self.shared.clone())
+    }
+
     /// The status of the tunnel to each configured relay, in config order.
     pub fn relay_statuses(&self) -> Vec<(SocketAddr, TunnelStatus)> {
         self.shared.tunnels.iter().map(|t| (t.target.addr, t.status.borrow().clone())).collect()

@@ -32,6 +32,7 @@ pub mod pairing;
 pub mod proxy_protocol;
 pub mod reconnect;
 mod registry;
+pub mod report;
 pub mod service;
 mod shutdown;
 mod state;

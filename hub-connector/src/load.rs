@@ -81,6 +81,11 @@ impl AppLoad {
     }
 
     /// How many apps hold anything.
+    pub fn snapshot(&self) -> Vec<(PublicKey, Held)> {
+        self.lock().iter().map(|(k, h)| (*k, *h)).collect()
+    }
+
+    /// App keys holding anything now.
     pub fn apps(&self) -> usize {
         self.lock().len()
     }

@@ -20,11 +20,14 @@
 //! * [`files`]: atomic writes of state files;
 //! * `ops_http` (feature `ops-http`): the `/metrics` and `/healthz` TCP listener;
 //! * `cli` (feature `cli`): config files, environment, logging and `main` of the binaries;
-//! * `sd_notify` (feature `cli`, unix): systemd readiness and watchdog pings.
+//! * `sd_notify` (feature `cli`, unix): systemd readiness and watchdog pings;
+//! * `admin` (feature `cli`, unix): the 0600 local socket `status --json` asks.
 //!
 //! Without features the crate pulls no HTTP server and no command-line parser.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+#[cfg(all(feature = "cli", unix))]
+pub mod admin;
 pub mod channel;
 pub mod cid;
 #[cfg(feature = "cli")]

@@ -1,4 +1,4 @@
-//! The `keyway-relay` command line: `run`, `pubkey` and `health`.
+//! The `keyway-relay` command line: `run`, `pubkey`, `health` and `status`.
 //!
 //! Every flag also comes from an environment variable (`KEYWAY_RELAY_<FLAG>`) or from a TOML
 //! file named by `--config` (keys are flag names), in that order of precedence after the command
@@ -50,6 +50,22 @@ pub enum Command {
     /// Ask a running relay's `/healthz` (on its metrics listener): exit 0 if healthy, 1 if not,
     /// with the reason. A container's `HEALTHCHECK`.
     Health(HealthArgs),
+    /// Show what the running relay (the one using this key file) is doing: hubs online,
+    /// channels, limits in force and hit. Asks its local admin socket (`KEY.sock`, mode 0600).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// TOML file of `run` (only `key` is read from it).
+    #[arg(long, env = "KEYWAY_RELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The running relay's key file, as given to `run`; its admin socket is `FILE.sock`.
+    #[arg(long, env = "KEYWAY_RELAY_KEY", default_value = "keyway-relay.key", value_name = "FILE")]
+    pub key: PathBuf,
+    /// Print the status as one JSON object (fields: docs/operating-reference.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -254,8 +270,12 @@ pub fn parse_args(args: &[OsString]) -> Result<Cli, ArgsError> {
     let text =
         std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
     let mut extra: Vec<OsString> = Vec::new();
-    // `health` reads the file `run` is given, keeping only the options it has itself.
-    let file_sub = if sub_name == "health" { command.find_subcommand("run").unwrap_or(sub) } else { sub };
+    // `health` and `status` read the file `run` is given, keeping only the options they have.
+    let file_sub = if matches!(sub_name, "health" | "status") {
+        command.find_subcommand("run").unwrap_or(sub)
+    } else {
+        sub
+    };
     for (var, value) in config_env(file_sub, &path, &text)? {
         let Some(arg) = sub.get_arguments().find(|a| a.get_env().is_some_and(|e| e == var.as_str())) else {
             continue;
@@ -303,6 +323,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pubkey(args) => pubkey(&args),
         Command::Health(args) => health(&args),
+        Command::Status(args) => status(&args),
         Command::Run(run_args) => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(rt) => {
                 let result = rt.block_on(run(*run_args, args));
@@ -337,6 +358,58 @@ fn health(args: &HealthArgs) -> anyhow::Result<()> {
     let body = keyway_proto::ops_http::probe_health(addr, args.timeout)?;
     println!("healthy: http://{addr}/healthz answered 200 {body}");
     Ok(())
+}
+
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let path = keyway_proto::admin::socket_path(&args.key);
+    let text = keyway_proto::admin::query(&path, Duration::from_secs(5))?;
+    if args.json {
+        print!("{text}");
+        return Ok(());
+    }
+    let value: serde_json::Value = serde_json::from_str(&text)?;
+    if let Some(fields) = value.as_object() {
+        for (key, value) in fields {
+            println!("{key}: {value}");
+        }
+    }
+    Ok(())
+}
+
+/// What the admin socket reports from: fixed facts and the live numbers.
+struct StatusSource {
+    stats: std::sync::Arc<crate::RelayStats>,
+    listen: SocketAddr,
+    key: keyway_proto::PublicKey,
+    metrics: Option<SocketAddr>,
+    started: SystemTime,
+}
+
+/// What `status --json` shows: one object, built when asked.
+fn status_json(source: &StatusSource) -> String {
+    let stats = &source.stats;
+    let hits: serde_json::Map<String, serde_json::Value> =
+        crate::LimitKind::ALL.iter().map(|l| (l.label().to_owned(), stats.limit_hits(*l).into())).collect();
+    let started_unix = source.started.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "listen": source.listen.to_string(),
+        "public_key": source.key.to_string(),
+        "fingerprint": source.key.fingerprint().to_string(),
+        "metrics": source.metrics.map(|a| a.to_string()),
+        "started_unix": started_unix,
+        "hubs_online": stats.hubs_connected(),
+        "channels_active": stats.channels_active(),
+        "connections_active": stats.connections_active(),
+        "connections_unauthorized": stats.connections_unauthorized(),
+        "hub_registrations": stats.registrations(),
+        "sessions_opened": stats.sessions_opened(),
+        "refusals": stats.refusals_total(),
+        "bytes_app_to_hub": stats.bytes_app_to_hub(),
+        "bytes_hub_to_app": stats.bytes_hub_to_app(),
+        "limit_hits": hits,
+    })
+    .to_string()
 }
 
 /// Creates the hubs file with its header if it does not exist. Returns whether it was created.
@@ -390,6 +463,27 @@ async fn run(args: RunArgs, argv: Vec<OsString>) -> anyhow::Result<()> {
     #[cfg(not(unix))]
     let signals = ();
     print_banner(&args, &relay, created_key, created_hubs);
+    // `keyway-relay status` finds this relay by its key file. Another relay already serving
+    // that socket (cluster nodes sharing one key file in one directory) keeps it.
+    #[cfg(unix)]
+    let _admin = {
+        let source = StatusSource {
+            stats: relay.stats(),
+            listen: relay.local_addr(),
+            key: relay.public_key(),
+            metrics: relay.metrics_addr(),
+            started: SystemTime::now(),
+        };
+        match keyway_proto::admin::serve(keyway_proto::admin::socket_path(&args.key), move || {
+            status_json(&source)
+        }) {
+            Ok(admin) => Some(admin),
+            Err(e) => {
+                warn!("no admin socket, `keyway-relay status` will not find this relay: {e}");
+                None
+            }
+        }
+    };
     #[cfg(unix)]
     keyway_proto::sd_notify::ready(&format!("listening on {} (UDP)", relay.local_addr()));
     let config_file = config_path(&argv, "KEYWAY_RELAY_CONFIG");
