@@ -212,8 +212,9 @@ pub struct RunArgs {
     /// 0-RTT early data it marked safe to repeat); about apps × 2. 0 turns resumption off.
     #[arg(long, env = "KEYWAY_HUB_SESSION_TICKETS", default_value_t = crate::config::DEFAULT_SESSION_TICKETS)]
     pub session_tickets: usize,
-    /// Connections to the local service opened and not yet answered at once; more wait their
-    /// turn (never refused), so a burst cannot overflow a small listen backlog (0: no bound).
+    /// Connections to the local service opened and not yet answered (for at most 50 ms) at
+    /// once; more wait their turn (never refused), so a burst cannot overflow a small listen
+    /// backlog (0: no bound).
     #[arg(long, env = "KEYWAY_HUB_MAX_SERVICE_CONNECTS", default_value_t = crate::service::DEFAULT_MAX_SERVICE_CONNECTS)]
     pub max_service_connects: usize,
 }

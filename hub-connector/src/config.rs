@@ -78,8 +78,9 @@ pub struct HubConfig {
     /// Cap on one app key's concurrent streams (forwarded connections) to this hub (0: no
     /// cap): the streams over it are refused at once with a typed `OverLimit`.
     pub max_streams_per_app: usize,
-    /// Connections to the local service in flight at once (opened and not yet answered; see
-    /// [`crate::service`]); more wait their turn. 0: no bound.
+    /// Connections to the local service in flight at once (opened, not yet answered, for at
+    /// most [`crate::service::ANSWER_WAIT`]; see [`crate::service`]); more wait their turn.
+    /// 0: no bound.
     pub max_service_connects: usize,
     /// Sessions the hub keeps for single-use TLS tickets (resumption and 0-RTT of end-to-end
     /// connections; see `keyway_proto::tls::enable_single_use_tickets`). The oldest is

@@ -22,7 +22,7 @@
 //! | `authorized_apps` | gauge | keys in `authorized_apps` |
 //! | `channels_active{relay}` | gauge | channels that relay introduced and that are live |
 //! | `apps_connected` | gauge | app keys holding an end-to-end connection or stream |
-//! | `service_connects_in_flight` | gauge | connections to the local service opened and not yet answered |
+//! | `service_connects_in_flight` | gauge | connections to the local service opened and not yet answered (at most 50 ms) |
 //! | `service_connects_waiting` | gauge | streams waiting for their turn to connect to the service |
 //! | `service_unanswered_total` | counter | connections the service closed before sending a byte |
 //!

@@ -3,13 +3,16 @@
 //!
 //! A burst of app streams (a browser opening dozens of connections, 400 concurrent downloads)
 //! would otherwise become as many TCP connects at once. A service with a small listen backlog
-//! (Python's `http.server` has 5) cannot take them: the kernel drops what overflows its accept
-//! queue, and those connections end with no byte. So the connects to the service are bounded:
-//! a connection is *in flight* from its connect until the service has answered (sent a first
-//! byte), closed it, or had [`HubConfig::service_timeout`](crate::HubConfig) to do so; at most
-//! [`HubConfig::max_service_connects`](crate::HubConfig) are in flight, and the others wait
-//! their turn in order (a queue, not a refusal). A connection the service takes and answers
-//! frees its place at once, so a service that keeps up sees no delay.
+//! (Python's `http.server` has 5) that is slow to accept cannot take them: the kernel drops or
+//! resets what overflows its accept queue, and those connections end with no byte. A client
+//! cannot see when the service accepts, so a connection counts as *in flight* from its connect
+//! until the service has answered (sent a first byte), closed it, or [`ANSWER_WAIT`] has passed;
+//! at most [`HubConfig::max_service_connects`](crate::HubConfig) are in flight, and the others
+//! wait their turn in order (a queue, not a refusal). The wait is short because many clients
+//! speak first and some wait for the stream to be accepted before they do (a `connect` then a
+//! write; a browser's idle preconnect): their connections free their place after it, so they
+//! are slowed to `max_service_connects` per `ANSWER_WAIT`, never stalled. A service that answers
+//! at once frees the place at once.
 //!
 //! A connection that the service closes (or resets) before sending any byte is counted
 //! (`keyway_hub_service_unanswered_total`) and logged, at most once per [`LOG_EVERY`] with the
@@ -31,6 +34,10 @@ use tokio::sync::{oneshot, Semaphore};
 /// backlog in common use (5), so even a service that is slow to accept never overflows it;
 /// a service that answers within a millisecond still takes thousands of connections a second.
 pub const DEFAULT_MAX_SERVICE_CONNECTS: usize = 4;
+
+/// How long a connection holds its place without an answer from the service (see the module
+/// doc).
+pub const ANSWER_WAIT: Duration = Duration::from_millis(50);
 
 /// At most one "service closed without answering" line per this long.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -84,7 +91,7 @@ impl ServiceGate {
 
     /// Waits for a place (in order), then connects to `addr` within `timeout`. The place is
     /// held until the returned stream sees the service's first byte or its end, or for at
-    /// most `timeout` after the connect.
+    /// most [`ANSWER_WAIT`] after the connect.
     pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<ServiceStream, ServiceError> {
         let permit = match &self.permits {
             Some(permits) => {
@@ -106,7 +113,7 @@ impl ServiceGate {
         let in_flight = Arc::clone(&self.in_flight);
         tokio::spawn(async move {
             // Either way (an answer, the end, the stream dropped, the time up) the place is free.
-            let _ = tokio::time::timeout(timeout, heard).await;
+            let _ = tokio::time::timeout(ANSWER_WAIT, heard).await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
