@@ -28,7 +28,7 @@ use keyway_proto::{HubName, PublicKey};
 use quinn::{Connection, ConnectionError};
 use rustls::client::ClientSessionStore;
 use rustls::pki_types::ServerName;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Notify};
 
 use crate::e2e::LinkEnd;
 use crate::error::{ChannelEnd, ClientError};
@@ -84,8 +84,9 @@ pub enum LossReason {
     Error,
 }
 
-/// The sending side, one per client. Dropping it (with the client) ends the tasks that wait for
-/// its connections to close, so they keep no connection alive.
+/// The sending side, one per client. The task waiting for a connection to close holds a handle
+/// on it, so it ends as soon as that connection's loss is reported (by whoever noticed first)
+/// or the client is dropped: it never keeps a connection open that the client let go.
 #[derive(Debug)]
 pub(crate) struct Events {
     shared: Shared,
@@ -96,11 +97,15 @@ pub(crate) struct Events {
 #[derive(Clone, Debug)]
 struct Shared {
     tx: broadcast::Sender<Event>,
-    /// Connections reported up whose loss is not reported yet, by quinn's stable id.
-    open: Arc<Mutex<HashMap<usize, Open>>>,
+    /// Connections reported up whose loss is not reported yet, by quinn's stable id, each with
+    /// the signal that releases its waiting task once the loss is reported.
+    open: Arc<Mutex<HashMap<usize, OpenEntry>>>,
     /// Its sender is the client's: `changed()` fails once the client is gone.
     alive: watch::Receiver<()>,
 }
+
+/// An open connection and the signal that releases its waiting task.
+type OpenEntry = (Open, Arc<Notify>);
 
 /// What a loss report needs to know about a connection reported up.
 #[derive(Clone, Debug)]
@@ -125,17 +130,18 @@ impl Events {
 
     /// The relay connection `conn` is up; its loss will be reported when it closes.
     pub(crate) fn relay_up(&self, conn: &Connection, relay: SocketAddr) {
-        self.shared.opened(conn, Open::Relay(relay));
+        let released = self.shared.opened(conn, Open::Relay(relay));
         self.shared.emit(Event::RelayUp { relay });
         let (shared, conn) = (self.shared.clone(), conn.clone());
         tokio::spawn(async move {
-            if shared.until_closed(&conn).await {
+            if shared.until_closed(&conn, &released).await {
                 shared.relay_down(&conn);
             }
         });
     }
 
-    /// Reports the loss of relay connection `conn`, unless it was reported already.
+    /// Reports the loss of relay connection `conn`, unless it was reported already. One still
+    /// open is reported as `TimedOut`: the client stops using it because it did not answer.
     pub(crate) fn relay_down(&self, conn: &Connection) {
         self.shared.relay_down(conn);
     }
@@ -143,11 +149,11 @@ impl Events {
     /// The end-to-end connection `link` to `hub` is up (`resumed`: with a ticket, see
     /// [`TicketProbe`]); its loss will be reported when it closes.
     pub(crate) fn hub_connected(&self, link: LinkEnd, hub: &HubName, hub_key: &PublicKey, resumed: bool) {
-        self.shared.opened(link.connection(), Open::Hub(hub.clone(), *hub_key));
+        let released = self.shared.opened(link.connection(), Open::Hub(hub.clone(), *hub_key));
         self.shared.emit(Event::HubConnected { hub: hub.clone(), hub_key: *hub_key, resumed });
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            if shared.until_closed(link.connection()).await {
+            if shared.until_closed(link.connection(), &released).await {
                 shared.hub_lost(&link);
             }
         });
@@ -166,21 +172,31 @@ impl Shared {
         let _ = self.tx.send(event);
     }
 
-    fn opened(&self, conn: &Connection, what: Open) {
-        self.open.lock().unwrap_or_else(PoisonError::into_inner).insert(conn.stable_id(), what);
+    /// Adds `conn` to the open set; returns the signal of its loss being reported.
+    fn opened(&self, conn: &Connection, what: Open) -> Arc<Notify> {
+        let released = Arc::new(Notify::new());
+        let entry = (what, Arc::clone(&released));
+        self.open.lock().unwrap_or_else(PoisonError::into_inner).insert(conn.stable_id(), entry);
+        released
     }
 
-    /// Takes `conn` out of the open set: `Some` only for the first caller.
+    /// Takes `conn` out of the open set, releasing its waiting task: `Some` only for the
+    /// first caller.
     fn take(&self, conn: &Connection) -> Option<Open> {
-        self.open.lock().unwrap_or_else(PoisonError::into_inner).remove(&conn.stable_id())
+        let (what, released) =
+            self.open.lock().unwrap_or_else(PoisonError::into_inner).remove(&conn.stable_id())?;
+        released.notify_one();
+        Some(what)
     }
 
-    /// Waits until `conn` closes (true) or the client is dropped (false).
-    async fn until_closed(&self, conn: &Connection) -> bool {
+    /// Waits until `conn` closes (true), or its loss was reported elsewhere or the client is
+    /// dropped (false).
+    async fn until_closed(&self, conn: &Connection, released: &Notify) -> bool {
         let mut alive = self.alive.clone();
         tokio::select! {
             biased;
             _ = conn.closed() => true,
+            _ = released.notified() => false,
             _ = alive.changed() => false,
         }
     }
@@ -188,7 +204,11 @@ impl Shared {
     fn relay_down(&self, conn: &Connection) {
         let Some(Open::Relay(relay)) = self.take(conn) else { return };
         let loss = conn.close_reason().map_or_else(
-            || Loss { reason: LossReason::Closed, detail: "replaced by a new relay connection".into() },
+            || Loss {
+                reason: LossReason::TimedOut,
+                detail: "no answer from the relay on this connection; the next connect dials a new one"
+                    .into(),
+            },
             |e| connection_loss(&e),
         );
         self.emit(Event::RelayDown { relay, loss });

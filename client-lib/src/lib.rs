@@ -673,6 +673,7 @@ impl Client {
         let mut slot = self.inner.conn.lock().await;
         if slot.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
             *slot = None;
+            self.inner.events.relay_down(conn);
         }
     }
 }
