@@ -113,6 +113,30 @@ impl Link {
     fn lost(&self, e: ConnectionError) -> ClientError {
         connection_error(self.ended.get(), e)
     }
+
+    /// What [`crate::events`] keeps to report the connection's end, without keeping the
+    /// connection in use.
+    pub(crate) fn end(&self) -> LinkEnd {
+        LinkEnd { conn: self.conn.clone(), ended: Arc::clone(&self.ended) }
+    }
+}
+
+/// A [`Link`]'s connection and why its channel ended, without its in-use handle.
+#[derive(Clone, Debug)]
+pub(crate) struct LinkEnd {
+    conn: Connection,
+    ended: Arc<OnceLock<Ended>>,
+}
+
+impl LinkEnd {
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Why the connection is closed, typed, if it is (as [`Link::closed_error`]).
+    pub(crate) fn closed_error(&self) -> Option<ClientError> {
+        self.conn.close_reason().map(|e| connection_error(self.ended.get(), e))
+    }
 }
 
 /// Why the relay ended a connection's channel, once it did.

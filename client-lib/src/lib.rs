@@ -18,12 +18,15 @@
 //! when lost (module `e2e`). The relay forwards that connection's packets without being able to
 //! read them. Each [`Client::connect`] is one stream on it, so a new session costs no handshake
 //! at all, only the hub's answer (and [`Client::connect_pipelined`] not even that wait).
+//! [`Client::subscribe`] gives the [`events::Event`]s of those connections (up, resumed, lost
+//! with a typed reason) for an app's status line.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 mod cluster;
 pub mod config;
 mod e2e;
 pub mod error;
+pub mod events;
 pub mod forward;
 pub mod known_hubs;
 pub mod pairing;
@@ -69,6 +72,8 @@ struct Inner {
     /// The task that nudges the relay connection when the path socket says the relay answers
     /// nothing ([`keyway_path::Paths::relay_suspect`]); aborted with the client.
     nudger: Mutex<Option<tokio::task::AbortHandle>>,
+    /// What [`Client::subscribe`] listens to ([`events`]).
+    events: events::Events,
 }
 
 impl Drop for Inner {
@@ -91,7 +96,7 @@ struct QuicPlane {
     /// When [`Client::nudge_relay`] last touched the relay connection.
     last_nudge: Mutex<Option<tokio::time::Instant>>,
     /// The hubs' session tickets ([`ClientConfig::session_store`]), one store for every hub.
-    sessions: Arc<dyn rustls::client::ClientSessionStore>,
+    sessions: Arc<events::TicketProbe>,
 }
 
 /// What one connect asks of a hub's end-to-end connection (the same cluster routing takes
@@ -138,9 +143,9 @@ impl Client {
             links: Mutex::default(),
             configs: Mutex::default(),
             last_nudge: Mutex::default(),
-            sessions: config.session_store.clone().unwrap_or_else(|| {
+            sessions: events::TicketProbe::new(config.session_store.clone().unwrap_or_else(|| {
                 Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSION_STORE_SIZE))
-            }),
+            })),
         };
         let inner = Arc::new(Inner {
             config,
@@ -150,6 +155,7 @@ impl Client {
             quic,
             nodes,
             nudger: Mutex::default(),
+            events: events::Events::default(),
         });
         let task = tokio::spawn(Self::nudge_when_unanswered(Arc::downgrade(&inner)));
         *inner.nudger.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task.abort_handle());
@@ -305,6 +311,7 @@ impl Client {
         if let Some(refused) = held.refused_since(queued_at) {
             return Err(refused);
         }
+        held.take_live().inspect(|old| self.link_gone(old));
         held.reset();
         let dialed = self
             .dial(plane, hub, hub_key, SessionPurpose::Connect, true)
@@ -316,6 +323,7 @@ impl Client {
         };
         let Some(accepted) = accepted else {
             held.set_live(link.clone());
+            self.link_up(&link, hub, hub_key);
             drop(held);
             let stream = e2e::open_and_write(&link, hub, first, false).await?;
             return Ok(HubStream::quic(stream, *hub_key));
@@ -350,6 +358,7 @@ impl Client {
             });
         }
         held.set_live(link.clone());
+        self.link_up(&link, hub, hub_key);
         drop(held);
         let stream = match early {
             Some(mut stream) if took => {
@@ -378,6 +387,7 @@ impl Client {
         let mut held = slot.lock().await;
         if let Some(link) = held.take_live() {
             link.close("app disconnected");
+            self.link_gone(&link);
         }
     }
 
@@ -497,6 +507,7 @@ impl Client {
         if let Some(refused) = slot.refused_since(queued_at) {
             return Err(refused);
         }
+        slot.take_live().inspect(|old| self.link_gone(old));
         slot.reset();
         let link = self
             .dial_link(plane, hub, hub_key, SessionPurpose::Connect)
@@ -504,6 +515,7 @@ impl Client {
             .inspect_err(|e| slot.note_failure(e))?;
         tracing::debug!(%hub, hub_key = %hub_key.fingerprint(), "end-to-end connection up");
         slot.set_live(link.clone());
+        self.link_up(&link, hub, hub_key);
         Ok((link, true))
     }
 
@@ -626,10 +638,12 @@ impl Client {
         for slot in slots {
             if let Some(link) = slot.lock().await.take_live() {
                 link.close("client closed");
+                self.link_gone(&link);
             }
         }
         if let Some(conn) = self.inner.conn.lock().await.take() {
             keyway_path::relay_link::close(&conn, keyway_proto::codes::NORMAL, "client closed");
+            self.inner.events.relay_down(&conn);
         }
         self.inner.endpoint.close(keyway_proto::codes::NORMAL, b"client closed");
         let _ =
@@ -646,9 +660,10 @@ impl Client {
                 return Ok((conn.clone(), false));
             }
         }
-        *slot = None;
+        slot.take().inspect(|old| self.inner.events.relay_down(old));
         let conn = self.inner.dialer.dial(&self.inner.endpoint).await?;
         tracing::debug!(relay = %self.inner.config.relay_addr, "connected to relay");
+        self.inner.events.relay_up(&conn, self.inner.config.relay_addr);
         *slot = Some(conn.clone());
         Ok((conn, true))
     }
@@ -658,6 +673,7 @@ impl Client {
         let mut slot = self.inner.conn.lock().await;
         if slot.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
             *slot = None;
+            self.inner.events.relay_down(conn);
         }
     }
 }

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use keyway_client::{ClientConfig, ClientSessionMemoryCache, ClientSessionStore, PairingCode};
 use keyway_proto::PublicKey;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 use crate::error::KeywayError;
+use crate::events::{ClientEvent, EventStream};
 use crate::identity::Identity;
 use crate::runtime;
 use crate::storage::{parse_hub, parse_key, KnownHub, SecureStorage};
@@ -32,7 +33,12 @@ pub struct Client {
     /// `disconnect` (a phone back from the background) the new end-to-end connections resume
     /// instead of paying full handshakes. In memory only (rustls keeps tickets opaque).
     tickets: Arc<dyn ClientSessionStore>,
+    /// What `events()` streams: every Rust client this one makes forwards its events here.
+    events: broadcast::Sender<ClientEvent>,
 }
+
+/// Events an app may fall behind by before it is told it missed some.
+const EVENTS: usize = 64;
 
 /// Tickets kept per client (a few per hub; an app reaches a handful of hubs).
 const TICKETS: usize = 256;
@@ -64,6 +70,7 @@ impl Client {
         let mut config = ClientConfig::new(self.identity.key(), self.relay_addr, self.relay_key);
         config.session_store = Some(self.tickets.clone());
         let client = keyway_client::Client::new(config)?;
+        crate::events::forward(&client, self.events.clone());
         *live = Some(client.clone());
         Ok(client)
     }
@@ -78,7 +85,8 @@ impl Client {
         let relay_key = parse_key("relay key", &relay_key)?;
         let relay_addr = resolve(&relay)?;
         let tickets = Arc::new(ClientSessionMemoryCache::new(TICKETS));
-        Ok(Arc::new(Self { identity, relay_addr, relay_key, live: Mutex::new(None), tickets }))
+        let events = broadcast::channel(EVENTS).0;
+        Ok(Arc::new(Self { identity, relay_addr, relay_key, live: Mutex::new(None), tickets, events }))
     }
 
     /// A client for the relay a pairing named (see [`pair`]).
@@ -144,6 +152,28 @@ impl Client {
         }
     }
 
+    /// The device's network changed (Wi-Fi to cellular, a new address, back from airplane
+    /// mode): drops the relay connection, the end-to-end connections (their streams end, the
+    /// events say `Closed`) and the UDP socket bound on the old network, at once instead of
+    /// after a timeout; the next `connect` dials from the new network and resumes the
+    /// end-to-end connection with the kept ticket. (Moving a live connection to the new
+    /// network without ending its streams comes with the direct path.)
+    pub async fn network_changed(&self) -> Result<(), KeywayError> {
+        self.disconnect().await
+    }
+
+    /// Every event of this client from now on (see [`ClientEvent`]).
+    pub fn events(&self) -> Arc<EventStream> {
+        Arc::new(EventStream::new(self.events.subscribe()))
+    }
+
+    /// The path socket's datagram counters, or nothing while there is no live endpoint
+    /// (before the first `connect`, after `disconnect`).
+    pub fn path_stats(&self) -> Option<PathStats> {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        live.as_ref().map(|client| client.path_stats().into())
+    }
+
     /// The app's public key (`kw…`).
     pub fn public_key(&self) -> String {
         self.identity.public_key()
@@ -152,6 +182,45 @@ impl Client {
     /// The relay's address as resolved.
     pub fn relay_addr(&self) -> String {
         self.relay_addr.to_string()
+    }
+}
+
+/// Datagram counters of a client's path socket (GSO/GRO segments counted one by one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Record)]
+pub struct PathStats {
+    /// Channel datagrams from the relay handed to QUIC (the end-to-end connections' packets).
+    pub channel_in: u64,
+    /// End-to-end datagrams sent to the relay under their channel's id.
+    pub channel_out: u64,
+    /// Datagrams of the relay connection itself.
+    pub relay_in: u64,
+    /// Dropped: from an address other than the relay's.
+    pub dropped_foreign: u64,
+    /// Dropped: under a channel id nobody bound (ended, or never this client's).
+    pub dropped_unknown_channel: u64,
+    /// Dropped: too short, empty or too large.
+    pub dropped_malformed: u64,
+    /// Dropped: sent by a closing connection whose channel was already unbound.
+    pub dropped_unbound_send: u64,
+    /// Held until their channel was bound.
+    pub held: u64,
+    /// Channels bound right now.
+    pub bound: u64,
+}
+
+impl From<keyway_client::PathStats> for PathStats {
+    fn from(s: keyway_client::PathStats) -> Self {
+        Self {
+            channel_in: s.channel_in,
+            channel_out: s.channel_out,
+            relay_in: s.relay_in,
+            dropped_foreign: s.dropped_foreign,
+            dropped_unknown_channel: s.dropped_unknown_channel,
+            dropped_malformed: s.dropped_malformed,
+            dropped_unbound_send: s.dropped_unbound_send,
+            held: s.held,
+            bound: u64::try_from(s.bound).unwrap_or(u64::MAX),
+        }
     }
 }
 

@@ -166,3 +166,22 @@ fn wrong_relay_key_is_typed() {
     let e = foreign_loop().block_on(client.connect("home".into(), relay.key().to_string())).unwrap_err();
     assert!(matches!(e, KeywayError::RelayKeyMismatch { .. }), "{e:?}");
 }
+
+/// The event, network and stats entry points on a client that never connected, and an event
+/// stream outliving its client: answers, never a hang or a panic.
+#[test]
+fn events_and_stats_without_a_connection() {
+    let identity = Identity::generate().unwrap();
+    let relay_key = Identity::generate().unwrap().public_key();
+    let client = Client::new(identity, "127.0.0.1:9".into(), relay_key).unwrap();
+    assert!(client.path_stats().is_none(), "no endpoint before the first connect");
+    let events = client.events();
+    let rt = foreign_loop();
+    rt.block_on(async {
+        client.network_changed().await.unwrap();
+        client.disconnect().await.unwrap();
+    });
+    drop(client);
+    // The client is gone: the stream ends instead of waiting forever.
+    assert_eq!(rt.block_on(events.next()), None);
+}

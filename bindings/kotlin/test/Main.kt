@@ -1,15 +1,20 @@
 // The Kotlin binding on the JVM against a real keyway-relay and keyway-hub (the workspace's
 // built binaries, from KEYWAY_BIN_DIR): pair with a one-time code, connect, echo through the
-// stream, and the typed errors an app branches on. A plain `main` (no JUnit on this machine):
+// stream, the library's logs through a LogSink (never holding the private key), and the typed
+// errors an app branches on. A plain `main` (no JUnit on this machine):
 // it throws, and the JVM exits non-zero, on the first failed check.
 package dev.keyway.test
 
 import dev.keyway.Client
 import dev.keyway.Identity
 import dev.keyway.KeywayException
+import dev.keyway.LogLevel
+import dev.keyway.LogRecord
+import dev.keyway.LogSink
 import dev.keyway.Refusal
 import dev.keyway.fileStorage
 import dev.keyway.pair
+import dev.keyway.setLogger
 import java.io.File
 import java.net.DatagramSocket
 import java.net.HttpURLConnection
@@ -17,6 +22,8 @@ import java.net.InetAddress
 import java.net.ServerSocket
 import java.net.URI
 import java.nio.file.Files
+import java.util.Base64
+import java.util.concurrent.ConcurrentLinkedQueue
 import java.util.concurrent.TimeUnit
 import kotlin.concurrent.thread
 import kotlinx.coroutines.runBlocking
@@ -81,6 +88,24 @@ fun echoService(): Int {
     return server.localPort
 }
 
+/** The library's log records, as an app's sink would receive them (on the library's threads). */
+class CapturedLogs : LogSink {
+    val records = ConcurrentLinkedQueue<LogRecord>()
+    override fun log(record: LogRecord) {
+        records.add(record)
+    }
+}
+
+/** Text forms of the app's private key a log line could hold (the Python test checks more). */
+fun privateKeyForms(identity: Identity): List<String> {
+    val der = identity.toBytes()
+    val seed = der.copyOfRange(16, 48) // an Ed25519 PKCS#8 document's seed
+    val hex = seed.joinToString("") { "%02x".format(it) }
+    val b64 = Base64.getEncoder().withoutPadding()
+    return listOf(hex, hex.uppercase(), b64.encodeToString(seed), b64.encodeToString(der),
+        Base64.getUrlEncoder().withoutPadding().encodeToString(seed), seed.joinToString(", ") { (it.toInt() and 0xff).toString() })
+}
+
 fun main() = runBlocking {
     try {
         test()
@@ -115,6 +140,9 @@ suspend fun test() {
         "--apps", "authorized_apps", "--label", "kotlin", "--ttl", "1m", "--no-wait", "--no-qr").trim().lines().last()
     val storage = fileStorage(File(dir, "app.key").path)
     val identity = Identity.fromStorage(storage)
+    // Everything the library says, through pairing and the first connect.
+    val logs = CapturedLogs()
+    setLogger(logs, LogLevel.TRACE)
     val paired = pair(code, identity, storage)
     check("pairing names the hub and its key", paired.hub == "home" && paired.hubKey == hubId.publicKey())
     check("the storage remembers the hub", storage.loadHubs() == listOf(paired))
@@ -133,6 +161,13 @@ suspend fun test() {
     check("echo through the end-to-end stream", got.contentEquals(message))
     stream.finish()
     check("end of stream is empty bytes", stream.read(16u).isEmpty())
+    setLogger(null, LogLevel.ERROR)
+    val targets = logs.records.map { it.target.substringBefore("::") }.toSet()
+    check("the log sink got the client's and QUIC's records at TRACE (${logs.records.size})",
+        "keyway_client" in targets && "quinn_proto" in targets && logs.records.any { it.level == LogLevel.TRACE })
+    val forms = privateKeyForms(identity)
+    check("no log record holds the private key",
+        logs.records.none { r -> forms.any { r.message.contains(it) || r.target.contains(it) } })
     stream.shutdown()
     val afterClose = try {
         stream.read(16u)
@@ -161,6 +196,15 @@ suspend fun test() {
     // The README's snippet, as written there (extracted by run-tests.sh).
     val reply = readmeExample(File(dir, "app.key").path, relay, relayId.publicKey(), hubId.publicKey())
     check("the README's Kotlin snippet echoes", String(reply) == "hello")
+
+    // The example app (bindings/kotlin/example/App.kt): events as a Flow, a network change.
+    val shown = dev.keyway.example.runApp(File(dir, "app.key").path, relay, relayId.publicKey(), "home",
+        hubId.publicKey())
+    check("the example app showed the relay and the hub connection up first: $shown",
+        shown.size >= 2 && shown[0].startsWith("RelayUp") && shown[1].startsWith("HubConnected hub=home resumed=false"))
+    check("after the network change the example app's hub connection resumed",
+        shown.drop(2).any { it.startsWith("HubLost hub=home reason=CLOSED") } &&
+            shown.drop(2).any { it == "HubConnected hub=home resumed=true" })
 
     // Backgrounded and back: disconnect() drops everything; the next connect dials again.
     client.disconnect()

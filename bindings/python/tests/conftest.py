@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[3]
 PATIENCE = 30.0
 HTTP_BODY = b"hello from the hub's service\n"
 #: The app keys in ``authorized_apps`` from the start, one per test that needs its own.
-APP_LABELS = ("py-concurrent", "py-wrong-key", "py-revoked", "py-bench", "py-readme")
+APP_LABELS = ("py-concurrent", "py-wrong-key", "py-revoked", "py-bench", "py-readme", "py-logs-level", "py-events", "py-network", "py-example")
 
 
 def bin_dir() -> Path:
@@ -109,23 +109,46 @@ class Net:
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Service)
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
         service_port = service_port or self.http.server_port
-        relay_metrics = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
-        self.spawn("keyway-relay", "run", "--listen", self.relay, "--key", "relay.key",
-                   "--hubs", "authorized_hubs", "--metrics-listen", relay_metrics)
-        wait_http(f"http://{relay_metrics}/metrics")
+        self.relay_proc = self.start_relay()
         hub_metrics = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
         self.spawn("keyway-hub", "run", *self.relay_args(), "--name", "home", "--key", "hub.key",
                    "--apps", "authorized_apps", "--forward", f"127.0.0.1:{service_port}",
                    "--metrics-listen", hub_metrics)
         wait_http(f"http://{hub_metrics}/healthz")
 
+    def start_relay(self) -> subprocess.Popen:
+        """Starts the relay (again, after ``kill_relay``: same address, same key)."""
+        metrics = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
+        proc = self.spawn("keyway-relay", "run", "--listen", self.relay, "--key", "relay.key",
+                          "--hubs", "authorized_hubs", "--metrics-listen", metrics)
+        wait_http(f"http://{metrics}/metrics")
+        self.relay_proc = proc
+        self.relay_metrics = metrics
+        return proc
+
+    def wait_hub_registered(self) -> None:
+        """Until the relay counts the hub as registered (bounded by PATIENCE)."""
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://{self.relay_metrics}/metrics", timeout=2) as r:
+                if "keyway_relay_hubs_connected 1" in r.read().decode():
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"the hub did not register at the relay within {PATIENCE}s")
+
+    def kill_relay(self) -> None:
+        """Kills the relay at once (SIGKILL: it says goodbye to nobody)."""
+        self.relay_proc.kill()
+        self.relay_proc.wait()
+
     def relay_args(self) -> List[str]:
         return ["--relay", self.relay, "--relay-key", self.relay_key]
 
-    def spawn(self, name: str, *args: str) -> None:
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
         proc = subprocess.Popen([binary(name), *args], cwd=self.root, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
         self.procs.append(proc)
+        return proc
 
     def pairing_code(self, label: str) -> str:
         out = run("keyway-hub", "pair", *self.relay_args(), "--name", "home", "--key", "hub.key",
@@ -148,6 +171,16 @@ class Net:
             proc.kill()
             proc.wait()
         self.http.shutdown()
+
+
+@pytest.fixture
+def own_net(tmp_path: Path) -> Iterator[Net]:
+    """A relay and hub of the test's own (for tests that kill the relay)."""
+    n = Net(tmp_path)
+    try:
+        yield n
+    finally:
+        n.close()
 
 
 @pytest.fixture(scope="module")
