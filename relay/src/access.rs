@@ -26,7 +26,7 @@ use keyway_proto::{HubName, PublicKey, RefusalReason, SessionPurpose};
 use tokio::sync::oneshot;
 
 use crate::limits::Limits;
-use crate::policy::{decide_session, OnlineHub, Refusal};
+use crate::policy::{decide_session, OnlineHub, WireRefusal};
 use crate::stats::{LimitKind, RelayStats};
 
 /// The caps [`HubAccess::enrol`] applies after authorization (0: no cap).
@@ -140,14 +140,14 @@ impl HubAccess {
         purpose: SessionPurpose,
         session_id: u64,
         caps: SessionCaps,
-    ) -> Result<Enrolled, Refusal> {
+    ) -> Result<Enrolled, WireRefusal> {
         let mut inner = self.lock();
         let online = OnlineHub { key: &self.key, allowed: &inner.allowed, pairing_open: inner.pairing_open };
         decide_session(&self.name, bound, pinned, Some(online), app_key, purpose)?;
         let app_sessions = inner.per_app.get(app_key).map_or(0, |t| t.sessions);
         if caps.per_app > 0 && app_sessions >= caps.per_app {
             self.stats.limit_hit(LimitKind::MaxSessionsPerApp);
-            return Err(Refusal::new(
+            return Err(WireRefusal::new(
                 RefusalReason::OverLimit,
                 format!(
                     "app key {} already holds {} sessions to hub {}, this relay's max_sessions_per_app \
@@ -160,7 +160,7 @@ impl HubAccess {
         }
         if caps.per_hub > 0 && inner.sessions.len() >= caps.per_hub as usize {
             self.stats.limit_hit(LimitKind::MaxSessionsPerHub);
-            return Err(Refusal::new(
+            return Err(WireRefusal::new(
                 RefusalReason::OverLimit,
                 format!(
                     "hub {} already carries {} sessions, this relay's max_sessions_per_hub limit",

@@ -22,8 +22,14 @@ use std::sync::Arc;
 use keyway_proto::channel::{self, ChannelId};
 use tokio::time::Instant;
 
-use crate::config::Direction;
 use crate::limits::TokenBucket;
+
+/// Which way a forwarded chunk travelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    AppToHub,
+    HubToApp,
+}
 
 /// One side of a channel as the relay knows it.
 pub(crate) struct Leg {

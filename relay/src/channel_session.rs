@@ -26,7 +26,7 @@ use tracing::debug;
 
 use crate::access::Enrolled;
 use crate::channel::Leg;
-use crate::forward::Channels;
+use crate::channels::Channels;
 use crate::introduce::observed;
 use crate::introduce::{announce, answer, authorize, revocation};
 use crate::refusal::refuse;

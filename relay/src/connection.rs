@@ -22,7 +22,7 @@ use crate::refusal::{bad_frame_reason, refuse};
 use crate::registry::Charged;
 use crate::standing::{admission, cut_message, review, Admission, Verdict};
 use crate::state::{ConnCtx, Shared};
-use crate::stats::{CutReason, HandshakeResult, HandshakeRole, LimitKind, RefuseReason, RelayStats};
+use crate::stats::{ConnectionRefusal, CutReason, HandshakeResult, HandshakeRole, LimitKind, RelayStats};
 use keyway_proto::codes;
 
 /// When a connection with reviews switched off (`unauthorized_grace` 0) looks again whether a
@@ -52,7 +52,7 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     let now = Instant::now();
     let stats = &shared.stats;
     if shared.is_shutting_down() {
-        stats.connection_refused(RefuseReason::Draining);
+        stats.connection_refused(ConnectionRefusal::Draining);
         incoming.refuse();
         return;
     }
@@ -73,7 +73,7 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     let Some(slot) = shared.buckets.start_handshake(&limits) else {
         // Past the cap a storm would only queue handshakes beyond the hubs' patience.
         stats.limit_hit(LimitKind::MaxHandshakesInFlight);
-        stats.connection_refused(RefuseReason::HandshakesInFlight);
+        stats.connection_refused(ConnectionRefusal::HandshakesInFlight);
         debug!(%remote, "refused a connection: max_handshakes_in_flight handshakes are in flight");
         incoming.refuse();
         return;
@@ -81,7 +81,7 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     if !shared.buckets.admit_ip(remote.ip(), &limits, now) {
         drop(slot);
         stats.limit_hit(LimitKind::NewConnectionsPerIp);
-        stats.connection_refused(RefuseReason::NewConnectionsPerIp);
+        stats.connection_refused(ConnectionRefusal::NewConnectionsPerIp);
         debug!(%remote, "refused a connection: over new_connections_per_ip");
         incoming.refuse();
         return;

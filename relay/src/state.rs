@@ -13,8 +13,8 @@ use keyway_proto::PublicKey;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::channels::Channels;
 use crate::drain::LiveSessions;
-use crate::forward::Channels;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
 use crate::registry::{ControlCommand, Registry};

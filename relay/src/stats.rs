@@ -109,7 +109,7 @@ impl LimitKind {
 /// `CONNECTION_REFUSED`, which carries no reason on the wire), as the `reason` label of
 /// `keyway_relay_connections_refused_total`. All three mean "come back soon" to a hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefuseReason {
+pub enum ConnectionRefusal {
     /// The relay is shutting down (the hub reaches its successor or another node).
     Draining,
     /// The source is over `new_connections_per_ip`.
@@ -118,9 +118,10 @@ pub enum RefuseReason {
     HandshakesInFlight,
 }
 
-impl RefuseReason {
+impl ConnectionRefusal {
     /// Every reason, in label order.
-    pub const ALL: [RefuseReason; 3] = [Self::Draining, Self::NewConnectionsPerIp, Self::HandshakesInFlight];
+    pub const ALL: [ConnectionRefusal; 3] =
+        [Self::Draining, Self::NewConnectionsPerIp, Self::HandshakesInFlight];
 
     /// The label value.
     pub fn label(self) -> &'static str {
@@ -180,7 +181,7 @@ pub struct RelayStats {
     replacements: IntCounter,
     limit_hits: Vec<IntCounter>,
     address_validations: IntCounter,
-    /// Attempts refused before the handshake, by [`RefuseReason::ALL`] order.
+    /// Attempts refused before the handshake, by [`ConnectionRefusal::ALL`] order.
     connections_refused: Vec<IntCounter>,
     handshakes_in_flight: IntGauge,
     limits: GaugeVec,
@@ -323,7 +324,7 @@ impl RelayStats {
             &["reason"],
         )?;
         let connections_refused =
-            RefuseReason::ALL.iter().map(|r| refused.with_label_values(&[r.label()])).collect();
+            ConnectionRefusal::ALL.iter().map(|r| refused.with_label_values(&[r.label()])).collect();
         let handshakes_in_flight = b.gauge(
             "handshakes_in_flight",
             "QUIC handshakes accepted and not yet complete (at most max_handshakes_in_flight).",
@@ -482,8 +483,8 @@ impl RelayStats {
     }
 
     /// Connection attempts refused before any handshake work for `reason`.
-    pub fn connections_refused(&self, reason: RefuseReason) -> u64 {
-        let i = RefuseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+    pub fn connections_refused(&self, reason: ConnectionRefusal) -> u64 {
+        let i = ConnectionRefusal::ALL.iter().position(|r| *r == reason).unwrap_or(0);
         self.connections_refused.get(i).map_or(0, IntCounter::get)
     }
 
@@ -596,8 +597,8 @@ impl RelayStats {
         }
     }
     /// An attempt refused before any handshake work (the caller refuses it).
-    pub(crate) fn connection_refused(&self, reason: RefuseReason) {
-        let i = RefuseReason::ALL.iter().position(|r| *r == reason);
+    pub(crate) fn connection_refused(&self, reason: ConnectionRefusal) {
+        let i = ConnectionRefusal::ALL.iter().position(|r| *r == reason);
         if let Some(counter) = i.and_then(|i| self.connections_refused.get(i)) {
             counter.inc();
         }
@@ -610,10 +611,10 @@ impl RelayStats {
     pub(crate) fn address_validation(&self) {
         self.address_validations.inc();
     }
-    pub(crate) fn forwarded(&self, direction: crate::config::Direction, bytes: usize) {
+    pub(crate) fn forwarded(&self, direction: crate::channel::Direction, bytes: usize) {
         let counter = match direction {
-            crate::config::Direction::AppToHub => &self.bytes_app_to_hub,
-            crate::config::Direction::HubToApp => &self.bytes_hub_to_app,
+            crate::channel::Direction::AppToHub => &self.bytes_app_to_hub,
+            crate::channel::Direction::HubToApp => &self.bytes_hub_to_app,
         };
         counter.inc_by(bytes as u64);
     }
@@ -621,14 +622,14 @@ impl RelayStats {
     /// side of a channel, in one send.
     pub(crate) fn channel_forwarded(
         &self,
-        direction: crate::config::Direction,
+        direction: crate::channel::Direction,
         segments: usize,
         bytes: usize,
     ) {
         let [app_to_hub, hub_to_app] = &self.channel_packets;
         match direction {
-            crate::config::Direction::AppToHub => app_to_hub.inc_by(segments as u64),
-            crate::config::Direction::HubToApp => hub_to_app.inc_by(segments as u64),
+            crate::channel::Direction::AppToHub => app_to_hub.inc_by(segments as u64),
+            crate::channel::Direction::HubToApp => hub_to_app.inc_by(segments as u64),
         }
         self.channel_transmits.inc();
         self.forwarded(direction, bytes);
@@ -697,7 +698,7 @@ mod tests {
         stats.refused(RefusalReason::OverLimit);
         stats.limit_hit(LimitKind::MaxHubs);
         stats.setup_time(Duration::from_millis(3));
-        stats.forwarded(crate::config::Direction::AppToHub, 5);
+        stats.forwarded(crate::channel::Direction::AppToHub, 5);
         let text = stats.encode();
         for needle in [
             "keyway_relay_hubs_connected 0",
