@@ -1,6 +1,7 @@
 //! One connection, from attempt to end: admission before any handshake work (draining, Retry
-//! under load, the cap on handshakes in flight, the per-source rate, the handshake timeout), the cap on connections not yet
-//! authorized right after it, then per-stream dispatch on the stream's first frame:
+//! under load, the per-source rate, the bounds on handshakes in flight of
+//! [`crate::handshakes`], the handshake timeouts), the cap on connections not yet authorized
+//! right after it, then per-stream dispatch on the stream's first frame:
 //! `Register` makes it the hub's control stream ([`crate::hub`]), `ChannelOpen` an app's
 //! channel ([`crate::channel_session`]); and, beside the dispatch, the connection's reviews, which
 //! close it if it holds nothing authorized ([`crate::standing`]).
@@ -18,6 +19,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::handshakes::NoSlot;
+use crate::limits::Limits;
 use crate::refusal::{bad_frame_reason, refuse};
 use crate::registry::Charged;
 use crate::standing::{admission, cut_message, review, Admission, Verdict};
@@ -39,9 +42,12 @@ impl Drop for OpenStream {
 }
 
 /// Decides what to do with a connection attempt before any handshake work: refuse it while
-/// draining, ask for address validation (Retry) while attempts arrive faster than
-/// `retry_threshold`, refuse it while `max_handshakes_in_flight` handshakes are being worked
-/// on or when its source is over the per-IP rate, else accept it, under the handshake timeout.
+/// draining; ask for address validation (Retry) from an unvalidated address while attempts
+/// arrive faster than `retry_threshold` or `validate_above_handshakes_in_flight` handshakes
+/// are in flight; refuse it when its source is over the per-IP rate, then when its source
+/// holds `max_handshakes_per_source` handshakes or all `max_handshakes_in_flight` are taken
+/// and none may give way to it (see [`crate::handshakes`]); else accept it, under the
+/// handshake timeout (shorter for an address not validated).
 ///
 /// A refusal costs one small Initial packet and no crypto beyond the Initial keys, and says
 /// nothing on the wire but QUIC `CONNECTION_REFUSED`: from this relay that always means
@@ -57,10 +63,9 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         return;
     }
     let limits = shared.limits.get();
-    if shared.buckets.over_retry_threshold(&limits, now)
-        && !incoming.remote_address_validated()
-        && incoming.may_retry()
-    {
+    let validated = incoming.remote_address_validated();
+    let busy = shared.buckets.over_retry_threshold(&limits, now) | shared.handshakes.need_validation(&limits);
+    if busy && !validated && incoming.may_retry() {
         // Stateless for us: a spoofed source never sees the token, so it costs it a round trip
         // and us no handshake. quinn clients answer a Retry transparently.
         stats.address_validation();
@@ -69,53 +74,76 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         }
         return;
     }
-    // The slot before the source's token, so an attempt refused for load spends none of it.
-    let Some(slot) = shared.buckets.start_handshake(&limits) else {
-        // Past the cap a storm would only queue handshakes beyond the hubs' patience.
-        stats.limit_hit(LimitKind::MaxHandshakesInFlight);
-        stats.connection_refused(ConnectionRefusal::HandshakesInFlight);
-        debug!(%remote, "refused a connection: max_handshakes_in_flight handshakes are in flight");
-        incoming.refuse();
-        return;
-    };
+    // The source's token before a slot: a source refused for load still spends its rate, so
+    // attempts beyond it cost the attacker and hold nothing.
     if !shared.buckets.admit_ip(remote.ip(), &limits, now) {
-        drop(slot);
         stats.limit_hit(LimitKind::NewConnectionsPerIp);
         stats.connection_refused(ConnectionRefusal::NewConnectionsPerIp);
         debug!(%remote, "refused a connection: over new_connections_per_ip");
         incoming.refuse();
         return;
     }
-    stats.set_handshakes_in_flight(shared.buckets.handshakes_in_flight());
+    let slot = match shared.handshakes.start(remote.ip(), validated, &limits) {
+        Ok(slot) => slot,
+        Err(NoSlot::PerSource) => {
+            stats.limit_hit(LimitKind::MaxHandshakesPerSource);
+            stats.connection_refused(ConnectionRefusal::HandshakesPerSource);
+            debug!(%remote, "refused a connection: its source has max_handshakes_per_source in flight");
+            incoming.refuse();
+            return;
+        }
+        Err(NoSlot::InFlight) => {
+            // Past the cap a storm would only queue handshakes beyond the hubs' patience.
+            stats.limit_hit(LimitKind::MaxHandshakesInFlight);
+            stats.connection_refused(ConnectionRefusal::HandshakesInFlight);
+            debug!(%remote, "refused a connection: max_handshakes_in_flight handshakes are in flight");
+            incoming.refuse();
+            return;
+        }
+    };
+    if slot.evicted_another {
+        stats.limit_hit(LimitKind::MaxHandshakesInFlight);
+    }
+    stats.set_handshakes_in_flight(shared.handshakes.in_flight());
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
             drop(slot);
-            stats.set_handshakes_in_flight(shared.buckets.handshakes_in_flight());
+            stats.set_handshakes_in_flight(shared.handshakes.in_flight());
             stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
             debug!(%remote, "cannot accept a connection: {e}");
             return;
         }
     };
-    let handshake = if limits.handshake_timeout.is_zero() {
-        Ok(connecting.await)
-    } else {
-        tokio::time::timeout(limits.handshake_timeout, connecting).await
+    let (timeout, timeout_limit) = handshake_timeout(&limits, validated);
+    let handshake = tokio::select! {
+        handshake = async {
+            match timeout {
+                Some(timeout) => tokio::time::timeout(timeout, connecting).await,
+                None => Ok(connecting.await),
+            }
+        } => Some(handshake),
+        () = slot.evicted() => None,
     };
     drop(slot);
-    stats.set_handshakes_in_flight(shared.buckets.handshakes_in_flight());
+    stats.set_handshakes_in_flight(shared.handshakes.in_flight());
     let conn = match handshake {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
+        Some(Ok(Ok(conn))) => conn,
+        Some(Ok(Err(e))) => {
             stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
             debug!(%remote, "handshake failed: {e}");
             return;
         }
-        Err(_) => {
+        Some(Err(_)) => {
             // Dropping the half-done connection abandons it.
-            stats.limit_hit(LimitKind::HandshakeTimeout);
+            stats.limit_hit(timeout_limit);
             stats.handshake(HandshakeRole::Quic, HandshakeResult::Timeout);
-            debug!(%remote, "handshake timed out after {:?}", limits.handshake_timeout);
+            debug!(%remote, "handshake timed out after {timeout:?}");
+            return;
+        }
+        None => {
+            stats.handshake(HandshakeRole::Quic, HandshakeResult::Evicted);
+            debug!(%remote, "handshake gave its slot to a validated attempt");
             return;
         }
     };
@@ -264,5 +292,44 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
         Err(FrameIoError::Io(e)) => {
             debug!(peer = %ctx.peer.fingerprint(), "stream failed before its first frame: {e}")
         }
+    }
+}
+
+/// How long a handshake may take, and the limit that ends it: `handshake_timeout`, or for an
+/// address not validated by a Retry the shorter `unvalidated_handshake_timeout`. `None`: no
+/// timeout of the relay's own (QUIC's idle timeout still ends it).
+fn handshake_timeout(limits: &Limits, validated: bool) -> (Option<Duration>, LimitKind) {
+    let full = (!limits.handshake_timeout.is_zero()).then_some(limits.handshake_timeout);
+    let short = (!validated && !limits.unvalidated_handshake_timeout.is_zero())
+        .then_some(limits.unvalidated_handshake_timeout);
+    match (full, short) {
+        (Some(full), Some(short)) if short < full => (Some(short), LimitKind::UnvalidatedHandshakeTimeout),
+        (None, Some(short)) => (Some(short), LimitKind::UnvalidatedHandshakeTimeout),
+        (full, _) => (full, LimitKind::HandshakeTimeout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unvalidated_address_gets_the_shorter_timeout() {
+        let s = Duration::from_secs;
+        let l = |full, short| Limits {
+            handshake_timeout: s(full),
+            unvalidated_handshake_timeout: s(short),
+            ..Limits::default()
+        };
+        assert_eq!(handshake_timeout(&l(10, 3), false), (Some(s(3)), LimitKind::UnvalidatedHandshakeTimeout));
+        assert_eq!(handshake_timeout(&l(10, 3), true), (Some(s(10)), LimitKind::HandshakeTimeout));
+        assert_eq!(
+            handshake_timeout(&l(2, 3), false),
+            (Some(s(2)), LimitKind::HandshakeTimeout),
+            "never longer"
+        );
+        assert_eq!(handshake_timeout(&l(0, 3), false), (Some(s(3)), LimitKind::UnvalidatedHandshakeTimeout));
+        assert_eq!(handshake_timeout(&l(10, 0), false), (Some(s(10)), LimitKind::HandshakeTimeout));
+        assert_eq!(handshake_timeout(&l(0, 0), false), (None, LimitKind::HandshakeTimeout));
     }
 }

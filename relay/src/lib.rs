@@ -33,6 +33,7 @@ mod endpoint;
 mod error;
 mod forward;
 mod gso;
+mod handshakes;
 mod hub;
 mod introduce;
 mod io_thread;

@@ -16,7 +16,6 @@
 //! deterministically and the callers decide which clock counts.
 
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -79,6 +78,20 @@ pub struct Limits {
     /// from queueing handshakes past the peers' patience, where every attempt would time out
     /// and the cores would work on nothing anybody still waits for. 0: no limit.
     pub max_handshakes_in_flight: u32,
+    /// QUIC handshakes one source (an IPv4 address, or an IPv6 prefix of
+    /// `new_connections_ipv6_prefix` bits) may have in flight at once; over it, its new
+    /// connection is refused before any handshake work. Keeps a few addresses from holding
+    /// every slot with handshakes they never finish. 0: no limit.
+    pub max_handshakes_per_source: u32,
+    /// Handshakes in flight from which a new connection whose address is not yet validated
+    /// must prove it (a QUIC Retry round trip) before it gets a slot: a spoofed source cannot,
+    /// and a validated attempt may take the slot of the oldest unvalidated one when all are
+    /// taken. 0: never asked on this ground (`retry_threshold` still applies).
+    pub validate_above_handshakes_in_flight: u32,
+    /// Time a handshake from an address not validated by a Retry may take before it is
+    /// abandoned (at most `handshake_timeout`): a legitimate handshake needs 1.5 round trips,
+    /// a half-open one holds its slot only this long. 0: `handshake_timeout` applies.
+    pub unvalidated_handshake_timeout: Duration,
 }
 
 /// Default `max_hubs`.
@@ -120,6 +133,15 @@ pub const DEFAULT_RETRY_THRESHOLD: u32 = 100;
 /// timeout. Without the cap, 1 600 attempts per second on that relay completed 210 per second
 /// (13 000 timed out); with it, 500–900 and none timed out.
 pub const DEFAULT_MAX_HANDSHAKES_IN_FLIGHT: u32 = 256;
+/// Default `max_handshakes_per_source`: a household's hubs and apps reconnecting at once fit
+/// many times over; 16 sources cannot take all of the default 256 slots.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 16;
+/// Default `validate_above_handshakes_in_flight`: a quarter of the default
+/// `max_handshakes_in_flight`.
+pub const DEFAULT_VALIDATE_ABOVE_HANDSHAKES_IN_FLIGHT: u32 = 64;
+/// Default `unvalidated_handshake_timeout`: a handshake over a 1 s round trip with a lost
+/// flight still fits.
+pub const DEFAULT_UNVALIDATED_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -140,6 +162,9 @@ impl Default for Limits {
             retry_threshold: DEFAULT_RETRY_THRESHOLD,
             max_held_datagrams: DEFAULT_MAX_HELD_DATAGRAMS,
             max_handshakes_in_flight: DEFAULT_MAX_HANDSHAKES_IN_FLIGHT,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            validate_above_handshakes_in_flight: DEFAULT_VALIDATE_ABOVE_HANDSHAKES_IN_FLIGHT,
+            unvalidated_handshake_timeout: DEFAULT_UNVALIDATED_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -164,6 +189,9 @@ impl Limits {
             retry_threshold: u32::MAX,
             max_held_datagrams: DEFAULT_MAX_HELD_DATAGRAMS,
             max_handshakes_in_flight: 0,
+            max_handshakes_per_source: 0,
+            validate_above_handshakes_in_flight: 0,
+            unvalidated_handshake_timeout: Duration::ZERO,
         }
     }
 
@@ -284,50 +312,18 @@ impl TokenBucket {
 }
 
 /// The buckets of every source address and every key, the global arrival bucket that
-/// decides when to ask for address validation, and the count of handshakes in flight.
+/// decides when to ask for address validation.
 #[derive(Debug)]
 pub(crate) struct Buckets {
     per_ip: DashMap<IpAddr, TokenBucket>,
     per_key: DashMap<PublicKey, Arc<TokenBucket>>,
     arrivals: TokenBucket,
-    handshakes: AtomicU32,
-}
-
-/// One handshake in flight (see [`Buckets::start_handshake`]), counted until dropped.
-#[derive(Debug)]
-pub(crate) struct HandshakeSlot<'a>(&'a AtomicU32);
-
-impl Drop for HandshakeSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Buckets {
     /// No buckets yet; the arrival bucket starts full at `now`.
     pub fn new(now: Instant) -> Self {
-        Self {
-            per_ip: DashMap::new(),
-            per_key: DashMap::new(),
-            arrivals: TokenBucket::new(f64::MAX, now),
-            handshakes: AtomicU32::new(0),
-        }
-    }
-
-    /// A slot for one more handshake under `max_handshakes_in_flight`, or `None` while that
-    /// many are in flight. The cap is read at each call, so a reload applies at once (a
-    /// lowered cap lets no new one in until enough have finished).
-    pub fn start_handshake(&self, limits: &Limits) -> Option<HandshakeSlot<'_>> {
-        let cap = limits.max_handshakes_in_flight;
-        let taken = self
-            .handshakes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (cap == 0 || n < cap).then_some(n + 1));
-        taken.ok().map(|_| HandshakeSlot(&self.handshakes))
-    }
-
-    /// Handshakes in flight now.
-    pub fn handshakes_in_flight(&self) -> u32 {
-        self.handshakes.load(Ordering::Relaxed)
+        Self { per_ip: DashMap::new(), per_key: DashMap::new(), arrivals: TokenBucket::new(f64::MAX, now) }
     }
 
     /// Whether a new connection from `ip` at `now` is within `new_connections_per_ip` for its
@@ -378,24 +374,6 @@ mod tests {
     /// Seconds after `t0`: the tests build their own timeline, no clock involved.
     fn at(t0: Instant, secs: f64) -> Instant {
         t0 + Duration::from_secs_f64(secs)
-    }
-
-    #[test]
-    fn handshakes_in_flight_stop_at_the_cap_and_a_finished_one_frees_its_slot() {
-        let b = Buckets::new(Instant::now());
-        let two = Limits { max_handshakes_in_flight: 2, ..Limits::default() };
-        let first = b.start_handshake(&two).expect("room for the first");
-        let second = b.start_handshake(&two).expect("room for the second");
-        assert!(b.start_handshake(&two).is_none(), "the cap holds");
-        assert_eq!(b.handshakes_in_flight(), 2);
-        drop(first);
-        let third = b.start_handshake(&two).expect("a finished handshake frees its slot");
-        assert!(b.start_handshake(&Limits { max_handshakes_in_flight: 1, ..two.clone() }).is_none());
-        let off = Limits { max_handshakes_in_flight: 0, ..two };
-        let more: Vec<_> = (0..10).map(|_| b.start_handshake(&off).expect("0 is no limit")).collect();
-        assert_eq!(b.handshakes_in_flight(), 12);
-        drop((second, third, more));
-        assert_eq!(b.handshakes_in_flight(), 0);
     }
 
     #[test]

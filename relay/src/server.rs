@@ -23,6 +23,7 @@ use crate::drain::Drain;
 use crate::endpoint::{bind_socket, build_server_config};
 use crate::error::{RelayConfigError, RelayError};
 use crate::forward::ForwardingSocket;
+use crate::handshakes::Handshakes;
 use crate::io_thread::IoThread;
 use crate::limits::Limits;
 use crate::limits::{Buckets, LimitsCell};
@@ -134,6 +135,7 @@ impl Relay {
             shutdown,
             limits,
             buckets: Buckets::new(tokio::time::Instant::now()),
+            handshakes: Handshakes::default(),
             sessions,
             channels,
             cluster,

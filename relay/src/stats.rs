@@ -48,6 +48,8 @@ pub(crate) enum HandshakeResult {
     Failed,
     /// The handshake timeout ran out.
     Timeout,
+    /// A QUIC handshake gave its slot to a validated attempt when all were taken.
+    Evicted,
 }
 
 impl HandshakeResult {
@@ -57,6 +59,7 @@ impl HandshakeResult {
             Self::Refused => "refused",
             Self::Failed => "failed",
             Self::Timeout => "timeout",
+            Self::Evicted => "evicted",
         }
     }
 }
@@ -73,11 +76,13 @@ pub enum LimitKind {
     HandshakeTimeout,
     IdleSessionTimeout,
     MaxHandshakesInFlight,
+    MaxHandshakesPerSource,
+    UnvalidatedHandshakeTimeout,
 }
 
 impl LimitKind {
     /// Every limit, in label order.
-    pub const ALL: [LimitKind; 9] = [
+    pub const ALL: [LimitKind; 11] = [
         Self::MaxHubs,
         Self::MaxSessionsPerHub,
         Self::MaxSessionsPerApp,
@@ -87,6 +92,8 @@ impl LimitKind {
         Self::HandshakeTimeout,
         Self::IdleSessionTimeout,
         Self::MaxHandshakesInFlight,
+        Self::MaxHandshakesPerSource,
+        Self::UnvalidatedHandshakeTimeout,
     ];
 
     /// The label value, which is also the name of the limit's config key.
@@ -101,27 +108,32 @@ impl LimitKind {
             Self::HandshakeTimeout => "handshake_timeout",
             Self::IdleSessionTimeout => "idle_session_timeout",
             Self::MaxHandshakesInFlight => "max_handshakes_in_flight",
+            Self::MaxHandshakesPerSource => "max_handshakes_per_source",
+            Self::UnvalidatedHandshakeTimeout => "unvalidated_handshake_timeout",
         }
     }
 }
 
 /// Why the relay refused a connection attempt before any handshake work (QUIC
 /// `CONNECTION_REFUSED`, which carries no reason on the wire), as the `reason` label of
-/// `keyway_relay_connections_refused_total`. All three mean "come back soon" to a hub.
+/// `keyway_relay_connections_refused_total`. All of them mean "come back soon" to a hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionRefusal {
     /// The relay is shutting down (the hub reaches its successor or another node).
     Draining,
     /// The source is over `new_connections_per_ip`.
     NewConnectionsPerIp,
-    /// `max_handshakes_in_flight` handshakes are already being worked on (a reconnect storm).
+    /// `max_handshakes_in_flight` handshakes are already being worked on (a reconnect storm)
+    /// and none may give way to this one.
     HandshakesInFlight,
+    /// Its source already has `max_handshakes_per_source` handshakes in flight.
+    HandshakesPerSource,
 }
 
 impl ConnectionRefusal {
     /// Every reason, in label order.
-    pub const ALL: [ConnectionRefusal; 3] =
-        [Self::Draining, Self::NewConnectionsPerIp, Self::HandshakesInFlight];
+    pub const ALL: [ConnectionRefusal; 4] =
+        [Self::Draining, Self::NewConnectionsPerIp, Self::HandshakesInFlight, Self::HandshakesPerSource];
 
     /// The label value.
     pub fn label(self) -> &'static str {
@@ -129,6 +141,7 @@ impl ConnectionRefusal {
             Self::Draining => "draining",
             Self::NewConnectionsPerIp => "new_connections_per_ip",
             Self::HandshakesInFlight => "max_handshakes_in_flight",
+            Self::HandshakesPerSource => "max_handshakes_per_source",
         }
     }
 }
@@ -361,6 +374,7 @@ impl RelayStats {
                 HandshakeResult::Refused,
                 HandshakeResult::Failed,
                 HandshakeResult::Timeout,
+                HandshakeResult::Evicted,
             ] {
                 // Touch every series so a scrape shows zeros rather than nothing.
                 let _ = handshakes.with_label_values(&[role.label(), result.label()]);
@@ -520,6 +534,9 @@ impl RelayStats {
             ("retry_threshold", f64::from(limits.retry_threshold)),
             ("max_held_datagrams", f64::from(limits.max_held_datagrams)),
             ("max_handshakes_in_flight", f64::from(limits.max_handshakes_in_flight)),
+            ("max_handshakes_per_source", f64::from(limits.max_handshakes_per_source)),
+            ("validate_above_handshakes_in_flight", f64::from(limits.validate_above_handshakes_in_flight)),
+            ("unvalidated_handshake_timeout", limits.unvalidated_handshake_timeout.as_secs_f64()),
         ];
         for (name, value) in values {
             self.limits.with_label_values(&[name]).set(value);
