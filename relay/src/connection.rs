@@ -11,9 +11,10 @@
 
 use std::sync::Arc;
 
-use keyway_proto::io::{read_frame, FrameIoError};
+use keyway_proto::codec::{kind, kind_name, Header};
+use keyway_proto::io::{read_frame_if, FrameIoError};
 use keyway_proto::tls::quic_peer_key;
-use keyway_proto::{Frame, RefusalReason};
+use keyway_proto::{Frame, FrameError, RefusalReason};
 use quinn::{RecvStream, SendStream, VarInt};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -257,9 +258,22 @@ fn review_connection(
 }
 
 /// Reads a stream's first frame (within `session_open_timeout`) and hands the stream to the
-/// driver that frame names.
+/// driver that frame names. The header decides before any payload is read: a `ChannelOpen`
+/// (at most 105 bytes), or a `Register` on the one stream that claims the connection's
+/// control; anything else is refused unread, so a peer cannot make the relay buffer a large
+/// frame on every stream it opens.
 async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
-    let first = match tokio::time::timeout(shared.session_open_timeout, read_frame(&mut recv)).await {
+    let check = |header: &Header| match header.kind {
+        kind::CHANNEL_OPEN => Ok(()),
+        kind::REGISTER if ctx.claim_control() => Ok(()),
+        kind::REGISTER => Err(FrameError::Unexpected { expected: "ChannelOpen", got: "Register" }),
+        other => Err(FrameError::Unexpected {
+            expected: "Register or ChannelOpen",
+            got: kind_name(other).unwrap_or("an unknown frame"),
+        }),
+    };
+    let read = read_frame_if(&mut recv, check);
+    let first = match tokio::time::timeout(shared.session_open_timeout, read).await {
         Ok(first) => first,
         Err(_) => {
             let message =
@@ -280,6 +294,15 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
         Ok(other) => {
             let message =
                 format!("a new stream must start with Register or ChannelOpen, not {}", other.name());
+            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
+        }
+        Err(FrameIoError::Frame(FrameError::Unexpected { expected: "ChannelOpen", got: "Register" })) => {
+            shared.stats.handshake(HandshakeRole::Hub, HandshakeResult::Refused);
+            let message = "this connection already has a control stream; a hub registers once per connection";
+            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message.into()).await;
+        }
+        Err(FrameIoError::Frame(FrameError::Unexpected { got, .. })) => {
+            let message = format!("a new stream must start with Register or ChannelOpen, not {got}");
             refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
         }
         Err(FrameIoError::Frame(e)) => {

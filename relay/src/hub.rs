@@ -33,7 +33,8 @@ async fn flush_then_close(send: &mut SendStream, conn: &quinn::Connection, code:
     conn.close(code, reason);
 }
 
-/// Handles a stream whose first frame was `Register`.
+/// Handles a stream whose first frame was `Register` (the one that claimed the connection's
+/// control, see `connection::handle_stream`).
 pub(crate) async fn run(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx>,
@@ -49,12 +50,6 @@ pub(crate) async fn run(
         refused();
         let message = "the relay is shutting down; register again in a moment".to_owned();
         refuse(&shared, &mut send, &peer, RefusalReason::ShuttingDown, message).await;
-        return;
-    }
-    if !ctx.claim_control() {
-        let message = "this connection already has a control stream; a hub registers once per connection";
-        refused();
-        refuse(&shared, &mut send, &peer, RefusalReason::ProtocolViolation, message.into()).await;
         return;
     }
     // Open policy in a cluster: the first key wins across every node, not only this one.
