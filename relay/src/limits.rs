@@ -34,6 +34,11 @@ pub struct Limits {
     /// Sessions one app key holds at one hub at once, below `max_sessions_per_hub` so that
     /// one app cannot take all of a hub's sessions. 0: no limit.
     pub max_sessions_per_app: u32,
+    /// Pairing sessions one hub carries at once. Anyone who knows a hub's name and key may
+    /// open one while its pairing window is open, with as many throw-away keys as they like,
+    /// so this keeps them from taking the hub's `max_sessions_per_hub`; a hub pairs one
+    /// device at a time. 0: no limit.
+    pub max_pairing_sessions_per_hub: u32,
     /// Bidirectional streams a peer may have open on one connection (QUIC flow control; the
     /// peer simply cannot open more). Applies to connections made after a change.
     pub max_streams_per_connection: u32,
@@ -103,6 +108,8 @@ pub const DEFAULT_MAX_SESSIONS_PER_HUB: u32 = 256;
 pub const DEFAULT_MAX_SESSIONS_PER_APP: u32 = 64;
 /// Default `max_streams_per_connection`.
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Default `max_pairing_sessions_per_hub`.
+pub const DEFAULT_MAX_PAIRING_SESSIONS_PER_HUB: u32 = 4;
 /// Default `new_connections_per_ip` (per second).
 pub const DEFAULT_NEW_CONNECTIONS_PER_IP: f64 = 10.0;
 /// Default `new_connections_burst`.
@@ -149,6 +156,7 @@ impl Default for Limits {
             max_hubs: DEFAULT_MAX_HUBS,
             max_sessions_per_hub: DEFAULT_MAX_SESSIONS_PER_HUB,
             max_sessions_per_app: DEFAULT_MAX_SESSIONS_PER_APP,
+            max_pairing_sessions_per_hub: DEFAULT_MAX_PAIRING_SESSIONS_PER_HUB,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             new_connections_per_ip: DEFAULT_NEW_CONNECTIONS_PER_IP,
             new_connections_burst: DEFAULT_NEW_CONNECTIONS_BURST,
@@ -176,6 +184,7 @@ impl Limits {
             max_hubs: 0,
             max_sessions_per_hub: 0,
             max_sessions_per_app: 0,
+            max_pairing_sessions_per_hub: 0,
             max_streams_per_connection: u32::MAX >> 2,
             new_connections_per_ip: 0.0,
             new_connections_burst: 1,

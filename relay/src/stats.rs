@@ -70,6 +70,7 @@ pub enum LimitKind {
     MaxHubs,
     MaxSessionsPerHub,
     MaxSessionsPerApp,
+    MaxPairingSessionsPerHub,
     MaxUnauthorizedConnections,
     NewConnectionsPerIp,
     BytesPerSecondPerKey,
@@ -82,10 +83,11 @@ pub enum LimitKind {
 
 impl LimitKind {
     /// Every limit, in label order.
-    pub const ALL: [LimitKind; 11] = [
+    pub const ALL: [LimitKind; 12] = [
         Self::MaxHubs,
         Self::MaxSessionsPerHub,
         Self::MaxSessionsPerApp,
+        Self::MaxPairingSessionsPerHub,
         Self::MaxUnauthorizedConnections,
         Self::NewConnectionsPerIp,
         Self::BytesPerSecondPerKey,
@@ -102,6 +104,7 @@ impl LimitKind {
             Self::MaxHubs => "max_hubs",
             Self::MaxSessionsPerHub => "max_sessions_per_hub",
             Self::MaxSessionsPerApp => "max_sessions_per_app",
+            Self::MaxPairingSessionsPerHub => "max_pairing_sessions_per_hub",
             Self::MaxUnauthorizedConnections => "max_unauthorized_connections",
             Self::NewConnectionsPerIp => "new_connections_per_ip",
             Self::BytesPerSecondPerKey => "bytes_per_second_per_key",
@@ -521,6 +524,7 @@ impl RelayStats {
             ("max_hubs", f64::from(limits.max_hubs)),
             ("max_sessions_per_hub", f64::from(limits.max_sessions_per_hub)),
             ("max_sessions_per_app", f64::from(limits.max_sessions_per_app)),
+            ("max_pairing_sessions_per_hub", f64::from(limits.max_pairing_sessions_per_hub)),
             ("unauthorized_grace", limits.unauthorized_grace.as_secs_f64()),
             ("max_unauthorized_connections", f64::from(limits.max_unauthorized_connections)),
             ("max_idle_apps_per_hub", f64::from(limits.max_idle_apps_per_hub)),
