@@ -97,12 +97,12 @@ enum Side {
     Hub,
 }
 
-/// One live channel: the app's leg, the hub's leg, the byte buckets both keys pay into, and
+/// One live channel: the app's leg, the hub's leg, the byte buckets it pays into, and
 /// when a packet last moved.
 struct Channel {
     app: Leg,
     hub: Leg,
-    /// The app key's and the hub key's byte buckets; `None` when the per-key rate is off.
+    /// The app key's and the (hub, app) pair's byte buckets; `None` when the per-key rate is off.
     buckets: Option<[Arc<TokenBucket>; 2]>,
     last_moved: Instant,
 }
@@ -146,7 +146,7 @@ pub(crate) struct Forward<'a> {
     /// The local address to send from (the other side's connection's).
     pub src_ip: Option<IpAddr>,
     pub direction: Direction,
-    /// The byte buckets to charge (app key's and hub key's), if the rate is on.
+    /// The byte buckets to charge (the app key's and the (hub, app) pair's), if the rate is on.
     pub buckets: Option<&'a [Arc<TokenBucket>; 2]>,
 }
 

@@ -28,9 +28,9 @@
 //! compacted to the front of their buffer and left for quinn; a buffer with none left gets
 //! `meta.len = 0`, which quinn skips.
 //!
-//! The per-key byte rate applies to forwarded runs: both keys' buckets (the app's and the
-//! hub's) must be out of debt for a run to go, which then charges
-//! both; otherwise the run is dropped (`rate_limited`) and the limit hit counted. Dropping, not
+//! The per-key byte rate applies to forwarded runs: both of the channel's buckets (the app
+//! key's and the (hub, app) pair's, see [`Buckets::channel_buckets`](crate::limits::Buckets::channel_buckets))
+//! must be out of debt for a run to go, which then charges both; otherwise the run is dropped (`rate_limited`) and the limit hit counted. Dropping, not
 //! delaying, is the only policing a forwarder without queues can do, and QUIC's congestion
 //! control on the end-to-end connection reads the loss as the signal to slow down.
 
@@ -525,6 +525,43 @@ mod tests {
     /// Whether this socket joins runs of several receive buffers (Linux with GSO).
     fn gathers(socket: &ForwardingSocket) -> bool {
         socket.gathers()
+    }
+
+    #[tokio::test]
+    async fn an_app_over_the_byte_rate_does_not_starve_another_app_of_the_same_hub() {
+        let stats = Arc::new(RelayStats::default());
+        let limits = Limits { bytes_per_second_per_key: 1000, ..Limits::unlimited() };
+        let channels =
+            Arc::new(Channels::new(Arc::clone(&stats), Arc::new(LimitsCell::new(limits.clone())), None));
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let gather = GatherSocket::new(&socket);
+        let inner = quinn::default_runtime().unwrap().wrap_udp_socket(socket).unwrap();
+        let socket = ForwardingSocket { inner, channels: Arc::clone(&channels), gather };
+        let hub = hub_socket();
+        let (server, client) = endpoint_pair().await;
+        let (conn, _peer) = relay_connection(&server, &client).await;
+        let buckets = crate::limits::Buckets::new(Instant::now());
+        let key = |seed| keyway_proto::Identity::from_seed([seed; 32]).public_key();
+        let (hub_key, greedy_key, polite_key) = (key(1), key(2), key(3));
+        let apps: [SocketAddr; 2] = ["127.0.0.1:4001".parse().unwrap(), "127.0.0.1:4002".parse().unwrap()];
+        let ids = [(ChannelId::new(1), ChannelId::new(11)), (ChannelId::new(2), ChannelId::new(22))];
+        for ((app_key, addr), (a, h)) in [(greedy_key, apps[0]), (polite_key, apps[1])].into_iter().zip(ids) {
+            let legs = (Leg::at(a, conn.clone(), addr), Leg::at(h, conn.clone(), hub.local_addr().unwrap()));
+            let charged = buckets.channel_buckets(&app_key, &hub_key, &limits, Instant::now());
+            channels.table().insert(legs.0, legs.1, Some(charged), Instant::now()).unwrap();
+        }
+        // The greedy app sends a run of 1 280 bytes over a 1 000-byte budget, then more.
+        let greedy: Vec<Vec<u8>> = (0..20).map(|i| segment(Some(ids[0].0), i, STRIDE)).collect();
+        receive_call(&socket, apps[0], vec![(STRIDE, greedy.clone())]);
+        assert_eq!(receive_n(&hub, 20).len(), 20, "the first run goes, into debt");
+        receive_call(&socket, apps[0], vec![(STRIDE, greedy)]);
+        assert!(
+            series(&stats, "keyway_relay_channel_packets_dropped_total{reason=\"rate_limited\"}") >= 20.0
+        );
+        // The other app of the same hub still gets its datagram through.
+        let polite = segment(Some(ids[1].0), 9, STRIDE);
+        receive_call(&socket, apps[1], vec![(STRIDE, vec![polite.clone()])]);
+        assert_eq!(receive_n(&hub, 1), [rewritten(polite, ids[1].1)], "the polite app is not rate-limited");
     }
 
     #[tokio::test]

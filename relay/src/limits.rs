@@ -326,13 +326,21 @@ impl TokenBucket {
 pub(crate) struct Buckets {
     per_ip: DashMap<IpAddr, TokenBucket>,
     per_key: DashMap<PublicKey, Arc<TokenBucket>>,
+    /// Per (hub key, app key): what one app's channels to one hub move, charged instead of the
+    /// hub key's own bucket so one app cannot spend its hub's budget for the others.
+    per_pair: DashMap<(PublicKey, PublicKey), Arc<TokenBucket>>,
     arrivals: TokenBucket,
 }
 
 impl Buckets {
     /// No buckets yet; the arrival bucket starts full at `now`.
     pub fn new(now: Instant) -> Self {
-        Self { per_ip: DashMap::new(), per_key: DashMap::new(), arrivals: TokenBucket::new(f64::MAX, now) }
+        Self {
+            per_ip: DashMap::new(),
+            per_key: DashMap::new(),
+            per_pair: DashMap::new(),
+            arrivals: TokenBucket::new(f64::MAX, now),
+        }
     }
 
     /// Whether a new connection from `ip` at `now` is within `new_connections_per_ip` for its
@@ -361,6 +369,28 @@ impl Buckets {
         Arc::clone(self.per_key.entry(*key).or_insert_with(|| Arc::new(TokenBucket::new(burst, now))).value())
     }
 
+    /// The byte buckets a channel between `app` and `hub` charges: the app key's own (all its
+    /// channels, to every hub) and the (hub, app) pair's. The hub key has no bucket of its own:
+    /// charging it for every app let one app that sends at the rate make every other app of
+    /// that hub drop (`rate_limited`); per pair, each app gets the full rate to its hub, and a
+    /// hub moves at most the rate per app it serves (bounded by `max_sessions_per_hub`).
+    pub fn channel_buckets(
+        &self,
+        app: &PublicKey,
+        hub: &PublicKey,
+        limits: &Limits,
+        now: Instant,
+    ) -> [Arc<TokenBucket>; 2] {
+        let burst = limits.bytes_per_second_per_key as f64;
+        let pair = Arc::clone(
+            self.per_pair
+                .entry((*hub, *app))
+                .or_insert_with(|| Arc::new(TokenBucket::new(burst, now)))
+                .value(),
+        );
+        [self.key_bucket(app, limits, now), pair]
+    }
+
     /// Forgets buckets that carry no state worth keeping at `now` (full, and for keys unused by
     /// any session), so the maps stay as small as the live population.
     pub fn sweep(&self, limits: &Limits, now: Instant) {
@@ -368,6 +398,7 @@ impl Buckets {
         self.per_ip.retain(|_, b| !b.is_full(rate, burst, now));
         let bytes = limits.bytes_per_second_per_key as f64;
         self.per_key.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full(bytes, bytes, now));
+        self.per_pair.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full(bytes, bytes, now));
     }
 
     #[cfg(test)]
