@@ -50,7 +50,19 @@ pub(crate) struct Leg {
     /// [`DESTINATION_RECHECK`].
     validated: SocketAddr,
     checked: Option<Instant>,
+    /// Bytes that may still be sent to `addr` before this side has sent a channel datagram
+    /// from it; `None` once it has (or for the address its handshake was made from). quinn
+    /// moves a connection to a new address on the first authenticated packet from it and
+    /// validates afterwards, so one spoofed packet could otherwise aim this side's traffic at
+    /// a third party: RFC 9000 §8's limit (three times what the address sent) applies until
+    /// the address answers.
+    unanswered: Option<usize>,
 }
+
+/// What the relay sends to a side's new address before that address has sent anything on the
+/// channel: three times one full-size datagram, RFC 9000 §8's factor on the packet that moved
+/// the relay connection.
+pub(crate) const UNANSWERED_ALLOWANCE: usize = 3 * 1200;
 
 /// How often the address a side's datagrams are sent to is re-read from its relay connection.
 /// Bounds how long forwarding to a side whose NAT rebound stays stale after its relay
@@ -62,7 +74,7 @@ impl Leg {
     pub fn new(id: ChannelId, conn: quinn::Connection) -> Self {
         let addr = conn.remote_address();
         let local_ip = conn.local_ip();
-        Self { id, conn, addr, local_ip, validated: addr, checked: None }
+        Self { id, conn, addr, local_ip, validated: addr, checked: None, unanswered: None }
     }
 
     /// The address to send this side's datagrams to at `now`: the cached one, unless the
@@ -76,9 +88,23 @@ impl Leg {
                 self.validated = current;
                 self.addr = current;
                 self.local_ip = self.conn.local_ip();
+                self.unanswered = Some(UNANSWERED_ALLOWANCE);
             }
         }
         self.addr
+    }
+
+    /// Whether `bytes` may be sent to this side's address now (see `unanswered`); spends
+    /// them from the allowance if it is not answered yet.
+    fn may_send(&mut self, bytes: usize) -> bool {
+        match &mut self.unanswered {
+            None => true,
+            Some(left) if *left >= bytes => {
+                *left -= bytes;
+                true
+            }
+            Some(_) => false,
+        }
     }
 
     /// The leg for `id` as if quinn had validated `addr` for it (a test's socket stands in for
@@ -86,7 +112,7 @@ impl Leg {
     #[cfg(test)]
     pub fn at(id: ChannelId, conn: quinn::Connection, addr: SocketAddr) -> Self {
         let validated = conn.remote_address();
-        Self { id, conn, addr, local_ip: None, validated, checked: None }
+        Self { id, conn, addr, local_ip: None, validated, checked: None, unanswered: None }
     }
 }
 
@@ -118,12 +144,20 @@ pub(crate) enum DropReason {
     RateLimited,
     /// The socket would not take it now (full send buffer) or failed.
     SendFailed,
+    /// The other side's relay connection moved to an address that has not sent anything on
+    /// the channel yet, and the allowance for it is spent (anti-amplification).
+    UnansweredAddress,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 4] =
-        [Self::UnknownChannel, Self::WrongSource, Self::RateLimited, Self::SendFailed];
+    pub const ALL: [DropReason; 5] = [
+        Self::UnknownChannel,
+        Self::WrongSource,
+        Self::RateLimited,
+        Self::SendFailed,
+        Self::UnansweredAddress,
+    ];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
@@ -132,6 +166,7 @@ impl DropReason {
             Self::WrongSource => "wrong_source",
             Self::RateLimited => "rate_limited",
             Self::SendFailed => "send_failed",
+            Self::UnansweredAddress => "unanswered_address",
         }
     }
 }
@@ -315,9 +350,15 @@ impl ChannelTable {
             from.addr = src;
             from.validated = src;
         }
+        // A datagram from the side's address: that address answers.
+        from.unanswered = None;
+        let destination = to.destination(now);
+        if !to.may_send(datagram.len()) {
+            return Route::Drop(DropReason::UnansweredAddress);
+        }
         channel.last_moved = now;
         Route::Forward(Forward {
-            to: to.destination(now),
+            to: destination,
             new_id: to.id,
             src_ip: to.local_ip,
             direction,
