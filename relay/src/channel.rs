@@ -202,9 +202,15 @@ pub(crate) struct IdTaken(pub ChannelId);
 /// that a stranger's datagrams leave soon. quinn retransmits a flight that was dropped.
 pub(crate) const HOLD_TIME: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Most datagrams held for one source address (a first flight is an Initial and a few 0-RTT
-/// packets), so one source cannot take the whole of `max_held_datagrams`.
+/// Most datagrams held for one source IP address, all its ports together (a first flight is an
+/// Initial and a few 0-RTT packets), so one source cannot take the whole of
+/// `max_held_datagrams` by changing ports.
 pub(crate) const HELD_PER_SOURCE: usize = 8;
+
+/// Largest datagram held: a first flight's packets are at most a path MTU (quinn starts at
+/// 1 200 bytes), so holding is bounded by bytes too (`max_held_datagrams` × this at most), not
+/// by what a single UDP datagram can carry (64 KiB).
+pub(crate) const HELD_MAX_BYTES: usize = 1500 + channel::HEADER_LEN;
 
 /// A datagram held for a channel that is not live yet.
 struct Held {
@@ -283,7 +289,8 @@ impl ChannelTable {
     pub fn hold(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, max: usize) -> (bool, usize) {
         let expired = self.expire(now);
         let Some((id, _)) = channel::parse(datagram) else { return (false, expired) };
-        if self.held.len() >= max || self.held.iter().filter(|h| h.src == src).count() >= HELD_PER_SOURCE {
+        let from_source = self.held.iter().filter(|h| h.src.ip() == src.ip()).count();
+        if datagram.len() > HELD_MAX_BYTES || self.held.len() >= max || from_source >= HELD_PER_SOURCE {
             return (false, expired);
         }
         self.held.push_back(Held { src, id, at: now, datagram: datagram.to_vec() });
@@ -398,6 +405,11 @@ pub(crate) mod tests {
             assert!(table.hold(a, &datagram(id), now, 100).0);
         }
         assert!(!table.hold(a, &datagram(id), now, 100).0, "per source");
+        let other_port: SocketAddr = "192.0.2.1:1001".parse().unwrap();
+        assert!(!table.hold(other_port, &datagram(id), now, 100).0, "per source address, all ports");
+        let mut big = Vec::new();
+        encode_into(&mut big, ChannelId::new(9), &[0x40; HELD_MAX_BYTES]);
+        assert!(!table.hold("192.0.2.3:1".parse().unwrap(), &big, now, 100).0, "too large to hold");
         assert!(table.hold(b, &datagram(id), now, 100).0);
         assert!(!table.hold(b, &datagram(ChannelId::new(8)), now, HELD_PER_SOURCE + 1).0, "in all");
         assert!(!table.hold(b, &[CHANNEL_DATA, 1], now, 100).0, "no header");

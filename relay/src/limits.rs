@@ -74,7 +74,8 @@ pub struct Limits {
     pub retry_threshold: u32,
     /// Datagrams held, all sources together, for channels that are not live yet: an app sends
     /// its end-to-end first flight with its `ChannelOpen`, so it may arrive before the relay
-    /// has authorized (each held up to 250 ms, at most 8 per source). 0: none (the app's
+    /// has authorized (each held up to 250 ms, at most 8 per source IP address, at most 1 500
+    /// bytes each). 0: none (the app's
     /// first flight is then lost and resent by quinn a PTO later).
     pub max_held_datagrams: u32,
     /// QUIC handshakes the relay works on at once (accepted, not yet complete); over it, a
