@@ -315,7 +315,11 @@ async fn idle(shared: &Shared, app_id: ChannelId) {
             tokio::time::sleep(IDLE_RECHECK).await;
             continue;
         }
-        let deadline = last + timeout;
+        let Some(deadline) = last.checked_add(timeout) else {
+            // Beyond the clock's range (limits are validated to at most a year): never idle.
+            tokio::time::sleep(IDLE_RECHECK).await;
+            continue;
+        };
         if now >= deadline {
             return;
         }

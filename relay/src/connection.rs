@@ -188,8 +188,11 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     ));
     debug!(%remote, peer = %peer.fingerprint(), "connection established");
     let next_review = |limits: &crate::limits::Limits| {
-        Instant::now()
-            + if limits.unauthorized_grace.is_zero() { REVIEW_OFF_POLL } else { limits.unauthorized_grace }
+        let grace =
+            if limits.unauthorized_grace.is_zero() { REVIEW_OFF_POLL } else { limits.unauthorized_grace };
+        // Limits are validated to at most a year; saturate anyway rather than panic.
+        let now = Instant::now();
+        now.checked_add(grace).unwrap_or(now + crate::limits::MAX_DURATION)
     };
     let review_at = tokio::time::sleep_until(next_review(&limits));
     tokio::pin!(review_at);

@@ -219,9 +219,22 @@ impl Limits {
         if !(1..=128).contains(&self.new_connections_ipv6_prefix) {
             return Err(LimitsError::BadIpv6Prefix(self.new_connections_ipv6_prefix));
         }
+        let durations = [
+            ("handshake_timeout", self.handshake_timeout),
+            ("unvalidated_handshake_timeout", self.unvalidated_handshake_timeout),
+            ("unauthorized_grace", self.unauthorized_grace),
+            ("idle_session_timeout", self.idle_session_timeout),
+        ];
+        if let Some((field, _)) = durations.into_iter().find(|(_, d)| *d > MAX_DURATION) {
+            return Err(LimitsError::DurationTooLong { field });
+        }
         Ok(())
     }
 }
+
+/// The longest duration a limit may be: deadlines are the clock plus a limit, and a clock plus
+/// `Duration::MAX` overflows. A year is "never" for every timer here.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Which value of a [`Limits`] cannot be used (see [`Limits::validate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -234,6 +247,8 @@ pub enum LimitsError {
     NoBurst,
     #[error("new_connections_ipv6_prefix must be a prefix length from 1 to 128, not {0}")]
     BadIpv6Prefix(u8),
+    #[error("{field} must be at most a year (365 days); use 0 to switch it off where that is allowed")]
+    DurationTooLong { field: &'static str },
 }
 
 /// The source a connection from `ip` is rate-limited as: an IPv4 address as it is (an
@@ -546,5 +561,9 @@ mod tests {
             assert!(bad.validate().unwrap_err().to_string().contains("new_connections_ipv6_prefix"));
         }
         assert!(Limits { new_connections_ipv6_prefix: 128, ..Limits::default() }.validate().is_ok());
+        let forever = Limits { unauthorized_grace: Duration::MAX, ..Limits::default() };
+        assert_eq!(forever.validate(), Err(LimitsError::DurationTooLong { field: "unauthorized_grace" }));
+        let year = Limits { idle_session_timeout: MAX_DURATION, ..Limits::default() };
+        assert_eq!(year.validate(), Ok(()));
     }
 }
