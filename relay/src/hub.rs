@@ -52,6 +52,21 @@ pub(crate) async fn run(
         refuse(&shared, &mut send, &peer, RefusalReason::ShuttingDown, message).await;
         return;
     }
+    let max_hubs = shared.limits.get().max_hubs;
+    // A hub replacing its own registration never counts against the limit: it must always
+    // be able to come back. (Concurrent registrations may overshoot by a few; it is a guard
+    // against exhaustion, not an accounting rule.)
+    let full =
+        || max_hubs > 0 && shared.registry.get(&name).is_none() && shared.registry.len() >= max_hubs as usize;
+    let over_max_hubs = || format!("this relay already has {max_hubs} hubs registered, its max_hubs limit");
+    // Under the open policy the limit comes before the name is claimed: a claim is written
+    // for good, so a refused registration must not leave one behind.
+    if shared.names.is_open() && full() {
+        shared.stats.limit_hit(LimitKind::MaxHubs);
+        refused();
+        refuse(&shared, &mut send, &peer, RefusalReason::OverLimit, over_max_hubs()).await;
+        return;
+    }
     // Open policy in a cluster: the first key wins across every node, not only this one.
     if let Some(cluster) = shared.cluster.as_ref().filter(|_| shared.names.is_open()) {
         if let Err(refusal) = cluster.admit_binding(&name, &peer).await {
@@ -68,15 +83,10 @@ pub(crate) async fn run(
             return;
         }
     };
-    let max_hubs = shared.limits.get().max_hubs;
-    // A hub replacing its own registration never counts against the limit: it must always
-    // be able to come back. (Concurrent registrations may overshoot by a few; it is a guard
-    // against exhaustion, not an accounting rule.)
-    if max_hubs > 0 && shared.registry.get(&name).is_none() && shared.registry.len() >= max_hubs as usize {
+    if full() {
         shared.stats.limit_hit(LimitKind::MaxHubs);
         refused();
-        let message = format!("this relay already has {max_hubs} hubs registered, its max_hubs limit");
-        refuse(&shared, &mut send, &peer, RefusalReason::OverLimit, message).await;
+        refuse(&shared, &mut send, &peer, RefusalReason::OverLimit, over_max_hubs()).await;
         return;
     }
     let (commands_tx, commands) = mpsc::unbounded_channel();

@@ -322,8 +322,9 @@ fn read_hubs_file(path: &Path) -> Result<BTreeMap<HubName, PublicKey>, NameBookE
     parse_authorized_hubs(&text).map_err(|source| NameBookError::HubsFileParse { path: path.into(), source })
 }
 
-/// Writes the bindings atomically (temporary file, then rename), so a crash never leaves a
-/// truncated file that would lose every binding.
+/// Writes the bindings atomically (temporary file, then rename) and durably (both synced), so
+/// a crash never leaves a truncated file that would lose every binding, nor loses a claim the
+/// relay already admitted.
 fn write_bindings(path: &Path, bindings: &BTreeMap<HubName, PublicKey>) -> std::io::Result<()> {
     let mut text = String::from(BINDINGS_HEADER);
     for (name, key) in bindings {
@@ -335,8 +336,16 @@ fn write_bindings(path: &Path, bindings: &BTreeMap<HubName, PublicKey>) -> std::
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    // Durable before it counts: the file's bytes, then the rename (the directory entry).
+    let mut file = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
