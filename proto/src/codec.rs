@@ -41,8 +41,8 @@ pub enum FrameError {
     UnsupportedVersion { got: u8 },
     #[error("unknown frame type {0}")]
     UnknownType(u8),
-    #[error("frame payload of {len} bytes exceeds the limit of {MAX_PAYLOAD}")]
-    TooLarge { len: usize },
+    #[error("frame payload of {len} bytes exceeds the limit of {max} for its type")]
+    TooLarge { len: usize, max: usize },
     #[error("frame is truncated: {field} needs {needed} more bytes")]
     Truncated { field: &'static str, needed: usize },
     #[error("frame has {0} unexpected bytes after its last field")]
@@ -312,7 +312,8 @@ pub enum Frame {
     },
 }
 
-mod kind {
+/// The wire's frame type numbers (a [`Header`]'s `kind`).
+pub mod kind {
     pub const REGISTER: u8 = 1;
     pub const REGISTERED: u8 = 2;
     pub const ALLOW_LIST: u8 = 3;
@@ -347,15 +348,64 @@ impl Header {
         if version != PROTOCOL_VERSION {
             return Err(FrameError::UnsupportedVersion { got: version });
         }
-        if !(kind::REGISTER..=kind::LAST).contains(&kind) {
+        if kind_name(kind).is_none() {
             return Err(FrameError::UnknownType(kind));
         }
         let payload_len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
-        if payload_len > MAX_PAYLOAD {
-            return Err(FrameError::TooLarge { len: payload_len });
+        let max = max_payload(kind);
+        if payload_len > max {
+            return Err(FrameError::TooLarge { len: payload_len, max });
         }
         Ok(Self { kind, payload_len })
     }
+}
+
+/// The name of frame type `kind`, as [`Frame::name`] says it; `None` for a number no frame
+/// of this build has (retired ones included).
+pub fn kind_name(kind: u8) -> Option<&'static str> {
+    Some(match kind {
+        kind::REGISTER => "Register",
+        kind::REGISTERED => "Registered",
+        kind::ALLOW_LIST => "AllowList",
+        kind::REFUSED => "Refused",
+        kind::PING => "Ping",
+        kind::PONG => "Pong",
+        kind::GO_AWAY => "GoAway",
+        kind::CHANNEL_OPEN => "ChannelOpen",
+        kind::CHANNEL_ANNOUNCE => "ChannelAnnounce",
+        kind::CHANNEL_ACCEPTED => "ChannelAccepted",
+        kind::CHANNEL_READY => "ChannelReady",
+        kind::STREAM_OPEN => "StreamOpen",
+        kind::STREAM_ACCEPTED => "StreamAccepted",
+        kind::REDIRECT => "Redirect",
+        _ => return None,
+    })
+}
+
+/// The largest payload a frame of `kind` can have when its fields are within their limits, so
+/// a reader buffers no more for a frame than its type can hold (8 bytes for a `Ping`, not
+/// [`MAX_PAYLOAD`]). Only the allow-list frames come near `MAX_PAYLOAD`.
+pub fn max_payload(kind: u8) -> usize {
+    const NAME: usize = 1 + MAX_NAME;
+    const KEY: usize = 32;
+    const KEYS: usize = 2 + MAX_ALLOWED_APPS * KEY;
+    const MESSAGE: usize = 2 + MAX_MESSAGE;
+    const ADDR: usize = 1 + 16 + 2;
+    const CHANNEL: usize = 8;
+    let max = match kind {
+        kind::REGISTER => NAME + KEYS + 1,
+        kind::REGISTERED => 1,
+        kind::ALLOW_LIST => KEYS + 1,
+        kind::REFUSED => 2 + MESSAGE,
+        kind::PING | kind::PONG => 8,
+        kind::GO_AWAY => 4 + MESSAGE,
+        kind::CHANNEL_OPEN => NAME + KEY + 1 + CHANNEL,
+        kind::CHANNEL_ANNOUNCE => KEY + ADDR + 1 + CHANNEL,
+        kind::CHANNEL_READY => CHANNEL,
+        kind::REDIRECT => ADDR,
+        _ => 0,
+    };
+    max.min(MAX_PAYLOAD)
 }
 
 impl Frame {
@@ -447,7 +497,7 @@ impl Frame {
         }
         let payload_len = out.len() - HEADER_LEN;
         if payload_len > MAX_PAYLOAD {
-            return Err(FrameError::TooLarge { len: payload_len });
+            return Err(FrameError::TooLarge { len: payload_len, max: MAX_PAYLOAD });
         }
         let len = (payload_len as u32).to_be_bytes();
         if let Some(slot) = out.get_mut(2..HEADER_LEN) {
@@ -782,8 +832,59 @@ mod tests {
     }
 
     #[test]
+    fn each_frame_type_holds_its_largest_frame_and_not_a_byte_more() {
+        let long = name(&"a".repeat(MAX_NAME));
+        let keys: Vec<PublicKey> = (0..MAX_ALLOWED_APPS).map(|_| key(9)).collect();
+        let message = "m".repeat(MAX_MESSAGE);
+        let v6: SocketAddr = "[2001:db8::1]:4433".parse().unwrap();
+        let largest = [
+            Frame::Register { name: long.clone(), allowed_apps: keys.clone(), pairing_open: true },
+            Frame::Registered { replaced: true },
+            Frame::AllowList { allowed_apps: keys, pairing_open: true },
+            Frame::Refused { reason: RefusalReason::HubOffline, message: message.clone() },
+            Frame::Ping { nonce: 1 },
+            Frame::Pong { nonce: 1 },
+            Frame::GoAway { retry_after_ms: 1, message },
+            Frame::ChannelOpen {
+                hub: long,
+                hub_key: key(6),
+                purpose: SessionPurpose::Connect,
+                channel: ChannelId::new(1),
+            },
+            Frame::ChannelAnnounce {
+                app_key: key(7),
+                observed: v6,
+                purpose: SessionPurpose::Pair,
+                channel: ChannelId::new(1),
+            },
+            Frame::ChannelAccepted,
+            Frame::ChannelReady { channel: ChannelId::new(1) },
+            Frame::StreamOpen,
+            Frame::StreamAccepted,
+            Frame::Redirect { node: v6 },
+        ];
+        for frame in largest {
+            let bytes = frame.encode().unwrap();
+            let max = max_payload(frame.kind());
+            assert_eq!(bytes.len() - HEADER_LEN, max, "{} at its field limits", frame.name());
+            assert!(Frame::decode(&bytes).unwrap().is_some());
+            assert_eq!(kind_name(frame.kind()), Some(frame.name()));
+            let mut header = [0u8; HEADER_LEN];
+            header.copy_from_slice(&bytes[..HEADER_LEN]);
+            header[2..].copy_from_slice(&((max + 1) as u32).to_be_bytes());
+            assert_eq!(
+                Header::decode(&header),
+                Err(FrameError::TooLarge { len: max + 1, max }),
+                "{}",
+                frame.name()
+            );
+        }
+    }
+
+    #[test]
     fn trailing_bytes_are_refused() {
-        let mut bytes = Frame::Ping { nonce: 3 }.encode().unwrap();
+        let mut bytes =
+            Frame::Refused { reason: RefusalReason::HubOffline, message: String::new() }.encode().unwrap();
         bytes.push(0);
         bytes[5] += 1;
         assert_eq!(Frame::decode(&bytes), Err(FrameError::TrailingBytes(1)));

@@ -8,8 +8,10 @@
 //!
 //! Two rules keep a peer from steering our memory or our stream:
 //! * the header is validated ([`Frame::decode`] checks it before waiting for the payload), so a
-//!   peer cannot make us buffer more than one frame of at most
-//!   [`MAX_PAYLOAD`](crate::codec::MAX_PAYLOAD) bytes;
+//!   peer cannot make us buffer more than one frame of at most what its type can hold
+//!   ([`max_payload`](crate::codec::max_payload): 8 bytes for a `Ping`, about 32 KiB for the
+//!   allow-list frames); a caller that expects only some types says so
+//!   ([`FrameReader::read_frame_if`]) and nothing of another type's payload is read;
 //! * the reader never reads past the frame it is assembling. Session streams carry one frame
 //!   and then opaque end-to-end TLS: whoever takes the stream back ([`FrameReader::into_inner`],
 //!   or after the free [`read_frame`]) must find the first TLS byte still in it.
@@ -53,7 +55,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Cancel-safe: if the future is dropped (e.g. it lost a `select!`), no byte is lost; the
     /// next call continues the same frame.
     pub async fn read_frame(&mut self) -> Result<Frame, FrameIoError> {
+        self.read_frame_if(|_| Ok(())).await
+    }
+
+    /// Reads the next frame if `check` accepts its header, which it is shown as soon as the
+    /// header is complete, before any byte of the payload is read or buffered; its error is
+    /// the read's. Cancel-safe as [`FrameReader::read_frame`], but a read continued after a
+    /// cancel may show `check` the same header again.
+    pub async fn read_frame_if(
+        &mut self,
+        mut check: impl FnMut(&Header) -> Result<(), FrameError>,
+    ) -> Result<Frame, FrameIoError> {
+        let mut checked = false;
         loop {
+            if let (false, Some(head)) = (checked, self.buffer.first_chunk::<HEADER_LEN>()) {
+                check(&Header::decode(head)?)?;
+                checked = true;
+            }
             if let Some((frame, used)) = Frame::decode(&self.buffer)? {
                 self.buffer.advance(used);
                 return Ok(frame);
@@ -107,6 +125,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// under a timeout that gives up on the stream, and a [`FrameReader`] inside a `select!`.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Frame, FrameIoError> {
     FrameReader::new(reader).read_frame().await
+}
+
+/// [`read_frame`] with a check of the header ([`FrameReader::read_frame_if`]).
+pub async fn read_frame_if<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    check: impl FnMut(&Header) -> Result<(), FrameError>,
+) -> Result<Frame, FrameIoError> {
+    FrameReader::new(reader).read_frame_if(check).await
 }
 
 /// Encodes and writes one frame (no flush: QUIC streams send on their own; call `flush` on
@@ -190,6 +216,31 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&[crate::codec::PROTOCOL_VERSION, 8, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
         assert!(matches!(read_frame(&mut b).await, Err(FrameIoError::Frame(FrameError::TooLarge { .. }))));
+    }
+
+    #[tokio::test]
+    async fn a_header_the_check_refuses_is_refused_before_its_payload_is_read() {
+        let register = Frame::Register {
+            name: crate::HubName::new("home").unwrap(),
+            allowed_apps: vec![],
+            pairing_open: false,
+        };
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(&register.encode().unwrap()).await.unwrap();
+        let mut reader = FrameReader::new(b);
+        let only_pings = |h: &Header| match h.kind == crate::codec::kind::PING {
+            true => Ok(()),
+            false => Err(FrameError::Unexpected {
+                expected: "Ping",
+                got: crate::codec::kind_name(h.kind).unwrap(),
+            }),
+        };
+        let refused = reader.read_frame_if(only_pings).await;
+        assert!(matches!(refused, Err(FrameIoError::Frame(FrameError::Unexpected { got: "Register", .. }))));
+        assert_eq!(reader.buffer.len(), HEADER_LEN, "nothing past the header was read");
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&Frame::Ping { nonce: 5 }.encode().unwrap()).await.unwrap();
+        assert_eq!(read_frame_if(&mut b, only_pings).await.unwrap(), Frame::Ping { nonce: 5 });
     }
 
     #[tokio::test]

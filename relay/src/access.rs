@@ -26,7 +26,7 @@ use keyway_proto::{HubName, PublicKey, RefusalReason, SessionPurpose};
 use tokio::sync::oneshot;
 
 use crate::limits::Limits;
-use crate::policy::{decide_session, OnlineHub, Refusal};
+use crate::policy::{decide_session, OnlineHub, WireRefusal};
 use crate::stats::{LimitKind, RelayStats};
 
 /// The caps [`HubAccess::enrol`] applies after authorization (0: no cap).
@@ -36,11 +36,17 @@ pub(crate) struct SessionCaps {
     pub per_hub: u32,
     /// `max_sessions_per_app`: sessions one app key holds at one hub.
     pub per_app: u32,
+    /// `max_pairing_sessions_per_hub`: pairing sessions of one hub, all keys together.
+    pub pairing: u32,
 }
 
 impl From<&Limits> for SessionCaps {
     fn from(limits: &Limits) -> Self {
-        Self { per_hub: limits.max_sessions_per_hub, per_app: limits.max_sessions_per_app }
+        Self {
+            per_hub: limits.max_sessions_per_hub,
+            per_app: limits.max_sessions_per_app,
+            pairing: limits.max_pairing_sessions_per_hub,
+        }
     }
 }
 
@@ -54,7 +60,9 @@ struct AppTally {
 
 struct LiveSession {
     app_key: PublicKey,
-    /// Fires when the app key is revoked; the session then resets both of its streams.
+    purpose: SessionPurpose,
+    /// Fires when the app key is revoked or, for a pairing session, when the hub closes its
+    /// pairing window; the session then resets both of its streams.
     revoke: Option<oneshot::Sender<()>>,
 }
 
@@ -109,8 +117,9 @@ impl HubAccess {
         self.lock().allowed.iter().copied().collect()
     }
 
-    /// Replaces the published allow-list; revokes the live sessions of keys that were removed.
-    /// Returns how many sessions were cut.
+    /// Replaces the published allow-list; revokes the live sessions of keys that were removed
+    /// and, when pairing closes, every pairing session (the window they were admitted under
+    /// is gone). Returns how many sessions were cut.
     pub fn set_allow_list(&self, allowed: Vec<PublicKey>, pairing_open: bool) -> usize {
         let mut inner = self.lock();
         let allowed: HashSet<PublicKey> = allowed.into_iter().collect();
@@ -118,7 +127,12 @@ impl HubAccess {
         inner.allowed = allowed;
         inner.pairing_open = pairing_open;
         let mut cut = 0;
-        for session in inner.sessions.values_mut().filter(|s| removed.contains(&s.app_key)) {
+        let cut_pairing = !pairing_open;
+        let gone = |s: &LiveSession| match s.purpose {
+            SessionPurpose::Pair => cut_pairing,
+            _ => removed.contains(&s.app_key),
+        };
+        for session in inner.sessions.values_mut().filter(|s| gone(s)) {
             if let Some(revoke) = session.revoke.take() {
                 let _ = revoke.send(());
                 cut += 1;
@@ -140,14 +154,14 @@ impl HubAccess {
         purpose: SessionPurpose,
         session_id: u64,
         caps: SessionCaps,
-    ) -> Result<Enrolled, Refusal> {
+    ) -> Result<Enrolled, WireRefusal> {
         let mut inner = self.lock();
         let online = OnlineHub { key: &self.key, allowed: &inner.allowed, pairing_open: inner.pairing_open };
         decide_session(&self.name, bound, pinned, Some(online), app_key, purpose)?;
         let app_sessions = inner.per_app.get(app_key).map_or(0, |t| t.sessions);
         if caps.per_app > 0 && app_sessions >= caps.per_app {
             self.stats.limit_hit(LimitKind::MaxSessionsPerApp);
-            return Err(Refusal::new(
+            return Err(WireRefusal::new(
                 RefusalReason::OverLimit,
                 format!(
                     "app key {} already holds {} sessions to hub {}, this relay's max_sessions_per_app \
@@ -158,9 +172,21 @@ impl HubAccess {
                 ),
             ));
         }
+        let pairing = inner.sessions.values().filter(|s| s.purpose == SessionPurpose::Pair).count();
+        if purpose == SessionPurpose::Pair && caps.pairing > 0 && pairing >= caps.pairing as usize {
+            self.stats.limit_hit(LimitKind::MaxPairingSessionsPerHub);
+            return Err(WireRefusal::new(
+                RefusalReason::OverLimit,
+                format!(
+                    "hub {} already carries {} pairing sessions, this relay's \
+                     max_pairing_sessions_per_hub limit; pair again in a moment",
+                    self.name, caps.pairing
+                ),
+            ));
+        }
         if caps.per_hub > 0 && inner.sessions.len() >= caps.per_hub as usize {
             self.stats.limit_hit(LimitKind::MaxSessionsPerHub);
-            return Err(Refusal::new(
+            return Err(WireRefusal::new(
                 RefusalReason::OverLimit,
                 format!(
                     "hub {} already carries {} sessions, this relay's max_sessions_per_hub limit",
@@ -169,7 +195,7 @@ impl HubAccess {
             ));
         }
         let (tx, rx) = oneshot::channel();
-        inner.sessions.insert(session_id, LiveSession { app_key: *app_key, revoke: Some(tx) });
+        inner.sessions.insert(session_id, LiveSession { app_key: *app_key, purpose, revoke: Some(tx) });
         let tally = inner.per_app.entry(*app_key).or_default();
         tally.sessions += 1;
         if caps.per_app > 0 && tally.sessions >= caps.per_app && !tally.at_cap {
@@ -292,9 +318,9 @@ mod tests {
     }
 
     fn caps(per_hub: u32, per_app: u32) -> SessionCaps {
-        SessionCaps { per_hub, per_app }
+        SessionCaps { per_hub, per_app, pairing: 0 }
     }
-    const NO_CAPS: SessionCaps = SessionCaps { per_hub: 0, per_app: 0 };
+    const NO_CAPS: SessionCaps = SessionCaps { per_hub: 0, per_app: 0, pairing: 0 };
 
     #[test]
     fn removing_a_key_revokes_exactly_its_sessions() {

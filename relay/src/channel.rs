@@ -22,8 +22,14 @@ use std::sync::Arc;
 use keyway_proto::channel::{self, ChannelId};
 use tokio::time::Instant;
 
-use crate::config::Direction;
 use crate::limits::TokenBucket;
+
+/// Which way a forwarded chunk travelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    AppToHub,
+    HubToApp,
+}
 
 /// One side of a channel as the relay knows it.
 pub(crate) struct Leg {
@@ -44,7 +50,19 @@ pub(crate) struct Leg {
     /// [`DESTINATION_RECHECK`].
     validated: SocketAddr,
     checked: Option<Instant>,
+    /// Bytes that may still be sent to `addr` before this side has sent a channel datagram
+    /// from it; `None` once it has (or for the address its handshake was made from). quinn
+    /// moves a connection to a new address on the first authenticated packet from it and
+    /// validates afterwards, so one spoofed packet could otherwise aim this side's traffic at
+    /// a third party: RFC 9000 §8's limit (three times what the address sent) applies until
+    /// the address answers.
+    unanswered: Option<usize>,
 }
+
+/// What the relay sends to a side's new address before that address has sent anything on the
+/// channel: three times one full-size datagram, RFC 9000 §8's factor on the packet that moved
+/// the relay connection.
+pub(crate) const UNANSWERED_ALLOWANCE: usize = 3 * 1200;
 
 /// How often the address a side's datagrams are sent to is re-read from its relay connection.
 /// Bounds how long forwarding to a side whose NAT rebound stays stale after its relay
@@ -56,7 +74,7 @@ impl Leg {
     pub fn new(id: ChannelId, conn: quinn::Connection) -> Self {
         let addr = conn.remote_address();
         let local_ip = conn.local_ip();
-        Self { id, conn, addr, local_ip, validated: addr, checked: None }
+        Self { id, conn, addr, local_ip, validated: addr, checked: None, unanswered: None }
     }
 
     /// The address to send this side's datagrams to at `now`: the cached one, unless the
@@ -70,9 +88,23 @@ impl Leg {
                 self.validated = current;
                 self.addr = current;
                 self.local_ip = self.conn.local_ip();
+                self.unanswered = Some(UNANSWERED_ALLOWANCE);
             }
         }
         self.addr
+    }
+
+    /// Whether `bytes` may be sent to this side's address now (see `unanswered`); spends
+    /// them from the allowance if it is not answered yet.
+    fn may_send(&mut self, bytes: usize) -> bool {
+        match &mut self.unanswered {
+            None => true,
+            Some(left) if *left >= bytes => {
+                *left -= bytes;
+                true
+            }
+            Some(_) => false,
+        }
     }
 
     /// The leg for `id` as if quinn had validated `addr` for it (a test's socket stands in for
@@ -80,7 +112,7 @@ impl Leg {
     #[cfg(test)]
     pub fn at(id: ChannelId, conn: quinn::Connection, addr: SocketAddr) -> Self {
         let validated = conn.remote_address();
-        Self { id, conn, addr, local_ip: None, validated, checked: None }
+        Self { id, conn, addr, local_ip: None, validated, checked: None, unanswered: None }
     }
 }
 
@@ -91,12 +123,12 @@ enum Side {
     Hub,
 }
 
-/// One live channel: the app's leg, the hub's leg, the byte buckets both keys pay into, and
+/// One live channel: the app's leg, the hub's leg, the byte buckets it pays into, and
 /// when a packet last moved.
 struct Channel {
     app: Leg,
     hub: Leg,
-    /// The app key's and the hub key's byte buckets; `None` when the per-key rate is off.
+    /// The app key's and the (hub, app) pair's byte buckets; `None` when the per-key rate is off.
     buckets: Option<[Arc<TokenBucket>; 2]>,
     last_moved: Instant,
 }
@@ -112,12 +144,20 @@ pub(crate) enum DropReason {
     RateLimited,
     /// The socket would not take it now (full send buffer) or failed.
     SendFailed,
+    /// The other side's relay connection moved to an address that has not sent anything on
+    /// the channel yet, and the allowance for it is spent (anti-amplification).
+    UnansweredAddress,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 4] =
-        [Self::UnknownChannel, Self::WrongSource, Self::RateLimited, Self::SendFailed];
+    pub const ALL: [DropReason; 5] = [
+        Self::UnknownChannel,
+        Self::WrongSource,
+        Self::RateLimited,
+        Self::SendFailed,
+        Self::UnansweredAddress,
+    ];
 
     /// The metric label.
     pub fn label(self) -> &'static str {
@@ -126,6 +166,7 @@ impl DropReason {
             Self::WrongSource => "wrong_source",
             Self::RateLimited => "rate_limited",
             Self::SendFailed => "send_failed",
+            Self::UnansweredAddress => "unanswered_address",
         }
     }
 }
@@ -140,7 +181,7 @@ pub(crate) struct Forward<'a> {
     /// The local address to send from (the other side's connection's).
     pub src_ip: Option<IpAddr>,
     pub direction: Direction,
-    /// The byte buckets to charge (app key's and hub key's), if the rate is on.
+    /// The byte buckets to charge (the app key's and the (hub, app) pair's), if the rate is on.
     pub buckets: Option<&'a [Arc<TokenBucket>; 2]>,
 }
 
@@ -161,9 +202,15 @@ pub(crate) struct IdTaken(pub ChannelId);
 /// that a stranger's datagrams leave soon. quinn retransmits a flight that was dropped.
 pub(crate) const HOLD_TIME: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Most datagrams held for one source address (a first flight is an Initial and a few 0-RTT
-/// packets), so one source cannot take the whole of `max_held_datagrams`.
+/// Most datagrams held for one source IP address, all its ports together (a first flight is an
+/// Initial and a few 0-RTT packets), so one source cannot take the whole of
+/// `max_held_datagrams` by changing ports.
 pub(crate) const HELD_PER_SOURCE: usize = 8;
+
+/// Largest datagram held: a first flight's packets are at most a path MTU (quinn starts at
+/// 1 200 bytes), so holding is bounded by bytes too (`max_held_datagrams` × this at most), not
+/// by what a single UDP datagram can carry (64 KiB).
+pub(crate) const HELD_MAX_BYTES: usize = 1500 + channel::HEADER_LEN;
 
 /// A datagram held for a channel that is not live yet.
 struct Held {
@@ -242,7 +289,8 @@ impl ChannelTable {
     pub fn hold(&mut self, src: SocketAddr, datagram: &[u8], now: Instant, max: usize) -> (bool, usize) {
         let expired = self.expire(now);
         let Some((id, _)) = channel::parse(datagram) else { return (false, expired) };
-        if self.held.len() >= max || self.held.iter().filter(|h| h.src == src).count() >= HELD_PER_SOURCE {
+        let from_source = self.held.iter().filter(|h| h.src.ip() == src.ip()).count();
+        if datagram.len() > HELD_MAX_BYTES || self.held.len() >= max || from_source >= HELD_PER_SOURCE {
             return (false, expired);
         }
         self.held.push_back(Held { src, id, at: now, datagram: datagram.to_vec() });
@@ -309,9 +357,15 @@ impl ChannelTable {
             from.addr = src;
             from.validated = src;
         }
+        // A datagram from the side's address: that address answers.
+        from.unanswered = None;
+        let destination = to.destination(now);
+        if !to.may_send(datagram.len()) {
+            return Route::Drop(DropReason::UnansweredAddress);
+        }
         channel.last_moved = now;
         Route::Forward(Forward {
-            to: to.destination(now),
+            to: destination,
             new_id: to.id,
             src_ip: to.local_ip,
             direction,
@@ -351,6 +405,11 @@ pub(crate) mod tests {
             assert!(table.hold(a, &datagram(id), now, 100).0);
         }
         assert!(!table.hold(a, &datagram(id), now, 100).0, "per source");
+        let other_port: SocketAddr = "192.0.2.1:1001".parse().unwrap();
+        assert!(!table.hold(other_port, &datagram(id), now, 100).0, "per source address, all ports");
+        let mut big = Vec::new();
+        encode_into(&mut big, ChannelId::new(9), &[0x40; HELD_MAX_BYTES]);
+        assert!(!table.hold("192.0.2.3:1".parse().unwrap(), &big, now, 100).0, "too large to hold");
         assert!(table.hold(b, &datagram(id), now, 100).0);
         assert!(!table.hold(b, &datagram(ChannelId::new(8)), now, HELD_PER_SOURCE + 1).0, "in all");
         assert!(!table.hold(b, &[CHANNEL_DATA, 1], now, 100).0, "no header");

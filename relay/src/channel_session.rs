@@ -26,7 +26,7 @@ use tracing::debug;
 
 use crate::access::Enrolled;
 use crate::channel::Leg;
-use crate::forward::Channels;
+use crate::channels::Channels;
 use crate::introduce::observed;
 use crate::introduce::{announce, answer, authorize, revocation};
 use crate::refusal::refuse;
@@ -152,10 +152,11 @@ async fn setup_and_hold(
     };
     let limits = shared.limits.get();
     let buckets = (limits.bytes_per_second_per_key > 0).then(|| {
-        // Both ends' keys pay for every forwarded byte: neither a greedy app nor a greedy hub can
-        // take more than its share of the relay, however many channels it opens.
+        // The app key and the (hub, app) pair pay for every forwarded byte: an app gets no more
+        // than the rate however many channels it opens, and no app can spend what its hub's
+        // other apps are owed.
         let now = Instant::now();
-        [shared.buckets.key_bucket(&app, &limits, now), shared.buckets.key_bucket(&hub.key, &limits, now)]
+        shared.buckets.channel_buckets(&app, &hub.key, &limits, now)
     });
     // Listed before the hub is asked, so the app's first flight (sent with its `ChannelOpen`,
     // held meanwhile) reaches the hub with the announce instead of a round trip after it; the
@@ -314,7 +315,11 @@ async fn idle(shared: &Shared, app_id: ChannelId) {
             tokio::time::sleep(IDLE_RECHECK).await;
             continue;
         }
-        let deadline = last + timeout;
+        let Some(deadline) = last.checked_add(timeout) else {
+            // Beyond the clock's range (limits are validated to at most a year): never idle.
+            tokio::time::sleep(IDLE_RECHECK).await;
+            continue;
+        };
         if now >= deadline {
             return;
         }

@@ -182,6 +182,20 @@ pub struct LimitArgs {
     /// handshake work (QUIC CONNECTION_REFUSED; the hub connector retries within seconds). 0: no limit.
     #[arg(long, env = "KEYWAY_RELAY_MAX_HANDSHAKES_IN_FLIGHT", default_value_t = crate::DEFAULT_MAX_HANDSHAKES_IN_FLIGHT)]
     pub max_handshakes_in_flight: u32,
+    /// QUIC handshakes one source (an IPv4 address or IPv6 prefix) may have in flight. 0: no limit.
+    #[arg(long, env = "KEYWAY_RELAY_MAX_HANDSHAKES_PER_SOURCE", default_value_t = crate::DEFAULT_MAX_HANDSHAKES_PER_SOURCE)]
+    pub max_handshakes_per_source: u32,
+    /// Pairing sessions one hub carries at once (anyone knowing its name and key may pair
+    /// while its window is open). 0: no limit.
+    #[arg(long, env = "KEYWAY_RELAY_MAX_PAIRING_SESSIONS_PER_HUB", default_value_t = crate::DEFAULT_MAX_PAIRING_SESSIONS_PER_HUB)]
+    pub max_pairing_sessions_per_hub: u32,
+    /// Handshakes in flight from which a new connection must prove its address (QUIC Retry)
+    /// first. 0: never on this ground.
+    #[arg(long, env = "KEYWAY_RELAY_VALIDATE_ABOVE_HANDSHAKES_IN_FLIGHT", default_value_t = crate::DEFAULT_VALIDATE_ABOVE_HANDSHAKES_IN_FLIGHT)]
+    pub validate_above_handshakes_in_flight: u32,
+    /// Time a handshake from an address not proven by a Retry may take. 0: handshake_timeout.
+    #[arg(long, env = "KEYWAY_RELAY_UNVALIDATED_HANDSHAKE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub unvalidated_handshake_timeout: Duration,
 }
 
 impl LimitArgs {
@@ -204,6 +218,10 @@ impl LimitArgs {
             retry_threshold: self.retry_threshold,
             max_held_datagrams: self.max_held_datagrams,
             max_handshakes_in_flight: self.max_handshakes_in_flight,
+            max_handshakes_per_source: self.max_handshakes_per_source,
+            max_pairing_sessions_per_hub: self.max_pairing_sessions_per_hub,
+            validate_above_handshakes_in_flight: self.validate_above_handshakes_in_flight,
+            unvalidated_handshake_timeout: self.unvalidated_handshake_timeout,
         }
     }
 }

@@ -1,19 +1,20 @@
-//! What a relay is started with: [`RelayConfig`], the [`NamePolicy`] and their defaults.
+//! What a relay is started with: [`RelayConfig`] and its defaults.
 //!
 //! The library takes a fully built configuration; flags, environment variables and config
 //! files are the binary's business (`cli`), so tests and embedders start a relay without them.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keyway_proto::Identity;
 
+use crate::channel::Direction;
 use crate::cluster::config::ClusterConfig;
 use crate::cluster::records::NodeId;
 use crate::limits::Limits;
+use crate::policy::NamePolicy;
 
 /// Default QUIC idle timeout. Hubs keep their tunnel alive well inside it (about every 15 s),
 /// so only truly dead peers are timed out.
@@ -25,24 +26,6 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default address of the metrics and health listener: loopback only, so it is not exposed
 /// unless an operator says so.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
-
-/// Which hub keys may register which names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NamePolicy {
-    /// Only `NAME KEY` pairs listed in `hubs_file` (the `authorized_hubs` file) may register.
-    /// The file is re-read when it changes and on [`RelayHandle::reload`](crate::RelayHandle::reload).
-    Closed { hubs_file: PathBuf },
-    /// The first key to register a free name keeps it. Bindings are persisted to `state_file`
-    /// (as `NAME KEY` lines) if one is given, and loaded from it at start.
-    Open { state_file: Option<PathBuf> },
-}
-
-/// Which way a forwarded chunk travelled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    AppToHub,
-    HubToApp,
-}
 
 /// A test/debug hook that sees every chunk the relay forwards (to prove, for example, that only
 /// ciphertext crosses the relay). It runs inline on the forwarding path, so it must be cheap.

@@ -1,6 +1,7 @@
 //! One connection, from attempt to end: admission before any handshake work (draining, Retry
-//! under load, the cap on handshakes in flight, the per-source rate, the handshake timeout), the cap on connections not yet
-//! authorized right after it, then per-stream dispatch on the stream's first frame:
+//! under load, the per-source rate, the bounds on handshakes in flight of
+//! [`crate::handshakes`], the handshake timeouts), the cap on connections not yet authorized
+//! right after it, then per-stream dispatch on the stream's first frame:
 //! `Register` makes it the hub's control stream ([`crate::hub`]), `ChannelOpen` an app's
 //! channel ([`crate::channel_session`]); and, beside the dispatch, the connection's reviews, which
 //! close it if it holds nothing authorized ([`crate::standing`]).
@@ -10,19 +11,22 @@
 
 use std::sync::Arc;
 
-use keyway_proto::io::{read_frame, FrameIoError};
+use keyway_proto::codec::{kind, kind_name, Header};
+use keyway_proto::io::{read_frame_if, FrameIoError};
 use keyway_proto::tls::quic_peer_key;
-use keyway_proto::{Frame, RefusalReason};
+use keyway_proto::{Frame, FrameError, RefusalReason};
 use quinn::{RecvStream, SendStream, VarInt};
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::handshakes::NoSlot;
+use crate::limits::Limits;
 use crate::refusal::{bad_frame_reason, refuse};
 use crate::registry::Charged;
 use crate::standing::{admission, cut_message, review, Admission, Verdict};
 use crate::state::{ConnCtx, Shared};
-use crate::stats::{CutReason, HandshakeResult, HandshakeRole, LimitKind, RefuseReason, RelayStats};
+use crate::stats::{ConnectionRefusal, CutReason, HandshakeResult, HandshakeRole, LimitKind, RelayStats};
 use keyway_proto::codes;
 
 /// When a connection with reviews switched off (`unauthorized_grace` 0) looks again whether a
@@ -39,9 +43,12 @@ impl Drop for OpenStream {
 }
 
 /// Decides what to do with a connection attempt before any handshake work: refuse it while
-/// draining, ask for address validation (Retry) while attempts arrive faster than
-/// `retry_threshold`, refuse it while `max_handshakes_in_flight` handshakes are being worked
-/// on or when its source is over the per-IP rate, else accept it, under the handshake timeout.
+/// draining; ask for address validation (Retry) from an unvalidated address while attempts
+/// arrive faster than `retry_threshold` or `validate_above_handshakes_in_flight` handshakes
+/// are in flight; refuse it when its source is over the per-IP rate, then when its source
+/// holds `max_handshakes_per_source` handshakes or all `max_handshakes_in_flight` are taken
+/// and none may give way to it (see [`crate::handshakes`]); else accept it, under the
+/// handshake timeout (shorter for an address not validated).
 ///
 /// A refusal costs one small Initial packet and no crypto beyond the Initial keys, and says
 /// nothing on the wire but QUIC `CONNECTION_REFUSED`: from this relay that always means
@@ -52,15 +59,14 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     let now = Instant::now();
     let stats = &shared.stats;
     if shared.is_shutting_down() {
-        stats.connection_refused(RefuseReason::Draining);
+        stats.connection_refused(ConnectionRefusal::Draining);
         incoming.refuse();
         return;
     }
     let limits = shared.limits.get();
-    if shared.buckets.over_retry_threshold(&limits, now)
-        && !incoming.remote_address_validated()
-        && incoming.may_retry()
-    {
+    let validated = incoming.remote_address_validated();
+    let busy = shared.buckets.over_retry_threshold(&limits, now) | shared.handshakes.need_validation(&limits);
+    if busy && !validated && incoming.may_retry() {
         // Stateless for us: a spoofed source never sees the token, so it costs it a round trip
         // and us no handshake. quinn clients answer a Retry transparently.
         stats.address_validation();
@@ -69,53 +75,76 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         }
         return;
     }
-    // The slot before the source's token, so an attempt refused for load spends none of it.
-    let Some(slot) = shared.buckets.start_handshake(&limits) else {
-        // Past the cap a storm would only queue handshakes beyond the hubs' patience.
-        stats.limit_hit(LimitKind::MaxHandshakesInFlight);
-        stats.connection_refused(RefuseReason::HandshakesInFlight);
-        debug!(%remote, "refused a connection: max_handshakes_in_flight handshakes are in flight");
-        incoming.refuse();
-        return;
-    };
+    // The source's token before a slot: a source refused for load still spends its rate, so
+    // attempts beyond it cost the attacker and hold nothing.
     if !shared.buckets.admit_ip(remote.ip(), &limits, now) {
-        drop(slot);
         stats.limit_hit(LimitKind::NewConnectionsPerIp);
-        stats.connection_refused(RefuseReason::NewConnectionsPerIp);
+        stats.connection_refused(ConnectionRefusal::NewConnectionsPerIp);
         debug!(%remote, "refused a connection: over new_connections_per_ip");
         incoming.refuse();
         return;
     }
-    stats.set_handshakes_in_flight(shared.buckets.handshakes_in_flight());
+    let slot = match shared.handshakes.start(remote.ip(), validated, &limits) {
+        Ok(slot) => slot,
+        Err(NoSlot::PerSource) => {
+            stats.limit_hit(LimitKind::MaxHandshakesPerSource);
+            stats.connection_refused(ConnectionRefusal::HandshakesPerSource);
+            debug!(%remote, "refused a connection: its source has max_handshakes_per_source in flight");
+            incoming.refuse();
+            return;
+        }
+        Err(NoSlot::InFlight) => {
+            // Past the cap a storm would only queue handshakes beyond the hubs' patience.
+            stats.limit_hit(LimitKind::MaxHandshakesInFlight);
+            stats.connection_refused(ConnectionRefusal::HandshakesInFlight);
+            debug!(%remote, "refused a connection: max_handshakes_in_flight handshakes are in flight");
+            incoming.refuse();
+            return;
+        }
+    };
+    if slot.evicted_another {
+        stats.limit_hit(LimitKind::MaxHandshakesInFlight);
+    }
+    stats.set_handshakes_in_flight(shared.handshakes.in_flight());
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
             drop(slot);
-            stats.set_handshakes_in_flight(shared.buckets.handshakes_in_flight());
+            stats.set_handshakes_in_flight(shared.handshakes.in_flight());
             stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
             debug!(%remote, "cannot accept a connection: {e}");
             return;
         }
     };
-    let handshake = if limits.handshake_timeout.is_zero() {
-        Ok(connecting.await)
-    } else {
-        tokio::time::timeout(limits.handshake_timeout, connecting).await
+    let (timeout, timeout_limit) = handshake_timeout(&limits, validated);
+    let handshake = tokio::select! {
+        handshake = async {
+            match timeout {
+                Some(timeout) => tokio::time::timeout(timeout, connecting).await,
+                None => Ok(connecting.await),
+            }
+        } => Some(handshake),
+        () = slot.evicted() => None,
     };
     drop(slot);
-    stats.set_handshakes_in_flight(shared.buckets.handshakes_in_flight());
+    stats.set_handshakes_in_flight(shared.handshakes.in_flight());
     let conn = match handshake {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
+        Some(Ok(Ok(conn))) => conn,
+        Some(Ok(Err(e))) => {
             stats.handshake(HandshakeRole::Quic, HandshakeResult::Failed);
             debug!(%remote, "handshake failed: {e}");
             return;
         }
-        Err(_) => {
+        Some(Err(_)) => {
             // Dropping the half-done connection abandons it.
-            stats.limit_hit(LimitKind::HandshakeTimeout);
+            stats.limit_hit(timeout_limit);
             stats.handshake(HandshakeRole::Quic, HandshakeResult::Timeout);
-            debug!(%remote, "handshake timed out after {:?}", limits.handshake_timeout);
+            debug!(%remote, "handshake timed out after {timeout:?}");
+            return;
+        }
+        None => {
+            stats.handshake(HandshakeRole::Quic, HandshakeResult::Evicted);
+            debug!(%remote, "handshake gave its slot to a validated attempt");
             return;
         }
     };
@@ -159,8 +188,11 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     ));
     debug!(%remote, peer = %peer.fingerprint(), "connection established");
     let next_review = |limits: &crate::limits::Limits| {
-        Instant::now()
-            + if limits.unauthorized_grace.is_zero() { REVIEW_OFF_POLL } else { limits.unauthorized_grace }
+        let grace =
+            if limits.unauthorized_grace.is_zero() { REVIEW_OFF_POLL } else { limits.unauthorized_grace };
+        // Limits are validated to at most a year; saturate anyway rather than panic.
+        let now = Instant::now();
+        now.checked_add(grace).unwrap_or(now + crate::limits::MAX_DURATION)
     };
     let review_at = tokio::time::sleep_until(next_review(&limits));
     tokio::pin!(review_at);
@@ -229,9 +261,22 @@ fn review_connection(
 }
 
 /// Reads a stream's first frame (within `session_open_timeout`) and hands the stream to the
-/// driver that frame names.
+/// driver that frame names. The header decides before any payload is read: a `ChannelOpen`
+/// (at most 105 bytes), or a `Register` on the one stream that claims the connection's
+/// control; anything else is refused unread, so a peer cannot make the relay buffer a large
+/// frame on every stream it opens.
 async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
-    let first = match tokio::time::timeout(shared.session_open_timeout, read_frame(&mut recv)).await {
+    let check = |header: &Header| match header.kind {
+        kind::CHANNEL_OPEN => Ok(()),
+        kind::REGISTER if ctx.claim_control() => Ok(()),
+        kind::REGISTER => Err(FrameError::Unexpected { expected: "ChannelOpen", got: "Register" }),
+        other => Err(FrameError::Unexpected {
+            expected: "Register or ChannelOpen",
+            got: kind_name(other).unwrap_or("an unknown frame"),
+        }),
+    };
+    let read = read_frame_if(&mut recv, check);
+    let first = match tokio::time::timeout(shared.session_open_timeout, read).await {
         Ok(first) => first,
         Err(_) => {
             let message =
@@ -254,6 +299,15 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
                 format!("a new stream must start with Register or ChannelOpen, not {}", other.name());
             refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
         }
+        Err(FrameIoError::Frame(FrameError::Unexpected { expected: "ChannelOpen", got: "Register" })) => {
+            shared.stats.handshake(HandshakeRole::Hub, HandshakeResult::Refused);
+            let message = "this connection already has a control stream; a hub registers once per connection";
+            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message.into()).await;
+        }
+        Err(FrameIoError::Frame(FrameError::Unexpected { got, .. })) => {
+            let message = format!("a new stream must start with Register or ChannelOpen, not {got}");
+            refuse(&shared, &mut send, &ctx.peer, RefusalReason::ProtocolViolation, message).await;
+        }
         Err(FrameIoError::Frame(e)) => {
             refuse(&shared, &mut send, &ctx.peer, bad_frame_reason(&e), format!("malformed frame: {e}"))
                 .await;
@@ -264,5 +318,44 @@ async fn handle_stream(ctx: Arc<ConnCtx>, shared: Arc<Shared>, mut send: SendStr
         Err(FrameIoError::Io(e)) => {
             debug!(peer = %ctx.peer.fingerprint(), "stream failed before its first frame: {e}")
         }
+    }
+}
+
+/// How long a handshake may take, and the limit that ends it: `handshake_timeout`, or for an
+/// address not validated by a Retry the shorter `unvalidated_handshake_timeout`. `None`: no
+/// timeout of the relay's own (QUIC's idle timeout still ends it).
+fn handshake_timeout(limits: &Limits, validated: bool) -> (Option<Duration>, LimitKind) {
+    let full = (!limits.handshake_timeout.is_zero()).then_some(limits.handshake_timeout);
+    let short = (!validated && !limits.unvalidated_handshake_timeout.is_zero())
+        .then_some(limits.unvalidated_handshake_timeout);
+    match (full, short) {
+        (Some(full), Some(short)) if short < full => (Some(short), LimitKind::UnvalidatedHandshakeTimeout),
+        (None, Some(short)) => (Some(short), LimitKind::UnvalidatedHandshakeTimeout),
+        (full, _) => (full, LimitKind::HandshakeTimeout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unvalidated_address_gets_the_shorter_timeout() {
+        let s = Duration::from_secs;
+        let l = |full, short| Limits {
+            handshake_timeout: s(full),
+            unvalidated_handshake_timeout: s(short),
+            ..Limits::default()
+        };
+        assert_eq!(handshake_timeout(&l(10, 3), false), (Some(s(3)), LimitKind::UnvalidatedHandshakeTimeout));
+        assert_eq!(handshake_timeout(&l(10, 3), true), (Some(s(10)), LimitKind::HandshakeTimeout));
+        assert_eq!(
+            handshake_timeout(&l(2, 3), false),
+            (Some(s(2)), LimitKind::HandshakeTimeout),
+            "never longer"
+        );
+        assert_eq!(handshake_timeout(&l(0, 3), false), (Some(s(3)), LimitKind::UnvalidatedHandshakeTimeout));
+        assert_eq!(handshake_timeout(&l(10, 0), false), (Some(s(10)), LimitKind::HandshakeTimeout));
+        assert_eq!(handshake_timeout(&l(0, 0), false), (None, LimitKind::HandshakeTimeout));
     }
 }

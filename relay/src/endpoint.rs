@@ -24,6 +24,11 @@ use crate::state::StreamCredit;
 
 /// UDP socket buffer size asked for: the default (~208 KiB) drops packets in handshake bursts.
 const UDP_BUFFER: usize = 4 * 1024 * 1024;
+/// Receive window of one stream of a relay connection: the largest control frame (a
+/// `Register` with a full allow-list, about 32 KiB) arrives in one round trip.
+const STREAM_WINDOW: u32 = 36 * 1024;
+/// Receive window of a whole relay connection, all its streams together.
+const CONNECTION_WINDOW: u32 = 64 * 1024;
 /// How long a restarted relay retries binding a port its predecessor is still releasing.
 const BIND_RETRY: Duration = Duration::from_secs(2);
 
@@ -53,6 +58,15 @@ pub(crate) fn build_server_config(
             limits.max_streams_per_connection,
         )))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // The relay's own connections carry control frames only (end-to-end packets bypass
+        // quinn, see `forward`), so their windows are sized for frames, not for bulk data:
+        // what a peer can make quinn hold unread is one window per connection, not quinn's
+        // default 1.25 MB per stream with no connection-wide bound.
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(u64::from(CONNECTION_WINDOW))
+        // No DATAGRAM frames: nothing on the relay reads them.
+        .datagram_receive_buffer_size(None)
         // Hubs keep their NAT binding alive; the relay only answers.
         .keep_alive_interval(None);
     server.transport_config(Arc::new(transport));

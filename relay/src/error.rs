@@ -2,10 +2,10 @@
 //! wrong with a configuration. Network input never produces one of these; a misbehaving peer
 //! gets a typed refusal on the wire instead.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::limits::LimitsError;
+use crate::policy::NameBookError;
 
 /// Why starting, reloading or running the relay failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,16 +20,9 @@ pub enum RelayError {
     /// `keyway_proto::cli::error_report` says a cause already in the line only once.
     #[error("invalid relay configuration: {0}")]
     Config(#[from] RelayConfigError),
-    #[error("cannot read hubs file {path}: {source}")]
-    HubsFileRead { path: PathBuf, source: std::io::Error },
-    #[error("hubs file {path}, {source}; keeping the previous list")]
-    HubsFileParse { path: PathBuf, source: keyway_proto::lists::ListError },
-    #[error("cannot read bindings file {path}: {source}")]
-    StateRead { path: PathBuf, source: std::io::Error },
-    #[error("bindings file {path}, {source}")]
-    StateParse { path: PathBuf, source: keyway_proto::lists::ListError },
-    #[error("cannot write bindings file {path}: {source}")]
-    StateWrite { path: PathBuf, source: std::io::Error },
+    /// The name book's files (the hubs file, the open policy's bindings).
+    #[error(transparent)]
+    NameBook(#[from] NameBookError),
     #[error("identity: {0}")]
     Identity(#[from] keyway_proto::IdentityError),
     #[error("i/o error: {0}")]

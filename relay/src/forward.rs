@@ -28,9 +28,9 @@
 //! compacted to the front of their buffer and left for quinn; a buffer with none left gets
 //! `meta.len = 0`, which quinn skips.
 //!
-//! The per-key byte rate applies to forwarded runs: both keys' buckets (the app's and the
-//! hub's) must be out of debt for a run to go, which then charges
-//! both; otherwise the run is dropped (`rate_limited`) and the limit hit counted. Dropping, not
+//! The per-key byte rate applies to forwarded runs: both of the channel's buckets (the app
+//! key's and the (hub, app) pair's, see [`Buckets::channel_buckets`](crate::limits::Buckets::channel_buckets))
+//! must be out of debt for a run to go, which then charges both; otherwise the run is dropped (`rate_limited`) and the limit hit counted. Dropping, not
 //! delaying, is the only policing a forwarder without queues can do, and QUIC's congestion
 //! control on the end-to-end connection reads the loss as the signal to slow down.
 
@@ -39,7 +39,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use keyway_proto::channel::{self, CHANNEL_DATA, HEADER_LEN};
@@ -47,77 +47,11 @@ use quinn::udp::{EcnCodepoint, RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::time::Instant;
 
-use crate::channel::{ChannelTable, DropReason, Route};
-use crate::config::{Direction, ForwardTap};
+use crate::channel::{ChannelTable, Direction, DropReason, Route};
+use crate::channels::Channels;
 use crate::gso::{GatherSocket, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 use crate::limits::{Limits, LimitsCell};
-use crate::stats::{LimitKind, RelayStats};
-
-/// The channel table with what forwarding reports to and is limited by; shared by the socket
-/// wrapper (which routes) and the control flow (which inserts and removes channels).
-pub(crate) struct Channels {
-    table: Mutex<ChannelTable>,
-    stats: Arc<RelayStats>,
-    limits: Arc<LimitsCell>,
-    tap: Option<ForwardTap>,
-    /// The runtime's socket under [`ForwardingSocket`], for sending held first flights.
-    socket: std::sync::OnceLock<Arc<dyn AsyncUdpSocket>>,
-}
-
-impl Channels {
-    pub fn new(stats: Arc<RelayStats>, limits: Arc<LimitsCell>, tap: Option<ForwardTap>) -> Self {
-        Self { table: Mutex::new(ChannelTable::default()), stats, limits, tap, socket: Default::default() }
-    }
-
-    /// Drops (and counts as `unknown_channel`) the held datagrams that expired; the relay calls
-    /// it every [`HOLD_TIME`](crate::channel::HOLD_TIME), so nothing is held longer than
-    /// twice that even when no new datagram arrives.
-    pub fn sweep_held(&self, now: Instant) {
-        let expired = self.table().expire_held(now);
-        self.stats.channel_dropped(DropReason::UnknownChannel, expired);
-    }
-
-    /// Forwards what was held for the channel whose app side is `app_id` from `src` (the app's
-    /// first flight, which overtook its `ChannelOpen`), now that the channel is listed. Each
-    /// datagram is routed like any other (the byte budget aside: a first flight is a few
-    /// packets); a send that would block drops it, as everywhere.
-    pub fn release_held(&self, src: SocketAddr, app_id: channel::ChannelId) {
-        let Some(socket) = self.socket.get() else { return };
-        let now = Instant::now();
-        let mut table = self.table();
-        let (held, expired) = table.take_held(src, app_id, now);
-        self.stats.channel_dropped(DropReason::UnknownChannel, expired);
-        for mut datagram in held {
-            let forward = match table.route(src, &datagram, now) {
-                Route::Forward(forward) => forward,
-                Route::Drop(reason) => {
-                    self.stats.channel_dropped(reason, 1);
-                    continue;
-                }
-            };
-            let (to, src_ip, direction) = (forward.to, forward.src_ip, forward.direction);
-            let _ = channel::write_header(&mut datagram, forward.new_id);
-            if let (Some(tap), Some(packet)) = (&self.tap, datagram.get(HEADER_LEN..)) {
-                tap(direction, packet);
-            }
-            let transmit =
-                Transmit { destination: to, ecn: None, contents: &datagram, segment_size: None, src_ip };
-            match socket.try_send(&transmit) {
-                Ok(()) => {
-                    self.stats.channel_forwarded(direction, 1, datagram.len().saturating_sub(HEADER_LEN))
-                }
-                Err(_) => self.stats.channel_dropped(DropReason::SendFailed, 1),
-            }
-        }
-    }
-
-    /// The table, locked. Never held across an `.await`, and never while calling into a
-    /// connection other than through [`ChannelTable::route`].
-    pub fn table(&self) -> MutexGuard<'_, ChannelTable> {
-        // A panic while the lock is held would leave plain map state, still consistent.
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+use crate::stats::LimitKind;
 
 /// The relay's UDP socket as quinn sees it: the runtime's socket, with channel data forwarded
 /// on the way in (see the module docs).
@@ -510,6 +444,7 @@ mod tests {
 
     use crate::channel::tests::relay_connection;
     use crate::channel::Leg;
+    use crate::stats::RelayStats;
     use crate::testing::endpoint_pair;
 
     const STRIDE: usize = 64;
@@ -590,6 +525,43 @@ mod tests {
     /// Whether this socket joins runs of several receive buffers (Linux with GSO).
     fn gathers(socket: &ForwardingSocket) -> bool {
         socket.gathers()
+    }
+
+    #[tokio::test]
+    async fn an_app_over_the_byte_rate_does_not_starve_another_app_of_the_same_hub() {
+        let stats = Arc::new(RelayStats::default());
+        let limits = Limits { bytes_per_second_per_key: 1000, ..Limits::unlimited() };
+        let channels =
+            Arc::new(Channels::new(Arc::clone(&stats), Arc::new(LimitsCell::new(limits.clone())), None));
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let gather = GatherSocket::new(&socket);
+        let inner = quinn::default_runtime().unwrap().wrap_udp_socket(socket).unwrap();
+        let socket = ForwardingSocket { inner, channels: Arc::clone(&channels), gather };
+        let hub = hub_socket();
+        let (server, client) = endpoint_pair().await;
+        let (conn, _peer) = relay_connection(&server, &client).await;
+        let buckets = crate::limits::Buckets::new(Instant::now());
+        let key = |seed| keyway_proto::Identity::from_seed([seed; 32]).public_key();
+        let (hub_key, greedy_key, polite_key) = (key(1), key(2), key(3));
+        let apps: [SocketAddr; 2] = ["127.0.0.1:4001".parse().unwrap(), "127.0.0.1:4002".parse().unwrap()];
+        let ids = [(ChannelId::new(1), ChannelId::new(11)), (ChannelId::new(2), ChannelId::new(22))];
+        for ((app_key, addr), (a, h)) in [(greedy_key, apps[0]), (polite_key, apps[1])].into_iter().zip(ids) {
+            let legs = (Leg::at(a, conn.clone(), addr), Leg::at(h, conn.clone(), hub.local_addr().unwrap()));
+            let charged = buckets.channel_buckets(&app_key, &hub_key, &limits, Instant::now());
+            channels.table().insert(legs.0, legs.1, Some(charged), Instant::now()).unwrap();
+        }
+        // The greedy app sends a run of 1 280 bytes over a 1 000-byte budget, then more.
+        let greedy: Vec<Vec<u8>> = (0..20).map(|i| segment(Some(ids[0].0), i, STRIDE)).collect();
+        receive_call(&socket, apps[0], vec![(STRIDE, greedy.clone())]);
+        assert_eq!(receive_n(&hub, 20).len(), 20, "the first run goes, into debt");
+        receive_call(&socket, apps[0], vec![(STRIDE, greedy)]);
+        assert!(
+            series(&stats, "keyway_relay_channel_packets_dropped_total{reason=\"rate_limited\"}") >= 20.0
+        );
+        // The other app of the same hub still gets its datagram through.
+        let polite = segment(Some(ids[1].0), 9, STRIDE);
+        receive_call(&socket, apps[1], vec![(STRIDE, vec![polite.clone()])]);
+        assert_eq!(receive_n(&hub, 1), [rewritten(polite, ids[1].1)], "the polite app is not rate-limited");
     }
 
     #[tokio::test]

@@ -33,7 +33,8 @@ async fn flush_then_close(send: &mut SendStream, conn: &quinn::Connection, code:
     conn.close(code, reason);
 }
 
-/// Handles a stream whose first frame was `Register`.
+/// Handles a stream whose first frame was `Register` (the one that claimed the connection's
+/// control, see `connection::handle_stream`).
 pub(crate) async fn run(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx>,
@@ -51,10 +52,19 @@ pub(crate) async fn run(
         refuse(&shared, &mut send, &peer, RefusalReason::ShuttingDown, message).await;
         return;
     }
-    if !ctx.claim_control() {
-        let message = "this connection already has a control stream; a hub registers once per connection";
+    let max_hubs = shared.limits.get().max_hubs;
+    // A hub replacing its own registration never counts against the limit: it must always
+    // be able to come back. (Concurrent registrations may overshoot by a few; it is a guard
+    // against exhaustion, not an accounting rule.)
+    let full =
+        || max_hubs > 0 && shared.registry.get(&name).is_none() && shared.registry.len() >= max_hubs as usize;
+    let over_max_hubs = || format!("this relay already has {max_hubs} hubs registered, its max_hubs limit");
+    // Under the open policy the limit comes before the name is claimed: a claim is written
+    // for good, so a refused registration must not leave one behind.
+    if shared.names.is_open() && full() {
+        shared.stats.limit_hit(LimitKind::MaxHubs);
         refused();
-        refuse(&shared, &mut send, &peer, RefusalReason::ProtocolViolation, message.into()).await;
+        refuse(&shared, &mut send, &peer, RefusalReason::OverLimit, over_max_hubs()).await;
         return;
     }
     // Open policy in a cluster: the first key wins across every node, not only this one.
@@ -73,15 +83,10 @@ pub(crate) async fn run(
             return;
         }
     };
-    let max_hubs = shared.limits.get().max_hubs;
-    // A hub replacing its own registration never counts against the limit: it must always
-    // be able to come back. (Concurrent registrations may overshoot by a few; it is a guard
-    // against exhaustion, not an accounting rule.)
-    if max_hubs > 0 && shared.registry.get(&name).is_none() && shared.registry.len() >= max_hubs as usize {
+    if full() {
         shared.stats.limit_hit(LimitKind::MaxHubs);
         refused();
-        let message = format!("this relay already has {max_hubs} hubs registered, its max_hubs limit");
-        refuse(&shared, &mut send, &peer, RefusalReason::OverLimit, message).await;
+        refuse(&shared, &mut send, &peer, RefusalReason::OverLimit, over_max_hubs()).await;
         return;
     }
     let (commands_tx, commands) = mpsc::unbounded_channel();

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use crate::access::{Enrolled, SessionCaps};
-use crate::policy::{decide_session, Refusal};
+use crate::policy::{decide_session, WireRefusal};
 use crate::refusal::refuse;
 use crate::registry::Hub;
 use crate::state::Shared;
@@ -44,17 +44,17 @@ pub(crate) fn authorize(
     name: &HubName,
     pinned: &PublicKey,
     purpose: SessionPurpose,
-) -> Result<(Arc<Hub>, Enrolled), Refusal> {
+) -> Result<(Arc<Hub>, Enrolled), WireRefusal> {
     if shared.is_shutting_down() {
         let message = "the relay is shutting down; try again in a moment".to_owned();
-        return Err(Refusal::new(RefusalReason::ShuttingDown, message));
+        return Err(WireRefusal::new(RefusalReason::ShuttingDown, message));
     }
     let bound = shared.names.binding(name);
     let session_id = shared.registry.next_id();
     let Some(hub) = shared.registry.get(name) else {
         let refusal =
             decide_session(name, bound.as_ref(), pinned, None, app, purpose).err().unwrap_or_else(|| {
-                Refusal::new(RefusalReason::HubOffline, format!("hub {name} is not connected"))
+                WireRefusal::new(RefusalReason::HubOffline, format!("hub {name} is not connected"))
             });
         return Err(refusal);
     };
@@ -75,7 +75,7 @@ pub(crate) async fn revocation(revoked: oneshot::Receiver<()>) {
 /// Why an introduction did not get the hub's acceptance.
 pub(crate) enum Unanswered {
     /// The relay refuses the app (hub gone, slow, broken, or the app revoked meanwhile).
-    Refuse(Refusal),
+    Refuse(WireRefusal),
     /// The hub refused; passed on to the app verbatim.
     HubRefused { reason: RefusalReason, message: String },
 }
@@ -101,7 +101,7 @@ pub(crate) async fn announce(
 ) -> Result<(SendStream, RecvStream), Unanswered> {
     let name = &hub.name;
     let timeout = shared.session_open_timeout;
-    let refuse = |reason, message| Err(Unanswered::Refuse(Refusal::new(reason, message)));
+    let refuse = |reason, message| Err(Unanswered::Refuse(WireRefusal::new(reason, message)));
     let (mut hub_send, mut hub_recv) = match tokio::time::timeout(timeout, hub.conn.open_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => return refuse(RefusalReason::HubOffline, format!("hub {name} went offline: {e}")),

@@ -22,6 +22,7 @@
 mod access;
 mod channel;
 mod channel_session;
+mod channels;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod cluster;
@@ -32,6 +33,7 @@ mod endpoint;
 mod error;
 mod forward;
 mod gso;
+mod handshakes;
 mod hub;
 mod introduce;
 mod io_thread;
@@ -45,14 +47,16 @@ mod standing;
 mod state;
 mod stats;
 
+pub use channel::Direction;
 pub use config::{
-    Direction, ForwardTap, NamePolicy, RelayConfig, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_METRICS_LISTEN, DEFAULT_SESSION_OPEN_TIMEOUT,
+    ForwardTap, RelayConfig, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_METRICS_LISTEN,
+    DEFAULT_SESSION_OPEN_TIMEOUT,
 };
 pub use error::{RelayConfigError, RelayError};
 pub use limits::*;
+pub use policy::{NameBookError, NamePolicy};
 pub use server::{Relay, RelayHandle};
-pub use stats::{CutReason, LimitKind, RefuseReason, RelayStats};
+pub use stats::{ConnectionRefusal, CutReason, LimitKind, RelayStats};
 
 /// QUIC application error codes, for connection closes and stream resets: the wire's one
 /// list, re-exported so that `keyway_relay::codes` keeps naming the codes the relay sends.
@@ -65,7 +69,8 @@ pub(crate) mod testing {
 
     use keyway_proto::{Identity, ALPN_RELAY};
 
-    use crate::config::{NamePolicy, RelayConfig};
+    use crate::config::RelayConfig;
+    use crate::policy::NamePolicy;
 
     /// A server endpoint configured like the relay's, and a client endpoint that pins it.
     pub async fn endpoint_pair() -> (quinn::Endpoint, quinn::Endpoint) {

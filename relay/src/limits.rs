@@ -16,7 +16,6 @@
 //! deterministically and the callers decide which clock counts.
 
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -35,6 +34,11 @@ pub struct Limits {
     /// Sessions one app key holds at one hub at once, below `max_sessions_per_hub` so that
     /// one app cannot take all of a hub's sessions. 0: no limit.
     pub max_sessions_per_app: u32,
+    /// Pairing sessions one hub carries at once. Anyone who knows a hub's name and key may
+    /// open one while its pairing window is open, with as many throw-away keys as they like,
+    /// so this keeps them from taking the hub's `max_sessions_per_hub`; a hub pairs one
+    /// device at a time. 0: no limit.
+    pub max_pairing_sessions_per_hub: u32,
     /// Bidirectional streams a peer may have open on one connection (QUIC flow control; the
     /// peer simply cannot open more). Applies to connections made after a change.
     pub max_streams_per_connection: u32,
@@ -70,7 +74,8 @@ pub struct Limits {
     pub retry_threshold: u32,
     /// Datagrams held, all sources together, for channels that are not live yet: an app sends
     /// its end-to-end first flight with its `ChannelOpen`, so it may arrive before the relay
-    /// has authorized (each held up to 250 ms, at most 8 per source). 0: none (the app's
+    /// has authorized (each held up to 250 ms, at most 8 per source IP address, at most 1 500
+    /// bytes each). 0: none (the app's
     /// first flight is then lost and resent by quinn a PTO later).
     pub max_held_datagrams: u32,
     /// QUIC handshakes the relay works on at once (accepted, not yet complete); over it, a
@@ -79,6 +84,20 @@ pub struct Limits {
     /// from queueing handshakes past the peers' patience, where every attempt would time out
     /// and the cores would work on nothing anybody still waits for. 0: no limit.
     pub max_handshakes_in_flight: u32,
+    /// QUIC handshakes one source (an IPv4 address, or an IPv6 prefix of
+    /// `new_connections_ipv6_prefix` bits) may have in flight at once; over it, its new
+    /// connection is refused before any handshake work. Keeps a few addresses from holding
+    /// every slot with handshakes they never finish. 0: no limit.
+    pub max_handshakes_per_source: u32,
+    /// Handshakes in flight from which a new connection whose address is not yet validated
+    /// must prove it (a QUIC Retry round trip) before it gets a slot: a spoofed source cannot,
+    /// and a validated attempt may take the slot of the oldest unvalidated one when all are
+    /// taken. 0: never asked on this ground (`retry_threshold` still applies).
+    pub validate_above_handshakes_in_flight: u32,
+    /// Time a handshake from an address not validated by a Retry may take before it is
+    /// abandoned (at most `handshake_timeout`): a legitimate handshake needs 1.5 round trips,
+    /// a half-open one holds its slot only this long. 0: `handshake_timeout` applies.
+    pub unvalidated_handshake_timeout: Duration,
 }
 
 /// Default `max_hubs`.
@@ -90,6 +109,8 @@ pub const DEFAULT_MAX_SESSIONS_PER_HUB: u32 = 256;
 pub const DEFAULT_MAX_SESSIONS_PER_APP: u32 = 64;
 /// Default `max_streams_per_connection`.
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Default `max_pairing_sessions_per_hub`.
+pub const DEFAULT_MAX_PAIRING_SESSIONS_PER_HUB: u32 = 4;
 /// Default `new_connections_per_ip` (per second).
 pub const DEFAULT_NEW_CONNECTIONS_PER_IP: f64 = 10.0;
 /// Default `new_connections_burst`.
@@ -120,6 +141,15 @@ pub const DEFAULT_RETRY_THRESHOLD: u32 = 100;
 /// timeout. Without the cap, 1 600 attempts per second on that relay completed 210 per second
 /// (13 000 timed out); with it, 500–900 and none timed out.
 pub const DEFAULT_MAX_HANDSHAKES_IN_FLIGHT: u32 = 256;
+/// Default `max_handshakes_per_source`: a household's hubs and apps reconnecting at once fit
+/// many times over; 16 sources cannot take all of the default 256 slots.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 16;
+/// Default `validate_above_handshakes_in_flight`: a quarter of the default
+/// `max_handshakes_in_flight`.
+pub const DEFAULT_VALIDATE_ABOVE_HANDSHAKES_IN_FLIGHT: u32 = 64;
+/// Default `unvalidated_handshake_timeout`: a handshake over a 1 s round trip with a lost
+/// flight still fits.
+pub const DEFAULT_UNVALIDATED_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -127,6 +157,7 @@ impl Default for Limits {
             max_hubs: DEFAULT_MAX_HUBS,
             max_sessions_per_hub: DEFAULT_MAX_SESSIONS_PER_HUB,
             max_sessions_per_app: DEFAULT_MAX_SESSIONS_PER_APP,
+            max_pairing_sessions_per_hub: DEFAULT_MAX_PAIRING_SESSIONS_PER_HUB,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             new_connections_per_ip: DEFAULT_NEW_CONNECTIONS_PER_IP,
             new_connections_burst: DEFAULT_NEW_CONNECTIONS_BURST,
@@ -140,6 +171,9 @@ impl Default for Limits {
             retry_threshold: DEFAULT_RETRY_THRESHOLD,
             max_held_datagrams: DEFAULT_MAX_HELD_DATAGRAMS,
             max_handshakes_in_flight: DEFAULT_MAX_HANDSHAKES_IN_FLIGHT,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            validate_above_handshakes_in_flight: DEFAULT_VALIDATE_ABOVE_HANDSHAKES_IN_FLIGHT,
+            unvalidated_handshake_timeout: DEFAULT_UNVALIDATED_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -151,6 +185,7 @@ impl Limits {
             max_hubs: 0,
             max_sessions_per_hub: 0,
             max_sessions_per_app: 0,
+            max_pairing_sessions_per_hub: 0,
             max_streams_per_connection: u32::MAX >> 2,
             new_connections_per_ip: 0.0,
             new_connections_burst: 1,
@@ -164,6 +199,9 @@ impl Limits {
             retry_threshold: u32::MAX,
             max_held_datagrams: DEFAULT_MAX_HELD_DATAGRAMS,
             max_handshakes_in_flight: 0,
+            max_handshakes_per_source: 0,
+            validate_above_handshakes_in_flight: 0,
+            unvalidated_handshake_timeout: Duration::ZERO,
         }
     }
 
@@ -181,9 +219,22 @@ impl Limits {
         if !(1..=128).contains(&self.new_connections_ipv6_prefix) {
             return Err(LimitsError::BadIpv6Prefix(self.new_connections_ipv6_prefix));
         }
+        let durations = [
+            ("handshake_timeout", self.handshake_timeout),
+            ("unvalidated_handshake_timeout", self.unvalidated_handshake_timeout),
+            ("unauthorized_grace", self.unauthorized_grace),
+            ("idle_session_timeout", self.idle_session_timeout),
+        ];
+        if let Some((field, _)) = durations.into_iter().find(|(_, d)| *d > MAX_DURATION) {
+            return Err(LimitsError::DurationTooLong { field });
+        }
         Ok(())
     }
 }
+
+/// The longest duration a limit may be: deadlines are the clock plus a limit, and a clock plus
+/// `Duration::MAX` overflows. A year is "never" for every timer here.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Which value of a [`Limits`] cannot be used (see [`Limits::validate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -196,6 +247,8 @@ pub enum LimitsError {
     NoBurst,
     #[error("new_connections_ipv6_prefix must be a prefix length from 1 to 128, not {0}")]
     BadIpv6Prefix(u8),
+    #[error("{field} must be at most a year (365 days); use 0 to switch it off where that is allowed")]
+    DurationTooLong { field: &'static str },
 }
 
 /// The source a connection from `ip` is rate-limited as: an IPv4 address as it is (an
@@ -284,23 +337,15 @@ impl TokenBucket {
 }
 
 /// The buckets of every source address and every key, the global arrival bucket that
-/// decides when to ask for address validation, and the count of handshakes in flight.
+/// decides when to ask for address validation.
 #[derive(Debug)]
 pub(crate) struct Buckets {
     per_ip: DashMap<IpAddr, TokenBucket>,
     per_key: DashMap<PublicKey, Arc<TokenBucket>>,
+    /// Per (hub key, app key): what one app's channels to one hub move, charged instead of the
+    /// hub key's own bucket so one app cannot spend its hub's budget for the others.
+    per_pair: DashMap<(PublicKey, PublicKey), Arc<TokenBucket>>,
     arrivals: TokenBucket,
-    handshakes: AtomicU32,
-}
-
-/// One handshake in flight (see [`Buckets::start_handshake`]), counted until dropped.
-#[derive(Debug)]
-pub(crate) struct HandshakeSlot<'a>(&'a AtomicU32);
-
-impl Drop for HandshakeSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Buckets {
@@ -309,25 +354,9 @@ impl Buckets {
         Self {
             per_ip: DashMap::new(),
             per_key: DashMap::new(),
+            per_pair: DashMap::new(),
             arrivals: TokenBucket::new(f64::MAX, now),
-            handshakes: AtomicU32::new(0),
         }
-    }
-
-    /// A slot for one more handshake under `max_handshakes_in_flight`, or `None` while that
-    /// many are in flight. The cap is read at each call, so a reload applies at once (a
-    /// lowered cap lets no new one in until enough have finished).
-    pub fn start_handshake(&self, limits: &Limits) -> Option<HandshakeSlot<'_>> {
-        let cap = limits.max_handshakes_in_flight;
-        let taken = self
-            .handshakes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (cap == 0 || n < cap).then_some(n + 1));
-        taken.ok().map(|_| HandshakeSlot(&self.handshakes))
-    }
-
-    /// Handshakes in flight now.
-    pub fn handshakes_in_flight(&self) -> u32 {
-        self.handshakes.load(Ordering::Relaxed)
     }
 
     /// Whether a new connection from `ip` at `now` is within `new_connections_per_ip` for its
@@ -356,6 +385,28 @@ impl Buckets {
         Arc::clone(self.per_key.entry(*key).or_insert_with(|| Arc::new(TokenBucket::new(burst, now))).value())
     }
 
+    /// The byte buckets a channel between `app` and `hub` charges: the app key's own (all its
+    /// channels, to every hub) and the (hub, app) pair's. The hub key has no bucket of its own:
+    /// charging it for every app let one app that sends at the rate make every other app of
+    /// that hub drop (`rate_limited`); per pair, each app gets the full rate to its hub, and a
+    /// hub moves at most the rate per app it serves (bounded by `max_sessions_per_hub`).
+    pub fn channel_buckets(
+        &self,
+        app: &PublicKey,
+        hub: &PublicKey,
+        limits: &Limits,
+        now: Instant,
+    ) -> [Arc<TokenBucket>; 2] {
+        let burst = limits.bytes_per_second_per_key as f64;
+        let pair = Arc::clone(
+            self.per_pair
+                .entry((*hub, *app))
+                .or_insert_with(|| Arc::new(TokenBucket::new(burst, now)))
+                .value(),
+        );
+        [self.key_bucket(app, limits, now), pair]
+    }
+
     /// Forgets buckets that carry no state worth keeping at `now` (full, and for keys unused by
     /// any session), so the maps stay as small as the live population.
     pub fn sweep(&self, limits: &Limits, now: Instant) {
@@ -363,6 +414,7 @@ impl Buckets {
         self.per_ip.retain(|_, b| !b.is_full(rate, burst, now));
         let bytes = limits.bytes_per_second_per_key as f64;
         self.per_key.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full(bytes, bytes, now));
+        self.per_pair.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full(bytes, bytes, now));
     }
 
     #[cfg(test)]
@@ -378,24 +430,6 @@ mod tests {
     /// Seconds after `t0`: the tests build their own timeline, no clock involved.
     fn at(t0: Instant, secs: f64) -> Instant {
         t0 + Duration::from_secs_f64(secs)
-    }
-
-    #[test]
-    fn handshakes_in_flight_stop_at_the_cap_and_a_finished_one_frees_its_slot() {
-        let b = Buckets::new(Instant::now());
-        let two = Limits { max_handshakes_in_flight: 2, ..Limits::default() };
-        let first = b.start_handshake(&two).expect("room for the first");
-        let second = b.start_handshake(&two).expect("room for the second");
-        assert!(b.start_handshake(&two).is_none(), "the cap holds");
-        assert_eq!(b.handshakes_in_flight(), 2);
-        drop(first);
-        let third = b.start_handshake(&two).expect("a finished handshake frees its slot");
-        assert!(b.start_handshake(&Limits { max_handshakes_in_flight: 1, ..two.clone() }).is_none());
-        let off = Limits { max_handshakes_in_flight: 0, ..two };
-        let more: Vec<_> = (0..10).map(|_| b.start_handshake(&off).expect("0 is no limit")).collect();
-        assert_eq!(b.handshakes_in_flight(), 12);
-        drop((second, third, more));
-        assert_eq!(b.handshakes_in_flight(), 0);
     }
 
     #[test]
@@ -527,5 +561,9 @@ mod tests {
             assert!(bad.validate().unwrap_err().to_string().contains("new_connections_ipv6_prefix"));
         }
         assert!(Limits { new_connections_ipv6_prefix: 128, ..Limits::default() }.validate().is_ok());
+        let forever = Limits { unauthorized_grace: Duration::MAX, ..Limits::default() };
+        assert_eq!(forever.validate(), Err(LimitsError::DurationTooLong { field: "unauthorized_grace" }));
+        let year = Limits { idle_session_timeout: MAX_DURATION, ..Limits::default() };
+        assert_eq!(year.validate(), Ok(()));
     }
 }

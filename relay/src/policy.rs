@@ -1,4 +1,4 @@
-//! Name policy and authorization decisions, and the name book they read.
+//! Name policy ([`NamePolicy`]) and authorization decisions, and the name book they read.
 //!
 //! The decisions ([`decide_registration`], [`decide_session`]) are pure functions of the
 //! current state, so every branch (and the order of the checks, which the protocol fixes) is
@@ -16,17 +16,40 @@ use std::time::SystemTime;
 use keyway_proto::lists::parse_authorized_hubs;
 use keyway_proto::{HubName, PublicKey, RefusalReason, SessionPurpose};
 
-use crate::config::NamePolicy;
-use crate::error::RelayError;
-
-/// A refusal decided by policy: the reason on the wire and the human message that goes with it.
+/// Which hub keys may register which names.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Refusal {
+pub enum NamePolicy {
+    /// Only `NAME KEY` pairs listed in `hubs_file` (the `authorized_hubs` file) may register.
+    /// The file is re-read when it changes and on [`RelayHandle::reload`](crate::RelayHandle::reload).
+    Closed { hubs_file: PathBuf },
+    /// The first key to register a free name keeps it. Bindings are persisted to `state_file`
+    /// (as `NAME KEY` lines) if one is given, and loaded from it at start.
+    Open { state_file: Option<PathBuf> },
+}
+
+/// Why the name book's files could not be read: the relay does not start, or a reload keeps
+/// the previous list. Wrapped in [`RelayError`](crate::RelayError), which the callers return.
+#[derive(Debug, thiserror::Error)]
+pub enum NameBookError {
+    #[error("cannot read hubs file {path}: {source}")]
+    HubsFileRead { path: PathBuf, source: std::io::Error },
+    #[error("hubs file {path}, {source}; keeping the previous list")]
+    HubsFileParse { path: PathBuf, source: keyway_proto::lists::ListError },
+    #[error("cannot read bindings file {path}: {source}")]
+    StateRead { path: PathBuf, source: std::io::Error },
+    #[error("bindings file {path}, {source}")]
+    StateParse { path: PathBuf, source: keyway_proto::lists::ListError },
+}
+
+/// A refusal to be sent on the wire as a `Refused` frame: its [`RefusalReason`] (the wire's
+/// code) and the human message that goes with it. Decided by policy, admission and introduction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WireRefusal {
     pub reason: RefusalReason,
     pub message: String,
 }
 
-impl Refusal {
+impl WireRefusal {
     pub fn new(reason: RefusalReason, message: impl Into<String>) -> Self {
         Self { reason, message: message.into() }
     }
@@ -56,9 +79,9 @@ pub(crate) fn decide_registration(
     name: &HubName,
     bound: Option<&PublicKey>,
     key: &PublicKey,
-) -> Result<Admission, Refusal> {
+) -> Result<Admission, WireRefusal> {
     match (policy, bound) {
-        (PolicyKind::Closed, None) => Err(Refusal::new(
+        (PolicyKind::Closed, None) => Err(WireRefusal::new(
             RefusalReason::NameNotAuthorized,
             format!(
                 "hub name {name} is not in this relay's authorized_hubs; the relay operator must add \
@@ -68,7 +91,7 @@ pub(crate) fn decide_registration(
         (PolicyKind::Closed, Some(listed)) if listed == key => Ok(Admission::Listed),
         (PolicyKind::Open, None) => Ok(Admission::Claim),
         (PolicyKind::Open, Some(holder)) if holder == key => Ok(Admission::Bound),
-        (_, Some(holder)) => Err(Refusal::new(
+        (_, Some(holder)) => Err(WireRefusal::new(
             RefusalReason::NameClaimed,
             format!(
                 "hub name {name} belongs to key {} at this relay, not to key {}",
@@ -99,12 +122,15 @@ pub(crate) fn decide_session(
     online: Option<OnlineHub<'_>>,
     app_key: &PublicKey,
     purpose: SessionPurpose,
-) -> Result<(), Refusal> {
+) -> Result<(), WireRefusal> {
     let Some(bound) = bound else {
-        return Err(Refusal::new(RefusalReason::UnknownHub, format!("no hub named {name} at this relay")));
+        return Err(WireRefusal::new(
+            RefusalReason::UnknownHub,
+            format!("no hub named {name} at this relay"),
+        ));
     };
     if bound != pinned {
-        return Err(Refusal::new(
+        return Err(WireRefusal::new(
             RefusalReason::HubKeyMismatch,
             format!(
                 "hub {name} has key {} at this relay, but the app pins {}; re-pair or fix the pinned key",
@@ -116,14 +142,14 @@ pub(crate) fn decide_session(
     // A registered connection under another key can only be a leftover of a binding that
     // changed (reload); it is not the hub the app pins.
     let Some(hub) = online.filter(|h| h.key == bound) else {
-        return Err(Refusal::new(
+        return Err(WireRefusal::new(
             RefusalReason::HubOffline,
             format!("hub {name} is not connected to the relay right now"),
         ));
     };
     match purpose {
         SessionPurpose::Connect if hub.allowed.contains(app_key) => Ok(()),
-        SessionPurpose::Connect => Err(Refusal::new(
+        SessionPurpose::Connect => Err(WireRefusal::new(
             RefusalReason::AppNotAuthorized,
             format!(
                 "hub {name} does not authorize app key {} ({app_key}); pair this app with the hub first",
@@ -131,7 +157,7 @@ pub(crate) fn decide_session(
             ),
         )),
         SessionPurpose::Pair if hub.pairing_open => Ok(()),
-        SessionPurpose::Pair => Err(Refusal::new(
+        SessionPurpose::Pair => Err(WireRefusal::new(
             RefusalReason::PairingClosed,
             format!("hub {name} has no pairing window open; start one with `keyway-hub pair`"),
         )),
@@ -172,7 +198,7 @@ const BINDINGS_HEADER: &str = "# Keyway relay name bindings (open policy): one \
 impl NameBook {
     /// Loads the book for `policy`: the hubs file must be readable and valid; a missing open
     /// bindings file just means no name is bound yet.
-    pub fn load(policy: &NamePolicy) -> Result<Self, RelayError> {
+    pub fn load(policy: &NamePolicy) -> Result<Self, NameBookError> {
         match policy {
             NamePolicy::Closed { hubs_file } => {
                 let seen = FileStamp::of(hubs_file);
@@ -183,9 +209,9 @@ impl NameBook {
                 let bindings = match state_file {
                     Some(path) => match std::fs::read_to_string(path) {
                         Ok(text) => parse_authorized_hubs(&text)
-                            .map_err(|source| RelayError::StateParse { path: path.clone(), source })?,
+                            .map_err(|source| NameBookError::StateParse { path: path.clone(), source })?,
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-                        Err(source) => return Err(RelayError::StateRead { path: path.clone(), source }),
+                        Err(source) => return Err(NameBookError::StateRead { path: path.clone(), source }),
                     },
                     None => BTreeMap::new(),
                 };
@@ -237,7 +263,7 @@ impl NameBook {
 
     /// Decides a registration and, under the open policy, claims a free name atomically (two
     /// keys racing for one name cannot both win) and persists the claim before admitting it.
-    pub fn admit(&self, name: &HubName, key: &PublicKey) -> Result<Admission, Refusal> {
+    pub fn admit(&self, name: &HubName, key: &PublicKey) -> Result<Admission, WireRefusal> {
         match self {
             Self::Closed { .. } => {
                 decide_registration(PolicyKind::Closed, name, self.binding(name).as_ref(), key)
@@ -253,7 +279,7 @@ impl NameBook {
                             // key could take the name: refuse rather than admit half-way.
                             bindings.remove(name);
                             tracing::error!(error = %e, "cannot persist a name binding");
-                            return Err(Refusal::new(
+                            return Err(WireRefusal::new(
                                 RefusalReason::Internal,
                                 "the relay cannot record the name binding right now; try again later",
                             ));
@@ -267,7 +293,7 @@ impl NameBook {
 
     /// Re-reads the hubs file now (closed policy; a no-op for the open policy). A file that
     /// cannot be read or parsed leaves the previous list in force.
-    pub fn reload(&self) -> Result<(), RelayError> {
+    pub fn reload(&self) -> Result<(), NameBookError> {
         let Self::Closed { path, book } = self else { return Ok(()) };
         let seen = FileStamp::of(path);
         let result = read_hubs_file(path);
@@ -279,7 +305,7 @@ impl NameBook {
 
     /// Reloads if the hubs file changed since the last attempt. `Ok(true)` if a new list is in
     /// force.
-    pub fn reload_if_changed(&self) -> Result<bool, RelayError> {
+    pub fn reload_if_changed(&self) -> Result<bool, NameBookError> {
         let Self::Closed { path, book } = self else { return Ok(false) };
         let now = FileStamp::of(path);
         let last = book.read().map(|b| b.seen).unwrap_or(None);
@@ -290,14 +316,15 @@ impl NameBook {
     }
 }
 
-fn read_hubs_file(path: &Path) -> Result<BTreeMap<HubName, PublicKey>, RelayError> {
+fn read_hubs_file(path: &Path) -> Result<BTreeMap<HubName, PublicKey>, NameBookError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|source| RelayError::HubsFileRead { path: path.into(), source })?;
-    parse_authorized_hubs(&text).map_err(|source| RelayError::HubsFileParse { path: path.into(), source })
+        .map_err(|source| NameBookError::HubsFileRead { path: path.into(), source })?;
+    parse_authorized_hubs(&text).map_err(|source| NameBookError::HubsFileParse { path: path.into(), source })
 }
 
-/// Writes the bindings atomically (temporary file, then rename), so a crash never leaves a
-/// truncated file that would lose every binding.
+/// Writes the bindings atomically (temporary file, then rename) and durably (both synced), so
+/// a crash never leaves a truncated file that would lose every binding, nor loses a claim the
+/// relay already admitted.
 fn write_bindings(path: &Path, bindings: &BTreeMap<HubName, PublicKey>) -> std::io::Result<()> {
     let mut text = String::from(BINDINGS_HEADER);
     for (name, key) in bindings {
@@ -309,8 +336,16 @@ fn write_bindings(path: &Path, bindings: &BTreeMap<HubName, PublicKey>) -> std::
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    // Durable before it counts: the file's bytes, then the rename (the directory entry).
+    let mut file = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -440,7 +475,7 @@ mod tests {
     fn missing_hubs_file_is_a_start_error() {
         let dir = tempfile::tempdir().unwrap();
         let err = NameBook::load(&NamePolicy::Closed { hubs_file: dir.path().join("nope") }).err().unwrap();
-        assert!(matches!(err, RelayError::HubsFileRead { .. }));
+        assert!(matches!(err, NameBookError::HubsFileRead { .. }));
     }
 
     #[test]

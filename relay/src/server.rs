@@ -16,16 +16,19 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{NamePolicy, RelayConfig};
+use crate::channels::Channels;
+use crate::config::RelayConfig;
 use crate::connection::handle_incoming;
 use crate::drain::Drain;
 use crate::endpoint::{bind_socket, build_server_config};
 use crate::error::{RelayConfigError, RelayError};
-use crate::forward::{Channels, ForwardingSocket};
+use crate::forward::ForwardingSocket;
+use crate::handshakes::Handshakes;
 use crate::io_thread::IoThread;
 use crate::limits::Limits;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
+use crate::policy::NamePolicy;
 use crate::registry::{ControlCommand, Registry};
 use crate::state::Shared;
 use crate::stats::RelayStats;
@@ -132,6 +135,7 @@ impl Relay {
             shutdown,
             limits,
             buckets: Buckets::new(tokio::time::Instant::now()),
+            handshakes: Handshakes::default(),
             sessions,
             channels,
             cluster,

@@ -13,8 +13,9 @@ use keyway_proto::PublicKey;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::channels::Channels;
 use crate::drain::LiveSessions;
-use crate::forward::Channels;
+use crate::handshakes::Handshakes;
 use crate::limits::{Buckets, LimitsCell};
 use crate::policy::NameBook;
 use crate::registry::{ControlCommand, Registry};
@@ -42,6 +43,8 @@ pub(crate) struct Shared {
     pub limits: Arc<LimitsCell>,
     /// Rate-limit state per source address and per key.
     pub buckets: Buckets,
+    /// The QUIC handshakes in flight, per source and in all.
+    pub handshakes: Handshakes,
     /// Tokens for live channels, which a graceful shutdown waits for.
     pub sessions: LiveSessions,
     /// The live end-to-end channels (data plane v2), which the socket forwards.

@@ -53,6 +53,8 @@ pub(crate) enum HandshakeResult {
     Failed,
     /// The handshake timeout ran out.
     Timeout,
+    /// A QUIC handshake gave its slot to a validated attempt when all were taken.
+    Evicted,
 }
 
 impl HandshakeResult {
@@ -62,6 +64,7 @@ impl HandshakeResult {
             Self::Refused => "refused",
             Self::Failed => "failed",
             Self::Timeout => "timeout",
+            Self::Evicted => "evicted",
         }
     }
 }
@@ -72,26 +75,32 @@ pub enum LimitKind {
     MaxHubs,
     MaxSessionsPerHub,
     MaxSessionsPerApp,
+    MaxPairingSessionsPerHub,
     MaxUnauthorizedConnections,
     NewConnectionsPerIp,
     BytesPerSecondPerKey,
     HandshakeTimeout,
     IdleSessionTimeout,
     MaxHandshakesInFlight,
+    MaxHandshakesPerSource,
+    UnvalidatedHandshakeTimeout,
 }
 
 impl LimitKind {
     /// Every limit, in label order.
-    pub const ALL: [LimitKind; 9] = [
+    pub const ALL: [LimitKind; 12] = [
         Self::MaxHubs,
         Self::MaxSessionsPerHub,
         Self::MaxSessionsPerApp,
+        Self::MaxPairingSessionsPerHub,
         Self::MaxUnauthorizedConnections,
         Self::NewConnectionsPerIp,
         Self::BytesPerSecondPerKey,
         Self::HandshakeTimeout,
         Self::IdleSessionTimeout,
         Self::MaxHandshakesInFlight,
+        Self::MaxHandshakesPerSource,
+        Self::UnvalidatedHandshakeTimeout,
     ];
 
     /// The label value, which is also the name of the limit's config key.
@@ -100,32 +109,39 @@ impl LimitKind {
             Self::MaxHubs => "max_hubs",
             Self::MaxSessionsPerHub => "max_sessions_per_hub",
             Self::MaxSessionsPerApp => "max_sessions_per_app",
+            Self::MaxPairingSessionsPerHub => "max_pairing_sessions_per_hub",
             Self::MaxUnauthorizedConnections => "max_unauthorized_connections",
             Self::NewConnectionsPerIp => "new_connections_per_ip",
             Self::BytesPerSecondPerKey => "bytes_per_second_per_key",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::IdleSessionTimeout => "idle_session_timeout",
             Self::MaxHandshakesInFlight => "max_handshakes_in_flight",
+            Self::MaxHandshakesPerSource => "max_handshakes_per_source",
+            Self::UnvalidatedHandshakeTimeout => "unvalidated_handshake_timeout",
         }
     }
 }
 
 /// Why the relay refused a connection attempt before any handshake work (QUIC
 /// `CONNECTION_REFUSED`, which carries no reason on the wire), as the `reason` label of
-/// `keyway_relay_connections_refused_total`. All three mean "come back soon" to a hub.
+/// `keyway_relay_connections_refused_total`. All of them mean "come back soon" to a hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefuseReason {
+pub enum ConnectionRefusal {
     /// The relay is shutting down (the hub reaches its successor or another node).
     Draining,
     /// The source is over `new_connections_per_ip`.
     NewConnectionsPerIp,
-    /// `max_handshakes_in_flight` handshakes are already being worked on (a reconnect storm).
+    /// `max_handshakes_in_flight` handshakes are already being worked on (a reconnect storm)
+    /// and none may give way to this one.
     HandshakesInFlight,
+    /// Its source already has `max_handshakes_per_source` handshakes in flight.
+    HandshakesPerSource,
 }
 
-impl RefuseReason {
+impl ConnectionRefusal {
     /// Every reason, in label order.
-    pub const ALL: [RefuseReason; 3] = [Self::Draining, Self::NewConnectionsPerIp, Self::HandshakesInFlight];
+    pub const ALL: [ConnectionRefusal; 4] =
+        [Self::Draining, Self::NewConnectionsPerIp, Self::HandshakesInFlight, Self::HandshakesPerSource];
 
     /// The label value.
     pub fn label(self) -> &'static str {
@@ -133,6 +149,7 @@ impl RefuseReason {
             Self::Draining => "draining",
             Self::NewConnectionsPerIp => "new_connections_per_ip",
             Self::HandshakesInFlight => "max_handshakes_in_flight",
+            Self::HandshakesPerSource => "max_handshakes_per_source",
         }
     }
 }
@@ -185,7 +202,7 @@ pub struct RelayStats {
     replacements: IntCounter,
     limit_hits: Vec<IntCounter>,
     address_validations: IntCounter,
-    /// Attempts refused before the handshake, by [`RefuseReason::ALL`] order.
+    /// Attempts refused before the handshake, by [`ConnectionRefusal::ALL`] order.
     connections_refused: Vec<IntCounter>,
     handshakes_in_flight: IntGauge,
     limits: GaugeVec,
@@ -328,7 +345,7 @@ impl RelayStats {
             &["reason"],
         )?;
         let connections_refused =
-            RefuseReason::ALL.iter().map(|r| refused.with_label_values(&[r.label()])).collect();
+            ConnectionRefusal::ALL.iter().map(|r| refused.with_label_values(&[r.label()])).collect();
         let handshakes_in_flight = b.gauge(
             "handshakes_in_flight",
             "QUIC handshakes accepted and not yet complete (at most max_handshakes_in_flight).",
@@ -365,6 +382,7 @@ impl RelayStats {
                 HandshakeResult::Refused,
                 HandshakeResult::Failed,
                 HandshakeResult::Timeout,
+                HandshakeResult::Evicted,
             ] {
                 // Touch every series so a scrape shows zeros rather than nothing.
                 let _ = handshakes.with_label_values(&[role.label(), result.label()]);
@@ -497,8 +515,8 @@ impl RelayStats {
     }
 
     /// Connection attempts refused before any handshake work for `reason`.
-    pub fn connections_refused(&self, reason: RefuseReason) -> u64 {
-        let i = RefuseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+    pub fn connections_refused(&self, reason: ConnectionRefusal) -> u64 {
+        let i = ConnectionRefusal::ALL.iter().position(|r| *r == reason).unwrap_or(0);
         self.connections_refused.get(i).map_or(0, IntCounter::get)
     }
 
@@ -521,6 +539,7 @@ impl RelayStats {
             ("max_hubs", f64::from(limits.max_hubs)),
             ("max_sessions_per_hub", f64::from(limits.max_sessions_per_hub)),
             ("max_sessions_per_app", f64::from(limits.max_sessions_per_app)),
+            ("max_pairing_sessions_per_hub", f64::from(limits.max_pairing_sessions_per_hub)),
             ("unauthorized_grace", limits.unauthorized_grace.as_secs_f64()),
             ("max_unauthorized_connections", f64::from(limits.max_unauthorized_connections)),
             ("max_idle_apps_per_hub", f64::from(limits.max_idle_apps_per_hub)),
@@ -534,6 +553,9 @@ impl RelayStats {
             ("retry_threshold", f64::from(limits.retry_threshold)),
             ("max_held_datagrams", f64::from(limits.max_held_datagrams)),
             ("max_handshakes_in_flight", f64::from(limits.max_handshakes_in_flight)),
+            ("max_handshakes_per_source", f64::from(limits.max_handshakes_per_source)),
+            ("validate_above_handshakes_in_flight", f64::from(limits.validate_above_handshakes_in_flight)),
+            ("unvalidated_handshake_timeout", limits.unvalidated_handshake_timeout.as_secs_f64()),
         ];
         for (name, value) in values {
             self.limits.with_label_values(&[name]).set(value);
@@ -611,8 +633,8 @@ impl RelayStats {
         }
     }
     /// An attempt refused before any handshake work (the caller refuses it).
-    pub(crate) fn connection_refused(&self, reason: RefuseReason) {
-        let i = RefuseReason::ALL.iter().position(|r| *r == reason);
+    pub(crate) fn connection_refused(&self, reason: ConnectionRefusal) {
+        let i = ConnectionRefusal::ALL.iter().position(|r| *r == reason);
         if let Some(counter) = i.and_then(|i| self.connections_refused.get(i)) {
             counter.inc();
         }
@@ -625,10 +647,10 @@ impl RelayStats {
     pub(crate) fn address_validation(&self) {
         self.address_validations.inc();
     }
-    pub(crate) fn forwarded(&self, direction: crate::config::Direction, bytes: usize) {
+    pub(crate) fn forwarded(&self, direction: crate::channel::Direction, bytes: usize) {
         let counter = match direction {
-            crate::config::Direction::AppToHub => &self.bytes_app_to_hub,
-            crate::config::Direction::HubToApp => &self.bytes_hub_to_app,
+            crate::channel::Direction::AppToHub => &self.bytes_app_to_hub,
+            crate::channel::Direction::HubToApp => &self.bytes_hub_to_app,
         };
         counter.inc_by(bytes as u64);
     }
@@ -636,14 +658,14 @@ impl RelayStats {
     /// side of a channel, in one send.
     pub(crate) fn channel_forwarded(
         &self,
-        direction: crate::config::Direction,
+        direction: crate::channel::Direction,
         segments: usize,
         bytes: usize,
     ) {
         let [app_to_hub, hub_to_app] = &self.channel_packets;
         match direction {
-            crate::config::Direction::AppToHub => app_to_hub.inc_by(segments as u64),
-            crate::config::Direction::HubToApp => hub_to_app.inc_by(segments as u64),
+            crate::channel::Direction::AppToHub => app_to_hub.inc_by(segments as u64),
+            crate::channel::Direction::HubToApp => hub_to_app.inc_by(segments as u64),
         }
         self.channel_transmits.inc();
         self.forwarded(direction, bytes);
@@ -712,7 +734,7 @@ mod tests {
         stats.refused(RefusalReason::OverLimit);
         stats.limit_hit(LimitKind::MaxHubs);
         stats.setup_time(Duration::from_millis(3));
-        stats.forwarded(crate::config::Direction::AppToHub, 5);
+        stats.forwarded(crate::channel::Direction::AppToHub, 5);
         let text = stats.encode();
         for needle in [
             "keyway_relay_hubs_connected 0",

@@ -333,7 +333,7 @@ async fn past_max_handshakes_in_flight_a_connection_is_refused_before_the_handsh
         Err(e) if is_refused(&e) => {}
         other => panic!("expected CONNECTION_REFUSED while the slot is taken, got {other:?}"),
     }
-    assert_eq!(stats.connections_refused(keyway_relay::RefuseReason::HandshakesInFlight), 1);
+    assert_eq!(stats.connections_refused(keyway_relay::ConnectionRefusal::HandshakesInFlight), 1);
     assert_eq!(stats.limit_hits(LimitKind::MaxHandshakesInFlight), 1);
     let m = scrape(h).await;
     assert_eq!(

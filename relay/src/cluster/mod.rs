@@ -56,7 +56,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 use tokio::sync::{broadcast, Notify};
 use tracing::{info, warn};
 
-use crate::policy::{NameBook, Refusal};
+use crate::policy::{NameBook, WireRefusal};
 use crate::registry::Registry;
 pub use config::{ClusterConfig, ClusterError, StoreConfig, DEFAULT_LEASE, TROUBLE_GRACE};
 use keyway_proto::codes;
@@ -279,10 +279,10 @@ impl Cluster {
     /// Open policy: whether `key` may take `name` cluster-wide (first key wins). With the
     /// store in trouble the node's own book decides (availability over a lock nobody can
     /// check; the store re-learns the binding when it is back).
-    pub async fn admit_binding(&self, name: &HubName, key: &PublicKey) -> Result<(), Refusal> {
+    pub async fn admit_binding(&self, name: &HubName, key: &PublicKey) -> Result<(), WireRefusal> {
         match self.timed(self.store.bind(name, key)).await {
             Ok(bound) if bound == *key => Ok(()),
-            Ok(bound) => Err(Refusal::new(
+            Ok(bound) => Err(WireRefusal::new(
                 RefusalReason::NameClaimed,
                 format!(
                     "hub name {name} is already bound to key {} in this relay cluster; your key is {}",
@@ -385,8 +385,8 @@ impl Cluster {
         name: &HubName,
         app: &PublicKey,
         purpose: SessionPurpose,
-        refusal: Refusal,
-    ) -> Result<SocketAddr, Refusal> {
+        refusal: WireRefusal,
+    ) -> Result<SocketAddr, WireRefusal> {
         let here = refusal.reason == RefusalReason::HubOffline
             || (refusal.reason == RefusalReason::UnknownHub && self.names.is_open());
         if !here {
@@ -394,7 +394,7 @@ impl Cluster {
         }
         let found = match self.timed(self.store.lookup(name)).await {
             Ok(found) => found,
-            Err(e) => return Err(Refusal::new(
+            Err(e) => return Err(WireRefusal::new(
                 RefusalReason::HubOffline,
                 format!("hub {name} is not connected to this relay node, and the cluster store cannot be asked where it is: {e}"),
             )),
@@ -402,7 +402,7 @@ impl Cluster {
         let Some((presence, apps)) = found.filter(|(p, _)| p.node != self.node) else { return Err(refusal) };
         if purpose == SessionPurpose::Connect && apps.is_some_and(|apps| !apps.admits(app)) {
             self.stats.refused_remote.inc();
-            return Err(Refusal::new(
+            return Err(WireRefusal::new(
                 RefusalReason::AppNotAuthorized,
                 format!(
                     "hub {name} does not authorize app key {} ({app}); pair this app with the hub first",
