@@ -1,4 +1,4 @@
-//! The channel table of data plane v2: which end-to-end QUIC packets the relay forwards, and
+//! The channel table: which end-to-end QUIC packets the relay forwards, and
 //! where to ([`ChannelTable::route`]).
 //!
 //! A channel joins an app and a hub that the relay has authorized. Each side has its own

@@ -85,7 +85,7 @@ impl Relay {
         let stats = Arc::new(RelayStats::default());
         stats.set_limits(&config.limits);
         let limits = Arc::new(LimitsCell::new(config.limits));
-        // The socket forwards channel data itself (data plane v2) and hands quinn the rest.
+        // The socket forwards channel data itself and hands quinn the rest.
         let channels = Arc::new(Channels::new(Arc::clone(&stats), Arc::clone(&limits), config.tap.clone()));
         let sweeper = Arc::downgrade(&channels);
         tokio::spawn(async move {

@@ -47,7 +47,7 @@ pub(crate) struct Shared {
     pub handshakes: Handshakes,
     /// Tokens for live channels, which a graceful shutdown waits for.
     pub sessions: LiveSessions,
-    /// The live end-to-end channels (data plane v2), which the socket forwards.
+    /// The live end-to-end channels, which the socket forwards.
     pub channels: Arc<Channels>,
     /// Connections of unknown keys not yet authorized (`max_unauthorized_connections`).
     pub unauthorized: Arc<Unauthorized>,

@@ -355,8 +355,7 @@ impl RelayStats {
                 .namespace(NAMESPACE),
             &["limit"],
         )?)?;
-        let channels_active =
-            b.gauge("channels_active", "End-to-end channels (data plane v2) currently forwarded.")?;
+        let channels_active = b.gauge("channels_active", "End-to-end channels currently forwarded.")?;
         let packets = b.counter_vec(
             "channel_packets_forwarded_total",
             "End-to-end packets forwarded on channels, by direction (their bytes count in bytes_forwarded_total).",

@@ -1,4 +1,4 @@
-//! Data plane v2 through a real relay over real UDP on loopback: an app and a hub, each one
+//! End-to-end connections through a real relay over real UDP on loopback: an app and a hub, each one
 //! quinn endpoint on a path socket (`keyway_path::socket`) carrying both its relay connection
 //! and, under the channel header, the end-to-end QUIC connection, which the relay forwards
 //! without being able to read it (it holds no key of it: the app pins the hub's key, the hub
