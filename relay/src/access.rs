@@ -127,12 +127,22 @@ impl HubAccess {
         inner.allowed = allowed;
         inner.pairing_open = pairing_open;
         let mut cut = 0;
+        // A pairing session whose key the hub now lists is the one that just paired: the
+        // hub closes its window when a pairing succeeds, and the app has yet to read the
+        // hub's answer on that channel, so only the others are cut.
         let cut_pairing = !pairing_open;
-        let gone = |s: &LiveSession| match s.purpose {
-            SessionPurpose::Pair => cut_pairing,
-            _ => removed.contains(&s.app_key),
-        };
-        for session in inner.sessions.values_mut().filter(|s| gone(s)) {
+        let listed = &inner.allowed;
+        let gone: Vec<u64> = inner
+            .sessions
+            .iter()
+            .filter(|(_, s)| match s.purpose {
+                SessionPurpose::Pair => cut_pairing && !listed.contains(&s.app_key),
+                _ => removed.contains(&s.app_key),
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            let Some(session) = inner.sessions.get_mut(id) else { continue };
             if let Some(revoke) = session.revoke.take() {
                 let _ = revoke.send(());
                 cut += 1;
