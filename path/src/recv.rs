@@ -220,7 +220,7 @@ fn classify<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::addr::virtual_addr;
     use keyway_proto::channel::HEADER_LEN;
@@ -246,13 +246,15 @@ mod tests {
         state
     }
 
-    fn chan(id: u64, fill: u8, len: usize) -> Vec<u8> {
+    /// A channel datagram of `len` bytes under `id`, its payload `fill`.
+    pub(crate) fn chan(id: u64, fill: u8, len: usize) -> Vec<u8> {
         let mut out = Vec::new();
         channel::encode_into(&mut out, ChannelId::new(id), &vec![fill; len - HEADER_LEN]);
         out
     }
 
-    fn quic(fill: u8, len: usize) -> Vec<u8> {
+    /// A datagram of `len` bytes that looks like QUIC (the relay connection's).
+    pub(crate) fn quic(fill: u8, len: usize) -> Vec<u8> {
         let mut out = vec![fill; len];
         out[0] = 0x40 | (fill & 0x3f);
         out

@@ -231,19 +231,8 @@ impl AsyncUdpSocket for PathSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyway_proto::channel::{ChannelId, HEADER_LEN};
-
-    fn chan(id: u64, fill: u8, len: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        channel::encode_into(&mut out, ChannelId::new(id), &vec![fill; len - HEADER_LEN]);
-        out
-    }
-
-    fn quic(fill: u8, len: usize) -> Vec<u8> {
-        let mut out = vec![fill; len];
-        out[0] = 0x40 | (fill & 0x3f);
-        out
-    }
+    use crate::recv::tests::{chan, quic};
+    use keyway_proto::channel::ChannelId;
 
     /// The same over real sockets: one GSO send from the "relay" whose segments belong to two
     /// channels and the relay connection arrives (as one GRO batch where the kernel offers GRO)
